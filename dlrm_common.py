@@ -1,0 +1,66 @@
+"""Small pieces shared by every part of the benchmark: the error types, the batch type and the
+boolean-flag converter.
+
+Dimension vocabulary used in docstrings across the project:
+    B  samples in a mini-batch          T  embedding tables (sparse features)
+    D  embedding dimension              N_t  indices of table t in a batch
+    M  dense features (bottom-MLP input width)
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Union
+
+import torch
+
+
+class DLRMError(Exception):
+    """Base class of the errors that ``main()`` reports as one line and a non-zero exit."""
+
+
+class ConfigError(DLRMError, ValueError):
+    """A flag value, or a combination of flags, that cannot work. The message names the flag."""
+
+
+class DataError(DLRMError, ValueError):
+    """Input data that is missing, malformed or inconsistent. The message names the file (and line)."""
+
+
+class CheckpointError(DLRMError, ValueError):
+    """A checkpoint file that is missing, corrupt or holds something other than a DLRM checkpoint."""
+
+
+class Batch(NamedTuple):
+    """One mini-batch, as every loader yields it and the model takes it.
+
+    Attributes:
+        dense_x: (B, M) float32 dense features.
+        offsets: (T, B) int64; ``offsets[t, b]`` is where bag b of table t starts in that table's
+            indices (the reference's ``lS_o``).
+        indices: either a (T, N) int64 tensor when every table has the same number of indices
+            (Criteo: one index per bag), or a list of T 1-D int64 tensors of lengths N_t
+            (random data; the reference's ``lS_i``).
+        labels: (B, 1) float32 targets.
+    """
+
+    dense_x: torch.Tensor
+    offsets: torch.Tensor
+    indices: Union[torch.Tensor, List[torch.Tensor]]
+    labels: torch.Tensor
+
+
+_TRUE = {"true", "1", "yes", "y", "on", "t"}
+_FALSE = {"false", "0", "no", "n", "off", "f"}
+
+
+def parse_bool(text: str) -> bool:
+    """Read a boolean flag value: true/false, 1/0, yes/no, on/off (any case).
+
+    The reference used ``type=bool``, which reads "False" as true (spec §8, bug 2); this does not.
+    Raises ValueError (which argparse turns into a usage error) for anything else.
+    """
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"invalid boolean value {text!r} (use true/false, 1/0 or yes/no)")
