@@ -1,0 +1,383 @@
+"""Input data for the DLRM benchmark: random and trace-based synthetic batches, and the Criteo loaders.
+
+Every loader yields :class:`dlrm_common.Batch` objects, one whole mini-batch at a time (see that class
+for the layout). Dimension vocabulary: B batch, T tables, M dense features, N_t indices of table t.
+
+Random data (``--data-generation=random``) reproduces the reference's numbers exactly (spec §2.1,
+§7.3): every value is drawn from one NumPy legacy stream (``np.random.RandomState``), in the
+reference's order, and the stream is re-seeded whenever batch 0 is generated. Unlike the reference,
+the draws are made in large vectorised calls, not per sample.
+
+Run as a script, this file is the reference's trace-profiling tool (spec §2.2):
+``python dlrm_data_pytorch.py --trace-file=... --dist-file=... --synthetic-file=...``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from dlrm_common import Batch, ConfigError
+
+__all__ = [
+    "RandomDataConfig",
+    "RandomDataset",
+    "BatchLoader",
+    "generate_random_batch",
+    "make_random_data_and_loaders",
+]
+
+
+@dataclass(frozen=True)
+class RandomDataConfig:
+    """What the random and synthetic generators draw (spec §1.1 "Data", §2.1, §2.2).
+
+    Attributes:
+        dense_dim: M, dense features per sample (the bottom MLP's input width).
+        table_sizes: rows of each of the T tables.
+        data_size: samples in the data set (``--data-size``).
+        batch_size: samples per batch (``--mini-batch-size``).
+        num_batches: if > 0, the data set is exactly this many full batches (``--num-batches``).
+        num_indices_per_lookup: the largest (or, with ``fixed``, the exact) bag size.
+        fixed: every bag draws exactly ``num_indices_per_lookup`` indices.
+        distribution: "uniform" or "gaussian" index distribution (``--rand-data-dist``).
+        rand_min, rand_max, rand_mu, rand_sigma: the gaussian's clip range, mean (-1: the midpoint)
+            and standard deviation.
+        round_targets: targets rounded to 0/1.
+        seed: the seed that batch 0 re-seeds the stream with.
+        generation: "random" or "synthetic" (trace-based indices, spec §2.2).
+        trace_file: synthetic only: the distribution-file template (``j`` = table number).
+        trace_padding: synthetic only: ``--data-trace-enable-padding``.
+    """
+
+    dense_dim: int
+    table_sizes: Tuple[int, ...]
+    data_size: int = 1
+    batch_size: int = 1
+    num_batches: int = 0
+    num_indices_per_lookup: int = 10
+    fixed: bool = False
+    distribution: str = "uniform"
+    rand_min: float = 0.0
+    rand_max: float = 1.0
+    rand_mu: float = -1.0
+    rand_sigma: float = 1.0
+    round_targets: bool = False
+    seed: int = 123
+    generation: str = "random"
+    trace_file: str = "./input/dist_emb_j.log"
+    trace_padding: bool = False
+
+    @property
+    def total_samples(self) -> int:
+        """Samples in the data set: ``num_batches * batch_size`` when ``num_batches`` is set."""
+        return self.num_batches * self.batch_size if self.num_batches > 0 else self.data_size
+
+    @property
+    def batches(self) -> int:
+        """Batches in the data set: ceil(samples / batch_size)."""
+        return math.ceil(self.total_samples / self.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact, vectorised random batches
+# ---------------------------------------------------------------------------------------------
+
+
+class _DoubleStream:
+    """Uniform doubles read ahead from a RandomState, given back exactly when done.
+
+    The reference draws ``random(1)`` for a bag's size and then ``random(size)`` for its indices,
+    bag after bag, so how many doubles a table consumes is only known after reading them. This
+    class draws large chunks (the same doubles, since legacy ``random_sample``/``rand``/``random``
+    all read one double per value from the same stream), and :meth:`finish` rewinds the generator
+    to exactly the consumed position: it restores the state saved before the last chunk that was
+    only partly used and re-draws the used part of it.
+    """
+
+    def __init__(self, rng: np.random.RandomState, capacity: int = 0):
+        self.rng = rng
+        self._buffer = np.empty(capacity)
+        self._size = 0
+        self._chunks: List[Tuple[int, tuple]] = []  # (start offset, state before drawing it)
+
+    def ensure(self, end: int) -> np.ndarray:
+        """Make sure doubles [0, end) are drawn; returns all drawn doubles."""
+        have = self._size
+        if end > have:
+            if end > self._buffer.size:
+                grown = np.empty(max(end, 2 * self._buffer.size))
+                grown[:have] = self._buffer[:have]
+                self._buffer = grown
+            self._chunks.append((have, self.rng.get_state()))
+            self._buffer[have:end] = self.rng.random_sample(end - have)
+            self._size = end
+        return self._buffer[: self._size]
+
+    def finish(self, consumed: int) -> None:
+        """Leave the generator exactly ``consumed`` doubles after where this stream started."""
+        if consumed == self._size:
+            return
+        for start, state in reversed(self._chunks):
+            if start <= consumed:
+                self.rng.set_state(state)
+                self.rng.random_sample(consumed - start)
+                return
+
+
+def _bag_starts(u: np.ndarray, start: int, n: int, cap: int) -> np.ndarray:
+    """Positions of the n bag-size draws of one table, beginning at ``start`` of ``u``.
+
+    Bag i's size is round(max(1, u[p_i] * cap)) and its index draws follow it, so
+    p_{i+1} = p_i + 1 + size_i. Each position depends on the previous bag's draw, so this walk is
+    inherently sequential; it is kept to scalar arithmetic (about 0.2 us a bag), while all the
+    NumPy work around it is vectorised. ``u`` must hold at least ``start + n * (1 + cap)`` values.
+    """
+    view = memoryview(u)
+    positions = [0] * n
+    p = start
+    for i in range(n):
+        positions[i] = p
+        p += 1 + round(max(1.0, view[p] * cap))  # Python's round is half-to-even, like np.round
+    return np.asarray(positions, dtype=np.int64)
+
+
+def _unique_rows(values: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted unique values of each row's first ``lengths[i]`` entries.
+
+    Args:
+        values: (n, L) int64; entries past a row's length are ignored.
+        lengths: (n,) valid entries per row.
+    Returns:
+        (indices, counts): the rows' unique values concatenated in row order, (sum counts,), and
+        the unique count of each row, (n,).
+    """
+    n, width = values.shape
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    rows = np.sort(np.where(valid, values, np.iinfo(np.int64).max), axis=1)
+    keep = np.ones_like(valid)
+    keep[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    keep &= np.arange(width)[None, :] < lengths[:, None]  # sentinels sort last
+    return rows[keep], keep.sum(axis=1)
+
+
+def _offsets_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Bag start offsets from bag lengths: [0, c0, c0+c1, ...] without the total."""
+    offsets = np.zeros(counts.size, dtype=np.int64)
+    np.cumsum(counts[:-1], out=offsets[1:])
+    return offsets
+
+
+def _uniform_tables(
+    stream: _DoubleStream, pos: int, n: int, cfg: RandomDataConfig
+) -> Tuple[List[np.ndarray], List[np.ndarray], int]:
+    """Uniform-distribution bags of every table, reading the stream from ``pos``.
+
+    Returns (offsets per table, indices per table, position after the last draw).
+    """
+    k = cfg.num_indices_per_lookup
+    offsets, indices = [], []
+    for size in cfg.table_sizes:
+        cap = k if cfg.fixed else min(size, k)
+        u = stream.ensure(pos + n * (cap + (0 if cfg.fixed else 1)))
+        if cfg.fixed:
+            first = pos + np.arange(n, dtype=np.int64) * k
+            lengths = np.full(n, k, dtype=np.int64)
+        else:
+            starts = _bag_starts(u, pos, n, cap)
+            lengths = np.round(np.maximum(1.0, u[starts] * cap)).astype(np.int64)
+            first = starts + 1
+        width = max(int(lengths.max()), 1)
+        cols = first[:, None] + np.arange(width)[None, :]
+        draws = u[np.minimum(cols, u.size - 1)]
+        values = np.round(draws * (size - 1)).astype(np.int64)
+        bag_indices, counts = _unique_rows(values, lengths)
+        offsets.append(_offsets_from_counts(counts))
+        indices.append(bag_indices)
+        pos = int(first[-1] + lengths[-1])
+    return offsets, indices, pos
+
+
+def _gaussian_bag(rng: np.random.RandomState, count: int, cfg: RandomDataConfig) -> np.ndarray:
+    """One gaussian bag: normal(mu, sigma, count), clipped, truncated to int64, sorted unique."""
+    mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
+    draws = rng.normal(mu, cfg.rand_sigma, count)
+    return np.unique(np.clip(draws, cfg.rand_min, cfg.rand_max).astype(np.int64))
+
+
+def _gaussian_tables(
+    rng: np.random.RandomState, n: int, cfg: RandomDataConfig
+) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Gaussian-distribution bags, drawn straight from ``rng`` in the reference's order.
+
+    Fixed bag sizes are drawn in one call per table; variable sizes interleave a uniform size draw
+    with the normal draws of each bag (and the legacy normal caches half of each pair), so they are
+    drawn bag by bag.
+    """
+    k = cfg.num_indices_per_lookup
+    offsets, indices = [], []
+    for size in cfg.table_sizes:
+        if cfg.fixed:
+            mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
+            draws = rng.normal(mu, cfg.rand_sigma, n * k).reshape(n, k)
+            values = np.clip(draws, cfg.rand_min, cfg.rand_max).astype(np.int64)
+            bag_indices, counts = _unique_rows(values, np.full(n, k, dtype=np.int64))
+        else:
+            bags = []
+            for _ in range(n):
+                count = int(np.round(max(1.0, rng.random_sample(1)[0] * min(size, k))))
+                bags.append(_gaussian_bag(rng, count, cfg))
+            counts = np.array([b.size for b in bags], dtype=np.int64)
+            bag_indices = np.concatenate(bags) if bags else np.empty(0, np.int64)
+        offsets.append(_offsets_from_counts(counts))
+        indices.append(bag_indices)
+    return offsets, indices
+
+
+def generate_random_batch(rng: np.random.RandomState, n: int, cfg: RandomDataConfig) -> Batch:
+    """Draw one batch of n samples exactly as the reference's ``generate_dist_input_batch``.
+
+    Draw order (spec §2.1, §7.3): dense ``rand(n, M)``; then per table, per sample, the bag size
+    (``random(1)``, unless fixed) and the bag's indices; then targets ``rand(n, 1)``.
+
+    Returns:
+        Batch with dense_x (n, M), offsets (T, n), indices a list of T tensors (N_t,), labels (n, 1).
+    """
+    m = cfg.dense_dim
+    if cfg.distribution == "uniform":
+        k = cfg.num_indices_per_lookup
+        upper = n * (m + 1) + sum(n * (1 + min(size, k)) for size in cfg.table_sizes)
+        stream = _DoubleStream(rng, capacity=upper if not cfg.fixed else n * (m + 1 + k * len(cfg.table_sizes)))
+        u = stream.ensure(n * m)
+        dense = u[: n * m].reshape(n, m).astype(np.float32)
+        offsets, indices, pos = _uniform_tables(stream, n * m, n, cfg)
+        labels = stream.ensure(pos + n)[pos : pos + n].reshape(n, 1).astype(np.float32)
+        stream.finish(pos + n)
+    else:
+        dense = rng.rand(n, m).astype(np.float32)
+        offsets, indices = _gaussian_tables(rng, n, cfg)
+        labels = rng.rand(n, 1).astype(np.float32)
+    if cfg.round_targets:
+        labels = np.round(labels)
+    return Batch(
+        dense_x=torch.from_numpy(dense),
+        offsets=torch.from_numpy(np.stack(offsets)) if offsets else torch.zeros(0, n, dtype=torch.long),
+        indices=[torch.from_numpy(i) for i in indices],
+        labels=torch.from_numpy(labels),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and loaders
+# ---------------------------------------------------------------------------------------------
+
+
+class RandomDataset(torch.utils.data.Dataset):
+    """Random (or trace-based synthetic) batches; item i is the whole batch i.
+
+    Generating batch 0 re-seeds ``rng`` with ``cfg.seed``, so every epoch sees the same data, as in
+    the reference (spec §2.1). Batches must be generated in order, since each continues the stream
+    where the previous one stopped.
+
+    Args:
+        cfg: what to draw.
+        rng: the stream to draw from (the reference's global NumPy stream).
+        warn: where the synthetic generator reports out-of-range trace indices.
+    """
+
+    def __init__(self, cfg: RandomDataConfig, rng: np.random.RandomState,
+                 warn: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.rng = rng
+        self.warn = warn
+        self._distributions = None
+        if cfg.generation == "synthetic":
+            self._distributions = self._read_distributions()
+
+    def _read_distributions(self):
+        from synthetic_trace import distribution_paths, read_distribution
+
+        paths = distribution_paths(self.cfg.trace_file, len(self.cfg.table_sizes))
+        return [read_distribution(path) for path in paths]
+
+    def __len__(self) -> int:
+        return self.cfg.batches
+
+    def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} out of range [0, {len(self)})")
+        cfg = self.cfg
+        if i == 0:
+            self.rng.seed(cfg.seed)
+        n = min(cfg.batch_size, cfg.total_samples - i * cfg.batch_size)
+        if self._distributions is None:
+            return generate_random_batch(self.rng, n, cfg)
+        from synthetic_trace import generate_synthetic_batch
+
+        return generate_synthetic_batch(
+            self.rng, n, cfg.dense_dim, cfg.table_sizes, cfg.num_indices_per_lookup, cfg.fixed,
+            self._distributions, cfg.trace_padding, cfg.round_targets, warn=self.warn,
+        )
+
+
+class BatchLoader:
+    """Iterates a batch-granular dataset in order, in this process; ``len()`` is its batch count.
+
+    Random batches must be drawn in order from one stream, so they are generated here rather than
+    in DataLoader workers (the vectorised generator is fast enough not to need them).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self.dataset[i] for i in range(len(self.dataset)))
+
+
+def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomState,
+                                 test_rng: Optional[np.random.RandomState] = None,
+                                 warn: Callable[[str], None] = print):
+    """Train and test data for ``--data-generation=random`` or ``synthetic``.
+
+    The reference drew its test batches from the same stream and seed as its training batches, so
+    its "test set" was the training set and every test pass shifted the later training data
+    (spec §8 bug 13, §7.3 item 5). Here the test set has its own stream (``test_rng``, by default
+    seeded with seed + 1): training numbers do not depend on whether or how often you test.
+
+    Returns:
+        (train_data, train_loader, test_data, test_loader).
+    """
+    if test_rng is None:
+        test_rng = np.random.RandomState(cfg.seed + 1)
+    train_data = RandomDataset(cfg, rng, warn)
+    test_cfg = RandomDataConfig(**{**cfg.__dict__, "seed": cfg.seed + 1})
+    test_data = RandomDataset(test_cfg, test_rng, warn)
+    return train_data, BatchLoader(train_data), test_data, BatchLoader(test_data)
+
+
+def validate_random_config(cfg: RandomDataConfig) -> None:
+    """Raise ConfigError for values the generators cannot draw from."""
+    if cfg.distribution not in ("uniform", "gaussian"):
+        raise ConfigError(f"--rand-data-dist={cfg.distribution} is not supported (use uniform or gaussian)")
+    if cfg.num_indices_per_lookup < 1:
+        raise ConfigError(f"--num-indices-per-lookup must be at least 1, got {cfg.num_indices_per_lookup}")
+    if cfg.total_samples < 1:
+        raise ConfigError(f"--data-size must be at least 1, got {cfg.data_size}")
+    if cfg.rand_sigma < 0:
+        raise ConfigError(f"--rand-data-sigma must not be negative, got {cfg.rand_sigma}")
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from synthetic_trace import trace_main
+
+    return trace_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

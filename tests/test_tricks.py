@@ -1,0 +1,252 @@
+"""Tests of tricks/: QREmbeddingBag (spec §5.1, bug 15), md_solver and PrEmbeddingBag (§5.2)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tricks import PrEmbeddingBag, QREmbeddingBag, md_solver
+
+# Bags used throughout (B = 4, bag 2 empty):
+#   bag:        0            1       2      3
+#   indices:  [0, 7, 7]    [12]     []    [3, 9]
+INDICES = torch.tensor([0, 7, 7, 12, 3, 9])
+OFFSETS = torch.tensor([0, 3, 4, 4])
+WEIGHTS = torch.tensor([0.5, 2.0, -1.0, 3.0, 1.5, 0.25])
+
+
+def plain_bag_sum(table, indices, offsets, weights=None):
+    """Sum of (weighted) rows per bag, a Python loop; table (n, d) -> (B, d)."""
+    bounds = offsets.tolist() + [len(indices)]
+    bags = []
+    for b in range(len(offsets)):
+        total = torch.zeros(table.shape[1], dtype=table.dtype)
+        for pos in range(bounds[b], bounds[b + 1]):
+            scale = 1.0 if weights is None else weights[pos]
+            total = total + scale * table[int(indices[pos])]
+        bags.append(total)
+    return torch.stack(bags)
+
+
+def plain_qr(module, indices, offsets, weights=None):
+    """QR lookup with Python-int quotient/remainder, then the module's combine operation."""
+    c = module.num_collisions
+    q_idx = torch.tensor([int(i) // c for i in indices.tolist()])
+    r_idx = torch.tensor([int(i) % c for i in indices.tolist()])
+    pooled_q = plain_bag_sum(module.weight_q.detach(), q_idx, offsets, weights)
+    pooled_r = plain_bag_sum(module.weight_r.detach(), r_idx, offsets, weights)
+    if module.operation == "concat":
+        return torch.cat([pooled_q, pooled_r], dim=1)
+    if module.operation == "add":
+        return pooled_q + pooled_r
+    return pooled_q * pooled_r
+
+
+# ---------------------------------------------------------------------------------------------
+# QREmbeddingBag
+
+
+@pytest.mark.parametrize("operation", ["concat", "add", "mult"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_qr_forward_matches_plain_lookup(operation, weighted):
+    torch.manual_seed(0)
+    module = QREmbeddingBag(13, 3, 4, operation=operation)
+    weights = WEIGHTS if weighted else None
+    got = module(INDICES, OFFSETS, weights)
+    expected = plain_qr(module, INDICES, OFFSETS, weights)
+    assert got.shape == (4, module.output_dim)
+    torch.testing.assert_close(got, expected)
+    assert module.weight_q.shape == (4, 3)  # ceil(13 / 4)
+    assert module.weight_r.shape == (4, 3)
+
+
+def test_qr_concat_with_pair_of_dims():
+    module = QREmbeddingBag(13, (2, 5), 3, operation="concat")
+    assert module.weight_q.shape == (5, 2) and module.weight_r.shape == (3, 5)
+    got = module(INDICES, OFFSETS)
+    assert got.shape == (4, 7) and module.output_dim == 7
+    torch.testing.assert_close(got, plain_qr(module, INDICES, OFFSETS))
+
+
+def test_bug15_quotient_exact_above_2_pow_24():
+    """float32 division maps 2**25 - 1 to quotient 4096 (the reference's bug); it is 4095."""
+    c = 2**13
+    module = QREmbeddingBag(2**25 + 3, 2, c, operation="add")
+    indices = torch.tensor([2**25 - 1, 2**25 + 2, 2**24 + 1, 5])
+    offsets = torch.tensor([0, 1, 2, 3])
+    assert module.weight_q.shape == (4097, 2)
+    got = module(indices, offsets)
+    torch.testing.assert_close(got, plain_qr(module, indices, offsets), rtol=0, atol=0)
+    expected_first = module.weight_q[4095] + module.weight_r[c - 1]
+    torch.testing.assert_close(got[0], expected_first.detach(), rtol=0, atol=0)
+    assert int((torch.tensor([2**25 - 1]) / c).long()) == 4096  # what float division gives
+
+
+def test_qr_two_dimensional_input_without_offsets():
+    module = QREmbeddingBag(20, 2, 3, operation="mult")
+    batch = torch.tensor([[1, 19], [4, 4]])
+    expected = module(batch.reshape(-1), torch.tensor([0, 2]))
+    torch.testing.assert_close(module(batch), expected)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_qr_gradient_layout(sparse):
+    module = QREmbeddingBag(13, 2, 4, operation="mult", sparse=sparse)
+    module(INDICES, OFFSETS).sum().backward()
+    assert module.weight_q.grad.is_sparse == sparse
+    assert module.weight_r.grad.is_sparse == sparse
+
+
+def test_qr_gradient_values_match_dense_autograd():
+    torch.manual_seed(3)
+    module = QREmbeddingBag(13, 2, 4, operation="mult")
+    module(INDICES, OFFSETS, WEIGHTS).pow(2).sum().backward()
+    weight_q = module.weight_q.detach().clone().requires_grad_()
+    weight_r = module.weight_r.detach().clone().requires_grad_()
+    pooled_q = plain_bag_sum(weight_q, INDICES // 4, OFFSETS, WEIGHTS)
+    pooled_r = plain_bag_sum(weight_r, INDICES % 4, OFFSETS, WEIGHTS)
+    (pooled_q * pooled_r).pow(2).sum().backward()
+    torch.testing.assert_close(module.weight_q.grad.to_dense(), weight_q.grad)
+    torch.testing.assert_close(module.weight_r.grad.to_dense(), weight_r.grad)
+
+
+def test_bug15_init_is_symmetric_and_drawn_from_numpy_stream():
+    module = QREmbeddingBag(100, 4, 8, operation="concat")
+    module.reset_parameters(np.random.RandomState(7))
+    rng = np.random.RandomState(7)
+    bound_q, bound_r = math.sqrt(1 / 13), math.sqrt(1 / 8)  # ceil(100/8) = 13 quotient rows
+    expected_q = rng.uniform(-bound_q, bound_q, (13, 4)).astype(np.float32)
+    expected_r = rng.uniform(-bound_r, bound_r, (8, 4)).astype(np.float32)
+    exact = dict(rtol=0, atol=0)
+    torch.testing.assert_close(module.weight_q.detach(), torch.from_numpy(expected_q), **exact)
+    torch.testing.assert_close(module.weight_r.detach(), torch.from_numpy(expected_r), **exact)
+
+
+def test_bug15_torch_init_within_symmetric_bounds():
+    torch.manual_seed(4)
+    module = QREmbeddingBag(4000, 8, 40)
+    for weight in (module.weight_q, module.weight_r):
+        bound = math.sqrt(1 / weight.shape[0])
+        assert weight.abs().max() <= bound
+        assert weight.min() < 0  # the reference's U(sqrt(1/n), 1) is never negative
+
+
+def test_qr_state_dict_keys():
+    model = nn.ModuleDict({"0": QREmbeddingBag(10, 2, 3)})
+    assert sorted(model.state_dict()) == ["0.weight_q", "0.weight_r"]
+
+
+def test_qr_rejects_unknown_operation():
+    with pytest.raises(ValueError, match="operation must be one of concat, add, mult, got 'sum'"):
+        QREmbeddingBag(10, 2, 3, operation="sum")
+
+
+@pytest.mark.parametrize("operation", ["add", "mult"])
+def test_qr_rejects_unequal_dims_for_elementwise(operation):
+    with pytest.raises(ValueError, match=f"operation '{operation}' needs equal dims, got 2 and 3"):
+        QREmbeddingBag(10, (2, 3), 3, operation=operation)
+
+
+def test_qr_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_collisions must be >= 1"):
+        QREmbeddingBag(10, 2, 0)
+    with pytest.raises(ValueError, match="embedding_dim must be a positive int or a pair"):
+        QREmbeddingBag(10, (2, 3, 4), 3, operation="concat")
+
+
+# ---------------------------------------------------------------------------------------------
+# md_solver. Hand computations:
+#   n = [1000, 10, 100], alpha 0.5, d0 8: sorted [10, 100, 1000], lam = 8 * sqrt(10);
+#   d = lam / sqrt(n) = [8, 2.53, 0.8] -> [8, 3, 1] (clamp), unsorted [1, 8, 3];
+#   powers of two: 3 -> 2**round(1.58) = 4, so [1, 8, 4].
+#   n = [4, 16], alpha 0.5, B 48: lam = 48 / (2 + 4) = 8; d = [8/2, 8/4] = [4, 2].
+#   n = [300, 20, 5000, 20], alpha 0.3, d0 16: lam = 16 * 20**0.3 = 39.30;
+#   d = [39.30 * 300**-0.3, 16, 39.30 * 5000**-0.3, 16] = [7.10, 16, 3.05, 16] -> [7, 16, 3, 16];
+#   powers of two: 7 -> 2**round(2.81) = 8, 3 -> 4, so [8, 16, 4, 16].
+MD_CASES = [
+    (dict(n=[1000, 10, 100], alpha=0.5, d0=8, round_dim=False), [1, 8, 3]),
+    (dict(n=[1000, 10, 100], alpha=0.5, d0=8, round_dim=True), [1, 8, 4]),
+    (dict(n=[4, 16], alpha=0.5, B=48, round_dim=False), [4, 2]),
+    (dict(n=[300, 20, 5000, 20], alpha=0.3, d0=16, round_dim=False), [7, 16, 3, 16]),
+    (dict(n=[300, 20, 5000, 20], alpha=0.3, d0=16), [8, 16, 4, 16]),
+    (dict(n=[7, 70000], alpha=0.0, d0=4), [4, 4]),
+    # k divides n: n/k = [100, 100] -> both at d0.
+    (dict(n=[100, 400], alpha=0.5, d0=6, round_dim=False, k=[1, 4]), [6, 6]),
+]
+
+
+@pytest.mark.parametrize("kwargs, expected", MD_CASES)
+def test_md_solver_hand_computed(kwargs, expected):
+    assert md_solver(**kwargs) == expected
+
+
+@pytest.mark.parametrize("round_dim", [False, True])
+def test_bug14_md_solver_returns_python_ints(round_dim):
+    dims = md_solver([50, 5000, 500000], 0.3, d0=16, round_dim=round_dim)
+    assert all(type(d) is int for d in dims)
+    if round_dim:
+        assert all(d & (d - 1) == 0 for d in dims)
+
+
+def test_md_solver_needs_d0_or_budget():
+    with pytest.raises(ValueError, match=r"give d0 \(smallest table's dim\) or B"):
+        md_solver([10, 20], 0.3)
+
+
+def test_md_solver_rejects_mismatched_k():
+    with pytest.raises(ValueError, match="k must hold one positive value per table"):
+        md_solver([10, 20], 0.3, d0=4, k=[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# PrEmbeddingBag
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_pr_forward_is_bag_sum_then_projection(weighted):
+    torch.manual_seed(5)
+    module = PrEmbeddingBag(13, 2, 5)
+    weights = WEIGHTS if weighted else None
+    got = module(INDICES, OFFSETS, weights)
+    pooled = plain_bag_sum(module.embs.weight.detach(), INDICES, OFFSETS, weights)  # (B, 2)
+    expected = pooled @ module.proj.weight.detach().T  # (B, 5)
+    assert got.shape == (4, 5)
+    torch.testing.assert_close(got, expected)
+
+
+def test_pr_equal_dims_use_identity_and_keys():
+    module = PrEmbeddingBag(13, 4, 4)
+    assert isinstance(module.proj, nn.Identity)
+    torch.testing.assert_close(module(INDICES, OFFSETS),
+                               plain_bag_sum(module.embs.weight.detach(), INDICES, OFFSETS))
+    assert sorted(PrEmbeddingBag(13, 2, 4).state_dict()) == ["embs.weight", "proj.weight"]
+    assert sorted(module.state_dict()) == ["embs.weight"]
+
+
+def test_pr_rejects_dim_above_base():
+    with pytest.raises(ValueError, match="embedding_dim 8 is larger than base_dim 4"):
+        PrEmbeddingBag(10, 8, 4)
+
+
+def test_pr_numpy_init_and_sparse_gradient():
+    module = PrEmbeddingBag(13, 2, 3)
+    proj_before = module.proj.weight.detach().clone()
+    module.reset_parameters(np.random.RandomState(11))
+    bound = math.sqrt(1 / 13)
+    expected = np.random.RandomState(11).uniform(-bound, bound, (13, 2)).astype(np.float32)
+    torch.testing.assert_close(module.embs.weight.detach(), torch.from_numpy(expected),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(module.proj.weight.detach(), proj_before, rtol=0, atol=0)
+    module(INDICES, OFFSETS).sum().backward()
+    assert module.embs.weight.grad.is_sparse
+    assert not module.proj.weight.grad.is_sparse
+
+
+def test_pr_torch_init_is_xavier_bounded():
+    torch.manual_seed(6)
+    module = PrEmbeddingBag(50, 4, 8)
+    assert module.embs.weight.abs().max() <= math.sqrt(6 / (50 + 4))
+    assert module.proj.weight.abs().max() <= math.sqrt(6 / (4 + 8))
