@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, Dict
 
@@ -67,8 +68,11 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused to load (not a plain DLRM checkpoint: {first})") from None
+        refused = re.search(r"(GLOBAL \S+)", str(exc))
+        if refused:
+            raise CheckpointError(f"{path}: refused to load: it holds {refused.group(1)}, which a DLRM "
+                                  "checkpoint never does (only tensors and numbers are allowed)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save file)") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None

@@ -1,0 +1,130 @@
+"""Checkpoints: the reference's layout, safe loading, atomic writes and exact resumption."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import dlrm_s_pytorch as dlrm
+from checkpoint import load_checkpoint, save_checkpoint
+from dlrm_common import CheckpointError
+from conftest import tiny_model_config
+
+TRAIN = ["--mini-batch-size=8", "--data-size=64", "--nepochs=4", "--test-freq=4", "--loss-function=bce",
+         "--round-targets=true", "--learning-rate=0.3", "--arch-mlp-top=8-4-1"]
+
+
+def _after_last_save(out):
+    """The lines an uninterrupted run prints after its last 'Saving model' line."""
+    lines = out.splitlines()
+    last = max(i for i, line in enumerate(lines) if line.startswith("Saving model to"))
+    return lines[last + 1:]
+
+
+@pytest.mark.parametrize("seed, saved_at", [(3, (3, 4)), (5, (2, 8))])
+def test_resumed_run_prints_what_the_uninterrupted_run_printed(run_main, tmp_path, seed, saved_at):
+    path = str(tmp_path / "model.pt")
+    code, full, err = run_main(*TRAIN, f"--numpy-rand-seed={seed}", f"--save-model={path}")
+    assert code == 0, err
+    payload = load_checkpoint(path)
+    assert (payload["epoch"], payload["iter"]) == saved_at  # a checkpoint from a later epoch (spec §8 bug 7)
+    code, resumed, err = run_main(*TRAIN, f"--numpy-rand-seed={seed}", f"--load-model={path}")
+    assert code == 0, err
+    tail = resumed.split("time/loss/accuracy (if enabled):\n")[1].splitlines()
+    assert tail == _after_last_save(full)
+    assert any(line.startswith("Finished training it") for line in tail) or saved_at == (3, 8)
+
+
+def test_checkpoint_has_reference_keys(run_main, tmp_path):
+    path = str(tmp_path / "model.pt")
+    run_main(*TRAIN, "--numpy-rand-seed=3", f"--save-model={path}")
+    payload = load_checkpoint(path)
+    for key in ("nepochs", "nbatches", "nbatches_test", "state_dict", "test_acc", "epoch", "iter",
+                "train_loss", "total_loss", "opt_state_dict"):
+        assert key in payload
+    assert sorted(payload["state_dict"]) == sorted(
+        [f"emb_l.{k}.weight" for k in range(3)]
+        + [f"bot_l.{n}.{p}" for n in (0, 2) for p in ("weight", "bias")]
+        + [f"top_l.{n}.{p}" for n in (0, 2, 4) for p in ("weight", "bias")])
+
+
+def _reference_layout_checkpoint(model, path):
+    """A checkpoint as the reference writes it: NumPy scalars for test_acc and train_loss."""
+    torch.save({
+        "nepochs": 1, "nbatches": 3, "nbatches_test": 3, "state_dict": model.state_dict(),
+        "test_acc": np.float64(0.5), "epoch": 0, "iter": 3, "train_loss": np.float32(0.25),
+        "total_loss": 0, "opt_state_dict": torch.optim.SGD(model.parameters(), lr=0.01).state_dict(),
+    }, path)
+
+
+def test_reference_layout_checkpoint_loads(run_main, tmp_path):
+    """A reference checkpoint (NumPy scalars inside) loads on torch >= 2.6 (spec §8 bug 8)."""
+    other = dlrm.DLRM(tiny_model_config(), np.random.RandomState(7))
+    path = str(tmp_path / "ref.pt")
+    _reference_layout_checkpoint(other, path)
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=6", f"--load-model={path}", "--inference-only")
+    assert code == 0, err
+    assert f"Loading saved model {path}" in out
+    assert "Saved at: epoch = 0/1, batch = 3/3, ntbatch = 3" in out
+    assert "Training state: loss = 0.250000" in out
+    assert "Testing state: accuracy = 50.000 %" in out
+    assert "Testing for inference only" in out
+
+
+def test_loaded_weights_are_used(tmp_path):
+    other = dlrm.DLRM(tiny_model_config(), np.random.RandomState(7))
+    path = str(tmp_path / "ref.pt")
+    _reference_layout_checkpoint(other, path)
+    payload = load_checkpoint(path)
+    fresh = dlrm.DLRM(tiny_model_config(), np.random.RandomState(123))
+    fresh.load_state_dict(payload["state_dict"])
+    for a, b in zip(fresh.parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"state_dict": {}, "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused to load: it holds GLOBAL posix.system"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content, message", [(None, "not found"), (b"garbage", "not a readable checkpoint")])
+def test_missing_or_corrupt_checkpoint_is_one_line_error(run_main, tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=6", f"--load-model={path}")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_checkpoint_of_another_shape_is_refused(run_main, tmp_path):
+    other = dlrm.DLRM(tiny_model_config(table_sizes=(5, 3, 2)), np.random.RandomState(7))
+    path = str(tmp_path / "other.pt")
+    _reference_layout_checkpoint(other, path)
+    code, _, err = run_main("--mini-batch-size=2", "--data-size=6", f"--load-model={path}")
+    assert code == 2 and "does not fit this model" in err
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_checkpoint(str(path), {"state_dict": {"a": torch.ones(1)}})
+
+    def crash(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(str(path), {"state_dict": {"a": torch.zeros(1)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(str(path))["state_dict"]["a"], torch.ones(1))
+    assert os.listdir(tmp_path) == ["model.pt"]

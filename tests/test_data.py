@@ -1,0 +1,122 @@
+"""Random data: the vectorised generator against a plain per-sample implementation of spec §2.1."""
+import numpy as np
+import pytest
+import torch
+
+from dlrm_data_pytorch import (RandomDataConfig, RandomDataset, generate_random_batch,
+                               make_random_data_and_loaders)
+
+
+def plain_batch(rng, n, cfg):
+    """Spec §2.1 written out sample by sample, exactly as the reference draws."""
+    dense = rng.rand(n, cfg.dense_dim).astype(np.float32)
+    offsets, indices = [], []
+    mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
+    for size in cfg.table_sizes:
+        table_offsets, table_indices, count = [], [], 0
+        for _ in range(n):
+            if cfg.fixed:
+                bag = cfg.num_indices_per_lookup
+            else:
+                r = rng.random(1)
+                bag = int(np.round(max(1.0, r[0] * min(size, cfg.num_indices_per_lookup))))
+            if cfg.distribution == "uniform":
+                r = rng.random(bag)
+                values = np.unique(np.round(r * (size - 1)).astype(np.int64))
+            else:
+                r = rng.normal(mu, cfg.rand_sigma, bag)
+                values = np.unique(np.clip(r, cfg.rand_min, cfg.rand_max).astype(np.int64))
+            table_offsets.append(count)
+            count += values.size
+            table_indices.append(values)
+        offsets.append(table_offsets)
+        indices.append(np.concatenate(table_indices))
+    targets = rng.rand(n, 1).astype(np.float32)
+    if cfg.round_targets:
+        targets = np.round(targets)
+    return dense, np.array(offsets, dtype=np.int64), indices, targets
+
+
+def _same_state(a, b):
+    sa, sb = a.get_state(), b.get_state()
+    return np.array_equal(sa[1], sb[1]) and sa[2:] == sb[2:]
+
+
+CASES = [
+    dict(dense_dim=4, table_sizes=(4, 3, 2), num_indices_per_lookup=10),
+    dict(dense_dim=3, table_sizes=(1000, 5, 1, 77), num_indices_per_lookup=7),
+    dict(dense_dim=3, table_sizes=(1000, 5, 77), num_indices_per_lookup=7, fixed=True),
+    dict(dense_dim=5, table_sizes=(100000, 20), num_indices_per_lookup=100, round_targets=True),
+    dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, distribution="gaussian",
+         rand_min=0, rand_max=49, rand_sigma=10),
+    dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, fixed=True, distribution="gaussian",
+         rand_min=0, rand_max=5, rand_sigma=3),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("n", [1, 2, 37])
+def test_fast_generator_equals_plain_one(case, n):
+    cfg = RandomDataConfig(**case)
+    fast_rng, plain_rng = np.random.RandomState(11), np.random.RandomState(11)
+    for _ in range(3):  # consecutive batches continue the stream identically
+        batch = generate_random_batch(fast_rng, n, cfg)
+        dense, offsets, indices, targets = plain_batch(plain_rng, n, cfg)
+        assert np.array_equal(batch.dense_x.numpy(), dense)
+        assert np.array_equal(batch.offsets.numpy(), offsets)
+        assert len(batch.indices) == len(indices)
+        for fast, plain in zip(batch.indices, indices):
+            assert fast.dtype == torch.int64 and np.array_equal(fast.numpy(), plain)
+        assert np.array_equal(batch.labels.numpy(), targets)
+        assert _same_state(fast_rng, plain_rng)
+
+
+def test_gaussian_bags_hold_no_duplicate_indices():
+    """The reference deduplicated before truncating to int, so a bag could repeat an index (spec §8 bug 18)."""
+    cfg = RandomDataConfig(dense_dim=1, table_sizes=(10,), num_indices_per_lookup=50, fixed=True,
+                           distribution="gaussian", rand_min=0, rand_max=9, rand_sigma=3)
+    batch = generate_random_batch(np.random.RandomState(0), 8, cfg)
+    ends = list(batch.offsets[0, 1:].tolist()) + [len(batch.indices[0])]
+    for start, end in zip(batch.offsets[0].tolist(), ends):
+        bag = batch.indices[0][start:end]
+        assert len(bag.unique()) == len(bag)
+
+
+def test_dataset_sizes_and_last_partial_batch():
+    cfg = RandomDataConfig(dense_dim=2, table_sizes=(5,), data_size=7, batch_size=3)
+    data = RandomDataset(cfg, np.random.RandomState(1))
+    assert len(data) == 3
+    assert [data[i].dense_x.shape[0] for i in range(3)] == [3, 3, 1]
+    cfg = RandomDataConfig(dense_dim=2, table_sizes=(5,), data_size=7, batch_size=3, num_batches=4)
+    assert len(RandomDataset(cfg, np.random.RandomState(1))) == 4  # num_batches redefines the size
+
+
+def test_batch_zero_reseeds_so_every_epoch_sees_the_same_data():
+    cfg = RandomDataConfig(dense_dim=2, table_sizes=(5, 9), data_size=6, batch_size=2, seed=5)
+    data = RandomDataset(cfg, np.random.RandomState(99))
+    first = [data[i] for i in range(3)]
+    second = [data[i] for i in range(3)]
+    for a, b in zip(first, second):
+        assert torch.equal(a.dense_x, b.dense_x) and torch.equal(a.labels, b.labels)
+    plain = np.random.RandomState(5)
+    dense, _, _, _ = plain_batch(plain, 2, cfg)
+    assert np.array_equal(first[0].dense_x.numpy(), dense)
+
+
+def test_test_set_is_not_the_training_set_and_does_not_shift_it():
+    """spec §8 bug 13: the reference's random test set equalled its training set, and each test
+    pass moved the training stream. Here the test set has its own stream."""
+    cfg = RandomDataConfig(dense_dim=2, table_sizes=(50,), data_size=4, batch_size=2, seed=5)
+    rng = np.random.RandomState(5)
+    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng)
+    train0 = next(iter(train_ld))
+    test0 = next(iter(test_ld))
+    assert not torch.equal(train0.dense_x, test0.dense_x)
+    it = iter(train_ld)
+    a = next(it)
+    list(test_ld)  # a test pass in between
+    b = next(it)
+    it2 = iter(train_ld)
+    next(it2)
+    c = next(it2)
+    assert torch.equal(a.dense_x, train0.dense_x) and torch.equal(b.dense_x, c.dense_x)

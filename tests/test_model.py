@@ -1,0 +1,138 @@
+"""The model's parts against plain computations: interactions, initialisation, pooling, losses."""
+import numpy as np
+import pytest
+import torch
+
+import dlrm_s_pytorch as dlrm
+from conftest import tiny_model_config
+
+
+def naive_dot(dense, embedded, itself):
+    """Per sample: x, then <v_i, v_j> for i = 0..T, j < i (j <= i with itself), row by row."""
+    out = []
+    for b in range(dense.shape[0]):
+        feats = [dense[b]] + [e[b] for e in embedded]
+        row = list(dense[b])
+        for i in range(len(feats)):
+            for j in range(i + 1 if itself else i):
+                row.append(sum(float(p) * float(q) for p, q in zip(feats[i], feats[j])))
+        out.append(row)
+    return torch.tensor(out, dtype=dense.dtype)
+
+
+@pytest.mark.parametrize("itself", [False, True])
+@pytest.mark.parametrize("tables", [1, 3])
+def test_dot_interaction_equals_naive_loop(itself, tables):
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randint(-4, 5, (3, 4), generator=g).double()  # integers: exact, order-revealing
+    embedded = [torch.randint(-4, 5, (3, 4), generator=g).double() for _ in range(tables)]
+    layer = dlrm.DotInteraction(tables + 1, itself)
+    got = layer(dense, embedded)
+    torch.testing.assert_close(got, naive_dot(dense, embedded, itself), rtol=0, atol=0)
+    assert got.shape[1] == layer.output_width(4) == dlrm.top_mlp_input_width("dot", itself, tables, 4)
+    assert not any(k in layer.state_dict() for k in ("rows", "cols"))  # no new checkpoint keys
+
+
+def test_cat_interaction():
+    dense, e1, e2 = torch.ones(2, 3), torch.zeros(2, 3), torch.full((2, 3), 2.0)
+    layer = dlrm.CatInteraction(3)
+    assert torch.equal(layer(dense, [e1, e2]), torch.cat([dense, e1, e2], dim=1))
+    assert layer.output_width(3) == 9 == dlrm.top_mlp_input_width("cat", False, 2, 3)
+
+
+def test_parameters_are_the_reference_numpy_draws():
+    """spec §1.3 / §7.3: tables uniform(±sqrt(1/n)), then each Linear's weight and bias normals."""
+    cfg = tiny_model_config()
+    model = dlrm.DLRM(cfg, np.random.RandomState(42))
+    r = np.random.RandomState(42)
+    expected = [r.uniform(-np.sqrt(1 / n), np.sqrt(1 / n), (n, 2)) for n in cfg.table_sizes]
+    for widths in (cfg.bottom_mlp, cfg.top_mlp):
+        for n_in, n_out in zip(widths[:-1], widths[1:]):
+            expected.append(r.normal(0, np.sqrt(2 / (n_out + n_in)), (n_out, n_in)))
+            expected.append(r.normal(0, np.sqrt(1 / n_out), n_out))
+    got = [p.detach().numpy() for p in model.parameters()]
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert np.array_equal(a, b.astype(np.float32))
+
+
+def test_large_table_drawn_in_chunks_equals_one_draw():
+    r = np.random.RandomState(3)
+    weight = dlrm.draw_table(r, 1001, 3, chunk_values=64)
+    direct = np.random.RandomState(3).uniform(-np.sqrt(1 / 1001), np.sqrt(1 / 1001), (1001, 3)).astype(np.float32)
+    assert np.array_equal(weight.numpy(), direct)
+
+
+def test_state_dict_keys_match_reference():
+    model = dlrm.DLRM(tiny_model_config(weighted_pooling="learned"), np.random.RandomState(1))
+    keys = set(model.state_dict())
+    assert {"emb_l.0.weight", "emb_l.2.weight", "v_W_l.0", "v_W_l.2", "bot_l.0.weight", "bot_l.2.bias",
+            "top_l.0.weight", "top_l.4.bias"} <= keys
+    assert all(k.split(".")[0] in {"emb_l", "v_W_l", "bot_l", "top_l"} for k in keys)
+
+
+def _plain_forward(model, dense, offsets, indices, pooling=None):
+    x = model.bot_l(dense)
+    pooled = []
+    for t, table in enumerate(model.emb_l):
+        ends = list(offsets[t, 1:]) + [len(indices[t])]
+        rows = []
+        for start, end in zip(offsets[t].tolist(), ends):
+            bag = indices[t][start:end]
+            w = table.weight[bag]
+            if pooling is not None:
+                w = w * pooling[t][bag].unsqueeze(1)
+            rows.append(w.sum(0))
+        pooled.append(torch.stack(rows))
+    return model.top_l(naive_dot(x.detach().double(), [p.detach().double() for p in pooled], False).float())
+
+
+@pytest.mark.parametrize("pooling", [None, "fixed", "learned"])
+def test_forward_equals_plain_computation(pooling):
+    #          sample 0     sample 1
+    # table 0  [0, 3]       [1]
+    # table 1  [2]          []        (an empty bag pools to zeros)
+    # table 2  [1, 1]       [0]
+    model = dlrm.DLRM(tiny_model_config(weighted_pooling=pooling), np.random.RandomState(5))
+    if pooling == "learned":
+        with torch.no_grad():
+            model.v_W_l[0].copy_(torch.tensor([0.5, 2.0, 1.0, -1.0]))
+    dense = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
+    offsets = torch.tensor([[0, 2], [0, 1], [0, 2]])
+    indices = [torch.tensor([0, 3, 1]), torch.tensor([2]), torch.tensor([1, 1, 0])]
+    got = model(dense, offsets, indices)
+    weights = model.pooling_weights()
+    expected = _plain_forward(model, dense, offsets, indices, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_gradients_are_sparse():
+    model = dlrm.DLRM(tiny_model_config(), np.random.RandomState(5))
+    out = model(torch.rand(2, 4), torch.tensor([[0, 1]] * 3), torch.tensor([[0, 1]] * 3))
+    out.sum().backward()
+    assert model.emb_l[0].weight.grad.is_sparse
+
+
+def test_loss_threshold_clamps():
+    model = dlrm.DLRM(tiny_model_config(loss_threshold=0.4), np.random.RandomState(5))
+    out = model(torch.rand(8, 4) * 10, torch.tensor([list(range(8))] * 3), torch.zeros(3, 8, dtype=torch.long))
+    assert out.min() >= 0.4 and out.max() <= 0.6
+
+
+def test_activation_function_is_honoured():
+    """spec §8 bug 3: --activation-function was ignored."""
+    model = dlrm.DLRM(tiny_model_config(activation="tanh"), np.random.RandomState(5))
+    assert isinstance(model.bot_l[1], torch.nn.Tanh) and isinstance(model.top_l[1], torch.nn.Tanh)
+    assert isinstance(model.top_l[-1], torch.nn.Sigmoid)
+
+
+def test_losses():
+    probs = torch.tensor([[0.9], [0.2], [0.6]])
+    labels = torch.tensor([[1.0], [0.0], [0.0]])
+    mse = dlrm.make_loss("mse")(probs, labels)
+    assert mse.item() == pytest.approx(((0.1 ** 2) + 0.2 ** 2 + 0.6 ** 2) / 3, rel=1e-6)
+    bce = [-np.log(0.9), -np.log(0.8), -np.log(0.4)]
+    assert dlrm.make_loss("bce")(probs, labels).item() == pytest.approx(np.mean(bce), rel=1e-6)
+    wbce = dlrm.make_loss("wbce", (0.5, 2.0))(probs, labels)
+    assert wbce.dtype == torch.float64
+    assert wbce.item() == pytest.approx(np.mean([2.0 * bce[0], 0.5 * bce[1], 0.5 * bce[2]]), rel=1e-6)
