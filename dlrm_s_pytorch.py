@@ -1031,6 +1031,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         ns.test_batch_size = ns.batch_size
     if ns.test_num_workers < 0:
         ns.test_num_workers = ns.num_workers
+    if ns.save_onnx:
+        from onnx_export import require_onnx
+
+        require_onnx()
     if ns.plot_compute_graph:
         raise ConfigError("--plot-compute-graph needs torchviz, which this version does not use; "
                           "use --enable-profiling for a trace instead")

@@ -1,0 +1,137 @@
+"""Run-level features: MLPerf metrics and early stop, profiling, schedules, accumulation,
+synthetic data, the trace tool, inference-only and ONNX export."""
+import builtins
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dlrm_s_pytorch as dlrm
+from conftest import tiny_model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--mini-batch-size=2", "--data-size=6"]
+
+
+def test_mlperf_metrics_line_and_early_stop_end_the_run(run_main):
+    """spec §8 bugs 4-5: the threshold stops the whole run, not just the batch loop."""
+    code, out, err = run_main("--mini-batch-size=8", "--data-size=64", "--test-freq=4", "--loss-function=bce",
+                              "--round-targets=true", "--mlperf-logging", "--mlperf-acc-threshold=0.5", "--nepochs=3")
+    assert code == 0, err
+    assert re.search(r"^recall \d\.\d{4}, precision \d\.\d{4}, f1 \d\.\d{4}, ap \d\.\d{4}, auc \d\.\d{4}, "
+                     r"best auc \d\.\d{4}, accuracy \d+\.\d{3} %, best accuracy \d+\.\d{3} %$", out, re.M)
+    assert "threshold 0.500000 reached, stop training" in out
+    assert out.rstrip().splitlines()[-1].endswith("stop training")
+    assert "of epoch 1" not in out
+
+
+def test_sklearn_metrics_match_a_plain_computation():
+    scores = np.array([0.1, 0.8, 0.6, 0.3, 0.9])
+    targets = np.array([0.0, 1.0, 0.0, 0.0, 1.0])
+    m = dlrm._sklearn_metrics(scores, targets)
+    assert m["accuracy"] == pytest.approx(4 / 5) and m["recall"] == 1.0 and m["precision"] == pytest.approx(2 / 3)
+    # AUC: fraction of (positive, negative) pairs ranked correctly = 6 / 6
+    assert m["roc_auc"] == 1.0
+
+
+def test_profiling_writes_trace_and_tables(run_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(*SMALL, "--enable-profiling")
+    assert code == 0, err
+    assert len(glob.glob("dlrm_s_pytorch*.json")) == 1
+    shape, = glob.glob("dlrm_s_pytorch*_shape.prof")
+    total, = glob.glob("dlrm_s_pytorch*_total.prof")
+    assert "DLRM forward" in open(total).read() and "Input Shapes" in open(shape).read()
+
+
+def test_decay_without_warmup_runs(run_main):
+    """spec §8 bug 9: the reference crashed with decay and no warmup."""
+    code, out, err = run_main(*SMALL, "--lr-num-decay-steps=2", "--lr-decay-start-step=2")
+    assert code == 0, err
+    assert out.count("Finished training it") == 3
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """spec §8 bug 6: two accumulated half batches step like one full batch."""
+    cfg = dlrm.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1)
+    rng = np.random.RandomState(0)
+    dense, labels = torch.rand(4, 4), torch.rand(4, 1)
+    offsets, indices = torch.tensor([[0, 1, 2, 3]] * 3), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 0, 1, 0]])
+
+    def parts_for(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return dlrm.RunParts(model=model, loss_fn=dlrm.make_loss("mse"), optimizer=opt,
+                             scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), train_loader=None,
+                             test_loader=None, nbatches=2, nbatches_test=0, device=torch.device("cpu"),
+                             log=dlrm.Logger())
+
+    big = dlrm.DLRM(tiny_model_config(), np.random.RandomState(1))
+    small = dlrm.DLRM(tiny_model_config(), np.random.RandomState(1))
+    dlrm.train_step(parts_for(big), dlrm.TrainConfig(), dlrm.Batch(dense, offsets, indices, labels), 0)
+    p = parts_for(small)
+    halves = [dlrm.Batch(dense[s], offsets[:, :2], indices[:, s], labels[s]) for s in (slice(0, 2), slice(2, 4))]
+    dlrm.train_step(p, cfg, halves[0], 0)
+    assert all(torch.equal(a, b) for a, b in zip(small.bot_l.parameters(), dlrm.DLRM(tiny_model_config(), np.random.RandomState(1)).bot_l.parameters()))
+    dlrm.train_step(p, cfg, halves[1], 1)
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_synthetic_data_from_the_command_line(run_main, tmp_path):
+    """spec §8 bug 1: --data-generation=synthetic is reachable."""
+    for t in range(3):
+        (tmp_path / f"dist_emb_{t}.log").write_text("1, 2, 3, 4, 5, 6\n0, 1, 3, 4, 5\n0.55, 0.64, 0.82, 0.91, 1.0\n")
+    code, out, err = run_main(*SMALL, "--data-generation=synthetic",
+                              f"--data-trace-file={tmp_path}/dist_emb_j.log")
+    assert code == 0, err
+    assert out.count("Finished training it") == 3
+
+
+def test_missing_trace_file_is_one_line_error(run_main, tmp_path):
+    code, _, err = run_main(*SMALL, "--data-generation=synthetic", f"--data-trace-file={tmp_path}/none_j.log")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_trace_tool_runs_as_a_script(tmp_path):
+    trace = tmp_path / "trace.log"
+    trace.write_text("1, 2, 3, 4, 5, 3, 4, 1, 1, 6, 3\n")
+    proc = subprocess.run([sys.executable, "dlrm_data_pytorch.py", f"--trace-file={trace}",
+                           f"--dist-file={tmp_path}/dist.log", f"--synthetic-file={tmp_path}/syn.log",
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "dist.log").read_text().splitlines()[1] == "0, 1, 3, 4, 5"
+    assert len((tmp_path / "syn.log").read_text().split(", ")) == 11
+
+
+def test_inference_only_without_checkpoint_evaluates_once(run_main):
+    code, out, err = run_main(*SMALL, "--inference-only")
+    assert code == 0, err
+    assert "Testing for inference only" in out and " accuracy " in out and "Finished training" not in out
+
+
+def test_missing_onnx_is_reported_before_training(run_main, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnx":
+            raise ImportError("no onnx")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    code, out, err = run_main(*SMALL, "--save-onnx")
+    assert code == 2 and "pip install onnx" in err and "Finished" not in out
+
+
+@pytest.mark.parametrize("generation", ["random"])
+def test_onnx_export_matches_pytorch(run_main, tmp_path, monkeypatch, generation):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(*SMALL, "--save-onnx")
+    assert code == 0, err
+    assert "checked with onnxruntime" in out and (tmp_path / "dlrm_s_pytorch.onnx").exists()
