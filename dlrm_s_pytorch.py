@@ -1007,7 +1007,7 @@ def make_data(ns: argparse.Namespace, rng: np.random.RandomState, log: Logger):
         from dlrm_data_pytorch import make_random_data_and_loaders
 
         cfg = _random_data_config(ns)
-        _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng, warn=log)
+        _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng, warn=log, prefetch=not ns.debug_mode)
         return train_ld, test_ld, cfg.table_sizes, cfg.dense_dim
     from criteo_data import CriteoLoaderConfig, make_criteo_data_and_loaders
 
