@@ -1,6 +1,5 @@
 """Checkpoints: the reference's layout, safe loading, atomic writes and exact resumption."""
 import os
-import pickle
 
 import numpy as np
 import pytest

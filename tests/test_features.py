@@ -59,7 +59,6 @@ def test_decay_without_warmup_runs(run_main):
 def test_grad_accumulation_equals_one_big_batch():
     """spec §8 bug 6: two accumulated half batches step like one full batch."""
     cfg = dlrm.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1)
-    rng = np.random.RandomState(0)
     dense, labels = torch.rand(4, 4), torch.rand(4, 1)
     offsets, indices = torch.tensor([[0, 1, 2, 3]] * 3), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 0, 1, 0]])
 
