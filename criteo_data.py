@@ -1,0 +1,763 @@
+"""Criteo Kaggle / Terabyte datasets and loaders (spec §2.3, §2.4, §3.3, §3.4).
+
+Every loader yields ``dlrm_common.Batch`` objects that are whole mini-batches cut from arrays: no
+per-sample Python work and no per-row Python objects (the reference's performance problems 4, 5, 7).
+
+Dimension vocabulary: B samples in a batch, T = 26 tables (sparse features), M = 13 dense features,
+R = 1 + M + T = 40 columns of a packed row.
+
+Files read and written (any integer dtype, or floats holding integers, is accepted: the reference
+stores ids as float64, data_utils.py as int32):
+    processed npz (§3.2 step 6): ``X_int`` (n, M), ``X_cat`` (n, T), ``y`` (n,), ``counts`` (T,);
+        one file holding all days in order.
+    reordered day npz (§3.2 step 7): ``X_int``, ``X_cat``, ``y``, one file per day.
+    row cache (ours): ``<npz path without .npz>.rows.npy``, an (n, R) int32 array of rows
+        [y, X_int(M), X_cat(T)] (the MLPerf record layout of §3.3), built once from an npz (written
+        to a temporary name, then renamed) and memory-mapped afterwards. It is rebuilt when the npz
+        is newer or holds a different number of rows.
+    MLPerf binary files (§3.3): the same rows as little-endian int32, no header,
+        ``<processed stem>_{train,test,val}.bin``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple)
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm import tqdm
+
+from dlrm_common import Batch, ConfigError, DataError
+
+DENSE_FEATURES = 13
+SPARSE_FEATURES = 26
+ROW_COLUMNS = 1 + DENSE_FEATURES + SPARSE_FEATURES
+RECORD_BYTES = ROW_COLUMNS * 4
+SPLITS = ("train", "test", "val")
+_NPZ_ARRAYS = (("y", 1), ("X_int", DENSE_FEATURES), ("X_cat", SPARSE_FEATURES))
+_CHUNK_ROWS = 1 << 18
+
+
+@dataclass(frozen=True)
+class CriteoLoaderConfig:
+    """What the Criteo loaders need from the command line (flag names in the comments).
+
+    A negative ``test_batch_size`` / ``test_num_workers`` means "same as training", as the reference's
+    -1 defaults do.
+    """
+
+    data_set: str = "kaggle"            # --data-set: kaggle | terabyte
+    raw_data_file: str = ""             # --raw-data-file
+    processed_data_file: str = ""       # --processed-data-file
+    max_ind_range: int = -1             # --max-ind-range
+    sub_sample_rate: float = 0.0        # --data-sub-sample-rate
+    randomize: str = "total"            # --data-randomize: total | day | none
+    memory_map: bool = False            # --memory-map
+    dataset_multiprocessing: bool = False  # --dataset-multiprocessing
+    batch_size: int = 1                 # --mini-batch-size
+    test_batch_size: int = 1            # --test-mini-batch-size
+    num_workers: int = 0                # --num-workers
+    test_num_workers: int = 0           # --test-num-workers
+    mlperf_logging: bool = False        # --mlperf-logging
+    mlperf_bin_loader: bool = False     # --mlperf-bin-loader
+    mlperf_bin_shuffle: bool = False    # --mlperf-bin-shuffle
+    progress: bool = True               # tqdm bars on stderr while caches / bin files are written
+
+
+class CriteoData(NamedTuple):
+    """Datasets and loaders of one run. ``len(loader)`` is its number of batches."""
+
+    train_data: object
+    train_loader: Iterable[Batch]
+    test_data: object
+    test_loader: Iterable[Batch]
+    table_sizes: Tuple[int, ...]   # the T counts, each capped at max_ind_range when > 0
+    dense_dim: int                 # M
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows -> Batch
+# --------------------------------------------------------------------------------------------------
+
+def rows_to_batch(rows: np.ndarray, max_ind_range: int = -1) -> Batch:
+    """Turn packed rows into a Batch, as the reference's Criteo collate does (§2.3).
+
+    Args:
+        rows: (B, R) integer rows [label, dense(M), sparse(T)].
+        max_ind_range: when > 0, sparse ids are taken modulo it.
+    Returns:
+        Batch with dense_x = log(x + 1) (B, M) float32 (cast to float32 first, as the reference),
+        offsets (T, B) int64 = arange(B) per table, indices (T, B) int64, labels (B, 1) float32.
+    """
+    size = rows.shape[0]
+    dense_x = torch.from_numpy(rows[:, 1:1 + DENSE_FEATURES].astype(np.float32))
+    dense_x.add_(1).log_()
+    indices = np.ascontiguousarray(rows[:, 1 + DENSE_FEATURES:].T, dtype=np.int64)  # (T, B)
+    if max_ind_range > 0:
+        np.remainder(indices, max_ind_range, out=indices)
+    labels = torch.from_numpy(rows[:, :1].astype(np.float32))  # (B, 1)
+    offsets = torch.arange(size, dtype=torch.int64).repeat(indices.shape[0], 1)  # (T, B)
+    return Batch(dense_x, offsets, torch.from_numpy(indices), labels)
+
+
+def _keep_batch(item: Batch) -> Batch:
+    """DataLoader conversion for datasets whose items are already whole batches."""
+    return item
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading npz files as packed rows
+# --------------------------------------------------------------------------------------------------
+
+def _open_npz(path: str) -> zipfile.ZipFile:
+    """Open an npz archive, raising DataError naming the file when that is impossible."""
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"{path}: not a readable npz archive ({err})") from None
+
+
+def _read_npy_header(stream) -> Optional[tuple]:
+    """Read a .npy header from ``stream``: (shape, fortran_order, dtype); None for a format version
+    that cannot be streamed (the caller then reads the array whole)."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(stream)
+    return None
+
+
+def _member_shape(archive: zipfile.ZipFile, key: str, path: str) -> Tuple[int, ...]:
+    """Shape of array ``key`` of an open npz, read from its header."""
+    if key + ".npy" not in archive.namelist():
+        raise DataError(f"{path}: no array '{key}' (expected X_int, X_cat and y)")
+    with archive.open(key + ".npy") as stream:
+        header = _read_npy_header(stream)
+    if header is None:
+        with archive.open(key + ".npy") as stream:
+            return np.lib.format.read_array(stream).shape
+    return tuple(header[0])
+
+
+def _member_chunks(archive: zipfile.ZipFile, key: str, chunk_rows: int) -> Iterator[np.ndarray]:
+    """Stream array ``key`` of an open npz in blocks of at most ``chunk_rows`` rows."""
+    with archive.open(key + ".npy") as stream:
+        header = _read_npy_header(stream)
+        if header is not None and header[2].hasobject:
+            raise DataError(f"{archive.filename}: array '{key}' holds Python objects, "
+                            "expected numbers")
+        if header is not None and not header[1]:
+            shape, _, dtype = header
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            for start in range(0, shape[0], chunk_rows):
+                count = min(chunk_rows, shape[0] - start)
+                data = stream.read(count * row_bytes)
+                if len(data) != count * row_bytes:
+                    raise DataError(f"{archive.filename}: array '{key}' is truncated")
+                yield np.frombuffer(data, dtype).reshape((count,) + tuple(shape[1:]))
+            return
+    with archive.open(key + ".npy") as stream:  # Fortran order or an unusual header: read it whole
+        whole = np.lib.format.read_array(stream)
+    for start in range(0, whole.shape[0], chunk_rows):
+        yield whole[start:start + chunk_rows]
+
+
+def npz_row_count(path: str) -> int:
+    """Rows n of a processed / reordered npz, checking from the headers only that ``y`` is (n,),
+    ``X_int`` (n, M) and ``X_cat`` (n, T)."""
+    with _open_npz(path) as archive:
+        shapes = {key: _member_shape(archive, key, path) for key, _ in _NPZ_ARRAYS}
+    n_rows = shapes["y"][0] if len(shapes["y"]) == 1 else -1
+    for key, width in _NPZ_ARRAYS:
+        expected = (n_rows,) if key == "y" else (n_rows, width)
+        if n_rows < 0 or shapes[key] != expected:
+            raise DataError(f"{path}: array '{key}' has shape {shapes[key]}, expected "
+                            f"{expected if n_rows >= 0 else '(n,)'}")
+    return n_rows
+
+
+def _exact_int32(values: np.ndarray, path: str, key: str) -> np.ndarray:
+    """``values`` as int32, raising DataError if that changes any value (fractions, NaN, overflow)."""
+    if values.dtype == np.int32:
+        return values
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"{path}: array '{key}' has dtype {values.dtype}, expected numbers")
+    with np.errstate(invalid="ignore"):
+        converted = values.astype(np.int32)
+    bad = converted != values
+    if bad.any():
+        raise DataError(f"{path}: array '{key}' holds {values[bad][0].item()!r}, "
+                        "which is not a 32-bit integer")
+    return converted
+
+
+def read_npz_rows(path: str, chunk_rows: int = _CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """Stream a processed / reordered npz as packed rows, without holding it in memory.
+
+    Yields:
+        (r, R) int32 blocks of rows [y, X_int(M), X_cat(T)], r <= chunk_rows, in file order.
+    """
+    npz_row_count(path)
+    with _open_npz(path) as archive:
+        streams = [_member_chunks(archive, key, chunk_rows) for key, _ in _NPZ_ARRAYS]
+        try:
+            for labels, dense, sparse in zip(*streams):
+                rows = np.empty((labels.shape[0], ROW_COLUMNS), np.int32)
+                rows[:, 0] = _exact_int32(labels, path, "y")
+                rows[:, 1:1 + DENSE_FEATURES] = _exact_int32(dense, path, "X_int")
+                rows[:, 1 + DENSE_FEATURES:] = _exact_int32(sparse, path, "X_cat")
+                yield rows
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise DataError(f"{path}: corrupt npz archive ({err})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Row caches and atomic writes
+# --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _atomic_file(path: str) -> Iterator:
+    """Open ``path.tmp.<pid>`` for binary writing; rename it to ``path`` only if the block succeeds."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _write_rows(out, rows: np.ndarray) -> None:
+    """Append rows to a binary file as little-endian int32."""
+    out.write(np.ascontiguousarray(rows, dtype="<i4").data)
+
+
+def row_cache_path(npz_path: str) -> str:
+    """Where the row cache of an npz lives: ``x.npz`` -> ``x.rows.npy``."""
+    root, ext = os.path.splitext(npz_path)
+    return (root if ext == ".npz" else npz_path) + ".rows.npy"
+
+
+def _fresh_cache(cache: str, npz_path: str, n_rows: int) -> Optional[np.ndarray]:
+    """The memory-mapped row cache if it exists, is not older than its npz and has n rows."""
+    try:
+        if os.stat(cache).st_mtime_ns < os.stat(npz_path).st_mtime_ns:
+            return None
+        rows = np.load(cache, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if rows.shape != (n_rows, ROW_COLUMNS) or rows.dtype != np.int32:
+        return None
+    return rows
+
+
+def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool) -> None:
+    """Write the (n, R) int32 row cache of an npz as a .npy file, atomically."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<i4")), "fortran_order": False,
+              "shape": (n_rows, ROW_COLUMNS)}
+    bar = tqdm(total=n_rows, unit="rows", desc=f"caching {os.path.basename(npz_path)}",
+               disable=not progress)
+    with bar, _atomic_file(cache) as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        for rows in read_npz_rows(npz_path):
+            _write_rows(out, rows)
+            bar.update(rows.shape[0])
+
+
+def open_rows(npz_path: str, progress: bool = True,
+              log: Callable[[str], None] = print) -> Tuple[np.ndarray, Optional[str]]:
+    """Packed rows of a processed / reordered npz, memory-mapped from its row cache.
+
+    The cache is built on first use (and whenever the npz is newer). If it cannot be written (for
+    example a read-only data directory) the rows are read into memory instead, with a note to ``log``.
+
+    Returns:
+        (rows, cache path or None): rows is (n, R) int32 [y, X_int(M), X_cat(T)].
+    """
+    n_rows = npz_row_count(npz_path)
+    cache = row_cache_path(npz_path)
+    rows = _fresh_cache(cache, npz_path, n_rows)
+    if rows is None:
+        try:
+            _write_row_cache(npz_path, cache, n_rows, progress)
+        except OSError as err:
+            log(f"note: cannot write {cache} ({err}); reading {npz_path} into memory")
+            return _read_rows_into_memory(npz_path, n_rows), None
+        rows = np.load(cache, mmap_mode="r")
+    return rows, cache
+
+
+def _read_rows_into_memory(npz_path: str, n_rows: int) -> np.ndarray:
+    """All packed rows of an npz as one (n, R) int32 array in memory."""
+    rows = np.empty((n_rows, ROW_COLUMNS), np.int32)
+    start = 0
+    for block in read_npz_rows(npz_path):
+        rows[start:start + block.shape[0]] = block
+        start += block.shape[0]
+    return rows
+
+
+class PackedRows:
+    """Several row arrays (e.g. one per day) read as one (n, R) int32 array, days in order.
+
+    Memory-mapped arrays are reopened from their cache file after pickling, so a DataLoader worker
+    never receives a copy of the data.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], cache_paths: Sequence[Optional[str]]):
+        self._arrays: List[Optional[np.ndarray]] = list(arrays)
+        self._cache_paths = list(cache_paths)
+        self.offsets = np.concatenate(([0], np.cumsum([a.shape[0] for a in arrays]))).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = [None if path else array
+                            for path, array in zip(self._cache_paths, self._arrays)]
+        return state
+
+    def _array(self, part: int) -> np.ndarray:
+        if self._arrays[part] is None:
+            self._arrays[part] = np.load(self._cache_paths[part], mmap_mode="r")
+        return self._arrays[part]
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as (stop - start, R); a view when they lie in one part."""
+        part = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            end = min(stop, int(self.offsets[part + 1]))
+            pieces.append(self._array(part)[start - self.offsets[part]:end - self.offsets[part]])
+            start, part = end, part + 1
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.empty((0, ROW_COLUMNS), np.int32)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary ``positions`` (P,) as a (P, R) array."""
+        if len(self._arrays) == 1:
+            return self._array(0)[positions]
+        part = np.searchsorted(self.offsets, positions, side="right") - 1
+        rows = np.empty((positions.shape[0], ROW_COLUMNS), np.int32)
+        for p in np.unique(part):
+            mask = part == p
+            rows[mask] = self._array(int(p))[positions[mask] - self.offsets[p]]
+        return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------
+
+class CriteoSplit:
+    """One split (train, test or val) of a Criteo dataset: the reference's ``CriteoDataset``.
+
+    Sample p is row ``order[p]`` of ``rows`` when an order is given (randomized training data),
+    else row ``start + p``. Loaders read it by whole batches through ``batch()``.
+
+    Attributes:
+        num_samples: samples in the split (also ``len()``).
+        counts: (T,) distinct values per sparse feature, as stored with the data.
+        dense_dim: M.
+        max_ind_range: sparse ids are taken modulo it when > 0.
+    """
+
+    def __init__(self, rows: PackedRows, start: int, stop: int, order: Optional[np.ndarray],
+                 counts: np.ndarray, max_ind_range: int):
+        self.rows = rows
+        self.start = start
+        self.order = order
+        self.num_samples = len(order) if order is not None else stop - start
+        self.counts = counts
+        self.dense_dim = DENSE_FEATURES
+        self.max_ind_range = max_ind_range
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, position: int) -> Tuple[np.ndarray, np.ndarray, np.float32]:
+        """Sample ``position`` as the reference returns it: (dense (M,), sparse ids (T,), label)."""
+        if not 0 <= position < self.num_samples:
+            raise IndexError(f"sample {position} out of range 0..{self.num_samples - 1}")
+        row = self._rows(position, position + 1)[0]
+        sparse = row[1 + DENSE_FEATURES:].astype(np.int64)
+        if self.max_ind_range > 0:
+            sparse %= self.max_ind_range
+        return row[1:1 + DENSE_FEATURES].copy(), sparse, np.float32(row[0])
+
+    def _rows(self, first: int, last: int) -> np.ndarray:
+        if self.order is None:
+            return self.rows.slice(self.start + first, self.start + last)
+        return self.rows.take(self.order[first:last])
+
+    def batch(self, first: int, last: int) -> Batch:
+        """Samples [first, last) as one Batch of B = last - first samples."""
+        return rows_to_batch(self._rows(first, last), self.max_ind_range)
+
+
+class CriteoBatches(Dataset):
+    """Map-style dataset whose item k is batch k of a split (samples [kB, (k+1)B), the last one
+    partial), for ``DataLoader(batch_size=None)``. Any access order and any number of workers."""
+
+    def __init__(self, split: CriteoSplit, batch_size: int):
+        self.split = split
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.split.num_samples / self.batch_size)
+
+    def __getitem__(self, k: int) -> Batch:
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} out of range 0..{len(self) - 1}")
+        first = k * self.batch_size
+        return self.split.batch(first, min(first + self.batch_size, self.split.num_samples))
+
+
+class CriteoDayStream:
+    """The Terabyte day-file streaming loader (§3.4): the split's days read in order, consecutive
+    B-sized batches that run across day boundaries, the last one partial. Single process."""
+
+    def __init__(self, split: CriteoSplit, batch_size: int):
+        self._batches = CriteoBatches(split, batch_size)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for k in range(len(self._batches)):
+            yield self._batches[k]
+
+
+class CriteoBinDataset(Dataset):
+    """MLPerf binary file reader (§3.3): item k is batch k, read through a memory map.
+
+    Args:
+        path: file of 160-byte records [y, X_int(M), X_cat(T)] as little-endian int32, no header.
+        batch_size: B; the last batch is partial.
+        max_ind_range: sparse ids are taken modulo it when > 0.
+    Attributes:
+        num_samples: records in the file (the reference lacks it, §8 bug 28a).
+    """
+
+    def __init__(self, path: str, batch_size: int, max_ind_range: int = -1):
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise DataError(f"{path}: file not found") from None
+        if size % RECORD_BYTES:
+            raise DataError(f"{path}: size {size} bytes is not a multiple of the "
+                            f"{RECORD_BYTES}-byte record")
+        self.path = path
+        self.batch_size = batch_size
+        self.max_ind_range = max_ind_range
+        self.num_samples = size // RECORD_BYTES
+        self._records: Optional[np.ndarray] = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_records": None}
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def records(self) -> np.ndarray:
+        """All records as a read-only (n, R) int32 memory map."""
+        if self._records is None:
+            if self.num_samples == 0:
+                self._records = np.empty((0, ROW_COLUMNS), "<i4")
+            else:
+                self._records = np.memmap(self.path, dtype="<i4", mode="r",
+                                          shape=(self.num_samples, ROW_COLUMNS))
+        return self._records
+
+    def __getitem__(self, k: int) -> Batch:
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} out of range 0..{len(self) - 1}")
+        rows = self.records()[k * self.batch_size:(k + 1) * self.batch_size]
+        return rows_to_batch(rows, self.max_ind_range)
+
+
+def write_criteo_bins(day_files: Sequence[str], outputs: Mapping[str, str],
+                      progress: bool = True) -> None:
+    """Write MLPerf binary files (§3.3) from the reordered day files, each atomically.
+
+    Args:
+        day_files: the D reordered npz files, in day order.
+        outputs: split -> path for the files to write: "train" = days 0..D-2 concatenated,
+            "test" = the first ceil(n/2) rows of day D-1, "val" = its remaining rows.
+    """
+    bar = tqdm(unit="rows", desc="writing binary files", disable=not progress)
+    with bar, contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(_atomic_file(path)) for split, path in outputs.items()}
+        if "train" in files:
+            for day_file in day_files[:-1]:
+                for rows in read_npz_rows(day_file):
+                    _write_rows(files["train"], rows)
+                    bar.update(rows.shape[0])
+        if "test" in files or "val" in files:
+            n_test = math.ceil(npz_row_count(day_files[-1]) / 2)
+            written = 0
+            for rows in read_npz_rows(day_files[-1]):
+                cut = min(max(n_test - written, 0), rows.shape[0])
+                for split, part in (("test", rows[:cut]), ("val", rows[cut:])):
+                    if split in files:
+                        _write_rows(files[split], part)
+                written += rows.shape[0]
+                bar.update(rows.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits, as the reference defines them (§2.3)
+# --------------------------------------------------------------------------------------------------
+
+def reference_split(day_counts: np.ndarray, split: str, randomize: str,
+                    rng: np.random.RandomState,
+                    log: Callable[[str], None] = print) -> Tuple[int, int, Optional[np.ndarray]]:
+    """Rows of the processed (all-days) file forming ``split``, with the reference's draws.
+
+    Train = days 0..D-2; the last day is split with ``array_split``: test = first ceil(n/2) rows,
+    val = the rest. Draws from ``rng``, whatever the split (the reference's train and test datasets
+    each draw): ``day`` -> one permutation per training day; ``total`` -> one permutation of the
+    concatenated training rows.
+
+    Returns:
+        (start, stop, order): the split is rows [start, stop) in order when ``order`` is None,
+        else the rows ``order`` (a permutation of [start, stop)) in that order.
+    """
+    bounds = np.concatenate(([0], np.cumsum(day_counts))).astype(np.int64)
+    days = np.array_split(np.arange(bounds[-1], dtype=np.int64), bounds[1:-1])
+    if randomize == "day":
+        for day in range(len(days) - 1):
+            days[day] = rng.permutation(days[day])
+        log("Randomized indices per day ...")
+    train = np.concatenate(days[:-1])
+    log(f"Defined {split} indices...")
+    if randomize == "total":
+        train = rng.permutation(train)
+        log("Randomized indices across days ...")
+    first_test, end = int(bounds[-2]), int(bounds[-1])
+    first_val = first_test + math.ceil((end - first_test) / 2)
+    if split == "test":
+        return first_test, first_val, None
+    if split == "val":
+        return first_val, end, None
+    return 0, first_test, (None if randomize == "none" else train)
+
+
+def _npz_array(path: str, key: str) -> np.ndarray:
+    """Array ``key`` of a small npz file, with DataErrors naming the file."""
+    with _open_npz(path) as archive:
+        if key + ".npy" not in archive.namelist():
+            raise DataError(f"{path}: no array '{key}'")
+        with archive.open(key + ".npy") as stream:
+            try:
+                return np.lib.format.read_array(stream)
+            except ValueError as err:
+                raise DataError(f"{path}: unreadable array '{key}' ({err})") from None
+
+
+def _day_counts(path: str, days: int) -> np.ndarray:
+    """(D,) samples per day from ``<...>_day_count.npz`` (key ``total_per_file``)."""
+    counts = _npz_array(path, "total_per_file")
+    if counts.shape != (days,):
+        raise DataError(f"{path}: total_per_file has shape {counts.shape}, expected ({days},)")
+    return counts.astype(np.int64)
+
+
+def _feature_counts(path: str) -> np.ndarray:
+    """(T,) distinct values per sparse feature (key ``counts``)."""
+    counts = _npz_array(path, "counts")
+    if counts.shape != (SPARSE_FEATURES,):
+        raise DataError(f"{path}: counts has shape {counts.shape}, expected ({SPARSE_FEATURES},)")
+    return counts.astype(np.int64)
+
+
+def _processed_file_split(cfg: CriteoLoaderConfig, paths, processed_file: str, split: str,
+                          rng: np.random.RandomState, log: Callable[[str], None]) -> CriteoSplit:
+    """A split of the all-days processed npz (the reference's non-memory-map CriteoDataset)."""
+    rows, cache = open_rows(processed_file, cfg.progress, log)
+    counts = _feature_counts(processed_file)
+    log(f"Sparse fea = {len(counts)}, Dense fea = {DENSE_FEATURES}")
+    day_counts = _day_counts(paths.day_count_file(), paths.days)
+    if day_counts.sum() != rows.shape[0]:
+        raise DataError(f"{processed_file}: {rows.shape[0]} samples, but "
+                        f"{paths.day_count_file()} counts {day_counts.sum()}")
+    start, stop, order = reference_split(day_counts, split, cfg.randomize, rng, log)
+    log("Split data according to indices...")
+    return CriteoSplit(PackedRows([rows], [cache]), start, stop, order, counts, cfg.max_ind_range)
+
+
+def _day_files_split(cfg: CriteoLoaderConfig, paths, split: str,
+                     log: Callable[[str], None]) -> CriteoSplit:
+    """A split of the reordered day files (the reference's memory-map CriteoDataset); no draws.
+
+    Train = days 0..D-2 in order; test / val = first ceil(n/2) / remaining rows of day D-1.
+    """
+    day_counts = _day_counts(paths.day_count_file(), paths.days)
+    counts = _feature_counts(paths.fea_count_file())
+    log(f"Sparse features= {len(counts)}, Dense features= {DENSE_FEATURES}")
+    days = range(paths.days - 1) if split == "train" else [paths.days - 1]
+    arrays, caches = [], []
+    for day in days:
+        rows, cache = open_rows(paths.reordered_day(day), cfg.progress, log)
+        if rows.shape[0] != day_counts[day]:
+            raise DataError(f"{paths.reordered_day(day)}: {rows.shape[0]} samples, but "
+                            f"{paths.day_count_file()} counts {day_counts[day]} for day {day}")
+        arrays.append(rows)
+        caches.append(cache)
+    rows = PackedRows(arrays, caches)
+    first_val = math.ceil(len(rows) / 2)
+    start, stop = {"train": (0, len(rows)), "test": (0, first_val),
+                   "val": (first_val, len(rows))}[split]
+    return CriteoSplit(rows, start, stop, None, counts, cfg.max_ind_range)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing hook and loader selection (§2.4)
+# --------------------------------------------------------------------------------------------------
+
+def _data_utils():
+    """The preprocessing module, imported only when needed."""
+    import data_utils
+    return data_utils
+
+
+def _ensure_processed(cfg: CriteoLoaderConfig, rng: np.random.RandomState) -> str:
+    """Run the preprocessing (§3.2) unless its output is ready; the processed file to read.
+
+    That is --processed-data-file when it exists (the preprocessing also writes that name, fixing
+    §8 bug 21, so first and later runs read, and cache, the same file), else the preprocessing's
+    own output name.
+    """
+    data_utils = _data_utils()
+    preprocess_cfg = data_utils.PreprocessConfig(
+        data_set=cfg.data_set, raw_data_file=cfg.raw_data_file,
+        processed_data_file=cfg.processed_data_file, max_ind_range=cfg.max_ind_range,
+        sub_sample_rate=cfg.sub_sample_rate, randomize=cfg.randomize, memory_map=cfg.memory_map,
+        multiprocessing=cfg.dataset_multiprocessing, progress=cfg.progress)
+    if data_utils.processed_data_ready(preprocess_cfg):
+        output = data_utils.criteo_paths(cfg.data_set, cfg.raw_data_file).output_file()
+    else:
+        output = data_utils.preprocess_criteo(preprocess_cfg, rng)
+    if cfg.processed_data_file and os.path.exists(cfg.processed_data_file):
+        return cfg.processed_data_file
+    return output
+
+
+def load_criteo_split(cfg: CriteoLoaderConfig, split: str, rng: np.random.RandomState,
+                      log: Callable[[str], None] = print) -> CriteoSplit:
+    """Build one split as the reference's ``CriteoDataset(split)`` does: preprocess if needed,
+    then read the processed file (drawing the randomization from ``rng``) or, with memory-map,
+    the reordered day files (no draws)."""
+    return _load_split(cfg, _ensure_processed(cfg, rng), split, rng, log)
+
+
+def _load_split(cfg: CriteoLoaderConfig, processed_file: str, split: str,
+                rng: np.random.RandomState, log: Callable[[str], None]) -> CriteoSplit:
+    """One split of already preprocessed data (see ``load_criteo_split``)."""
+    paths = _data_utils().criteo_paths(cfg.data_set, cfg.raw_data_file)
+    if cfg.memory_map:
+        return _day_files_split(cfg, paths, split, log)
+    return _processed_file_split(cfg, paths, processed_file, split, rng, log)
+
+
+def _check_config(cfg: CriteoLoaderConfig) -> None:
+    """Raise ConfigError for flag values the loaders cannot honour."""
+    checks = [
+        (cfg.data_set in ("kaggle", "terabyte"),
+         f"--data-set must be kaggle or terabyte, got {cfg.data_set!r}"),
+        (cfg.randomize in ("total", "day", "none"),
+         f"--data-randomize must be total, day or none, got {cfg.randomize!r}"),
+        (bool(cfg.raw_data_file), "--raw-data-file is required with --data-generation=dataset"),
+        (cfg.batch_size >= 1, f"--mini-batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.test_batch_size != 0, "--test-mini-batch-size must not be 0"),
+        (cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}"),
+        (not cfg.mlperf_bin_loader or (cfg.mlperf_logging and cfg.memory_map
+                                       and cfg.data_set == "terabyte"),
+         "--mlperf-bin-loader needs --data-set=terabyte, --memory-map and --mlperf-logging"),
+        (not cfg.mlperf_bin_loader or bool(cfg.processed_data_file),
+         "--mlperf-bin-loader needs --processed-data-file (the .bin files are named after it)"),
+        (not cfg.mlperf_bin_shuffle or cfg.mlperf_bin_loader,
+         "--mlperf-bin-shuffle needs --mlperf-bin-loader"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _table_sizes(counts: np.ndarray, max_ind_range: int) -> Tuple[int, ...]:
+    """The T table sizes: the counts, each capped at max_ind_range when > 0."""
+    if max_ind_range > 0:
+        counts = np.minimum(counts, max_ind_range)
+    return tuple(int(c) for c in counts)
+
+
+def _torch_loader(dataset: Dataset, num_workers: int,
+                  sampler: Optional[RandomSampler] = None) -> DataLoader:
+    """A DataLoader over a dataset whose items are whole batches (no shuffling, no drop_last)."""
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+                      collate_fn=_keep_batch, pin_memory=False, drop_last=False)
+
+
+def bin_file_paths(processed_data_file: str) -> Dict[str, str]:
+    """split -> ``<dir(processed)>/<stem(processed)>_<split>.bin`` (§2.4)."""
+    stem = os.path.splitext(processed_data_file)[0]
+    return {split: f"{stem}_{split}.bin" for split in SPLITS}
+
+
+def _bin_data(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
+              log: Callable[[str], None]) -> CriteoData:
+    """Datasets and loaders over the MLPerf binary files, written first if missing (§2.4)."""
+    files = bin_file_paths(cfg.processed_data_file)
+    counts_file = cfg.raw_data_file + "_fea_count.npz"
+    if not all(os.path.exists(p) for p in (files["train"], files["test"], counts_file)):
+        _ensure_processed(cfg, rng)
+        paths = _data_utils().criteo_paths(cfg.data_set, cfg.raw_data_file)
+        missing = {split: path for split, path in files.items() if not os.path.exists(path)}
+        log(f"Writing binary files {', '.join(missing.values())}")
+        write_criteo_bins([paths.reordered_day(d) for d in range(paths.days)], missing, cfg.progress)
+    test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
+    train = CriteoBinDataset(files["train"], cfg.batch_size, cfg.max_ind_range)
+    test = CriteoBinDataset(files["test"], test_batch_size, cfg.max_ind_range)
+    sampler = RandomSampler(train) if cfg.mlperf_bin_shuffle else None
+    return CriteoData(train, _torch_loader(train, 0, sampler), test, _torch_loader(test, 0),
+                      _table_sizes(_feature_counts(counts_file), cfg.max_ind_range), DENSE_FEATURES)
+
+
+def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
+                                 log: Callable[[str], None] = print) -> CriteoData:
+    """The reference's ``make_criteo_data_and_loaders`` (§2.4): train then test dataset, and loaders.
+
+    mlperf + memory-map + terabyte reads the MLPerf binary files (``--mlperf-bin-loader``) or streams
+    the day files (§3.4); everything else serves batches of a ``CriteoSplit`` through a torch
+    DataLoader with ``--num-workers`` / ``--test-num-workers`` workers.
+    """
+    _check_config(cfg)
+    if cfg.mlperf_bin_loader:
+        return _bin_data(cfg, rng, log)
+    processed_file = _ensure_processed(cfg, rng)  # the reference's second check is a no-op
+    train = _load_split(cfg, processed_file, "train", rng, log)
+    test = _load_split(cfg, processed_file, "test", rng, log)
+    test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
+    test_workers = cfg.test_num_workers if cfg.test_num_workers >= 0 else cfg.num_workers
+    if cfg.mlperf_logging and cfg.memory_map and cfg.data_set == "terabyte":
+        train_loader = CriteoDayStream(train, cfg.batch_size)
+        test_loader = CriteoDayStream(test, test_batch_size)
+    else:
+        train_loader = _torch_loader(CriteoBatches(train, cfg.batch_size), cfg.num_workers)
+        test_loader = _torch_loader(CriteoBatches(test, test_batch_size), test_workers)
+    return CriteoData(train, train_loader, test, test_loader,
+                      _table_sizes(train.counts, cfg.max_ind_range), train.dense_dim)

@@ -1,0 +1,1814 @@
+"""Criteo preprocessing: raw text (spec §3.1) to the reference's npz files (spec §3.2).
+
+Stages, each resumable (its outputs are written under a temporary name and renamed when
+complete, so a file with a final name is always whole):
+
+    1. split    day line ranges: Kaggle's ``train.txt`` is cut into 7 consecutive parts (N//7
+                lines, the first N%7 parts one longer); Terabyte has one file per day
+    2. parse    ``<npzfile>_<i>.npz``            X_cat_t (26,n) raw hashes, X_int (n,13) int32, y (n,) int32
+    3. counts   ``<d_file>_day_count.npz``      total_per_file (lines kept per day)
+    4. dicts    ``<d_file>_fea_dict_<j>.npz``   unique: raw values in id order (first seen, days in order)
+                ``<d_file>_fea_count.npz``      counts (26,) int32
+    5. ids      ``<npzfile>_<i>_processed.npz`` X_cat (n,26) int32 ids, X_int clamped at 0, y
+    6. concat   ``<o_filename>.npz``            X_cat, X_int, y, counts   (not with --memory-map)
+    7. shuffle  ``<npzfile>_<j>_intermediate_{y,d,s}.npy`` then ``<npzfile>_<j>_reordered.npz``
+                (--memory-map only; the reference's two-pass "Fisher-Yates-Rao" shuffle)
+
+Sequentially, stages 2, 4 and 5 run fused: ids are given in first-seen order, so day i's ids are
+final as soon as days 0..i have been read, and each day is read once. With
+``--dataset-multiprocessing`` days are parsed in parallel, the per-day first-seen values are merged
+in day order, and days are then mapped to ids in parallel; the files are the same.
+
+Speed: raw text is read in 8 MiB blocks; a second thread parses a block with pyarrow's CSV reader
+and converts it while the main thread maps the previous one to ids and writes it. Hex hashes are
+converted only for each block's distinct values; ids come from a sorted-array dictionary (binary
+search); npz files are written uncompressed and streamed straight into their zip members, so no
+day is ever held in memory; the concatenation copies the day files' bytes in the kernel.
+
+Memory (peak, sequential): about 110 MB above the imports for block buffers, plus about 40 bytes
+per distinct categorical value (the dictionaries, with merge temporaries). Stage 7 adds a
+permutation of 8 bytes per row of the largest day, and pass 2 reads its bucket through a
+read-only memory map (page cache the kernel can reclaim, but counted in RSS: up to 216 bytes per
+row of the largest day). With --dataset-multiprocessing each worker holds block buffers and, while
+mapping ids, its own copy of the dictionaries.
+
+Disk, per kept line: parsed days 160 B, processed days 160 B, concatenated output 160 B; with
+--memory-map instead of the output, intermediates 216 B and reordered days 216 B. Dictionaries:
+4 B per distinct value. Raw hashes are stored as uint32 (int32, as the reference, when
+0 < --max-ind-range <= 2**31). The text part files of the reference (``<npzfile>_0`` .. ``_6``)
+are not written: days are read from their byte ranges of ``train.txt``.
+
+The NumPy random stream (the caller's ``rng``, seeded with --numpy-rand-seed) is drawn from in the
+reference's order: one uniform per raw line of each day when sub-sampling, then (memory-map,
+randomize total) one bucket draw per train sample, then one permutation per shuffled bucket. When
+a run resumes, draws of stages that already completed are replayed, so a resumed run writes the
+same files as an uninterrupted one; when everything is complete nothing is drawn.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import io
+import multiprocessing
+import os
+import re
+import shutil
+import struct
+import sys
+import uuid
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+from tqdm import tqdm
+
+from dlrm_common import ConfigError, DataError, DLRMError
+
+NUM_DENSE = 13
+NUM_SPARSE = 26
+NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+FIELD_NAMES = ("label",) + tuple(f"I{k}" for k in range(1, NUM_DENSE + 1)) + tuple(
+    f"C{k}" for k in range(1, NUM_SPARSE + 1))
+
+KAGGLE_HINT = ("download train.txt of the Criteo Display Advertising Challenge dataset "
+               "(https://ailab.criteo.com/ressources/) and put it there")
+TERABYTE_HINT = ("download day_0 .. day_23 of the Criteo 1TB Click Logs "
+                 "(https://labs.criteo.com/2013/12/download-terabyte-click-logs/), unzip them and "
+                 "pass their common prefix (e.g. ./input/day) as --raw-data-file")
+
+TEXT_BLOCK_BYTES = 8 << 20  # raw text per block (measured best among 2-32 MiB)
+ROWS_PER_CHUNK = 1 << 18  # rows per read/write of npz data
+RANDOMIZE_CHOICES = ("total", "day", "none")
+SPLIT_CHOICES = ("train", "test", "val", "none")
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths and configuration
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CriteoPaths:
+    """File names derived from (--data-set, --raw-data-file) as spec §2.3 gives them.
+
+    Attributes:
+        d_path: directory of the raw file, with a trailing "/" ("./" for a bare file name).
+        d_file: Kaggle: the raw basename up to its first "."; Terabyte: the whole basename.
+        npzfile: stem of the per-day files (Kaggle: d_path + d_file + "_day"; Terabyte: d_path + d_file).
+        days: 7 (Kaggle) or 24 (Terabyte).
+        o_filename: base name of the concatenated output.
+    """
+
+    d_path: str
+    d_file: str
+    npzfile: str
+    days: int
+    o_filename: str
+
+    def day_count_file(self) -> str:
+        return f"{self.d_path}{self.d_file}_day_count.npz"
+
+    def fea_count_file(self) -> str:
+        return f"{self.d_path}{self.d_file}_fea_count.npz"
+
+    def fea_dict_file(self, j: int) -> str:
+        return f"{self.d_path}{self.d_file}_fea_dict_{j}.npz"
+
+    def parsed_day(self, i: int) -> str:
+        return f"{self.npzfile}_{i}.npz"
+
+    def processed_day(self, i: int) -> str:
+        return f"{self.npzfile}_{i}_processed.npz"
+
+    def intermediate_day(self, j: int, part: str) -> str:
+        """``part`` is "y" (labels), "d" (dense) or "s" (sparse ids)."""
+        return f"{self.npzfile}_{j}_intermediate_{part}.npy"
+
+    def reordered_day(self, i: int) -> str:
+        return f"{self.npzfile}_{i}_reordered.npz"
+
+    def output_file(self) -> str:
+        return f"{self.d_path}{self.o_filename}.npz"
+
+
+def criteo_paths(data_set: str, raw_data_file: str) -> CriteoPaths:
+    """Derive every file name of the pipeline from the data set and the raw file (spec §2.3).
+
+    ``./input/train.txt`` (kaggle) gives day files ``./input/train_day_<i>...``; ``./input/day``
+    (terabyte) gives ``./input/day_<i>...``.
+    """
+    if data_set not in ("kaggle", "terabyte"):
+        raise ConfigError(f"--data-set must be kaggle or terabyte, got {data_set!r}")
+    if not raw_data_file:
+        raise ConfigError("--raw-data-file is required for the Criteo data sets")
+    d_path = (os.path.dirname(raw_data_file) or ".") + "/"
+    base = os.path.basename(raw_data_file)
+    if data_set == "kaggle":
+        d_file = base.split(".")[0]
+        return CriteoPaths(d_path, d_file, d_path + d_file + "_day", 7,
+                           "kaggleAdDisplayChallenge_processed")
+    return CriteoPaths(d_path, base, d_path + base, 24, "terabyte_processed")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What to preprocess and how (the reference's data flags, spec §1.1).
+
+    ``data_split`` is the reference's internal split argument; only "none" changes anything
+    (memory-map shuffle: every day, the last included, is shuffled across all days).
+    """
+
+    data_set: str
+    raw_data_file: str
+    processed_data_file: str = ""
+    max_ind_range: int = -1
+    sub_sample_rate: float = 0.0
+    randomize: str = "total"
+    memory_map: bool = False
+    multiprocessing: bool = False
+    progress: bool = True
+    data_split: str = "train"
+
+
+def _validate_config(cfg: PreprocessConfig) -> CriteoPaths:
+    """Check flag values; return the derived paths. Raises ConfigError naming the flag."""
+    if cfg.randomize not in RANDOMIZE_CHOICES:
+        raise ConfigError(f"--data-randomize must be one of total, day, none, got {cfg.randomize!r}")
+    if not 0.0 <= cfg.sub_sample_rate <= 1.0:
+        raise ConfigError(f"--data-sub-sample-rate must be in [0, 1], got {cfg.sub_sample_rate}")
+    if cfg.data_split not in SPLIT_CHOICES:
+        raise ConfigError(f"data_split must be one of {', '.join(SPLIT_CHOICES)}, got {cfg.data_split!r}")
+    return criteo_paths(cfg.data_set, cfg.raw_data_file)
+
+
+def _raw_dtype(cfg: PreprocessConfig) -> np.dtype:
+    """dtype of raw hashes in parsed days and dictionaries: int32 (as the reference) when
+    --max-ind-range keeps them below 2**31, else uint32, which holds every 8-hex-digit hash
+    (the reference's int32 overflows, spec §8 bug 20)."""
+    return np.dtype(np.int32 if 0 < cfg.max_ind_range <= 2**31 else np.uint32)
+
+
+def _bar(progress: bool, total: Optional[int], desc: str, unit: str = "lines") -> tqdm:
+    """A tqdm progress bar on stderr, or a disabled one."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming .npz I/O (uncompressed zip of .npy members)
+# ------------------------------------------------------------------------------------------------
+
+_NPY_HEADER_BYTES = 128
+_ZIP64_LIMIT = 0xFFFFFFFF
+_DOS_DATE_1980 = (0 << 9) | (1 << 5) | 1  # 1980-01-01, so identical runs give identical bytes
+
+
+def _gf2_times(matrix: Sequence[int], vector: int) -> int:
+    total, k = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[k]
+        vector >>= 1
+        k += 1
+    return total
+
+
+def _gf2_square(matrix: Sequence[int]) -> Tuple[int, ...]:
+    return tuple(_gf2_times(matrix, row) for row in matrix)
+
+
+def _zero_operators() -> Tuple[Tuple[int, ...], ...]:
+    """CRC-32 operators for appending 2**k zero bytes, k = 0..63."""
+    operator = (0xEDB88320,) + tuple(1 << k for k in range(31))  # one zero bit
+    for _ in range(3):
+        operator = _gf2_square(operator)  # 2, 4, 8 bits
+    operators = []
+    for _ in range(64):
+        operators.append(operator)
+        operator = _gf2_square(operator)
+    return tuple(operators)
+
+
+_CRC_ZERO_BYTES = _zero_operators()
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of A+B from crc32(A), crc32(B) and len(B), as zlib's crc32_combine."""
+    k = 0
+    while len2 > 0:
+        if len2 & 1:
+            crc1 = _gf2_times(_CRC_ZERO_BYTES[k], crc1)
+        len2 >>= 1
+        k += 1
+    return crc1 ^ crc2
+
+
+def _npy_header(dtype: np.dtype, shape: Tuple[int, ...], fortran: bool) -> bytes:
+    """A version-1.0 .npy header padded to exactly _NPY_HEADER_BYTES."""
+    text = f"{{'descr': {dtype.str!r}, 'fortran_order': {fortran}, 'shape': {shape!r}, }}"
+    text = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+def _local_header(name: bytes, crc: int, size: int) -> bytes:
+    """Zip local file header of a stored (uncompressed) member with a zip64 size field."""
+    fixed = struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 45, 0, 0, 0, 0, _DOS_DATE_1980, crc,
+                        _ZIP64_LIMIT, _ZIP64_LIMIT, len(name), 20)
+    return fixed + name + struct.pack("<2H2Q", 1, 16, size, size)
+
+
+def _central_header(name: bytes, crc: int, size: int, offset: int) -> bytes:
+    fixed = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 45, 3, 45, 0, 0, 0, 0, _DOS_DATE_1980,
+                        crc, _ZIP64_LIMIT, _ZIP64_LIMIT, len(name), 28, 0, 0, 0, 0o644 << 16,
+                        _ZIP64_LIMIT)
+    return fixed + name + struct.pack("<2H3Q", 1, 24, size, size, offset)
+
+
+def _end_records(entries: int, cd_offset: int, cd_size: int) -> bytes:
+    """Zip64 end-of-central-directory record and locator, then the classic end record."""
+    eocd64_offset = cd_offset + cd_size
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
+                         cd_size, cd_offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, eocd64_offset, 1)
+    classic = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, min(entries, 0xFFFF),
+                          min(entries, 0xFFFF), min(cd_size, _ZIP64_LIMIT),
+                          min(cd_offset, _ZIP64_LIMIT), 0)
+    return record + locator + classic
+
+
+def _create_temp(path: str) -> Tuple[int, str]:
+    """Open a new unique ``<path>.<random>.tmp`` for writing (mode 0666 less the umask)."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view[: 1 << 30], offset)
+        view, offset = view[written:], offset + written
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill ``out`` (C-contiguous) with bytes read at ``offset``."""
+    view = memoryview(out).cast("B")
+    while len(view):
+        got = os.preadv(fd, [view[: 1 << 30]], offset)
+        if got == 0:
+            raise DataError(f"unexpected end of file while reading {out.nbytes} bytes at {offset}")
+        view, offset = view[got:], offset + got
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """Copy bytes between (or within) files, in the kernel where it can."""
+    while nbytes > 0:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, min(nbytes, 1 << 30), src_offset, dst_offset)
+        except OSError:
+            done = 0
+        if done <= 0:  # not supported here, or overlapping ranges: copy through memory
+            chunk = os.pread(src_fd, min(nbytes, 64 << 20), src_offset)
+            _pwrite_all(dst_fd, chunk, dst_offset)
+            done = len(chunk)
+        src_offset, dst_offset, nbytes = src_offset + done, dst_offset + done, nbytes - done
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One array of an npz written chunk by chunk.
+
+    Args:
+        key: npz key.
+        dtype: stored dtype.
+        width: 0 for a (n,) array, k for a 2-D one.
+        by_column: the array is (k, n) C-order (the reference's ``X_cat_t``) and chunks are given
+            as (k, b); otherwise it is (n,) or (n, k) and chunks are (b,) or (b, k).
+    """
+
+    key: str
+    dtype: np.dtype
+    width: int = 0
+    by_column: bool = False
+
+    @property
+    def segments(self) -> int:
+        """Contiguous runs of samples: k for by-column arrays, else 1."""
+        return self.width if self.by_column else 1
+
+    @property
+    def segment_row_bytes(self) -> int:
+        width = 1 if self.by_column else max(self.width, 1)
+        return np.dtype(self.dtype).itemsize * width
+
+    def header(self, n: int) -> bytes:
+        if self.width == 0:
+            shape = (n,)
+        else:
+            shape = (self.width, n) if self.by_column else (n, self.width)
+        return _npy_header(np.dtype(self.dtype), shape, False)
+
+
+@dataclass
+class _Segment:
+    """A reserved run of bytes of one member in the file being written."""
+
+    start: int
+    row_bytes: int
+    crc: int = 0
+
+
+class NpzStreamWriter:
+    """Write an uncompressed .npz chunk by chunk, without holding the arrays.
+
+    Every member gets space for ``max_rows`` rows (a by-column member one run per column);
+    chunks are appended to all members in lockstep; ``close()`` writes the .npy headers for the
+    rows actually written, moves data down over unused space, writes the zip directory and
+    renames the temporary file to ``path``. ``extras`` are small whole arrays stored last.
+    As a context manager the file appears only if the block exits without an exception.
+    """
+
+    def __init__(self, path: str, members: Sequence[_Member], max_rows: int,
+                 extras: Optional[Dict[str, np.ndarray]] = None):
+        self.path, self.members, self.max_rows = path, list(members), int(max_rows)
+        self.extras = dict(extras or {})
+        self.rows = 0
+        self._fd, self._tmp = _create_temp(path)
+        self._segments: List[List[_Segment]] = []
+        offset = 0
+        for member in self.members:
+            offset += len(_local_header(_member_name(member.key), 0, 0)) + _NPY_HEADER_BYTES
+            runs = []
+            for _ in range(member.segments):
+                runs.append(_Segment(offset, member.segment_row_bytes))
+                offset += self.max_rows * member.segment_row_bytes
+            self._segments.append(runs)
+
+    def __enter__(self) -> "NpzStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def append(self, *arrays: np.ndarray) -> None:
+        """Append b rows: one array per member, in member order ((k, b) for by-column ones)."""
+        member = self.members[0]
+        count = arrays[0].shape[1] if member.by_column else len(arrays[0])
+        if self.rows + count > self.max_rows:
+            raise DataError(f"{self.path}: more than the {self.max_rows} rows reserved")
+        for member, runs, array in zip(self.members, self._segments, arrays):
+            data = np.ascontiguousarray(array, dtype=member.dtype)
+            parts = data if member.by_column else [data]
+            for run, part in zip(runs, parts):
+                _pwrite_all(self._fd, part, run.start + self.rows * run.row_bytes)
+                run.crc = zlib.crc32(memoryview(part).cast("B"), run.crc)
+        self.rows += count
+
+    def close(self) -> None:
+        entries, offset = [], 0
+        for member, runs in zip(self.members, self._segments):
+            name = _member_name(member.key)
+            header_at = offset + len(_local_header(name, 0, 0))
+            crc, position = zlib.crc32(member.header(self.rows)), header_at + _NPY_HEADER_BYTES
+            for run in runs:
+                nbytes = self.rows * run.row_bytes
+                if position != run.start:
+                    _copy_range(self._fd, run.start, self._fd, position, nbytes)
+                crc, position = crc32_combine(crc, run.crc, nbytes), position + nbytes
+            size = position - header_at
+            _pwrite_all(self._fd, _local_header(name, crc, size) + member.header(self.rows), offset)
+            entries.append((name, crc, size, offset))
+            offset = position
+        for key, array in self.extras.items():
+            entry, offset = self._write_small(key, array, offset)
+            entries.append(entry)
+        directory = b"".join(_central_header(*entry) for entry in entries)
+        ending = _end_records(len(entries), offset, len(directory))
+        _pwrite_all(self._fd, directory + ending, offset)
+        os.ftruncate(self._fd, offset + len(directory) + len(ending))
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self._tmp, self.path)
+
+    def _write_small(self, key: str, array: np.ndarray, offset: int):
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        name, data = _member_name(key), buffer.getvalue()
+        crc = zlib.crc32(data)
+        header = _local_header(name, crc, len(data))
+        _pwrite_all(self._fd, header + data, offset)
+        return (name, crc, len(data), offset), offset + len(header) + len(data)
+
+    def copy_rows(self, source_fd: int, offsets: Sequence[int], crcs: Sequence[int],
+                  count: int) -> None:
+        """Append ``count`` rows copied from another file: for each member, its data starts at
+        ``offsets[m]`` there and has CRC ``crcs[m]`` (no by-column members)."""
+        if self.rows + count > self.max_rows:
+            raise DataError(f"{self.path}: more than the {self.max_rows} rows reserved")
+        for runs, source, crc in zip(self._segments, offsets, crcs):
+            run = runs[0]
+            nbytes = count * run.row_bytes
+            _copy_range(source_fd, source, self._fd, run.start + self.rows * run.row_bytes, nbytes)
+            run.crc = crc32_combine(run.crc, crc, nbytes)
+        self.rows += count
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+
+def _member_name(key: str) -> bytes:
+    return (key + ".npy").encode()
+
+
+@dataclass(frozen=True)
+class _StoredArray:
+    """An uncompressed .npy member: its header fields, where its data starts, the CRC of the
+    whole member (header included) and the member's size."""
+
+    shape: Tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    offset: int
+    crc: int
+    size: int
+
+    @property
+    def data_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class NpzReader:
+    """Read row ranges of the arrays in an .npz without loading them whole.
+
+    Uncompressed members (ours, np.savez) are read in place with pread; compressed members (the
+    reference's np.savez_compressed files) are loaded whole on first use.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as archive:
+                infos = {info.filename[:-4]: info for info in archive.infolist()
+                         if info.filename.endswith(".npy")}
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path}: cannot read as .npz ({exc})") from exc
+        self._fd = os.open(path, os.O_RDONLY)
+        self._stored: Dict[str, _StoredArray] = {}
+        self._header_crcs: Dict[str, int] = {}
+        self._loaded: Dict[str, np.ndarray] = {}
+        self._compressed = set()
+        for key, info in infos.items():
+            if info.compress_type == zipfile.ZIP_STORED:
+                self._stored[key] = self._read_header(key, info)
+            else:
+                self._compressed.add(key)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def __enter__(self) -> "NpzReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _read_header(self, key: str, info: zipfile.ZipInfo) -> _StoredArray:
+        local = os.pread(self._fd, 30, info.header_offset)
+        name_len, extra_len = struct.unpack("<2H", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        head = io.BytesIO(os.pread(self._fd, 65536 + 10, start))
+        version = np.lib.format.read_magic(head)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(head)
+        self._header_crcs[key] = zlib.crc32(head.getvalue()[: head.tell()])
+        return _StoredArray(tuple(shape), bool(fortran), np.dtype(dtype), start + head.tell(),
+                            info.CRC, info.file_size)
+
+    def stored(self, key: str) -> Optional[_StoredArray]:
+        """Layout of an uncompressed member (None for a compressed one)."""
+        return self._stored.get(key)
+
+    def data_crc(self, key: str) -> int:
+        """CRC-32 of an uncompressed member's data, without its .npy header."""
+        info = self._stored[key]
+        return info.crc ^ crc32_combine(self._header_crcs[key], 0, info.data_bytes)
+
+    def keys(self) -> List[str]:
+        return sorted(set(self._stored) | self._compressed)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        if key in self._stored:
+            return self._stored[key].shape
+        return self._whole(key).shape
+
+    def _whole(self, key: str) -> np.ndarray:
+        if key not in self._loaded:
+            if key not in self._compressed and key not in self._stored:
+                raise DataError(f"{self.path}: no array {key!r} (has {', '.join(self.keys())})")
+            with np.load(self.path) as data:
+                self._loaded[key] = data[key]
+        return self._loaded[key]
+
+    def rows(self, key: str, start: int, stop: int, transposed: bool = False) -> np.ndarray:
+        """Rows [start, stop) as a C-contiguous (b,) or (b, k) array.
+
+        ``transposed``: the array is stored as (k, n) (samples along axis 1, as ``X_cat_t``).
+        """
+        if key not in self._stored:
+            whole = self._whole(key)
+            part = whole[:, start:stop].T if transposed else whole[start:stop]
+            return np.ascontiguousarray(part)
+        info = self._stored[key]
+        samples = info.shape[1] if transposed else info.shape[0]
+        if not 0 <= start <= stop <= samples:
+            raise ValueError(f"{self.path}: rows {start}:{stop} of {key} out of range 0:{samples}")
+        if len(info.shape) == 1:
+            return self._contiguous(info, start, stop, 1)
+        width = info.shape[0] if transposed else info.shape[1]
+        if info.fortran == transposed:  # samples are the slow axis on disk
+            return self._contiguous(info, start, stop, width).reshape(stop - start, width)
+        return self._strided(info, start, stop, width)
+
+    def _contiguous(self, info: _StoredArray, start: int, stop: int, width: int) -> np.ndarray:
+        out = np.empty((stop - start) * width, dtype=info.dtype)
+        _pread_into(self._fd, out, info.offset + start * width * info.dtype.itemsize)
+        return out
+
+    def _strided(self, info: _StoredArray, start: int, stop: int, width: int) -> np.ndarray:
+        total = info.shape[1] if info.shape[0] == width else info.shape[0]
+        out = np.empty((width, stop - start), dtype=info.dtype)
+        for k in range(width):
+            _pread_into(self._fd, out[k], info.offset + (k * total + start) * info.dtype.itemsize)
+        return np.ascontiguousarray(out.T)
+
+
+def _save_small_npz(path: str, **arrays: np.ndarray) -> None:
+    """np.savez to a temporary name, then rename (for the small count and dictionary files)."""
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.savez(out, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _npz_rows(path: str, key: str = "y") -> int:
+    """Number of samples in a day file (length of its ``y``)."""
+    with NpzReader(path) as reader:
+        return int(reader.shape(key)[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw text: day ranges, blocks, parsing
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextRange:
+    """Lines of one day inside a raw text file.
+
+    Attributes:
+        path: the raw file the user gave (Kaggle's train.txt or a Terabyte day file).
+        start, stop: byte range, starting at a line start.
+        first_line: 1-based line number of the range's first line in ``path``.
+        lines: number of lines in the range.
+    """
+
+    path: str
+    start: int
+    stop: int
+    first_line: int
+    lines: int
+
+
+_COUNT_PIECE = 1 << 20
+
+
+def _count_lines(path: str, bar: tqdm) -> Tuple[int, List[Tuple[int, int]]]:
+    """Count the lines of ``path``; also return (byte offset, newlines) per 1 MiB piece."""
+    pieces, total, last = [], 0, b"\n"
+    buffer = bytearray(64 << 20)
+    with open(path, "rb", buffering=0) as src:
+        offset = 0
+        while True:
+            size = src.readinto(buffer)
+            if not size:
+                break
+            for start in range(0, size, _COUNT_PIECE):
+                newlines = buffer.count(b"\n", start, min(size, start + _COUNT_PIECE))
+                pieces.append((offset + start, newlines))
+                total += newlines
+            offset, last = offset + size, buffer[size - 1: size]
+            bar.update(size)
+    return total + (last != b"\n"), pieces
+
+
+def _line_offset(path: str, blocks: List[Tuple[int, int]], line: int, size: int) -> int:
+    """Byte offset where 0-based ``line`` starts, i.e. just after the line-th newline
+    (``size`` when there are fewer newlines)."""
+    if line == 0:
+        return 0
+    seen = 0
+    for offset, newlines in blocks:
+        if seen + newlines >= line:
+            with open(path, "rb") as src:
+                src.seek(offset)
+                data = np.frombuffer(src.read(_COUNT_PIECE), dtype=np.uint8)
+            return offset + int(np.flatnonzero(data == 10)[line - seen - 1]) + 1
+        seen += newlines
+    return size
+
+
+def _kaggle_ranges(path: str, days: int, progress: bool) -> List[TextRange]:
+    """Split train.txt into ``days`` consecutive line ranges (N//days lines, the first N%days
+    parts one longer), as the reference's part files."""
+    size = os.path.getsize(path)
+    with _bar(progress, size, "count lines", unit="B") as bar:
+        total, blocks = _count_lines(path, bar)
+    sizes = [total // days + (1 if i < total % days else 0) for i in range(days)]
+    starts = np.concatenate(([0], np.cumsum(sizes))).astype(int)
+    offsets = [_line_offset(path, blocks, int(line), size) for line in starts]
+    return [TextRange(path, offsets[i], offsets[i + 1], int(starts[i]) + 1, sizes[i])
+            for i in range(days)]
+
+
+def _terabyte_ranges(raw: str, days: int, progress: bool) -> List[TextRange]:
+    """One range per day file ``<raw>_<i>``."""
+    ranges = []
+    for i in range(days):
+        path = f"{raw}_{i}"
+        size = os.path.getsize(path)
+        with _bar(progress, size, f"count lines day {i}", unit="B") as bar:
+            ranges.append(TextRange(path, 0, size, 1, _count_lines(path, bar)[0]))
+    return ranges
+
+
+def _check_raw_files(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+    """Raise DataError with a download hint when a raw file is missing."""
+    if cfg.data_set == "kaggle":
+        if not os.path.isfile(cfg.raw_data_file):
+            raise DataError(f"{cfg.raw_data_file}: raw Criteo Kaggle data not found; {KAGGLE_HINT}")
+        return
+    for i in range(paths.days):
+        if not os.path.isfile(f"{cfg.raw_data_file}_{i}"):
+            raise DataError(f"{cfg.raw_data_file}_{i}: raw Criteo Terabyte day file not found; "
+                            f"{TERABYTE_HINT}")
+
+
+def _day_ranges(cfg: PreprocessConfig, paths: CriteoPaths) -> List[TextRange]:
+    """Line ranges of every day, lines counted (the writers reserve space for them)."""
+    _check_raw_files(cfg, paths)
+    if cfg.data_set == "kaggle":
+        return _kaggle_ranges(cfg.raw_data_file, paths.days, cfg.progress)
+    return _terabyte_ranges(cfg.raw_data_file, paths.days, cfg.progress)
+
+
+def _iter_text_blocks(text: TextRange) -> Iterator[memoryview]:
+    """Blocks of whole lines of about TEXT_BLOCK_BYTES."""
+    carry = b""
+    with open(text.path, "rb") as src:
+        src.seek(text.start)
+        left = text.stop - text.start
+        while left > 0 or carry:
+            data = carry + src.read(min(TEXT_BLOCK_BYTES, left)) if left > 0 else carry
+            left -= len(data) - len(carry)
+            cut = data.rfind(b"\n") + 1 if left > 0 else len(data)
+            if cut == 0:  # a line longer than a block: read on
+                carry = data
+                continue
+            carry = data[cut:]
+            yield memoryview(data)[:cut]
+
+
+_COLUMN_NAMES = [f"f{k}" for k in range(NUM_FIELDS)]
+_COLUMN_TYPES = {name: (pa.int32() if k <= NUM_DENSE else pa.binary())
+                 for k, name in enumerate(_COLUMN_NAMES)}
+_PARSE_OPTIONS = pa_csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+                                     double_quote=False, newlines_in_values=False,
+                                     ignore_empty_lines=False)
+_CONVERT_OPTIONS = pa_csv.ConvertOptions(column_types=_COLUMN_TYPES, null_values=[""],
+                                         strings_can_be_null=False, check_utf8=False)
+_INT_RE = re.compile(rb"[+-]?[0-9]+")
+_HEX_RE = re.compile(rb"[0-9a-fA-F]{1,8}")
+
+
+def _parse_text_block(path: str, first_line: int, block: memoryview) -> pa.Table:
+    """Parse one block of raw lines with pyarrow; a malformed line raises DataError naming it.
+
+    (Any line break pyarrow sees that is not a newline, e.g. a stray carriage return, splits a
+    line into pieces with too few fields, so rows and lines correspond.)"""
+    options = pa_csv.ReadOptions(column_names=_COLUMN_NAMES, use_threads=False,
+                                 block_size=1 << 20)  # larger blocks parse slower
+    try:
+        table = pa_csv.read_csv(pa.BufferReader(pa.py_buffer(block)), read_options=options,
+                                parse_options=_PARSE_OPTIONS, convert_options=_CONVERT_OPTIONS)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise _malformed_line_error(path, first_line, bytes(block), str(exc)) from None
+    return table
+
+
+def _malformed_line_error(path: str, first_line: int, block: bytes, reason: str) -> DataError:
+    """Find the first malformed line of ``block`` and describe it (slow; only on errors)."""
+    lines = block.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for k, line in enumerate(lines):
+        fields = line.rstrip(b"\r").split(b"\t")
+        where = f"{path}:{first_line + k}"
+        if len(fields) != NUM_FIELDS:
+            return DataError(f"{where}: expected {NUM_FIELDS} tab-separated fields, got {len(fields)}")
+        for f, value in enumerate(fields):
+            if not value:
+                continue
+            if f <= NUM_DENSE and not (_INT_RE.fullmatch(value) and -2**31 <= int(value) < 2**31):
+                return DataError(f"{where}: field {f + 1} ({FIELD_NAMES[f]}) is not a 32-bit "
+                                 f"integer: {value.decode('latin1')!r}")
+            if f > NUM_DENSE and not _HEX_RE.fullmatch(value):
+                return DataError(f"{where}: field {f + 1} ({FIELD_NAMES[f]}) is not a hexadecimal "
+                                 f"category of at most 8 digits: {value.decode('latin1')!r}")
+    return DataError(f"{path}:{first_line}-{first_line + len(lines) - 1}: cannot parse: {reason}")
+
+
+_HEX_NIBBLE = np.full(256, 255, dtype=np.uint8)
+for _k, _c in enumerate(b"0123456789abcdef"):
+    _HEX_NIBBLE[_c] = _k
+for _k, _c in enumerate(b"ABCDEF"):
+    _HEX_NIBBLE[_c] = 10 + _k
+
+
+def _nibbles_to_values(nibbles: np.ndarray) -> np.ndarray:
+    """(m, 8) hex digit values (most significant first) -> (m,) int64."""
+    packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])  # big-endian bytes
+    return packed.view(">u4").ravel().astype(np.int64)
+
+
+@dataclass
+class _Codes:
+    """A column of a block as (index into distinct values, distinct values).
+
+    ``values[index]`` is the column; ``values`` may repeat a value (upper/lower case hex,
+    --max-ind-range collisions).
+    """
+
+    index: np.ndarray
+    values: np.ndarray
+
+
+def _binary_chunks(column: pa.ChunkedArray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(offsets (L+1,), data bytes) of each chunk of a binary column."""
+    for array in column.chunks:
+        buffers = array.buffers()
+        offsets = np.frombuffer(buffers[1], dtype=np.int32)[array.offset: array.offset + len(array) + 1]
+        data = (np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None
+                else np.zeros(0, dtype=np.uint8))
+        yield offsets, data
+
+
+def _hex_keys(column: pa.ChunkedArray) -> Optional[np.ndarray]:
+    """The 8 characters of every field as one uint64 (0 for an empty field), or None when some
+    field has another length (then _hex_general parses the column)."""
+    keys = np.zeros(len(column), dtype=np.uint64)
+    position = 0
+    for offsets, data in _binary_chunks(column):
+        lengths = np.diff(offsets)
+        full = lengths == 8
+        if not np.all(full | (lengths == 0)):
+            return None
+        chars = data[offsets[0]: offsets[-1]].view(np.uint64)
+        target = keys[position: position + len(lengths)]
+        if len(chars) == len(lengths):
+            target[:] = chars
+        else:
+            target[full] = chars
+        position += len(lengths)
+    return keys
+
+
+def _hex_codes(column: pa.ChunkedArray, keep: Optional[np.ndarray], line_of: Callable[[int], str],
+               field_no: int, modulo: int) -> _Codes:
+    """Distinct-value codes of one categorical column (empty field -> 0, as the reference).
+
+    Fast path (every field empty or 8 digits): the 8 characters are the uint64 key that is
+    dictionary-encoded, and only the distinct keys are converted from hex.
+    """
+    keys = _hex_keys(column)
+    if keys is not None:
+        if keep is not None:
+            keys = keys[keep]
+        encoded = pa.array(keys).dictionary_encode()
+        index = encoded.indices.to_numpy()
+        distinct = encoded.dictionary.to_numpy()
+        chars = distinct.view(np.uint8).reshape(len(distinct), 8)
+        nibbles = _HEX_NIBBLE[chars]
+        bad = (nibbles == 255).any(axis=1) & (distinct != 0)
+        if bad.any():
+            row = int(np.flatnonzero(index == np.flatnonzero(bad)[0])[0])
+            row = int(np.flatnonzero(keep)[row]) if keep is not None else row
+            raise _bad_hex(line_of(row), field_no, bytes(chars[np.flatnonzero(bad)[0]]))
+        values = np.where(distinct == 0, 0, _nibbles_to_values(nibbles))
+    else:
+        values = _hex_general(column, line_of, field_no)
+        if keep is not None:
+            values = values[keep]
+        encoded = pa.array(values).dictionary_encode()
+        index, values = encoded.indices.to_numpy(), encoded.dictionary.to_numpy()
+    if modulo > 0:
+        values = values % modulo
+    return _Codes(index, values)
+
+
+def _bad_hex(where: str, field_no: int, text: bytes) -> DataError:
+    return DataError(f"{where}: field {field_no + 1} ({FIELD_NAMES[field_no]}) is not a "
+                     f"hexadecimal category of at most 8 digits: {text.decode('latin1')!r}")
+
+
+def _hex_general(column: pa.ChunkedArray, line_of: Callable[[int], str],
+                 field_no: int) -> np.ndarray:
+    """Hex fields of any length 0..8 -> (b,) int64, right-aligned into 8 digits."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets, data = next(_binary_chunks(pa.chunked_array([array])))
+    lengths = np.diff(offsets)
+    too_long = np.flatnonzero(lengths > 8)
+    if len(too_long):
+        row = int(too_long[0])
+        raise _bad_hex(line_of(row), field_no, bytes(data[offsets[row]: offsets[row + 1]]))
+    count = len(lengths)
+    digits = np.full((count, 8), ord("0"), dtype=np.uint8)
+    row_of_char = np.repeat(np.arange(count), lengths)
+    position = np.arange(offsets[-1] - offsets[0]) - (offsets[row_of_char] - offsets[0])
+    digits[row_of_char, 8 - lengths[row_of_char] + position] = data[offsets[0]: offsets[-1]]
+    nibbles = _HEX_NIBBLE[digits]
+    bad = np.flatnonzero((nibbles == 255).any(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        raise _bad_hex(line_of(row), field_no, bytes(data[offsets[row]: offsets[row + 1]]))
+    return _nibbles_to_values(nibbles)
+
+
+@dataclass
+class _Block:
+    """Rows of one day read from text or from a parsed day file.
+
+    Attributes:
+        labels: (b,) int32.
+        dense: (b, 13) int32, unclamped.
+        codes: 26 _Codes, one per categorical column.
+    """
+
+    labels: np.ndarray
+    dense: np.ndarray
+    codes: List[_Codes]
+
+
+def _int_column(table: pa.Table, k: int) -> np.ndarray:
+    return table.column(k).fill_null(0).to_numpy()
+
+
+def _block_from_table(path: str, first_line: int, table: pa.Table, uniforms: Optional[np.ndarray],
+                      rate: float, modulo: int) -> _Block:
+    """Convert a parsed block: drop sub-sampled negatives, hex -> int, distinct-value codes."""
+    labels = _int_column(table, 0)
+    keep = None
+    if uniforms is not None:
+        keep = ~((labels == 0) & (uniforms < rate))
+        labels = labels[keep]
+    dense = np.empty((len(labels), NUM_DENSE), dtype=np.int32)
+    for k in range(NUM_DENSE):
+        column = _int_column(table, 1 + k)
+        dense[:, k] = column[keep] if keep is not None else column
+
+    def line_of(row: int) -> str:
+        return f"{path}:{first_line + row}"
+
+    codes = [_hex_codes(table.column(f), keep, line_of, f, modulo)
+             for f in range(1 + NUM_DENSE, NUM_FIELDS)]
+    return _Block(labels, dense, codes)
+
+
+def _iter_text_day(text: TextRange, rng: Optional[np.random.RandomState], rate: float,
+                   modulo: int) -> Iterator[Tuple[int, _Block]]:
+    """(raw lines read, block) for one day of raw text. Draws one uniform per line when ``rng``.
+
+    A second thread reads, parses and converts the next block while the caller maps this one
+    to ids and writes it (pyarrow and most NumPy work run without the GIL). Only that thread
+    draws from ``rng`` during the day, one block after the other, so the draws stay in order.
+    """
+    blocks = _iter_text_blocks(text)
+    next_line = [text.first_line]
+
+    def convert_next():
+        block = next(blocks, None)
+        if block is None:
+            return None
+        first_line = next_line[0]
+        table = _parse_text_block(text.path, first_line, block)
+        next_line[0] += table.num_rows
+        uniforms = rng.random_sample(table.num_rows) if rng is not None else None
+        converted = _block_from_table(text.path, first_line, table, uniforms, rate, modulo)
+        return table.num_rows, converted
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(convert_next)
+        while True:
+            item = future.result()
+            if item is None:
+                return
+            future = pool.submit(convert_next)
+            yield item
+
+
+def _iter_parsed_day(path: str) -> Iterator[Tuple[int, _Block]]:
+    """(rows, block) of a parsed day file ``<npzfile>_<i>.npz``, ROWS_PER_CHUNK at a time."""
+    with NpzReader(path) as reader:
+        total = int(reader.shape("y")[0])
+        for start in range(0, total, ROWS_PER_CHUNK):
+            stop = min(total, start + ROWS_PER_CHUNK)
+            raw = reader.rows("X_cat_t", start, stop, transposed=True).astype(np.int64)
+            codes = []
+            for k in range(NUM_SPARSE):
+                encoded = pa.array(np.ascontiguousarray(raw[:, k])).dictionary_encode()
+                codes.append(_Codes(encoded.indices.to_numpy(), encoded.dictionary.to_numpy()))
+            block = _Block(reader.rows("y", start, stop).astype(np.int32),
+                           reader.rows("X_int", start, stop).astype(np.int32), codes)
+            yield stop - start, block
+
+
+# ------------------------------------------------------------------------------------------------
+# Dictionaries: raw value -> id in first-seen order
+# ------------------------------------------------------------------------------------------------
+
+class ColumnDictionary:
+    """Raw categorical values of one column -> ids 0..c-1 in order of first appearance.
+
+    Stored as sorted (key, id) arrays, a large main part and a small recent part that is merged
+    into the main one when it grows past an eighth of it, so a lookup is two binary searches and
+    inserting amortises to O(log) moves per value.
+    """
+
+    def __init__(self, values_in_id_order: Optional[np.ndarray] = None, source: str = ""):
+        values = np.asarray(values_in_id_order if values_in_id_order is not None else [],
+                            dtype=np.int64)
+        order = np.argsort(values, kind="stable")
+        self._keys, self._ids = values[order], order.astype(np.int64)
+        if len(values) and np.any(self._keys[1:] == self._keys[:-1]):
+            raise DataError(f"{source or 'dictionary'}: holds a value twice")
+        self._recent_keys = np.zeros(0, dtype=np.int64)
+        self._recent_ids = np.zeros(0, dtype=np.int64)
+        self.size = len(values)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """Ids (int64) of ``values`` (any order, repeats allowed); unseen values get new ids in
+        order of first appearance."""
+        values = np.asarray(values, dtype=np.int64)
+        order = np.argsort(values)
+        sorted_values = values[order]
+        if len(values) > 1 and np.any(sorted_values[1:] == sorted_values[:-1]):
+            encoded = pa.array(values).dictionary_encode()
+            return self.encode_distinct(encoded.dictionary.to_numpy())[encoded.indices.to_numpy()]
+        return self._encode_sorted(order, sorted_values)
+
+    def encode_distinct(self, distinct: np.ndarray) -> np.ndarray:
+        """Ids of distinct values given in first-seen order."""
+        distinct = np.asarray(distinct, dtype=np.int64)
+        order = np.argsort(distinct)
+        return self._encode_sorted(order, distinct[order])
+
+    def _encode_sorted(self, order: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+        found = self._lookup(sorted_values)
+        ids = np.empty(len(order), dtype=np.int64)
+        ids[order] = found
+        missing = found < 0
+        if missing.any():
+            new_positions = np.sort(order[missing])  # first-seen order of the new values
+            ids[new_positions] = self.size + np.arange(len(new_positions))
+            self._insert(sorted_values[missing], ids[order[missing]])
+            self.size += len(new_positions)
+        return ids
+
+    def values_in_id_order(self) -> np.ndarray:
+        """(c,) int64: the raw value of each id (the reference's ``unique``)."""
+        out = np.empty(self.size, dtype=np.int64)
+        out[self._ids] = self._keys
+        out[self._recent_ids] = self._recent_keys
+        return out
+
+    @staticmethod
+    def _find(keys: np.ndarray, ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        if len(keys) == 0:
+            return np.full(len(queries), -1, dtype=np.int64)
+        position = np.minimum(np.searchsorted(keys, queries), len(keys) - 1)
+        return np.where(keys[position] == queries, ids[position], -1)
+
+    def _lookup(self, sorted_queries: np.ndarray) -> np.ndarray:
+        found = self._find(self._keys, self._ids, sorted_queries)
+        if len(self._recent_keys):
+            missing = found < 0
+            found[missing] = self._find(self._recent_keys, self._recent_ids,
+                                        sorted_queries[missing])
+        return found
+
+    @staticmethod
+    def _merge(keys, ids, new_keys, new_ids):
+        """Merge two sorted (key, id) arrays."""
+        at = np.searchsorted(keys, new_keys) + np.arange(len(new_keys))
+        merged_keys = np.empty(len(keys) + len(new_keys), dtype=np.int64)
+        merged_ids = np.empty_like(merged_keys)
+        old = np.ones(len(merged_keys), dtype=bool)
+        old[at] = False
+        merged_keys[at], merged_ids[at] = new_keys, new_ids
+        merged_keys[old], merged_ids[old] = keys, ids
+        return merged_keys, merged_ids
+
+    def _insert(self, sorted_keys: np.ndarray, ids: np.ndarray) -> None:
+        self._recent_keys, self._recent_ids = self._merge(self._recent_keys, self._recent_ids,
+                                                          sorted_keys, ids)
+        if len(self._recent_keys) > max(1 << 16, len(self._keys) // 8):
+            self._keys, self._ids = self._merge(self._keys, self._ids, self._recent_keys,
+                                                self._recent_ids)
+            self._recent_keys = self._recent_ids = np.zeros(0, dtype=np.int64)
+
+
+def _save_dictionaries(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
+                       raw_dtype: np.dtype) -> np.ndarray:
+    """Write ``_fea_dict_<j>.npz`` (unique) and then ``_fea_count.npz`` (counts); return counts."""
+    for j, dictionary in enumerate(dictionaries):
+        _save_small_npz(paths.fea_dict_file(j),
+                        unique=dictionary.values_in_id_order().astype(raw_dtype))
+    counts = np.array([len(d) for d in dictionaries], dtype=np.int32)
+    _save_small_npz(paths.fea_count_file(), counts=counts)
+    return counts
+
+
+def _load_dictionaries(paths: CriteoPaths) -> List[ColumnDictionary]:
+    dictionaries = []
+    for j in range(NUM_SPARSE):
+        with np.load(paths.fea_dict_file(j)) as data:
+            dictionaries.append(ColumnDictionary(data["unique"], paths.fea_dict_file(j)))
+    return dictionaries
+
+
+def _dictionaries_complete(paths: CriteoPaths) -> bool:
+    return os.path.exists(paths.fea_count_file()) and all(
+        os.path.exists(paths.fea_dict_file(j)) for j in range(NUM_SPARSE))
+
+
+# ------------------------------------------------------------------------------------------------
+# One day: text or parsed file -> parsed and/or processed files
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _DayJob:
+    """What to do for one day (picklable, for worker processes).
+
+    ``text`` set: read the raw text (and write the parsed day when ``write_parsed``); otherwise
+    read the parsed day file. ``write_processed``: map to ids and write the processed day.
+    ``rng_state``: NumPy RandomState state at this day's first sub-sample draw (workers only).
+    """
+
+    day: int
+    paths: CriteoPaths
+    text: Optional[TextRange]
+    write_parsed: bool
+    write_processed: bool
+    raw_dtype: np.dtype
+    sub_sample_rate: float
+    max_ind_range: int
+    rng_state: Optional[tuple] = None
+    dictionary_files: bool = False  # worker: load the finished dictionaries from their files
+
+
+def _parsed_members(raw_dtype: np.dtype) -> List[_Member]:
+    return [_Member("X_cat_t", raw_dtype, NUM_SPARSE, by_column=True),
+            _Member("X_int", np.dtype(np.int32), NUM_DENSE), _Member("y", np.dtype(np.int32))]
+
+
+
+_PROCESSED_MEMBERS = [_Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
+                      _Member("X_int", np.dtype(np.int32), NUM_DENSE),
+                      _Member("y", np.dtype(np.int32))]
+
+
+def _day_blocks(job: _DayJob, rng: Optional[np.random.RandomState]):
+    """(source rows, block) of the day, from text or from the parsed day file."""
+    if job.text is not None:
+        draws = rng if job.sub_sample_rate > 0 else None
+        return _iter_text_day(job.text, draws, job.sub_sample_rate, job.max_ind_range)
+    return _iter_parsed_day(job.paths.parsed_day(job.day))
+
+
+def run_day(job: _DayJob, dictionaries: List[ColumnDictionary],
+            rng: Optional[np.random.RandomState], on_rows: Callable[[int], None]) -> int:
+    """Read one day, grow/use ``dictionaries``, write the files ``job`` asks for; return the
+    number of rows kept."""
+    max_rows = job.text.lines if job.text is not None else _npz_rows(job.paths.parsed_day(job.day))
+    writers = []
+    if job.write_parsed:
+        writers.append(NpzStreamWriter(job.paths.parsed_day(job.day),
+                                       _parsed_members(job.raw_dtype), max_rows))
+    if job.write_processed:
+        writers.append(NpzStreamWriter(job.paths.processed_day(job.day), _PROCESSED_MEMBERS,
+                                       max_rows))
+    try:
+        kept = 0
+        for source_rows, block in _day_blocks(job, rng):
+            _write_block(job, block, dictionaries, writers)
+            kept += len(block.labels)
+            on_rows(source_rows)
+        for writer in writers:
+            writer.close()
+        return kept
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+
+
+def _write_block(job: _DayJob, block: _Block, dictionaries: List[ColumnDictionary],
+                 writers: List[NpzStreamWriter]) -> None:
+    """Map a block to ids (growing the dictionaries) and append it to the day's writers."""
+    count = len(block.labels)
+    ids = np.empty((NUM_SPARSE, count), dtype=np.int32)
+    raw = np.empty((NUM_SPARSE, count), dtype=job.raw_dtype) if job.write_parsed else None
+    for k, codes in enumerate(block.codes):
+        np.take(dictionaries[k].encode(codes.values).astype(np.int32), codes.index, out=ids[k])
+        if raw is not None:
+            np.take(codes.values.astype(job.raw_dtype), codes.index, out=raw[k])
+    position = 0
+    if job.write_parsed:
+        writers[0].append(raw, block.dense, block.labels)
+        position = 1
+    if job.write_processed:
+        writers[position].append(ids.T, np.maximum(block.dense, 0), block.labels)
+
+
+def _worker_run_day(job: _DayJob) -> Tuple[int, Optional[List[np.ndarray]]]:
+    """Process-pool entry: run one day; return (rows kept, first-seen values per column when the
+    day was read with its own dictionaries)."""
+    rng = None
+    if job.rng_state is not None:
+        rng = np.random.RandomState()
+        rng.set_state(job.rng_state)
+    if job.dictionary_files:
+        dictionaries = _load_dictionaries(job.paths)
+        sizes = [len(d) for d in dictionaries]
+        kept = run_day(job, dictionaries, rng, lambda rows: None)
+        _check_no_growth(job.paths, dictionaries, sizes)
+        return kept, None
+    dictionaries = [ColumnDictionary() for _ in range(NUM_SPARSE)]
+    kept = run_day(job, dictionaries, rng, lambda rows: None)
+    return kept, [d.values_in_id_order() for d in dictionaries]
+
+
+def _check_no_growth(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
+                     sizes: List[int]) -> None:
+    for j, (dictionary, size) in enumerate(zip(dictionaries, sizes)):
+        if len(dictionary) != size:
+            raise DataError(f"{paths.fea_dict_file(j)}: the data holds values this dictionary "
+                            "lacks; delete the _fea_dict_* and _fea_count.npz files to rebuild them")
+
+
+def _advance_uniforms(rng: np.random.RandomState, count: int) -> None:
+    """Draw and drop ``count`` uniforms (a stage that already ran would have drawn them)."""
+    for start in range(0, count, 1 << 22):
+        rng.random_sample(min(1 << 22, count - start))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages 2-5: parse, dictionaries, ids
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _DayPlan:
+    """Per-day decisions of the categorify stages."""
+
+    from_text: List[bool]
+    write_parsed: List[bool]
+    write_processed: List[bool]
+    build_dictionaries: bool
+
+    @property
+    def any_text(self) -> bool:
+        return any(self.from_text)
+
+    @property
+    def any_work(self) -> bool:
+        return self.build_dictionaries or any(self.write_processed) or self.any_text
+
+
+def _plan_days(paths: CriteoPaths) -> _DayPlan:
+    """Which days must be read from text, which files are missing, whether dictionaries must be
+    built. A day is read from text when its parsed file is missing and either its processed file
+    or the dictionaries (which need every day's raw values) are missing."""
+    build = not _dictionaries_complete(paths)
+    parsed = [os.path.exists(paths.parsed_day(i)) for i in range(paths.days)]
+    processed = [os.path.exists(paths.processed_day(i)) for i in range(paths.days)]
+    from_text = [not p and (build or not q) for p, q in zip(parsed, processed)]
+    return _DayPlan(from_text, [not p for p in parsed], [not q for q in processed], build)
+
+
+def _day_job(i: int, plan: _DayPlan, paths: CriteoPaths, cfg: PreprocessConfig,
+             ranges: Optional[List[TextRange]], processed: bool) -> _DayJob:
+    return _DayJob(i, paths, ranges[i] if plan.from_text[i] else None,
+                   plan.from_text[i] and plan.write_parsed[i], processed and plan.write_processed[i],
+                   _raw_dtype(cfg), cfg.sub_sample_rate, cfg.max_ind_range)
+
+
+def _categorify_sequential(cfg, paths, plan, ranges, rng) -> None:
+    """Stages 2, 4, 5 fused: days in order, one shared set of growing dictionaries."""
+    dictionaries = ([ColumnDictionary() for _ in range(NUM_SPARSE)] if plan.build_dictionaries
+                    else _load_dictionaries(paths))
+    sizes = [len(d) for d in dictionaries]
+    total = sum(r.lines for r in ranges) if ranges and plan.any_text else None
+    with _bar(cfg.progress, total, "parse+categorify") as bar:
+        for i in range(paths.days):
+            job = _day_job(i, plan, paths, cfg, ranges, processed=True)
+            draws = rng if job.text is not None else None
+            if job.text is None and plan.any_text and cfg.sub_sample_rate > 0:
+                _advance_uniforms(rng, ranges[i].lines)
+            if job.text is None and not job.write_processed and not plan.build_dictionaries:
+                continue
+            run_day(job, dictionaries, draws, bar.update)
+    if plan.build_dictionaries:
+        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg))
+    else:
+        _check_no_growth(paths, dictionaries, sizes)
+
+
+def _process_pool(jobs: int):
+    workers = max(1, min(jobs, os.cpu_count() or 1))
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers,
+                                                  mp_context=multiprocessing.get_context("spawn"))
+
+
+def _categorify_parallel(cfg, paths, plan, ranges, rng) -> None:
+    """Stages 2, 4, 5 with one process per day: read days (own dictionaries), merge their
+    first-seen values in day order, then map days to ids from the saved dictionaries."""
+    if plan.build_dictionaries:
+        jobs = []
+        for i in range(paths.days):
+            job = _day_job(i, plan, paths, cfg, ranges, processed=False)
+            state = None
+            if plan.any_text and cfg.sub_sample_rate > 0:
+                state = rng.get_state() if job.text is not None else None
+                _advance_uniforms(rng, ranges[i].lines)
+            jobs.append(dataclasses.replace(job, rng_state=state))
+        results = _run_pool(cfg, "parse", jobs)
+        dictionaries = [ColumnDictionary() for _ in range(NUM_SPARSE)]
+        for _, distinct in results:
+            for k in range(NUM_SPARSE):
+                dictionaries[k].encode_distinct(distinct[k])
+        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg))
+        plan = _plan_days(paths)  # every parsed day now exists
+    elif plan.any_text and cfg.sub_sample_rate > 0:
+        _parallel_text_with_dictionaries(cfg, paths, plan, ranges, rng)
+        return
+    jobs = [dataclasses.replace(_day_job(i, plan, paths, cfg, ranges, processed=True), dictionary_files=True)
+            for i in range(paths.days) if plan.write_processed[i]]
+    _run_pool(cfg, "categorify", jobs)
+
+
+def _parallel_text_with_dictionaries(cfg, paths, plan, ranges, rng) -> None:
+    """Dictionaries exist but some days must be read from text with sub-sampling."""
+    jobs = []
+    for i in range(paths.days):
+        job = dataclasses.replace(_day_job(i, plan, paths, cfg, ranges, processed=True), dictionary_files=True)
+        state = rng.get_state() if job.text is not None else None
+        _advance_uniforms(rng, ranges[i].lines)
+        if job.text is not None or job.write_processed:
+            jobs.append(dataclasses.replace(job, rng_state=state))
+    _run_pool(cfg, "parse+categorify", jobs)
+
+
+def _run_pool(cfg: PreprocessConfig, desc: str, jobs: List[_DayJob]):
+    """Run day jobs in worker processes; results in job order."""
+    if not jobs:
+        return []
+    with _process_pool(len(jobs)) as pool, _bar(cfg.progress, len(jobs), desc, "days") as bar:
+        futures = [pool.submit(_worker_run_day, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+            bar.update(1)
+        return [future.result() for future in futures]
+
+
+def _write_day_counts(paths: CriteoPaths) -> np.ndarray:
+    """Stage 3: ``_day_count.npz`` with the rows kept per day (if absent); return the counts."""
+    counts = np.array([_npz_rows(_existing_day(paths, i)) for i in range(paths.days)],
+                      dtype=np.int64)
+    if not os.path.exists(paths.day_count_file()):
+        _save_small_npz(paths.day_count_file(), total_per_file=counts)
+    return counts
+
+
+def _existing_day(paths: CriteoPaths, i: int) -> str:
+    return paths.processed_day(i) if os.path.exists(paths.processed_day(i)) else paths.parsed_day(i)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 6: concatenation
+# ------------------------------------------------------------------------------------------------
+
+def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool) -> None:
+    """Write ``<o_filename>.npz``: processed days one after another, plus ``counts``."""
+    with np.load(paths.fea_count_file()) as data:
+        counts = data["counts"].astype(np.int32)
+    writer = NpzStreamWriter(paths.output_file(), _PROCESSED_MEMBERS, int(day_rows.sum()),
+                             extras={"counts": counts})
+    with writer, _bar(progress, int(day_rows.sum()), "concatenate") as bar:
+        for i in range(paths.days):
+            with NpzReader(paths.processed_day(i)) as reader:
+                rows = int(reader.shape("y")[0])
+                if _same_layout(reader, _PROCESSED_MEMBERS):
+                    keys = [member.key for member in _PROCESSED_MEMBERS]
+                    writer.copy_rows(reader.fd, [reader.stored(k).offset for k in keys],
+                                     [reader.data_crc(k) for k in keys], rows)
+                    bar.update(rows)
+                    continue
+                for start in range(0, rows, ROWS_PER_CHUNK):
+                    stop = min(rows, start + ROWS_PER_CHUNK)
+                    writer.append(*(reader.rows(k, start, stop) for k in ("X_cat", "X_int", "y")))
+                    bar.update(stop - start)
+
+
+def _same_layout(reader: NpzReader, members: Sequence[_Member]) -> bool:
+    """Whether every member is stored uncompressed, C-order, with the dtype and width wanted
+    (so its bytes can be copied as they are)."""
+    for member in members:
+        info = reader.stored(member.key)
+        if info is None or info.fortran or info.dtype != np.dtype(member.dtype):
+            return False
+        if info.shape[1:] != ((member.width,) if member.width else ()):
+            return False
+    return True
+
+
+def _link_processed_name(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+    """Make --processed-data-file name the output too (the reference never writes it, spec §8
+    bug 21): a hard link, or a copy where links are not possible."""
+    target, output = cfg.processed_data_file, paths.output_file()
+    if not target or os.path.exists(target) or os.path.abspath(target) == os.path.abspath(output):
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    tmp = f"{target}.tmp{os.getpid()}"
+    try:
+        os.link(output, tmp)
+    except OSError:
+        shutil.copyfile(output, tmp)
+    os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 7: memory-map two-pass shuffle
+# ------------------------------------------------------------------------------------------------
+
+def occurrence_rank(values: np.ndarray) -> np.ndarray:
+    """rank[i] = how many j < i have values[j] == values[i]."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(len(values)), 0))
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[order] = np.arange(len(values)) - group_start
+    return rank
+
+
+class BucketAssigner:
+    """Destination buckets of pass 1 (randomize total), drawn as the reference does one sample at
+    a time: ``rng.randint(0, choices)``, drawn again while that bucket is full.
+
+    Draws come in chunks of exactly the number of samples still to place, so the stream is
+    consumed as by the per-sample loop: every drawn value is used either by a sample or by a
+    re-draw. Within a chunk the draws are applied vectorised up to the next moment a bucket
+    fills, then re-checked, so at most one extra pass per bucket.
+    """
+
+    def __init__(self, capacities: np.ndarray, choices: int):
+        self.capacity = np.asarray(capacities, dtype=np.int64)
+        self.fill = np.zeros(len(self.capacity), dtype=np.int64)
+        self.choices = choices
+
+    def place_in(self, bucket: int, count: int) -> np.ndarray:
+        """Positions for ``count`` samples that stay in ``bucket`` (no draws)."""
+        positions = self.fill[bucket] + np.arange(count)
+        self.fill[bucket] += count
+        return positions
+
+    def draw(self, rng: np.random.RandomState, count: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(bucket, position in bucket) for ``count`` samples, in sample order."""
+        bucket = np.empty(count, dtype=np.int64)
+        position = np.empty(count, dtype=np.int64)
+        placed = 0
+        while placed < count:
+            if np.all(self.fill[: self.choices] >= self.capacity[: self.choices]):
+                raise DataError("memory-map shuffle: every bucket is full (inconsistent day counts)")
+            candidates = rng.randint(0, self.choices, size=count - placed)
+            placed = self._apply(candidates, bucket, position, placed)
+        return bucket, position
+
+    def _apply(self, candidates, bucket, position, placed) -> int:
+        start = 0
+        while start < len(candidates):
+            rest = candidates[start:]
+            accepted = np.flatnonzero(self.fill[rest] < self.capacity[rest])
+            chosen = rest[accepted]
+            rank = occurrence_rank(chosen)
+            over = np.flatnonzero(self.fill[chosen] + rank >= self.capacity[chosen])
+            take = int(over[0]) if len(over) else len(chosen)
+            stop = int(accepted[take]) if len(over) else len(rest)
+            chosen, rank = chosen[:take], rank[:take]
+            bucket[placed: placed + take] = chosen
+            position[placed: placed + take] = self.fill[chosen] + rank
+            self.fill += np.bincount(chosen, minlength=len(self.fill))
+            placed += take
+            start += stop
+        return placed
+
+
+def _shuffled_bucket(j: int, days: int, randomize: str, split_none: bool) -> bool:
+    """Whether pass 2 permutes bucket j (not the last day unless split is none)."""
+    return randomize in ("day", "total") and (split_none or j < days - 1)
+
+
+def _pass1_destinations(assigner: BucketAssigner, rng, day: int, count: int, days: int,
+                        randomize: str, split_none: bool):
+    if randomize == "total" and (split_none or day < days - 1):
+        return assigner.draw(rng, count)
+    target = days - 1 if randomize == "total" else day
+    return np.full(count, target, dtype=np.int64), assigner.place_in(target, count)
+
+
+def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
+                   replay: bool) -> None:
+    """Pass 1: distribute each processed day's rows into per-day intermediate files.
+
+    With ``replay`` only the draws are made (the files already exist)."""
+    split_none = cfg.data_split == "none"
+    choices = paths.days if split_none else paths.days - 1
+    assigner = BucketAssigner(day_rows, choices)
+    if replay:
+        for i in range(paths.days):
+            _pass1_destinations(assigner, rng, i, int(day_rows[i]), paths.days, cfg.randomize,
+                                split_none)
+        return
+    outputs, temps = [], []
+    try:
+        _open_intermediates(paths, day_rows, outputs, temps)
+        with _bar(cfg.progress, int(day_rows.sum()), "shuffle pass 1") as bar:
+            for i in range(paths.days):
+                _scatter_day(paths, i, assigner, rng, outputs, cfg, split_none, bar)
+        _close_intermediates(outputs)
+        for tmp, final in temps:
+            os.replace(tmp, final)
+    except BaseException:
+        _close_intermediates(outputs)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+
+
+@dataclass
+class _NpyRows:
+    """An open .npy file whose rows are written in place with pwrite."""
+
+    fd: int
+    data_offset: int
+    dtype: np.dtype
+    row_bytes: int
+
+    def write(self, first: int, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        _pwrite_all(self.fd, data, self.data_offset + first * self.row_bytes)
+
+
+_INTERMEDIATE_PARTS = (("y", np.float64, 0), ("d", np.float64, NUM_DENSE),
+                       ("s", np.int32, NUM_SPARSE))
+
+
+def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray, outputs: list,
+                        temps: list) -> None:
+    """Zero-filled .npy files per day (y float64 (n,), d float64 (n,13), s int32 (n,26)), under
+    temporary names; appends [_NpyRows] * 3 per day to ``outputs`` and (temporary, final name)
+    pairs to ``temps``."""
+    for j, rows in enumerate(day_rows):
+        arrays = []
+        outputs.append(arrays)
+        for part, dtype, width in _INTERMEDIATE_PARTS:
+            final = paths.intermediate_day(j, part)
+            fd, tmp = _create_temp(final)
+            temps.append((tmp, final))
+            arrays.append(_NpyRows(fd, _NPY_HEADER_BYTES, np.dtype(dtype),
+                                   np.dtype(dtype).itemsize * max(width, 1)))
+            shape = (int(rows), width) if width else (int(rows),)
+            _pwrite_all(fd, _npy_header(np.dtype(dtype), shape, False), 0)
+            os.ftruncate(fd, _NPY_HEADER_BYTES + int(rows) * arrays[-1].row_bytes)
+
+
+def _close_intermediates(outputs) -> None:
+    for arrays in outputs:
+        for array in arrays:
+            if array.fd >= 0:
+                os.close(array.fd)
+                array.fd = -1
+
+
+def _scatter_day(paths, day, assigner, rng, outputs, cfg, split_none, bar) -> None:
+    with NpzReader(paths.processed_day(day)) as reader:
+        rows = int(reader.shape("y")[0])
+        for start in range(0, rows, ROWS_PER_CHUNK):
+            stop = min(rows, start + ROWS_PER_CHUNK)
+            bucket, position = _pass1_destinations(assigner, rng, day, stop - start, paths.days,
+                                                   cfg.randomize, split_none)
+            chunk = (reader.rows("y", start, stop), reader.rows("X_int", start, stop),
+                     reader.rows("X_cat", start, stop))
+            order = np.argsort(bucket, kind="stable")
+            bounds = np.searchsorted(bucket[order], np.arange(paths.days + 1))
+            for j in range(paths.days):
+                rows_j = order[bounds[j]: bounds[j + 1]]
+                if len(rows_j):
+                    first = int(position[rows_j[0]])
+                    for target, values in zip(outputs[j], chunk):
+                        target.write(first, values[rows_j])
+            bar.update(stop - start)
+
+
+_REORDERED_MEMBERS = [_Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
+                      _Member("X_int", np.dtype(np.float64), NUM_DENSE),
+                      _Member("y", np.dtype(np.float64))]
+
+
+def _shuffle_pass2(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
+                   last_needed: int) -> None:
+    """Pass 2: permute each bucket (spec §3.2 step 7) into ``<npzfile>_<j>_reordered.npz``.
+
+    Buckets whose file exists only replay their permutation draw (up to ``last_needed``)."""
+    split_none = cfg.data_split == "none"
+    with _bar(cfg.progress, int(day_rows.sum()), "shuffle pass 2") as bar:
+        for j in range(last_needed + 1):
+            rows = int(day_rows[j])
+            order = None
+            if _shuffled_bucket(j, paths.days, cfg.randomize, split_none):
+                order = rng.permutation(rows)
+            if not os.path.exists(paths.reordered_day(j)):
+                _write_reordered(paths, j, rows, order, bar)
+
+
+def _write_reordered(paths: CriteoPaths, j: int, rows: int, order, bar) -> None:
+    sources = [np.load(paths.intermediate_day(j, part), mmap_mode="r") for part in ("s", "d", "y")]
+    with NpzStreamWriter(paths.reordered_day(j), _REORDERED_MEMBERS, rows) as writer:
+        for start in range(0, rows, ROWS_PER_CHUNK):
+            stop = min(rows, start + ROWS_PER_CHUNK)
+            take = order[start:stop] if order is not None else slice(start, stop)
+            writer.append(*(source[take] for source in sources))
+            bar.update(stop - start)
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk space
+# ------------------------------------------------------------------------------------------------
+
+def _estimate_disk_need(cfg: PreprocessConfig, paths: CriteoPaths, plan: _DayPlan,
+                        lines: List[int]) -> int:
+    """Bytes the remaining stages will write (upper bound: every line kept)."""
+    parsed_row = 4 + 4 * NUM_DENSE + _raw_dtype(cfg).itemsize * NUM_SPARSE
+    processed_row = 4 + 4 * NUM_DENSE + 4 * NUM_SPARSE
+    need = 0
+    for i, count in enumerate(lines):
+        writes_parsed = plan.from_text[i] and plan.write_parsed[i]
+        need += count * (parsed_row * writes_parsed + processed_row * plan.write_processed[i])
+    total = sum(lines)
+    if cfg.memory_map:
+        need += total * 2 * (8 + 8 * NUM_DENSE + 4 * NUM_SPARSE)
+    elif not os.path.exists(paths.output_file()):
+        need += total * processed_row
+    return need + (64 << 20)
+
+
+def _check_disk_space(cfg, paths, plan, lines: List[int]) -> None:
+    directory = os.path.abspath(paths.d_path)
+    need = _estimate_disk_need(cfg, paths, plan, lines)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise DataError(f"{directory}: not enough free disk space for preprocessing: need about "
+                        f"{need} bytes, {free} free")
+
+
+def _line_estimates(ranges: Optional[List[TextRange]], paths: CriteoPaths) -> List[int]:
+    """Lines per day: counted in the raw text, else rows of the existing day files."""
+    if ranges is not None:
+        return [text.lines for text in ranges]
+    return [_npz_rows(_existing_day(paths, i)) for i in range(paths.days)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------------
+
+def processed_data_ready(cfg: PreprocessConfig) -> bool:
+    """The ready check of spec §2.3: memory-map -> every ``<npzfile>_<i>_reordered.npz`` exists;
+    otherwise --processed-data-file (or, when none is given, the concatenated output) exists."""
+    paths = criteo_paths(cfg.data_set, cfg.raw_data_file)
+    if cfg.memory_map:
+        return all(os.path.exists(paths.reordered_day(i)) for i in range(paths.days))
+    return os.path.exists(cfg.processed_data_file or paths.output_file())
+
+
+def _complete(cfg: PreprocessConfig, paths: CriteoPaths) -> bool:
+    if cfg.memory_map:
+        return all(os.path.exists(paths.reordered_day(i)) for i in range(paths.days))
+    return os.path.exists(paths.output_file())
+
+
+@dataclass
+class _ShufflePlan:
+    pass1: bool  # intermediates missing
+    last_bucket: int  # last bucket whose reordered file is missing (-1: none)
+
+    def draws_needed(self, cfg: PreprocessConfig, days: int) -> bool:
+        """Whether a stage that draws from the RNG still has to run."""
+        split_none = cfg.data_split == "none"
+        pass1_draws = cfg.randomize == "total" and self.pass1
+        pass2_draws = any(_shuffled_bucket(j, days, cfg.randomize, split_none)
+                          for j in range(self.last_bucket + 1))
+        return pass1_draws or pass2_draws
+
+
+def _plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths) -> _ShufflePlan:
+    if not cfg.memory_map:
+        return _ShufflePlan(False, -1)
+    missing = [j for j in range(paths.days) if not os.path.exists(paths.reordered_day(j))]
+    pass1 = bool(missing) and not all(
+        os.path.exists(paths.intermediate_day(j, part))
+        for j in range(paths.days) for part in ("y", "d", "s"))
+    return _ShufflePlan(pass1, max(missing, default=-1))
+
+
+def _replay_sub_sample_draws(cfg, paths, ranges, rng) -> None:
+    """Draw the sub-sample uniforms of an already completed parse stage, so that later draws
+    match an uninterrupted run; needs the raw files to count lines."""
+    try:
+        ranges = ranges or _day_ranges(cfg, paths)
+    except DataError:
+        warnings.warn("raw files missing: cannot replay the sub-sampling draws, so the shuffle "
+                      "differs from an uninterrupted run", RuntimeWarning, stacklevel=3)
+        return
+    for text in ranges:
+        _advance_uniforms(rng, text.lines)
+
+
+def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState) -> str:
+    """Run every stage of spec §3.2 that is not already complete; return the output path.
+
+    Non-memmap: the concatenated ``<d_path><o_filename>.npz``; memmap: the ``npzfile`` stem (as
+    the reference's getCriteoAdData returns). Resumable; each stage's outputs appear atomically.
+    ``rng`` is the NumPy stream seeded with --numpy-rand-seed; see the module docstring for
+    what is drawn. Raises ConfigError for bad settings, DataError for missing or malformed data.
+    """
+    paths = _validate_config(cfg)
+    if _complete(cfg, paths):
+        _finish(cfg, paths)
+        return paths.npzfile if cfg.memory_map else paths.output_file()
+    plan, shuffle = _plan_days(paths), _plan_shuffle(cfg, paths)
+    ranges = _day_ranges(cfg, paths) if plan.any_text else None
+    _check_disk_space(cfg, paths, plan, _line_estimates(ranges, paths))
+    if plan.any_work:
+        categorify = _categorify_parallel if cfg.multiprocessing else _categorify_sequential
+        categorify(cfg, paths, plan, ranges, rng)
+    if not plan.any_text and cfg.sub_sample_rate > 0 and shuffle.draws_needed(cfg, paths.days):
+        _replay_sub_sample_draws(cfg, paths, ranges, rng)
+    day_rows = _write_day_counts(paths)
+    if not cfg.memory_map:
+        if not os.path.exists(paths.output_file()):
+            _concatenate(paths, day_rows, cfg.progress)
+        _finish(cfg, paths)
+        return paths.output_file()
+    if shuffle.pass1 or (cfg.randomize == "total" and shuffle.draws_needed(cfg, paths.days)):
+        _shuffle_pass1(paths, day_rows, cfg, rng, replay=not shuffle.pass1)
+    _shuffle_pass2(paths, day_rows, cfg, rng, shuffle.last_bucket)
+    return paths.npzfile
+
+
+def _finish(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+    if not cfg.memory_map:
+        _link_processed_name(cfg, paths)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="Preprocess the Criteo Kaggle/Terabyte raw data (spec §3.2).")
+    parser.add_argument("--data-set", default="kaggle", choices=["kaggle", "terabyte"])
+    parser.add_argument("--raw-data-file", default="",
+                        help="Kaggle: path of train.txt; Terabyte: day-file prefix (./input/day)")
+    parser.add_argument("--processed-data-file", default="",
+                        help="also make the concatenated output available under this name")
+    parser.add_argument("--max-ind-range", type=int, default=-1,
+                        help="if > 0, take categorical hashes modulo this (default -1: off)")
+    parser.add_argument("--data-sub-sample-rate", type=float, default=0.0,
+                        help="drop each negative sample with this probability (default 0)")
+    parser.add_argument("--data-randomize", default="total", choices=list(RANDOMIZE_CHOICES))
+    parser.add_argument("--memory-map", action="store_true",
+                        help="write per-day shuffled files instead of one output")
+    parser.add_argument("--dataset-multiprocessing", action="store_true",
+                        help="process days in parallel (same output)")
+    parser.add_argument("--numpy-rand-seed", type=int, default=123)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> PreprocessConfig:
+    return PreprocessConfig(
+        data_set=ns.data_set, raw_data_file=ns.raw_data_file,
+        processed_data_file=ns.processed_data_file, max_ind_range=ns.max_ind_range,
+        sub_sample_rate=ns.data_sub_sample_rate, randomize=ns.data_randomize,
+        memory_map=ns.memory_map, multiprocessing=ns.dataset_multiprocessing,
+        progress=not ns.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Preprocess; print the output path. Errors: one ``error: ...`` line on stderr, exit 2."""
+    try:
+        ns = build_parser().parse_args(argv)
+        cfg = config_from_args(ns)
+        output = preprocess_criteo(cfg, np.random.RandomState(ns.numpy_rand_seed))
+    except (DLRMError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,496 @@
+"""Tests of criteo_data.py: the Criteo datasets and loaders (spec §2.3, §2.4, §3.3, §3.4).
+
+Tiny processed datasets are written in tmp_path in the spec's formats. The expected batches come
+from a plain implementation of the reference's semantics written here: per-sample indexing into
+Python lists, a per-row log transform and Python batching.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import criteo_data as cd
+from dlrm_common import Batch, ConfigError, DataError
+
+KAGGLE_DAY_SIZES = [150, 170, 130, 160, 140, 155, 61]      # odd last day: test takes ceil(61/2)
+COUNTS = np.array([13, 7, 300, 250, 5, 24, 40, 60, 3, 90, 55, 280, 31, 27, 149, 270, 10, 56,
+                   21, 4, 290, 18, 15, 120, 105, 142], dtype=np.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing data in the spec's formats (§3.2 steps 3-7) and a stand-in for data_utils
+# --------------------------------------------------------------------------------------------------
+
+def make_rows(day_sizes, seed=0):
+    """Random (X_int int32 (n, 13), X_cat int64 (n, 26), y int32 (n,)) with ids below COUNTS."""
+    gen = np.random.default_rng(seed)
+    n = sum(day_sizes)
+    x_int = gen.integers(0, 1000, size=(n, 13), dtype=np.int32)
+    x_int[gen.random((n, 13)) < 0.3] = 0
+    x_int[0, 0] = 23_159_456                     # above 2**24: float32 rounding as the reference
+    x_cat = (gen.random((n, 26)) * COUNTS).astype(np.int64)
+    y = gen.integers(0, 2, size=n, dtype=np.int32)
+    return x_int, x_cat, y
+
+
+def spec_paths(data_set, raw_data_file):
+    """File names of spec §2.3/§3.2, written out literally for the tests."""
+    d_path = os.path.dirname(raw_data_file) + "/"
+    base = os.path.basename(raw_data_file)
+    d_file = base.split(".")[0] if data_set == "kaggle" else base
+    npzfile = d_path + d_file + ("_day" if data_set == "kaggle" else "")
+    return SimpleNamespace(
+        d_path=d_path, d_file=d_file, npzfile=npzfile, days=7 if data_set == "kaggle" else 24,
+        day_count_file=lambda: d_path + d_file + "_day_count.npz",
+        fea_count_file=lambda: d_path + d_file + "_fea_count.npz",
+        reordered_day=lambda i: f"{npzfile}_{i}_reordered.npz",
+        output_file=lambda: d_path + ("kaggleAdDisplayChallenge_processed.npz"
+                                      if data_set == "kaggle" else "terabyte_processed.npz"))
+
+
+def write_dataset(tmp_path, data_set, day_sizes, rows):
+    """Write day counts, feature counts, the all-days processed npz and the reordered day files."""
+    x_int, x_cat, y = rows
+    raw = str(tmp_path / ("train.txt" if data_set == "kaggle" else "day"))
+    paths = spec_paths(data_set, raw)
+    np.savez_compressed(paths.day_count_file(), total_per_file=np.array(day_sizes))
+    np.savez_compressed(paths.fea_count_file(), counts=COUNTS)
+    np.savez_compressed(paths.output_file(), X_cat=x_cat.astype(np.float64), X_int=x_int, y=y,
+                        counts=COUNTS)
+    bounds = np.cumsum([0] + list(day_sizes))
+    for day in range(len(day_sizes)):
+        part = slice(bounds[day], bounds[day + 1])
+        np.savez_compressed(paths.reordered_day(day), X_cat=x_cat[part].astype(np.float64),
+                            X_int=x_int[part].astype(np.float64), y=y[part].astype(np.float64))
+    return raw, paths.output_file()
+
+
+@pytest.fixture
+def fake_data_utils(monkeypatch):
+    """data_utils stand-in: spec file names; data always ready unless a test says otherwise."""
+    module = types.ModuleType("data_utils")
+    module.criteo_paths = spec_paths
+    module.PreprocessConfig = lambda **fields: SimpleNamespace(**fields)
+    module.processed_data_ready = lambda cfg: True
+    module.preprocess_criteo = lambda cfg, rng: pytest.fail("preprocessing was not expected")
+    monkeypatch.setitem(sys.modules, "data_utils", module)
+    return module
+
+
+@pytest.fixture
+def kaggle(tmp_path, fake_data_utils):
+    rows = make_rows(KAGGLE_DAY_SIZES)
+    raw, processed = write_dataset(tmp_path, "kaggle", KAGGLE_DAY_SIZES, rows)
+    return SimpleNamespace(raw=raw, processed=processed, rows=rows, tmp=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference's semantics, written plainly
+# --------------------------------------------------------------------------------------------------
+
+def reference_samples(rows, day_sizes, split, randomize, rng):
+    """The reference CriteoDataset (non-memory-map): per-sample lists in serving order."""
+    x_int, x_cat, y = rows
+    offsets = np.cumsum([0] + list(day_sizes))
+    indices = np.array_split(np.arange(len(y)), offsets[1:-1])
+    if randomize == "day":
+        for i in range(len(indices) - 1):
+            indices[i] = rng.permutation(indices[i])
+    train_indices = np.concatenate(indices[:-1])
+    test_indices, val_indices = np.array_split(indices[-1], 2)
+    if randomize == "total":
+        train_indices = rng.permutation(train_indices)
+    chosen = {"train": train_indices, "test": test_indices, "val": val_indices}[split]
+    return [(x_int[i], x_cat[i].astype(np.float64), y[i]) for i in chosen]
+
+
+def reference_batches(samples, batch_size, max_ind_range=-1):
+    """Python batching plus the reference's collate, one row at a time."""
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        dense = torch.stack([torch.log(torch.tensor(s[0], dtype=torch.float) + 1) for s in chunk])
+        cats = [s[1] % max_ind_range if max_ind_range > 0 else s[1] for s in chunk]
+        sparse = torch.tensor(np.array(cats), dtype=torch.long).t()
+        offsets = torch.stack([torch.tensor(range(len(chunk)))] * sparse.shape[0])
+        labels = torch.tensor([float(s[2]) for s in chunk], dtype=torch.float32).view(-1, 1)
+        batches.append(Batch(dense, offsets, sparse, labels))
+    return batches
+
+
+def assert_same_batches(actual, expected):
+    actual = list(actual)
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        for name in Batch._fields:
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def config(fixture, **overrides):
+    fields = dict(data_set="kaggle", raw_data_file=fixture.raw,
+                  processed_data_file=fixture.processed, batch_size=32, test_batch_size=50,
+                  randomize="none", progress=False)
+    fields.update(overrides)
+    return cd.CriteoLoaderConfig(**fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# In-memory (processed file) mode
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("randomize", ["none", "day", "total"])
+def test_batches_and_draws_match_the_reference(kaggle, randomize):
+    logs = []
+    rng = np.random.RandomState(123)
+    data = cd.make_criteo_data_and_loaders(config(kaggle, randomize=randomize), rng, logs.append)
+
+    ref_rng = np.random.RandomState(123)
+    train = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "train", randomize, ref_rng)
+    test = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "test", randomize, ref_rng)
+    assert_same_batches(data.train_loader, reference_batches(train, 32))
+    assert_same_batches(data.test_loader, reference_batches(test, 50))
+    assert len(data.train_loader) == math.ceil(sum(KAGGLE_DAY_SIZES[:-1]) / 32)
+    assert len(data.test_data) == 31 and len(data.train_data) == sum(KAGGLE_DAY_SIZES[:-1])
+    # same state afterwards: the train and the test construction each drew, in this order
+    assert rng.randint(1 << 30) == ref_rng.randint(1 << 30)
+    assert data.table_sizes == tuple(int(c) for c in COUNTS) and data.dense_dim == 13
+
+    per_split = ["Sparse fea = 26, Dense fea = 13"]
+    per_split += ["Randomized indices per day ..."] if randomize == "day" else []
+    per_split += ["Defined {} indices..."]
+    per_split += ["Randomized indices across days ..."] if randomize == "total" else []
+    per_split += ["Split data according to indices..."]
+    assert logs == [line.format("train") for line in per_split] + \
+                   [line.format("test") for line in per_split]
+
+
+def test_val_split_is_the_second_half_of_the_last_day(kaggle):
+    split = cd.load_criteo_split(config(kaggle), "val", np.random.RandomState(0), lambda _: None)
+    expected = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "val", "none", None)
+    assert_same_batches([split.batch(0, len(split))], reference_batches(expected, len(expected)))
+    assert len(split) == 30
+
+
+def test_max_ind_range_takes_ids_modulo_and_caps_table_sizes(kaggle):
+    rng = np.random.RandomState(5)
+    data = cd.make_criteo_data_and_loaders(config(kaggle, max_ind_range=50, randomize="total"),
+                                           rng, lambda _: None)
+    ref_rng = np.random.RandomState(5)
+    train = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "train", "total", ref_rng)
+    assert_same_batches(data.train_loader, reference_batches(train, 32, max_ind_range=50))
+    assert data.table_sizes == tuple(min(int(c), 50) for c in COUNTS)
+    dense, sparse, label = data.train_data[3]                 # the reference's per-sample view
+    np.testing.assert_array_equal(sparse, train[3][1] % 50)
+    np.testing.assert_array_equal(dense, train[3][0])
+    assert label == train[3][2]
+
+
+def test_worker_processes_yield_the_same_batches(kaggle):
+    cfg = config(kaggle, randomize="total", num_workers=2, test_num_workers=1)
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(1), lambda _: None)
+    ref_rng = np.random.RandomState(1)
+    train = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "train", "total", ref_rng)
+    assert_same_batches(data.train_loader, reference_batches(train, 32))
+
+
+def test_pickled_datasets_carry_no_row_data(kaggle):
+    data = cd.make_criteo_data_and_loaders(config(kaggle, randomize="none"),
+                                           np.random.RandomState(1), lambda _: None)
+    blob = pickle.dumps(data.test_loader.dataset)
+    assert len(blob) < 4096
+    assert_same_batches([pickle.loads(blob)[0]], [data.test_loader.dataset[0]])
+
+
+def test_row_cache_is_written_once_and_rebuilt_when_the_npz_changes(kaggle):
+    rows, cache = cd.open_rows(kaggle.processed, progress=False)
+    assert cache == str(kaggle.tmp / "kaggleAdDisplayChallenge_processed.rows.npy")
+    assert isinstance(rows, np.memmap)
+    assert not [name for name in os.listdir(kaggle.tmp) if ".tmp" in name]
+    stamp = os.stat(cache).st_mtime_ns
+    cd.open_rows(kaggle.processed, progress=False)
+    assert os.stat(cache).st_mtime_ns == stamp                  # reused, not rewritten
+    x_int, x_cat, y = make_rows([40], seed=9)
+    np.savez(kaggle.processed, X_cat=x_cat, X_int=x_int, y=y, counts=COUNTS)
+    os.utime(kaggle.processed, ns=(stamp + 10**9, stamp + 10**9))
+    rows, _ = cd.open_rows(kaggle.processed, progress=False)
+    np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
+
+
+def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, monkeypatch):
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(cd, "_atomic_file", refuse)
+    notes = []
+    rows, cache = cd.open_rows(kaggle.processed, progress=False, log=notes.append)
+    x_int, x_cat, y = kaggle.rows
+    assert cache is None and "cannot write" in notes[0]
+    np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
+
+
+def test_preprocessing_runs_first_and_its_output_is_used(kaggle, fake_data_utils):
+    seen = []
+
+    def preprocess(cfg, rng):
+        seen.append((cfg.raw_data_file, cfg.randomize, cfg.memory_map))
+        rng.random_sample(3)                                   # preprocessing draws come first
+        return kaggle.processed
+
+    fake_data_utils.processed_data_ready = lambda cfg: bool(seen)
+    fake_data_utils.preprocess_criteo = preprocess
+    rng = np.random.RandomState(2)
+    cfg = config(kaggle, processed_data_file=str(kaggle.tmp / "missing.npz"), randomize="total")
+    data = cd.make_criteo_data_and_loaders(cfg, rng, lambda _: None)
+    ref_rng = np.random.RandomState(2)
+    ref_rng.random_sample(3)
+    train = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "train", "total", ref_rng)
+    assert_same_batches(data.train_loader, reference_batches(train, 32))
+    assert seen == [(kaggle.raw, "total", False)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-map (reordered day files) mode
+# --------------------------------------------------------------------------------------------------
+
+def test_memory_map_and_in_memory_modes_yield_the_same_samples(kaggle):
+    in_memory = cd.make_criteo_data_and_loaders(config(kaggle), np.random.RandomState(3),
+                                                lambda _: None)
+    rng = np.random.RandomState(3)
+    logs = []
+    mapped = cd.make_criteo_data_and_loaders(config(kaggle, memory_map=True), rng, logs.append)
+    assert_same_batches(mapped.train_loader, list(in_memory.train_loader))
+    assert_same_batches(mapped.test_loader, list(in_memory.test_loader))
+    assert rng.randint(1 << 30) == np.random.RandomState(3).randint(1 << 30)   # no draws
+    assert logs == ["Sparse features= 26, Dense features= 13"] * 2
+    assert mapped.table_sizes == in_memory.table_sizes
+
+
+def test_memory_map_works_in_any_access_order(kaggle):
+    data = cd.make_criteo_data_and_loaders(config(kaggle, memory_map=True, batch_size=45),
+                                           np.random.RandomState(0), lambda _: None)
+    x_int, x_cat, y = kaggle.rows
+    n_train = sum(KAGGLE_DAY_SIZES[:-1])
+    samples = [(x_int[i], x_cat[i].astype(np.float64), y[i]) for i in range(n_train)]
+    expected = reference_batches(samples, 45)          # batches 3, 6, ... span day boundaries
+    batches = data.train_loader.dataset
+    order = np.random.RandomState(7).permutation(len(batches))
+    assert_same_batches([batches[int(k)] for k in order], [expected[k] for k in order])
+    sampler = torch.utils.data.RandomSampler(batches)
+    shuffled = cd._torch_loader(batches, num_workers=2, sampler=sampler)
+    seen = sorted(tuple(b.labels.flatten().tolist()) + tuple(b.indices[0].tolist())
+                  for b in shuffled)
+    assert seen == sorted(tuple(b.labels.flatten().tolist()) + tuple(b.indices[0].tolist())
+                          for b in expected)
+
+
+def test_packed_rows_read_across_parts_like_one_array():
+    parts = [np.arange(k * 40, (k + n) * 40, dtype=np.int32).reshape(n, 40)
+             for k, n in ((0, 5), (5, 0), (5, 7), (12, 3))]
+    whole = np.concatenate(parts)
+    rows = pickle.loads(pickle.dumps(cd.PackedRows(parts, [None] * 4)))
+    positions = np.random.RandomState(0).randint(0, 15, size=30)
+    np.testing.assert_array_equal(rows.take(positions), whole[positions])
+    for start, stop in ((0, 15), (3, 6), (5, 12), (4, 13), (12, 15), (7, 7)):
+        np.testing.assert_array_equal(rows.slice(start, stop), whole[start:stop])
+
+
+def test_day_file_with_the_wrong_number_of_rows_is_refused(kaggle):
+    x_int, x_cat, y = make_rows([10], seed=4)
+    bad = str(kaggle.tmp / "train_day_2_reordered.npz")
+    np.savez_compressed(bad, X_cat=x_cat.astype(np.float64), X_int=x_int.astype(np.float64),
+                        y=y.astype(np.float64))
+    with pytest.raises(DataError, match=r"train_day_2_reordered.npz: 10 samples, but .*"
+                                        r"train_day_count.npz counts 130 for day 2"):
+        cd.make_criteo_data_and_loaders(config(kaggle, memory_map=True),
+                                        np.random.RandomState(0), lambda _: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Terabyte: MLPerf binary files and the day-file stream
+# --------------------------------------------------------------------------------------------------
+
+TERABYTE_DAY_SIZES = [20 + 3 * d for d in range(23)] + [37]
+
+
+@pytest.fixture
+def terabyte(tmp_path, fake_data_utils):
+    rows = make_rows(TERABYTE_DAY_SIZES, seed=1)
+    raw, processed = write_dataset(tmp_path, "terabyte", TERABYTE_DAY_SIZES, rows)
+    return SimpleNamespace(raw=raw, processed=processed, rows=rows, tmp=tmp_path)
+
+
+def terabyte_config(fixture, **overrides):
+    return config(fixture, data_set="terabyte", memory_map=True, mlperf_logging=True,
+                  batch_size=64, test_batch_size=10, **overrides)
+
+
+def day_file_samples(fixture, days):
+    """§3.4: the selected reordered day files loaded whole and concatenated."""
+    samples = []
+    for day in days:
+        with np.load(spec_paths("terabyte", fixture.raw).reordered_day(day)) as data:
+            samples += list(zip(data["X_int"], data["X_cat"], data["y"]))
+    return samples
+
+
+def test_terabyte_day_stream_concatenates_days(terabyte):
+    data = cd.make_criteo_data_and_loaders(terabyte_config(terabyte), np.random.RandomState(0),
+                                           lambda _: None)
+    assert isinstance(data.train_loader, cd.CriteoDayStream)
+    train = day_file_samples(terabyte, range(23))
+    assert_same_batches(data.train_loader, reference_batches(train, 64))
+    assert_same_batches(data.test_loader,
+                        reference_batches(day_file_samples(terabyte, [23])[:19], 10))
+    assert len(data.train_loader) == math.ceil(sum(TERABYTE_DAY_SIZES[:-1]) / 64)
+
+
+def test_binary_files_round_trip(terabyte):
+    paths = spec_paths("terabyte", terabyte.raw)
+    outputs = {split: str(terabyte.tmp / f"rt_{split}.bin") for split in cd.SPLITS}
+    cd.write_criteo_bins([paths.reordered_day(d) for d in range(24)], outputs, progress=False)
+    x_int, x_cat, y = terabyte.rows
+    source = np.column_stack([y, x_int, x_cat]).astype(np.int32)
+    n_train = sum(TERABYTE_DAY_SIZES[:-1])
+    expected = {"train": source[:n_train], "test": source[n_train:n_train + 19],
+                "val": source[n_train + 19:]}
+    for split, path in outputs.items():
+        stored = np.fromfile(path, dtype="<i4").reshape(-1, 40)
+        np.testing.assert_array_equal(stored, expected[split])
+    reader = cd.CriteoBinDataset(outputs["train"], batch_size=100, max_ind_range=20)
+    samples = [(r[1:14], r[14:].astype(np.float64), r[0]) for r in expected["train"]]
+    assert reader.num_samples == n_train and len(reader) == math.ceil(n_train / 100)
+    assert_same_batches([reader[k] for k in range(len(reader))],
+                        reference_batches(samples, 100, max_ind_range=20))
+    assert not [name for name in os.listdir(terabyte.tmp) if ".tmp" in name]
+
+
+def test_binary_file_of_the_wrong_size_is_refused(tmp_path):
+    bad = tmp_path / "broken_train.bin"
+    bad.write_bytes(b"\0" * 161)
+    with pytest.raises(DataError, match=r"broken_train.bin: size 161 bytes is not a multiple "
+                                        r"of the 160-byte record"):
+        cd.CriteoBinDataset(str(bad), batch_size=4)
+    with pytest.raises(DataError, match="nothing.bin: file not found"):
+        cd.CriteoBinDataset(str(tmp_path / "nothing.bin"), batch_size=4)
+
+
+def test_bin_loader_writes_missing_files_and_serves_batches(terabyte):
+    cfg = terabyte_config(terabyte, mlperf_bin_loader=True, mlperf_bin_shuffle=True)
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), lambda _: None)
+    assert data.train_data.num_samples == sum(TERABYTE_DAY_SIZES[:-1])     # §8 bug 28a
+    assert os.path.exists(str(terabyte.tmp / "terabyte_processed_val.bin"))
+    expected = reference_batches(day_file_samples(terabyte, range(23)), 64)
+    torch.manual_seed(0)                  # the reference's DataLoader over a RandomSampler
+    batch_ids = range(len(expected))
+    order = list(torch.utils.data.DataLoader(batch_ids, batch_size=None,
+                                             sampler=torch.utils.data.RandomSampler(batch_ids)))
+    assert sorted(order) == list(batch_ids) and order != list(batch_ids)
+    torch.manual_seed(0)
+    assert_same_batches(data.train_loader, [expected[k] for k in order])
+    assert_same_batches(data.test_loader,
+                        reference_batches(day_file_samples(terabyte, [23])[:19], 10))
+    assert data.table_sizes == tuple(int(c) for c in COUNTS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+def test_missing_day_count_file_is_named(kaggle):
+    os.remove(kaggle.tmp / "train_day_count.npz")
+    with pytest.raises(DataError, match=r"train_day_count.npz: file not found"):
+        cd.make_criteo_data_and_loaders(config(kaggle), np.random.RandomState(0), lambda _: None)
+
+
+def test_processed_file_disagreeing_with_day_counts_is_refused(kaggle):
+    np.savez_compressed(kaggle.tmp / "train_day_count.npz",
+                        total_per_file=np.array(KAGGLE_DAY_SIZES) + 1)
+    with pytest.raises(DataError, match=r"kaggleAdDisplayChallenge_processed.npz: 966 samples, "
+                                        r"but .*train_day_count.npz counts 973"):
+        cd.make_criteo_data_and_loaders(config(kaggle), np.random.RandomState(0), lambda _: None)
+
+
+def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
+    x_int, x_cat, y = make_rows([5])
+    fractional = x_cat.astype(np.float64)
+    fractional[2, 3] = 1.5
+    np.savez(tmp_path / "frac.npz", X_int=x_int, X_cat=fractional, y=y)
+    with pytest.raises(DataError, match=r"frac.npz: array 'X_cat' holds 1.5, which is not a 32-bit"):
+        cd.open_rows(str(tmp_path / "frac.npz"), progress=False)
+    np.savez(tmp_path / "shape.npz", X_int=x_int[:, :12], X_cat=x_cat, y=y)
+    with pytest.raises(DataError, match=r"shape.npz: array 'X_int' has shape \(5, 12\), "
+                                        r"expected \(5, 13\)"):
+        cd.open_rows(str(tmp_path / "shape.npz"), progress=False)
+    np.savez(tmp_path / "nolabel.npz", X_int=x_int, X_cat=x_cat)
+    with pytest.raises(DataError, match=r"nolabel.npz: no array 'y'"):
+        cd.open_rows(str(tmp_path / "nolabel.npz"), progress=False)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".npy") or ".tmp" in name]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(data_set="criteo"), "--data-set must be kaggle or terabyte, got 'criteo'"),
+    (dict(randomize="all"), "--data-randomize must be total, day or none, got 'all'"),
+    (dict(batch_size=0), "--mini-batch-size must be at least 1, got 0"),
+    (dict(mlperf_bin_loader=True), "--mlperf-bin-loader needs --data-set=terabyte"),
+    (dict(mlperf_bin_shuffle=True), "--mlperf-bin-shuffle needs --mlperf-bin-loader"),
+])
+def test_bad_flags_are_refused(kaggle, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        cd.make_criteo_data_and_loaders(config(kaggle, **overrides), np.random.RandomState(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end through the real preprocessing (data_utils.py): raw text -> batches
+# --------------------------------------------------------------------------------------------------
+
+def write_raw_kaggle(path, lines, seed=0):
+    """A tiny train.txt (spec §3.1) and its plain reading: (labels, dense, raw hash values)."""
+    gen = np.random.default_rng(seed)
+    labels = gen.integers(0, 2, size=lines)
+    dense = gen.integers(-3, 60, size=(lines, 13))
+    dense_empty = gen.random((lines, 13)) < 0.2
+    hashes = gen.choice(gen.integers(1, 2**31, size=40), size=(lines, 26))
+    hash_empty = gen.random((lines, 26)) < 0.1
+    with open(path, "w") as out:
+        for i in range(lines):
+            ints = ["" if dense_empty[i, k] else str(dense[i, k]) for k in range(13)]
+            cats = ["" if hash_empty[i, k] else f"{hashes[i, k]:08x}" for k in range(26)]
+            out.write("\t".join([str(labels[i])] + ints + cats) + "\n")
+    dense = np.where(dense_empty, 0, np.maximum(dense, 0))           # empty -> 0, clamp at 0
+    return labels, dense, np.where(hash_empty, 0, hashes)             # empty -> hash 0
+
+
+def first_seen_ids(values):
+    """Per column, ids 0.. in order of first appearance (spec §3.2 step 4)."""
+    ids = np.empty_like(values)
+    for col in range(values.shape[1]):
+        table = {}
+        for row, value in enumerate(values[:, col]):
+            ids[row, col] = table.setdefault(value, len(table))
+    return ids
+
+
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_end_to_end_from_raw_text(tmp_path, memory_map):
+    pytest.importorskip("data_utils")
+    lines = 7 * 30 + 4                                   # day sizes 31, 31, 31, 31, 30, 30, 30
+    labels, dense, hashes = write_raw_kaggle(tmp_path / "train.txt", lines)
+    cfg = cd.CriteoLoaderConfig(
+        raw_data_file=str(tmp_path / "train.txt"), processed_data_file=str(tmp_path / "k.npz"),
+        randomize="none", memory_map=memory_map, batch_size=16, test_batch_size=7, progress=False)
+    rng = np.random.RandomState(123)
+    data = cd.make_criteo_data_and_loaders(cfg, rng, lambda _: None)
+    samples = list(zip(dense, first_seen_ids(hashes).astype(np.float64), labels))
+    assert_same_batches(data.train_loader, reference_batches(samples[:4 * 31 + 2 * 30], 16))
+    assert_same_batches(data.test_loader, reference_batches(samples[4 * 31 + 2 * 30:][:15], 7))
+    assert data.table_sizes == tuple(len(set(column)) for column in hashes.T)
+    assert rng.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)   # nothing drawn
