@@ -634,9 +634,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimi
     """sgd, adagrad or the row-wise sparse adagrad, over every parameter in one group."""
     params = list(model.parameters())
     if name == "sgd":
-        from optim.sparse_sgd import SparseParallelSGD
-
-        return SparseParallelSGD(params, lr=lr, threads=int(os.environ.get("DLRM_SGD_THREADS", "2")))
+        return torch.optim.SGD(params, lr=lr)
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr)
     if name == "rwsadagrad":

@@ -304,37 +304,3 @@ def test_scheduler_rejects_negative_values(args, name):
     with pytest.raises(ValueError, match=f"{name} must be >= 0"):
         LRPolicyScheduler(optimizer, *args)
 
-
-def test_sparse_parallel_sgd_is_bit_identical_to_torch_sgd():
-    from optim.sparse_sgd import SparseParallelSGD
-
-    def build():
-        g = torch.Generator().manual_seed(0)
-        tables = [nn.EmbeddingBag(50, 4, mode="sum", sparse=True) for _ in range(3)]
-        for t in tables:
-            t.weight.data = torch.rand(50, 4, generator=g)
-        dense = nn.Linear(4, 1)
-        dense.weight.data, dense.bias.data = torch.rand(1, 4, generator=g), torch.rand(1, generator=g)
-        return tables, dense
-
-    def run(make_opt):
-        tables, dense = build()
-        params = [t.weight for t in tables] + list(dense.parameters())
-        opt = make_opt(params)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            idx = torch.randint(0, 50, (40,), generator=g)  # repeated rows on purpose
-            off = torch.arange(0, 40, 4)
-            out = sum(dense(t(idx, off)).sum() for t in tables)
-            opt.zero_grad()
-            out.backward()
-            opt.step()
-        return [p.detach().clone() for p in params], opt.state_dict()
-
-    expected, ref_state = run(lambda p: torch.optim.SGD(p, lr=0.05))
-    got, state = run(lambda p: SparseParallelSGD(p, lr=0.05, threads=2))
-    for a, b in zip(got, expected):
-        assert torch.equal(a, b)
-    assert state["param_groups"][0].keys() == ref_state["param_groups"][0].keys()
-    fresh = [nn.Parameter(p.clone()) for p in got]
-    torch.optim.SGD(fresh, lr=1.0).load_state_dict(state)  # checkpoints move between the two
