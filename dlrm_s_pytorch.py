@@ -346,7 +346,7 @@ def make_mlp(widths: Sequence[int], rng: np.random.RandomState, activation: str 
     return nn.Sequential(*layers)
 
 
-def draw_table(rng: np.random.RandomState, rows: int, dim: int, chunk_values: int = 1 << 22) -> torch.Tensor:
+def draw_table(rng: np.random.RandomState, rows: int, dim: int, chunk_values: int = 1 << 16) -> torch.Tensor:
     """(rows, dim) float32 weights ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng`` (spec §1.3).
 
     Drawn in row chunks into the final float32 tensor: the same stream as one big draw, without the
@@ -1005,7 +1005,7 @@ def make_data(ns: argparse.Namespace, rng: np.random.RandomState, log: Logger):
         from dlrm_data_pytorch import make_random_data_and_loaders
 
         cfg = _random_data_config(ns)
-        _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng, warn=log, prefetch=not ns.debug_mode)
+        _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng, warn=log)
         return train_ld, test_ld, cfg.table_sizes, cfg.dense_dim
     from criteo_data import CriteoLoaderConfig, make_criteo_data_and_loaders
 

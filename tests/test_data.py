@@ -121,17 +121,3 @@ def test_test_set_is_not_the_training_set_and_does_not_shift_it():
     c = next(it2)
     assert torch.equal(a.dense_x, train0.dense_x) and torch.equal(b.dense_x, c.dense_x)
 
-
-def test_prefetching_loader_yields_the_same_batches_even_after_an_abandoned_pass():
-    from dlrm_data_pytorch import BatchLoader
-
-    cfg = RandomDataConfig(dense_dim=3, table_sizes=(1000, 7), data_size=40, batch_size=4,
-                           num_indices_per_lookup=20, seed=9)
-    plain = [b.dense_x for b in BatchLoader(RandomDataset(cfg, np.random.RandomState(0)))]
-    loader = BatchLoader(RandomDataset(cfg, np.random.RandomState(0)), prefetch=True)
-    for j, _ in enumerate(loader):  # abandon the pass while batch j + 1 is being generated
-        if j == 3:
-            break
-    for _ in range(2):
-        got = [b.dense_x for b in loader]
-        assert len(got) == len(plain) and all(torch.equal(a, b) for a, b in zip(got, plain))
