@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -31,6 +32,7 @@ from torch.profiler import record_function
 from checkpoint import as_float, load_checkpoint, save_checkpoint
 from dlrm_common import Batch, CheckpointError, ConfigError, DLRMError, parse_bool
 from extend_distributed import DistInfo, init_distributed
+from mlperf_logger import MLPerfLogger, make_mlperf_logger
 
 # =============================================================================================
 # Flags (spec §1.1): the reference's names and defaults; dest= gives each a clear name inside.
@@ -686,7 +688,7 @@ class RunParts:
     device: torch.device
     log: Logger
     writer: object = None
-    mlperf: object = None
+    mlperf: MLPerfLogger = field(default_factory=MLPerfLogger)
     save_model: str = ""
 
 
@@ -802,9 +804,9 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     if not should_test:
         return
     parts.log(format_test_header(j + 1, nb, k))
-    _mlperf(parts, "eval_start", epoch=(j + 1) / nb + k + 1)
+    parts.mlperf.start("eval_start", epoch_num=(j + 1) / nb + k + 1)
     metrics = evaluate(parts, cfg, state, log_iter)
-    _mlperf(parts, "eval_stop", epoch=(j + 1) / nb + k + 1)
+    parts.mlperf.end("eval_stop", epoch_num=(j + 1) / nb + k + 1)
     if metrics["is_best"] and parts.save_model:
         parts.log(f"Saving model to {parts.save_model}")
         save_checkpoint(parts.save_model, _checkpoint_payload(parts, state, metrics, loss, j, k))
@@ -818,7 +820,7 @@ def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> N
         state.stop = True
     if cfg.mlperf_auc_threshold > 0 and state.best_auc > cfg.mlperf_auc_threshold:
         parts.log(f"MLPerf testing auc threshold {cfg.mlperf_auc_threshold:f} reached, stop training")
-        _mlperf(parts, "run_stop", status="success")
+        parts.mlperf.end("run_stop", status="success")
         state.stop = True
 
 
@@ -851,13 +853,15 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int
 def train(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
     """Every epoch from the checkpoint's (if any) on, until done or an MLPerf threshold stops it."""
     for k in range(state.skip_epoch, cfg.nepochs):
-        _mlperf(parts, "epoch_start", epoch=k + 1)
+        parts.mlperf.start("block_start", first_epoch_num=k + 1, epoch_count=1)
+        parts.mlperf.start("epoch_start", epoch_num=k + 1)
         train_one_epoch(parts, cfg, state, k)
-        _mlperf(parts, "epoch_stop", epoch=k + 1)
+        parts.mlperf.end("epoch_stop", epoch_num=k + 1)
+        parts.mlperf.end("block_stop", first_epoch_num=k + 1)
         if state.stop:
             return
-    if cfg.mlperf_logging and cfg.mlperf_auc_threshold > 0:
-        _mlperf(parts, "run_stop", status="aborted")
+    if cfg.mlperf_auc_threshold > 0:
+        parts.mlperf.end("run_stop", status="aborted")
 
 
 # =============================================================================================
@@ -919,42 +923,6 @@ def _make_writer(name: str):
     except ImportError:
         return None
     return SummaryWriter(log_dir=os.path.join(".", name))
-
-
-def _mlperf(parts: RunParts, event: str, **values) -> None:
-    if parts.mlperf is not None:
-        parts.mlperf(event, **values)
-
-
-def _make_mlperf_logger(enabled: bool, log: Callable[[str], None]):
-    """An MLPerf event logger through the optional ``mlperf-logging`` package, or None."""
-    if not enabled:
-        return None
-    try:
-        from mlperf_logging import mllog
-    except ImportError:
-        print("warning: mlperf-logging is not installed, so no MLPerf events are written "
-              "(pip install mlperf-logging)", file=sys.stderr)
-        return None
-    mllog.config(filename=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dlrm.log"))
-    logger = mllog.get_mllogger()
-    keys = mllog.constants
-
-    def emit(event: str, **values):
-        if event == "epoch_start":
-            logger.start(key=keys.EPOCH_START, metadata={"epoch_num": values["epoch"]})
-        elif event == "epoch_stop":
-            logger.end(key=keys.EPOCH_STOP, metadata={"epoch_num": values["epoch"]})
-        elif event == "eval_start":
-            logger.start(key=keys.EVAL_START, metadata={"epoch_num": values["epoch"]})
-        elif event == "eval_stop":
-            logger.end(key=keys.EVAL_STOP, metadata={"epoch_num": values["epoch"]})
-        elif event == "run_stop":
-            logger.end(key=keys.RUN_STOP, metadata={"status": values["status"]})
-        else:
-            logger.event(key=event, value=values.get("value"))
-
-    return emit
 
 
 @contextmanager
@@ -1052,6 +1020,9 @@ def setup_device(ns: argparse.Namespace, log: Logger) -> torch.device:
 
 def run(ns: argparse.Namespace) -> None:
     """The whole benchmark, in the reference's order (spec §1.2)."""
+    mlperf = make_mlperf_logger(ns.mlperf_logging)
+    mlperf.event("cache_clear", True)
+    mlperf.start("init_start")
     rng = np.random.RandomState(ns.seed)  # the reference's global NumPy stream, as an object
     torch.manual_seed(ns.seed)
     dist = DistInfo() if ns.debug_mode else init_distributed(ns.local_rank, ns.use_gpu, ns.dist_backend)
@@ -1059,7 +1030,11 @@ def run(ns: argparse.Namespace) -> None:
     if not ns.debug_mode:
         log(f"world size: {dist.world_size}, current rank: {dist.rank}, local rank: {dist.local_rank}")
     device = setup_device(ns, log)
+    mlperf.end("init_stop")
+    mlperf.start("run_start")
     train_ld, test_ld, table_sizes, dense_dim = make_data(ns, rng, log)
+    if ns.mlperf_logging:
+        log("command line args: " + json.dumps(vars(ns)))
     mcfg = model_config(ns, table_sizes, dense_dim)
     tcfg = train_config(ns)
     nbatches = ns.num_batches if ns.num_batches > 0 else len(train_ld)
@@ -1092,8 +1067,10 @@ def run(ns: argparse.Namespace) -> None:
     if ns.inference_only:
         parts.model = quantize_for_inference(parts.model, ns)
     log("time/loss/accuracy (if enabled):")
+    mlperf.submission_info(ns.batch_size, ns.seed, ns.learning_rate, ns.lr_num_warmup_steps,
+                           ns.lr_decay_start_step, ns.lr_num_decay_steps)
+    parts.mlperf = mlperf
     parts.writer = _make_writer(ns.tensor_board_filename)
-    parts.mlperf = _make_mlperf_logger(ns.mlperf_logging, log)
     with _profiling(ns.enable_profiling, device.type == "cuda", log):
         if ns.inference_only:
             log("Testing for inference only")

@@ -26,7 +26,8 @@ def test_mlperf_metrics_line_and_early_stop_end_the_run(run_main):
     assert re.search(r"^recall \d\.\d{4}, precision \d\.\d{4}, f1 \d\.\d{4}, ap \d\.\d{4}, auc \d\.\d{4}, "
                      r"best auc \d\.\d{4}, accuracy \d+\.\d{3} %, best accuracy \d+\.\d{3} %$", out, re.M)
     assert "threshold 0.500000 reached, stop training" in out
-    assert out.rstrip().splitlines()[-1].endswith("stop training")
+    ours = [line for line in out.splitlines() if not line.startswith(":::MLLOG")]  # events, if installed
+    assert ours[-1].endswith("stop training")
     assert "of epoch 1" not in out
 
 
@@ -134,3 +135,37 @@ def test_onnx_export_matches_pytorch(run_main, tmp_path, monkeypatch, generation
     code, out, err = run_main(*SMALL, "--save-onnx")
     assert code == 0, err
     assert "checked with onnxruntime" in out and (tmp_path / "dlrm_s_pytorch.onnx").exists()
+
+
+def test_mlperf_events_are_written_when_the_package_is_installed(run_main, tmp_path, monkeypatch):
+    pytest.importorskip("mlperf_logging")
+    import mlperf_logger
+
+    log_file = tmp_path / "dlrm.log"
+    real = mlperf_logger.make_mlperf_logger
+    monkeypatch.setattr(dlrm, "make_mlperf_logger", lambda enabled: real(enabled, log_file=str(log_file)))
+    code, out, err = run_main("--mini-batch-size=8", "--data-size=64", "--test-freq=4", "--loss-function=bce",
+                              "--round-targets=true", "--mlperf-logging", "--mlperf-auc-threshold=0.5")
+    assert code == 0, err
+    keys = re.findall(r'"key": "(\w+)"', log_file.read_text())
+    for key in ("cache_clear", "init_start", "init_stop", "run_start", "submission_benchmark", "seed",
+                "global_batch_size", "block_start", "epoch_start", "eval_start", "eval_stop", "run_stop"):
+        assert key in keys
+    assert keys.index("init_start") < keys.index("run_start") < keys.index("epoch_start") < keys.index("eval_stop")
+    assert "command line args: {" in out
+
+
+def test_tensorboard_scalars(run_main, monkeypatch):
+    written = []
+
+    class Recorder:
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    monkeypatch.setattr(dlrm, "_make_writer", lambda name: Recorder())
+    code, _, err = run_main(*SMALL, "--test-freq=3")
+    assert code == 0, err
+    assert written == [("Train/Loss", 1), ("Train/Loss", 2), ("Train/Loss", 3), ("Test/Acc", 3), ("closed", None)]

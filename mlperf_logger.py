@@ -1,0 +1,72 @@
+"""MLPerf events for ``--mlperf-logging`` (spec §1.14), through the optional ``mlperf-logging`` package.
+
+Without the package, :func:`make_mlperf_logger` warns once on stderr and returns a logger that
+does nothing, so the scikit-learn metrics line still works. The events and their order are the
+reference's; the log file is ``dlrm.log`` next to this module, as in the reference.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+
+class MLPerfLogger:
+    """Thin wrapper over ``mlperf_logging.mllog``; every method is a no-op when disabled."""
+
+    def __init__(self, mllog=None, rank: int = 0):
+        self._mllog = mllog
+        self._log = mllog.get_mllogger() if mllog is not None else None
+        self._keys = mllog.constants if mllog is not None else None
+        self.rank = rank
+
+    @property
+    def enabled(self) -> bool:
+        return self._log is not None and self.rank == 0
+
+    def _key(self, name: str) -> str:
+        return getattr(self._keys, name.upper(), name)
+
+    def event(self, key: str, value=None, **metadata) -> None:
+        if self.enabled:
+            self._log.event(key=self._key(key), value=value, metadata=metadata or None, stack_offset=2)
+
+    def start(self, key: str, value=None, **metadata) -> None:
+        if self.enabled:
+            self._log.start(key=self._key(key), value=value, metadata=metadata or None, stack_offset=2)
+
+    def end(self, key: str, value=None, **metadata) -> None:
+        if self.enabled:
+            self._log.end(key=self._key(key), value=value, metadata=metadata or None, stack_offset=2)
+
+    def submission_info(self, batch_size: int, seed: int, lr: float, warmup: int, decay_start: int,
+                        decay_steps: int) -> None:
+        """The run description events (spec §1.14)."""
+        self.event("submission_benchmark", "dlrm")
+        for key in ("submission_org", "submission_platform", "submission_poc_name", "submission_poc_email"):
+            self.event(key, "reference_implementation")
+        self.event("submission_division", "closed")
+        self.event("submission_status", "onprem")
+        self.event("seed", seed)
+        self.event("global_batch_size", batch_size)
+        self.event("opt_base_learning_rate", lr)
+        self.event("opt_learning_rate_warmup_steps", warmup)
+        self.event("sgd_opt_base_learning_rate", lr)
+        self.event("lr_decay_start_steps", decay_start)
+        self.event("sgd_opt_learning_rate_decay_steps", decay_steps)
+        self.event("sgd_opt_learning_rate_decay_poly_power", 2)
+
+
+def make_mlperf_logger(enabled: bool, rank: int = 0, log_file: Optional[str] = None) -> MLPerfLogger:
+    """An MLPerf logger when ``enabled`` and the package is installed; otherwise a no-op one."""
+    if not enabled:
+        return MLPerfLogger()
+    try:
+        from mlperf_logging import mllog
+    except ImportError:
+        print("warning: mlperf-logging is not installed, so no MLPerf events are written "
+              "(pip install mlperf-logging)", file=sys.stderr)
+        return MLPerfLogger()
+    path = log_file or os.path.join(os.path.dirname(os.path.abspath(__file__)), "dlrm.log")
+    mllog.config(filename=path)
+    return MLPerfLogger(mllog, rank)
