@@ -8,7 +8,7 @@ and the memory-map mode, it builds the loaders with ``make_criteo_data_and_loade
 
 Usage:
     python bench/bench_loader.py [--rows 2000000] [--batch-size 128] [--batches 2000]
-        [--repeats 7] [--data-dir bench/out/loader] [--results bench/results_loader.md]
+        [--repeats 7] [--data-dir bench/out/loader] [--results bench/out/results_loader.md]
 """
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--data-dir", default="bench/out/loader")
-    parser.add_argument("--results", default="bench/results_loader.md")
+    parser.add_argument("--results", default="bench/out/results_loader.md", help="where to write the table (copy it into bench/RESULTS.md)")
     args = parser.parse_args(argv)
     args.load_before = os.getloadavg()[0]
     files = write_fake_processed(args.data_dir, args.rows)

@@ -8,6 +8,7 @@ part only (what the reference reports). Also times building the model (start to 
     python bench/bench_random.py                     # 8 x 1M x 64, batch 2048, 100 lookups (spec §6.3)
     python bench/bench_random.py --iters 30 --repeats 3
     python bench/bench_random.py --kaggle-build      # time building the Kaggle-shaped model only
+    python bench/bench_random.py --kaggle-step       # a Kaggle-model training step at batch 128
 """
 from __future__ import annotations
 
@@ -50,14 +51,44 @@ def run_once(extra, iters):
     return first, e2e, printed
 
 
-def kaggle_build(repeats):
-    """Seconds to build the Kaggle-shaped model (26 tables, 33.8M rows, dim 16)."""
+def _kaggle_config():
     sys.path.insert(0, ROOT)
-    import numpy as np
     import dlrm_s_pytorch as dlrm
 
-    cfg = dlrm.ModelConfig(embedding_dim=16, table_sizes=tuple(KAGGLE_SIZES), bottom_mlp=(13, 512, 256, 64, 16),
-                           top_mlp=(dlrm.top_mlp_input_width("dot", False, 26, 16), 512, 256, 1))
+    return dlrm, dlrm.ModelConfig(embedding_dim=16, table_sizes=tuple(KAGGLE_SIZES), bottom_mlp=(13, 512, 256, 64, 16),
+                                  top_mlp=(dlrm.top_mlp_input_width("dot", False, 26, 16), 512, 256, 1))
+
+
+def kaggle_step(steps, batch=128):
+    """Milliseconds per training step of the Kaggle model (bce, SGD) on Criteo-shaped batches."""
+    import numpy as np
+    import torch
+
+    dlrm, cfg = _kaggle_config()
+    model = dlrm.DLRM(cfg, np.random.RandomState(123))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = dlrm.make_loss("bce")
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.arange(batch).repeat(26, 1)
+    times = []
+    for _ in range(steps + 3):
+        dense = torch.log(torch.randint(0, 100, (batch, 13), generator=g).float() + 1)
+        indices = torch.stack([torch.randint(0, n, (batch,), generator=g) for n in KAGGLE_SIZES])
+        labels = torch.randint(0, 2, (batch, 1), generator=g).float()
+        t = time.perf_counter()
+        loss = loss_fn(model(dense, offsets, indices), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return times[3:]
+
+
+def kaggle_build(repeats):
+    """Seconds to build the Kaggle-shaped model (26 tables, 33.8M rows, dim 16)."""
+    import numpy as np
+
+    dlrm, cfg = _kaggle_config()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -78,11 +109,15 @@ def main():
     ap.add_argument("--iters", type=int, default=20, help="iterations per run (the first is dropped)")
     ap.add_argument("--repeats", type=int, default=2, help="runs")
     ap.add_argument("--kaggle-build", action="store_true", help="only time building the Kaggle-shaped model")
+    ap.add_argument("--kaggle-step", action="store_true", help="only time Kaggle-model training steps at batch 128")
     ap.add_argument("extra", nargs="*", help="extra flags for dlrm_s_pytorch.py (after --)")
     args = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if args.kaggle_build:
         print("Kaggle-shaped model build:", summary(kaggle_build(args.repeats), unit=" s"))
+        return
+    if args.kaggle_step:
+        print("Kaggle model training step, batch 128:", summary(kaggle_step(args.iters), 1000, " ms"))
         return
     firsts, e2e, printed = [], [], []
     for _ in range(args.repeats):
