@@ -9,6 +9,7 @@ reference labelled them batch-sized, spec §8 bug 16). The file is checked with
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -60,8 +61,11 @@ def export_onnx(model: nn.Module, batch: Batch, path: str, log: Callable[[str], 
     log(f"X_onnx.shape {tuple(batch.dense_x.shape)}")
     tmp = f"{path}.tmp.{os.getpid()}.onnx"
     try:
-        torch.onnx.export(module, args, tmp, input_names=names, output_names=["pred"], dynamic_axes=axes,
-                          opset_version=11, dynamo=False)
+        with warnings.catch_warnings():  # the TorchScript exporter (opset 11, as the reference) is deliberate
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+            torch.onnx.export(module, args, tmp, input_names=names, output_names=["pred"], dynamic_axes=axes,
+                              opset_version=11, dynamo=False)
         onnx.checker.check_model(onnx.load(tmp))
         os.replace(tmp, path)
     finally:
