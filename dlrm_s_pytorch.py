@@ -267,6 +267,8 @@ def validate_args(ns: argparse.Namespace) -> None:
         raise ConfigError(f"--quantize-mlp-with-bit must be 8, 16 or 32, got {ns.quantize_mlp_bits}")
     if ns.quantize_emb_bits not in (4, 8, 32):
         raise ConfigError(f"--quantize-emb-with-bit must be 4, 8 or 32, got {ns.quantize_emb_bits}")
+    if ns.quantize_emb_bits != 32:
+        raise ConfigError("--quantize-emb-with-bit is not supported by this version yet")
     if ns.data_generation == "internal":
         raise ConfigError("--data-generation=internal needs Meta-internal loaders, which are not available")
 
@@ -1018,6 +1020,36 @@ def setup_device(ns: argparse.Namespace, log: Logger) -> torch.device:
     return torch.device("cpu")
 
 
+def _log_lines(log: Logger, lines: Sequence[str]) -> None:
+    for line in lines:
+        log(line)
+
+
+def _debug_data(train_ld, nbatches: int) -> List[str]:
+    """``--debug-mode``: every training batch, which draws them (and so moves the stream) before
+    the model is built, as in the reference (spec §7.3 item 4)."""
+    lines: List[str] = []
+    for j, batch in enumerate(train_ld):
+        if j >= nbatches:
+            break
+        lines += format_batch(j, batch)
+    return lines
+
+
+def build_parts(ns: argparse.Namespace, model: DLRM, tcfg: TrainConfig, train_ld, test_ld, nbatches: int,
+                device: torch.device, log: Logger) -> RunParts:
+    """The optimizer and schedule (unless inference-only) and everything the loops need."""
+    optimizer = scheduler = None
+    if not ns.inference_only:
+        if device.type == "cuda" and ns.optimizer in ("adagrad", "rwsadagrad"):
+            raise ConfigError("GPU version of Adagrad is not supported by PyTorch.")
+        optimizer = make_optimizer(ns.optimizer, model, ns.learning_rate)
+        scheduler = make_scheduler(optimizer, tcfg)
+    return RunParts(model=model, loss_fn=make_loss(ns.loss_function, ns.loss_weights), optimizer=optimizer,
+                    scheduler=scheduler, train_loader=train_ld, test_loader=test_ld, nbatches=nbatches,
+                    nbatches_test=len(test_ld), device=device, log=log, save_model=ns.save_model)
+
+
 def run(ns: argparse.Namespace) -> None:
     """The whole benchmark, in the reference's order (spec §1.2)."""
     mlperf = make_mlperf_logger(ns.mlperf_logging)
@@ -1035,32 +1067,15 @@ def run(ns: argparse.Namespace) -> None:
     train_ld, test_ld, table_sizes, dense_dim = make_data(ns, rng, log)
     if ns.mlperf_logging:
         log("command line args: " + json.dumps(vars(ns)))
-    mcfg = model_config(ns, table_sizes, dense_dim)
-    tcfg = train_config(ns)
+    mcfg, tcfg = model_config(ns, table_sizes, dense_dim), train_config(ns)
     nbatches = ns.num_batches if ns.num_batches > 0 else len(train_ld)
     if ns.debug_mode:
-        for line in format_arch(mcfg, dense_dim):
-            log(line)
-        log("data (inputs and targets):")
-        for j, batch in enumerate(train_ld):
-            if j >= nbatches:
-                break
-            for line in format_batch(j, batch):
-                log(line)
+        _log_lines(log, format_arch(mcfg, dense_dim) + ["data (inputs and targets):"])
+        _log_lines(log, _debug_data(train_ld, nbatches))
     model = DLRM(mcfg, rng).to(device)
     if ns.debug_mode:
-        log("initial parameters (weights and bias):")
-        for line in format_parameters(model, ns.print_precision):
-            log(line)
-    optimizer = scheduler = None
-    if not ns.inference_only:
-        if device.type == "cuda" and ns.optimizer in ("adagrad", "rwsadagrad"):
-            raise ConfigError("GPU version of Adagrad is not supported by PyTorch.")
-        optimizer = make_optimizer(ns.optimizer, model, ns.learning_rate)
-        scheduler = make_scheduler(optimizer, tcfg)
-    parts = RunParts(model=model, loss_fn=make_loss(ns.loss_function, ns.loss_weights), optimizer=optimizer,
-                     scheduler=scheduler, train_loader=train_ld, test_loader=test_ld, nbatches=nbatches,
-                     nbatches_test=len(test_ld), device=device, log=log, save_model=ns.save_model)
+        _log_lines(log, ["initial parameters (weights and bias):"] + format_parameters(model, ns.print_precision))
+    parts = build_parts(ns, model, tcfg, train_ld, test_ld, nbatches, device, log)
     state = TrainState()
     if ns.load_model:
         restore_checkpoint(ns.load_model, parts, state, ns.nepochs, ns.inference_only, ns.mlperf_logging)
@@ -1069,31 +1084,28 @@ def run(ns: argparse.Namespace) -> None:
     log("time/loss/accuracy (if enabled):")
     mlperf.submission_info(ns.batch_size, ns.seed, ns.learning_rate, ns.lr_num_warmup_steps,
                            ns.lr_decay_start_step, ns.lr_num_decay_steps)
-    parts.mlperf = mlperf
-    parts.writer = _make_writer(ns.tensor_board_filename)
-    with _profiling(ns.enable_profiling, device.type == "cuda", log):
-        if ns.inference_only:
-            log("Testing for inference only")
-            evaluate(parts, tcfg, state, log_iter=0)
-        else:
-            train(parts, tcfg, state)
+    parts.mlperf, parts.writer = mlperf, _make_writer(ns.tensor_board_filename)
+    try:
+        with _profiling(ns.enable_profiling, device.type == "cuda", log):
+            if ns.inference_only:
+                log("Testing for inference only")
+                evaluate(parts, tcfg, state, log_iter=0)
+            else:
+                train(parts, tcfg, state)
+    finally:
+        if parts.writer is not None:
+            parts.writer.close()
     if ns.debug_mode:
-        log("updated parameters (weights and bias):")
-        for line in format_parameters(model, ns.print_precision):
-            log(line)
+        _log_lines(log, ["updated parameters (weights and bias):"] + format_parameters(model, ns.print_precision))
     if ns.save_onnx:
         from onnx_export import export_onnx
 
         sample = state.onnx_batch if state.onnx_batch is not None else next(iter(train_ld))
         export_onnx(model, sample, "dlrm_s_pytorch.onnx", log)
-    if parts.writer is not None:
-        parts.writer.close()
 
 
 def quantize_for_inference(model: DLRM, ns: argparse.Namespace) -> nn.Module:
     """``--quantize-mlp-with-bit`` 8/16: dynamic int8/float16 Linear layers (spec §1.11)."""
-    if ns.quantize_emb_bits != 32:
-        raise ConfigError("--quantize-emb-with-bit is not supported by this version yet")
     if ns.quantize_mlp_bits == 32:
         return model
     from torch.ao.quantization import quantize_dynamic

@@ -169,3 +169,18 @@ def test_tensorboard_scalars(run_main, monkeypatch):
     code, _, err = run_main(*SMALL, "--test-freq=3")
     assert code == 0, err
     assert written == [("Train/Loss", 1), ("Train/Loss", 2), ("Train/Loss", 3), ("Test/Acc", 3), ("closed", None)]
+
+
+@pytest.mark.parametrize("bits", ["8", "16"])
+def test_inference_with_quantized_mlps(run_main, bits):
+    code, out, err = run_main(*SMALL, "--inference-only", f"--quantize-mlp-with-bit={bits}")
+    assert code == 0, err
+    assert "Testing for inference only" in out and " accuracy " in out
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "rwsadagrad"])
+def test_other_optimizers_train(run_main, optimizer):
+    code, out, err = run_main(*SMALL, f"--optimizer={optimizer}")
+    assert code == 0, err
+    assert out.count("Finished training it") == 3
+    assert "loss 0.025266" in out  # the first loss is computed before any step
