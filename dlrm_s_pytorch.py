@@ -267,8 +267,9 @@ def validate_args(ns: argparse.Namespace) -> None:
         raise ConfigError(f"--quantize-mlp-with-bit must be 8, 16 or 32, got {ns.quantize_mlp_bits}")
     if ns.quantize_emb_bits not in (4, 8, 32):
         raise ConfigError(f"--quantize-emb-with-bit must be 4, 8 or 32, got {ns.quantize_emb_bits}")
-    if ns.quantize_emb_bits != 32:
-        raise ConfigError("--quantize-emb-with-bit is not supported by this version yet")
+    if ns.quantize_emb_bits != 32 and (ns.qr_flag or ns.md_flag or ns.use_gpu):
+        raise ConfigError("--quantize-emb-with-bit works on CPU with plain tables only "
+                          "(not with --qr-flag, --md-flag or --use-gpu)")
     if ns.data_generation == "internal":
         raise ConfigError("--data-generation=internal needs Meta-internal loaders, which are not available")
 
@@ -390,6 +391,42 @@ class PerTableEmbeddings(nn.ModuleList):
             table_indices = indices[t]
             weights = None if pooling_weights is None else pooling_weights[t][table_indices]
             pooled.append(table(table_indices, offsets[t], per_sample_weights=weights))
+        return pooled
+
+
+class QuantizedTables(nn.Module):
+    """Row-wise 8- or 4-bit quantized copies of float tables, for inference (spec §1.11).
+
+    Each table is pre-packed with ``torch.ops.quantized.embedding_bag_{byte,4bit}_prepack`` (a scale
+    and bias per row) and looked up with the matching ``*_rowwise_offsets`` op. ``forward`` has
+    :class:`PerTableEmbeddings`' signature, so the model needs no other change.
+
+    Args:
+        tables: the float tables (``nn.EmbeddingBag``) to quantize.
+        bits: 8 or 4.
+    """
+
+    def __init__(self, tables: PerTableEmbeddings, bits: int):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ConfigError(f"--quantize-emb-with-bit must be 4 or 8 to quantize, got {bits}")
+        if not all(isinstance(t, nn.EmbeddingBag) for t in tables):
+            raise ConfigError("--quantize-emb-with-bit works on plain tables only (not with --qr-flag or --md-flag)")
+        ops = torch.ops.quantized
+        prepack = ops.embedding_bag_byte_prepack if bits == 8 else ops.embedding_bag_4bit_prepack
+        self._lookup = ops.embedding_bag_byte_rowwise_offsets if bits == 8 else ops.embedding_bag_4bit_rowwise_offsets
+        for t, table in enumerate(tables):
+            self.register_buffer(f"packed_{t}", prepack(table.weight.detach().float().contiguous()))
+        self.num_tables = len(tables)
+
+    def forward(self, offsets: torch.Tensor, indices: Union[torch.Tensor, List[torch.Tensor]],
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        pooled = []
+        for t in range(self.num_tables):
+            table_indices = indices[t]
+            weights = None if pooling_weights is None else pooling_weights[t][table_indices].float()
+            pooled.append(self._lookup(getattr(self, f"packed_{t}"), table_indices, offsets[t], False, 0, False,
+                                       weights, None, False))
         return pooled
 
 
@@ -1105,7 +1142,10 @@ def run(ns: argparse.Namespace) -> None:
 
 
 def quantize_for_inference(model: DLRM, ns: argparse.Namespace) -> nn.Module:
-    """``--quantize-mlp-with-bit`` 8/16: dynamic int8/float16 Linear layers (spec §1.11)."""
+    """``--quantize-emb-with-bit`` 4/8: row-wise quantized tables; ``--quantize-mlp-with-bit``
+    8/16: dynamic int8/float16 Linear layers (spec §1.11)."""
+    if ns.quantize_emb_bits != 32:
+        model.emb_l = QuantizedTables(model.emb_l, ns.quantize_emb_bits)
     if ns.quantize_mlp_bits == 32:
         return model
     from torch.ao.quantization import quantize_dynamic

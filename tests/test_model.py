@@ -136,3 +136,30 @@ def test_losses():
     wbce = dlrm.make_loss("wbce", (0.5, 2.0))(probs, labels)
     assert wbce.dtype == torch.float64
     assert wbce.item() == pytest.approx(np.mean([2.0 * bce[0], 0.5 * bce[1], 0.5 * bce[2]]), rel=1e-6)
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.2)])
+@pytest.mark.parametrize("pooling", [None, "learned"])
+def test_quantized_tables_approximate_float_lookups(bits, tol, pooling):
+    model = dlrm.DLRM(tiny_model_config(table_sizes=(40, 7, 3), embedding_dim=8, bottom_mlp=(4, 8),
+                                        top_mlp=(dlrm.top_mlp_input_width("dot", False, 3, 8), 1),
+                                        weighted_pooling=pooling), np.random.RandomState(2))
+    offsets = torch.tensor([[0, 2, 3]] * 3)
+    indices = [torch.tensor([39, 1, 5, 7]), torch.tensor([6, 0, 0, 3]), torch.tensor([2, 1, 0, 2])]
+    weights = model.pooling_weights()
+    expected = model.emb_l(offsets, indices, weights)
+    quantized = dlrm.QuantizedTables(model.emb_l, bits)
+    for got, want in zip(quantized(offsets, indices, weights), expected):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=tol)
+
+
+def test_quantized_inference_from_the_command_line(run_main):
+    for bits in ("4", "8"):
+        code, out, err = run_main("--mini-batch-size=2", "--data-size=6", "--inference-only",
+                                  f"--quantize-emb-with-bit={bits}")
+        assert code == 0, err
+        assert "Testing for inference only" in out
+    code, _, err = run_main("--mini-batch-size=2", "--data-size=6", "--inference-only", "--quantize-emb-with-bit=8",
+                            "--qr-flag")
+    assert code == 2 and "plain tables only" in err
