@@ -848,7 +848,7 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     parts.mlperf.end("eval_stop", epoch_num=(j + 1) / nb + k + 1)
     if metrics["is_best"] and parts.save_model:
         parts.log(f"Saving model to {parts.save_model}")
-        save_checkpoint(parts.save_model, _checkpoint_payload(parts, state, metrics, loss, j, k))
+        save_checkpoint(parts.save_model, _checkpoint_payload(parts, cfg.nepochs, metrics, loss, j, k))
     _check_thresholds(parts, cfg, state)
 
 
@@ -908,10 +908,10 @@ def train(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
 # =============================================================================================
 
 
-def _checkpoint_payload(parts: RunParts, state: TrainState, metrics: Dict[str, float],
+def _checkpoint_payload(parts: RunParts, nepochs: int, metrics: Dict[str, float],
                         train_loss: float, j: int, k: int) -> Dict[str, object]:
     payload = {
-        "nepochs": None, "nbatches": parts.nbatches, "nbatches_test": parts.nbatches_test,
+        "nepochs": nepochs, "nbatches": parts.nbatches, "nbatches_test": parts.nbatches_test,
         "state_dict": parts.model.state_dict(), "test_acc": float(metrics["accuracy"]),
         "epoch": k, "iter": j + 1, "train_loss": float(train_loss), "total_loss": 0.0,
         "opt_state_dict": parts.optimizer.state_dict(),
@@ -933,7 +933,7 @@ def restore_checkpoint(path: str, parts: RunParts, state: TrainState, nepochs: i
         raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
     epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
     saved_nb = int(payload.get("nbatches", parts.nbatches))
-    parts.log(f"Saved at: epoch = {epoch}/{payload.get('nepochs') or nepochs}, batch = {it}/{saved_nb}, "
+    parts.log(f"Saved at: epoch = {epoch}/{payload.get('nepochs', nepochs)}, batch = {it}/{saved_nb}, "
               f"ntbatch = {payload.get('nbatches_test', parts.nbatches_test)}")
     parts.log(f"Training state: loss = {as_float(payload.get('train_loss')):.6f}")
     acc = as_float(payload.get("test_acc"))

@@ -39,6 +39,7 @@ def test_checkpoint_has_reference_keys(run_main, tmp_path):
     path = str(tmp_path / "model.pt")
     run_main(*TRAIN, "--numpy-rand-seed=3", f"--save-model={path}")
     payload = load_checkpoint(path)
+    assert payload["nepochs"] == 4 and payload["nbatches"] == 8 and payload["test_acc"] > 0
     for key in ("nepochs", "nbatches", "nbatches_test", "state_dict", "test_acc", "epoch", "iter",
                 "train_loss", "total_loss", "opt_state_dict"):
         assert key in payload
