@@ -440,7 +440,7 @@ def build_tables(cfg: ModelConfig, rng: np.random.RandomState) -> PerTableEmbedd
 
             table = QREmbeddingBag(rows, dim, cfg.qr_collisions, operation=cfg.qr_operation, mode="sum", sparse=True)
             table.reset_parameters(rng)
-        elif cfg.md_flag:
+        elif cfg.md_flag and rows > cfg.md_threshold:
             from tricks.md_embedding_bag import PrEmbeddingBag
 
             table = PrEmbeddingBag(rows, dim, max(dims))
@@ -452,7 +452,11 @@ def build_tables(cfg: ModelConfig, rng: np.random.RandomState) -> PerTableEmbedd
 
 
 def _table_dims(cfg: ModelConfig) -> List[int]:
-    """Each table's dimension: D, or the mixed dimensions of spec §5.2 with ``--md-flag``."""
+    """Each table's dimension: D; the mixed dimensions of spec §5.2 with ``--md-flag`` (tables up to
+    ``--md-threshold`` rows keep D); with QR ``concat``, 2D for the plain tables, so that every table
+    outputs 2D like the QR ones (the reference mixed D and 2D and crashed, spec §8 bug 15)."""
+    if cfg.qr_flag and cfg.qr_operation == "concat":
+        return [cfg.embedding_dim if rows > cfg.qr_threshold else 2 * cfg.embedding_dim for rows in cfg.table_sizes]
     if not cfg.md_flag:
         return [cfg.embedding_dim] * len(cfg.table_sizes)
     from tricks.md_embedding_bag import md_solver

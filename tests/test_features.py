@@ -184,3 +184,28 @@ def test_other_optimizers_train(run_main, optimizer):
     assert code == 0, err
     assert out.count("Finished training it") == 3
     assert "loss 0.025266" in out  # the first loss is computed before any step
+
+
+TRICK_BASE = ["--mini-batch-size=4", "--data-size=16", "--arch-embedding-size=1000-50-300",
+              "--arch-sparse-feature-size=8"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--qr-flag", "--qr-threshold=100", "--qr-operation=mult", "--arch-mlp-bot=4-8"],
+    ["--qr-flag", "--qr-threshold=100", "--qr-operation=add", "--arch-mlp-bot=4-8"],
+    ["--qr-flag", "--qr-threshold=100", "--qr-operation=concat", "--arch-mlp-bot=4-16"],  # bug 15
+    ["--md-flag", "--md-threshold=100", "--arch-mlp-bot=4-8"],  # bug 14: a table below the threshold
+    ["--md-flag", "--md-threshold=100", "--md-round-dims", "--arch-mlp-bot=4-8"],
+])
+def test_qr_and_md_tables_train(run_main, tmp_path, flags):
+    path = tmp_path / "m.pt"
+    code, out, err = run_main(*TRICK_BASE, *flags, "--test-freq=4", "--round-targets=1", "--loss-function=bce",
+                              f"--save-model={path}")
+    assert code == 0, err
+    assert out.count("Finished training it") == 4
+    if path.exists():
+        from checkpoint import load_checkpoint
+
+        keys = load_checkpoint(str(path))["state_dict"]
+        assert "emb_l.1.weight" in keys  # the 50-row table stays a plain table
+        assert ("emb_l.0.weight_q" in keys) if "--qr-flag" in flags else ("emb_l.0.embs.weight" in keys)
