@@ -270,6 +270,10 @@ def validate_args(ns: argparse.Namespace) -> None:
     if ns.quantize_emb_bits != 32 and (ns.qr_flag or ns.md_flag or ns.use_gpu):
         raise ConfigError("--quantize-emb-with-bit works on CPU with plain tables only "
                           "(not with --qr-flag, --md-flag or --use-gpu)")
+    if (ns.mlperf_logging and ns.data_generation in ("random", "synthetic") and not ns.round_targets
+            and (ns.test_freq > 0 or ns.inference_only)):
+        raise ConfigError("--mlperf-logging computes classification metrics, which need 0/1 targets: "
+                          "add --round-targets=true for random or synthetic data")
     if ns.data_generation == "internal":
         raise ConfigError("--data-generation=internal needs Meta-internal loaders, which are not available")
 

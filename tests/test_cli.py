@@ -58,6 +58,10 @@ BAD = [
     (["--weighted-pooling=fixed", "--qr-flag"], "--weighted-pooling cannot be combined"),
     (["--quantize-mlp-with-bit=7"], "--quantize-mlp-with-bit must be 8, 16 or 32"),
     (["--nepochs=0"], "--nepochs must be at least 1"),
+    (["--mlperf-logging", "--test-freq=1"], "add --round-targets=true"),
+    (["--quantize-emb-with-bit=5"], "--quantize-emb-with-bit must be 4, 8 or 32"),
+    (["--data-size=0"], "--data-size must be at least 1"),
+    (["--num-indices-per-lookup=0"], "--num-indices-per-lookup must be at least 1"),
 ]
 
 
