@@ -93,7 +93,7 @@ def test_help_groups_the_flags(run_main):
 def test_print_time_and_wall_time(run_main):
     code, out, _ = run_main("--mini-batch-size=2", "--data-size=4", "--print-time", "--print-wall-time")
     import re
-    lines = [l for l in out.splitlines() if l.startswith("Finished")]
+    lines = [ln for ln in out.splitlines() if ln.startswith("Finished")]
     assert len(lines) == 2
     for line in lines:
         assert re.fullmatch(r"Finished training it \d/2 of epoch 0, \d+\.\d\d ms/it, loss \d\.\d{6} \(\d\d:\d\d\)", line)
@@ -102,13 +102,13 @@ def test_print_time_and_wall_time(run_main):
 def test_print_freq_and_nepochs(run_main):
     code, out, _ = run_main("--mini-batch-size=2", "--data-size=10", "--print-freq=2", "--nepochs=2")
     steps = [l.split(" of epoch")[0].split("it ")[1] + l.split("of epoch ")[1][0]
-             for l in out.splitlines() if l.startswith("Finished")]
+             for ln in out.splitlines() if ln.startswith("Finished")]
     assert steps == ["2/50", "4/50", "5/50", "2/51", "4/51", "5/51"]
 
 
 def test_num_batches_limits_training(run_main):
     code, out, _ = run_main("--mini-batch-size=2", "--data-size=100", "--num-batches=3")
-    assert [l for l in out.splitlines() if l.startswith("Finished")][-1].startswith("Finished training it 3/3 ")
+    assert [ln for ln in out.splitlines() if ln.startswith("Finished")][-1].startswith("Finished training it 3/3 ")
 
 
 def test_test_freq_prints_accuracy_and_tracks_best(run_main):
