@@ -101,7 +101,7 @@ def test_print_time_and_wall_time(run_main):
 
 def test_print_freq_and_nepochs(run_main):
     code, out, _ = run_main("--mini-batch-size=2", "--data-size=10", "--print-freq=2", "--nepochs=2")
-    steps = [l.split(" of epoch")[0].split("it ")[1] + l.split("of epoch ")[1][0]
+    steps = [ln.split(" of epoch")[0].split("it ")[1] + ln.split("of epoch ")[1][0]
              for ln in out.splitlines() if ln.startswith("Finished")]
     assert steps == ["2/50", "4/50", "5/50", "2/51", "4/51", "5/51"]
 
