@@ -208,3 +208,16 @@ def test_qr_and_md_tables_train(run_main, tmp_path, flags):
     keys = load_checkpoint(str(path))["state_dict"]
     assert "emb_l.1.weight" in keys  # the 50-row table stays a plain table
     assert ("emb_l.0.weight_q" in keys) if "--qr-flag" in flags else ("emb_l.0.embs.weight" in keys)
+
+
+def test_bf16_mixed_precision_is_close_and_keeps_float32_parameters(run_main):
+    code, exact, err = run_main(*SMALL)
+    assert code == 0, err
+    code, mixed, err = run_main(*SMALL, "--mixed-precision=bf16")
+    assert code == 0, err
+    losses = [[float(x) for x in re.findall(r"loss (\d\.\d+)", out)] for out in (exact, mixed)]
+    assert len(losses[1]) == 3 and losses[0] != losses[1]  # it does change the numbers ...
+    assert np.allclose(losses[0], losses[1], atol=5e-3)  # ... but only by bf16 rounding
+    model = dlrm.DLRM(tiny_model_config(mixed_precision="bf16"), np.random.RandomState(1))
+    out = model(torch.rand(2, 4), torch.tensor([[0, 1]] * 3), torch.tensor([[0, 1]] * 3))
+    assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
