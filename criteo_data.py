@@ -11,10 +11,17 @@ stores ids as float64, data_utils.py as int32):
     processed npz (§3.2 step 6): ``X_int`` (n, M), ``X_cat`` (n, T), ``y`` (n,), ``counts`` (T,);
         one file holding all days in order.
     reordered day npz (§3.2 step 7): ``X_int``, ``X_cat``, ``y``, one file per day.
-    row cache (ours): ``<npz path without .npz>.rows.npy``, an (n, R) int32 array of rows
-        [y, X_int(M), X_cat(T)] (the MLPerf record layout of §3.3), built once from an npz (written
-        to a temporary name, then renamed) and memory-mapped afterwards. It is rebuilt when the npz
-        is newer or holds a different number of rows.
+    Uncompressed npz files (data_utils.py writes them, with np.savez-style "stored" members) are
+        read in place: ``X_int``, ``X_cat`` and ``y`` are memory-mapped at their offsets inside the
+        zip file, whatever their dtype, and nothing else is written. Values are checked to be exact
+        32-bit integers per block read (per batch), not at open time, so opening a Terabyte day
+        costs no pass over it; a bad value raises DataError when a batch holding it is read.
+    row cache (ours), only for npz files that cannot be mapped in place (the reference's
+        np.savez_compressed files): ``<npz path without .npz>.rows.npy``, an (n, R) int32 array of
+        rows [y, X_int(M), X_cat(T)] (the MLPerf record layout of §3.3), 160 B per sample, built
+        once from the npz (written to a temporary name, then renamed; every value checked then) and
+        memory-mapped afterwards. It is rebuilt when the npz is newer or holds a different number
+        of rows.
     MLPerf binary files (§3.3): the same rows as little-endian int32, no header,
         ``<processed stem>_{train,test,val}.bin``.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -93,18 +101,34 @@ def rows_to_batch(rows: np.ndarray, max_ind_range: int = -1) -> Batch:
         rows: (B, R) integer rows [label, dense(M), sparse(T)].
         max_ind_range: when > 0, sparse ids are taken modulo it.
     Returns:
+        the Batch of ``columns_to_batch``.
+    """
+    return columns_to_batch(rows[:, 0], rows[:, 1:1 + DENSE_FEATURES],
+                            rows[:, 1 + DENSE_FEATURES:], max_ind_range)
+
+
+def columns_to_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
+                     max_ind_range: int = -1) -> Batch:
+    """Turn the three arrays of B samples into a Batch, as the reference's collate does (§2.3).
+
+    Args:
+        labels: (B,) integer labels.
+        dense: (B, M) integer dense features.
+        sparse: (B, T) integer sparse ids.
+        max_ind_range: when > 0, sparse ids are taken modulo it.
+    Returns:
         Batch with dense_x = log(x + 1) (B, M) float32 (cast to float32 first, as the reference),
         offsets (T, B) int64 = arange(B) per table, indices (T, B) int64, labels (B, 1) float32.
     """
-    size = rows.shape[0]
-    dense_x = torch.from_numpy(rows[:, 1:1 + DENSE_FEATURES].astype(np.float32))
+    size = labels.shape[0]
+    dense_x = torch.from_numpy(dense.astype(np.float32, order="C"))
     dense_x.add_(1).log_()
-    indices = np.ascontiguousarray(rows[:, 1 + DENSE_FEATURES:].T, dtype=np.int64)  # (T, B)
+    indices = np.ascontiguousarray(sparse.T, dtype=np.int64)  # (T, B)
     if max_ind_range > 0:
         np.remainder(indices, max_ind_range, out=indices)
-    labels = torch.from_numpy(rows[:, :1].astype(np.float32))  # (B, 1)
+    batch_labels = torch.from_numpy(labels.reshape(size, 1).astype(np.float32))  # (B, 1)
     offsets = torch.arange(size, dtype=torch.int64).repeat(indices.shape[0], 1)  # (T, B)
-    return Batch(dense_x, offsets, torch.from_numpy(indices), labels)
+    return Batch(dense_x, offsets, torch.from_numpy(indices), batch_labels)
 
 
 def _keep_batch(item: Batch) -> Batch:
@@ -276,12 +300,14 @@ def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool) -> 
             bar.update(rows.shape[0])
 
 
-def open_rows(npz_path: str, progress: bool = True,
-              log: Callable[[str], None] = print) -> Tuple[np.ndarray, Optional[str]]:
+def open_rows(npz_path: str, progress: bool = True, log: Callable[[str], None] = print,
+              why: str = "") -> Tuple[np.ndarray, Optional[str]]:
     """Packed rows of a processed / reordered npz, memory-mapped from its row cache.
 
-    The cache is built on first use (and whenever the npz is newer). If it cannot be written (for
-    example a read-only data directory) the rows are read into memory instead, with a note to ``log``.
+    The loaders use this only for files that cannot be mapped in place (``open_npz_rows``). The
+    cache is built on first use (and whenever the npz is newer), with a note ``why`` to ``log`` when
+    one is given. If it cannot be written (for example a read-only data directory) the rows are
+    read into memory instead, with a note to ``log``.
 
     Returns:
         (rows, cache path or None): rows is (n, R) int32 [y, X_int(M), X_cat(T)].
@@ -290,6 +316,8 @@ def open_rows(npz_path: str, progress: bool = True,
     cache = row_cache_path(npz_path)
     rows = _fresh_cache(cache, npz_path, n_rows)
     if rows is None:
+        if why:
+            log(f"note: {why}; caching its rows in {cache} ({RECORD_BYTES} B per sample)")
         try:
             _write_row_cache(npz_path, cache, n_rows, progress)
         except OSError as err:
@@ -309,17 +337,147 @@ def _read_rows_into_memory(npz_path: str, n_rows: int) -> np.ndarray:
     return rows
 
 
-class PackedRows:
-    """Several row arrays (e.g. one per day) read as one (n, R) int32 array, days in order.
+# --------------------------------------------------------------------------------------------------
+# Mapping uncompressed npz members in place
+# --------------------------------------------------------------------------------------------------
 
-    Memory-mapped arrays are reopened from their cache file after pickling, so a DataLoader worker
-    never receives a copy of the data.
+@dataclass(frozen=True)
+class StoredArray:
+    """Where the array of an uncompressed ("stored") npz member lies in its file, to map it."""
+
+    path: str
+    key: str
+    offset: int                     # first byte of the array data in the file
+    dtype: np.dtype
+    shape: Tuple[int, ...]
+    fortran_order: bool
+
+    def open(self) -> np.ndarray:
+        """The array, memory-mapped read-only (an empty array when it has no elements)."""
+        if 0 in self.shape:
+            return np.empty(self.shape, self.dtype)
+        mapped = np.memmap(self.path, self.dtype, "r", self.offset, self.shape,
+                           "F" if self.fortran_order else "C")
+        return mapped.view(np.ndarray)
+
+
+def _stored_array(path: str, stream, info: zipfile.ZipInfo, key: str) -> Optional[StoredArray]:
+    """Locate the array of npz member ``info`` in ``stream`` (the npz opened for reading).
+
+    The member data starts after its local file header (30 bytes + file name + extra field, the
+    lengths read from that header, not from the central directory), with the .npy header first.
+    None when the member cannot be mapped: compressed, encrypted, an unusual .npy version,
+    non-numeric values, or shorter than its header says.
+    """
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    stream.seek(info.header_offset)
+    local = stream.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        return None
+    name_length, extra_length = struct.unpack("<2H", local[26:30])
+    start = info.header_offset + 30 + name_length + extra_length
+    stream.seek(start)
+    try:
+        header = _read_npy_header(stream)
+    except ValueError:
+        return None
+    if header is None or header[2].kind not in "biuf":
+        return None
+    shape, fortran_order, dtype = header
+    offset = stream.tell()
+    end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end > start + info.compress_size or end > os.fstat(stream.fileno()).st_size:
+        return None
+    return StoredArray(path, key, offset, dtype, tuple(shape), bool(fortran_order))
+
+
+def map_npz_in_place(path: str) -> Optional[Tuple[StoredArray, StoredArray, StoredArray]]:
+    """The (y, X_int, X_cat) arrays of a processed / reordered npz located for mapping in place,
+    after checking their shapes; None when one of them cannot be (see ``_stored_array``)."""
+    npz_row_count(path)
+    with _open_npz(path) as archive, open(path, "rb") as stream:
+        found = tuple(_stored_array(path, stream, archive.getinfo(key + ".npy"), key)
+                      for key, _ in _NPZ_ARRAYS)
+    return None if any(member is None for member in found) else found
+
+
+class NpzColumns:
+    """The rows of one npz read from its three arrays, memory-mapped in place.
+
+    Values are checked to be exact 32-bit integers as they are read, block by block (a few
+    microseconds per batch), so opening costs no pass over the data. Pickles as the file layout
+    only: a DataLoader worker maps the file again.
     """
 
-    def __init__(self, arrays: Sequence[np.ndarray], cache_paths: Sequence[Optional[str]]):
-        self._arrays: List[Optional[np.ndarray]] = list(arrays)
+    def __init__(self, members: Sequence[StoredArray]):
+        self.members = tuple(members)               # y (n,), X_int (n, M), X_cat (n, T)
+        self._arrays: Optional[Tuple[np.ndarray, ...]] = None
+
+    def __len__(self) -> int:
+        return self.members[0].shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def read(self, index) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``index`` (a slice or (P,) positions) as int32 labels (P,), dense (P, M) and
+        sparse (P, T); DataError naming the file if a value is not a 32-bit integer."""
+        if self._arrays is None:
+            self._arrays = tuple(member.open() for member in self.members)
+        return tuple(_exact_int32(array[index], member.path, member.key)
+                     for member, array in zip(self.members, self._arrays))
+
+
+def open_npz_rows(npz_path: str, progress: bool = True, log: Callable[[str], None] = print
+                  ) -> Tuple[object, Optional[str]]:
+    """The rows of a processed / reordered npz for the loaders, without copying them.
+
+    Uncompressed files (data_utils.py writes them) are mapped in place (an ``NpzColumns``); a row
+    cache left there by an earlier version is removed. Others (the reference's compressed files)
+    are read through the row cache of ``open_rows``, with a note to ``log`` when it is built.
+
+    Returns:
+        (rows, cache path or None): an ``NpzColumns`` or an (n, R) int32 packed-row array, as
+        ``PackedRows`` takes them.
+    """
+    members = map_npz_in_place(npz_path)
+    if members is None:
+        return open_rows(npz_path, progress, log,
+                         why=f"{npz_path} is compressed or otherwise cannot be mapped in place")
+    stale = row_cache_path(npz_path)
+    if os.path.exists(stale):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
+            log(f"note: removed {stale}, not needed any more ({npz_path} is mapped in place)")
+    return NpzColumns(members), None
+
+
+def _split_rows(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed (P, R) rows as views: labels (P,), dense (P, M), sparse (P, T)."""
+    return rows[:, 0], rows[:, 1:1 + DENSE_FEATURES], rows[:, 1 + DENSE_FEATURES:]
+
+
+def _pack_rows(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    """The three arrays of P samples as (P, R) int32 packed rows."""
+    rows = np.empty((labels.shape[0], ROW_COLUMNS), np.int32)
+    rows[:, 0], rows[:, 1:1 + DENSE_FEATURES], rows[:, 1 + DENSE_FEATURES:] = labels, dense, sparse
+    return rows
+
+
+class PackedRows:
+    """Several files' rows (e.g. one per day) read as one array of n rows, days in order.
+
+    Each part is either an (n_i, R) int32 packed-row array (a row cache, or rows in memory) or an
+    ``NpzColumns`` (an npz mapped in place). Parts with a cache path are reopened from it after
+    pickling and ``NpzColumns`` pickle as their layout, so a DataLoader worker never receives a
+    copy of the data.
+    """
+
+    def __init__(self, arrays: Sequence[object], cache_paths: Sequence[Optional[str]]):
+        self._arrays: List[object] = list(arrays)
         self._cache_paths = list(cache_paths)
-        self.offsets = np.concatenate(([0], np.cumsum([a.shape[0] for a in arrays]))).astype(np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum([len(a) for a in arrays]))).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -330,33 +488,49 @@ class PackedRows:
                             for path, array in zip(self._cache_paths, self._arrays)]
         return state
 
-    def _array(self, part: int) -> np.ndarray:
+    def _read(self, part: int, index) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``index`` (slice or positions) of one part as int32 (labels, dense, sparse)."""
         if self._arrays[part] is None:
             self._arrays[part] = np.load(self._cache_paths[part], mmap_mode="r")
-        return self._arrays[part]
+        array = self._arrays[part]
+        if isinstance(array, NpzColumns):
+            return array.read(index)
+        return _split_rows(array[index])
 
-    def slice(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as (stop - start, R); a view when they lie in one part."""
+    def columns(self, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [start, stop) as int32 labels (P,), dense (P, M), sparse (P, T), P = stop - start."""
         part = int(np.searchsorted(self.offsets, start, side="right")) - 1
         pieces = []
         while start < stop:
             end = min(stop, int(self.offsets[part + 1]))
-            pieces.append(self._array(part)[start - self.offsets[part]:end - self.offsets[part]])
+            base = int(self.offsets[part])
+            pieces.append(self._read(part, slice(start - base, end - base)))
             start, part = end, part + 1
         if len(pieces) == 1:
             return pieces[0]
-        return np.concatenate(pieces) if pieces else np.empty((0, ROW_COLUMNS), np.int32)
+        if not pieces:
+            return _split_rows(np.empty((0, ROW_COLUMNS), np.int32))
+        return tuple(np.concatenate(arrays) for arrays in zip(*pieces))
 
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        """Rows at arbitrary ``positions`` (P,) as a (P, R) array."""
+    def take_columns(self, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows at arbitrary ``positions`` (P,), as ``columns`` returns them."""
         if len(self._arrays) == 1:
-            return self._array(0)[positions]
+            return self._read(0, positions)
         part = np.searchsorted(self.offsets, positions, side="right") - 1
-        rows = np.empty((positions.shape[0], ROW_COLUMNS), np.int32)
+        out = _split_rows(np.empty((positions.shape[0], ROW_COLUMNS), np.int32))
         for p in np.unique(part):
             mask = part == p
-            rows[mask] = self._array(int(p))[positions[mask] - self.offsets[p]]
-        return rows
+            for target, values in zip(out, self._read(int(p), positions[mask] - self.offsets[p])):
+                target[mask] = values
+        return out
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as (stop - start, R) int32 packed rows."""
+        return _pack_rows(*self.columns(start, stop))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary ``positions`` (P,) as (P, R) int32 packed rows."""
+        return _pack_rows(*self.take_columns(positions))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,20 +567,20 @@ class CriteoSplit:
         """Sample ``position`` as the reference returns it: (dense (M,), sparse ids (T,), label)."""
         if not 0 <= position < self.num_samples:
             raise IndexError(f"sample {position} out of range 0..{self.num_samples - 1}")
-        row = self._rows(position, position + 1)[0]
-        sparse = row[1 + DENSE_FEATURES:].astype(np.int64)
+        labels, dense, sparse = self._columns(position, position + 1)
+        sparse = sparse[0].astype(np.int64)
         if self.max_ind_range > 0:
             sparse %= self.max_ind_range
-        return row[1:1 + DENSE_FEATURES].copy(), sparse, np.float32(row[0])
+        return dense[0].copy(), sparse, np.float32(labels[0])
 
-    def _rows(self, first: int, last: int) -> np.ndarray:
+    def _columns(self, first: int, last: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.order is None:
-            return self.rows.slice(self.start + first, self.start + last)
-        return self.rows.take(self.order[first:last])
+            return self.rows.columns(self.start + first, self.start + last)
+        return self.rows.take_columns(self.order[first:last])
 
     def batch(self, first: int, last: int) -> Batch:
         """Samples [first, last) as one Batch of B = last - first samples."""
-        return rows_to_batch(self._rows(first, last), self.max_ind_range)
+        return columns_to_batch(*self._columns(first, last), max_ind_range=self.max_ind_range)
 
 
 class CriteoBatches(Dataset):
@@ -588,12 +762,12 @@ def _feature_counts(path: str) -> np.ndarray:
 def _processed_file_split(cfg: CriteoLoaderConfig, paths, processed_file: str, split: str,
                           rng: np.random.RandomState, log: Callable[[str], None]) -> CriteoSplit:
     """A split of the all-days processed npz (the reference's non-memory-map CriteoDataset)."""
-    rows, cache = open_rows(processed_file, cfg.progress, log)
+    rows, cache = open_npz_rows(processed_file, cfg.progress, log)
     counts = _feature_counts(processed_file)
     log(f"Sparse fea = {len(counts)}, Dense fea = {DENSE_FEATURES}")
     day_counts = _day_counts(paths.day_count_file(), paths.days)
-    if day_counts.sum() != rows.shape[0]:
-        raise DataError(f"{processed_file}: {rows.shape[0]} samples, but "
+    if day_counts.sum() != len(rows):
+        raise DataError(f"{processed_file}: {len(rows)} samples, but "
                         f"{paths.day_count_file()} counts {day_counts.sum()}")
     start, stop, order = reference_split(day_counts, split, cfg.randomize, rng, log)
     log("Split data according to indices...")
@@ -612,9 +786,9 @@ def _day_files_split(cfg: CriteoLoaderConfig, paths, split: str,
     days = range(paths.days - 1) if split == "train" else [paths.days - 1]
     arrays, caches = [], []
     for day in days:
-        rows, cache = open_rows(paths.reordered_day(day), cfg.progress, log)
-        if rows.shape[0] != day_counts[day]:
-            raise DataError(f"{paths.reordered_day(day)}: {rows.shape[0]} samples, but "
+        rows, cache = open_npz_rows(paths.reordered_day(day), cfg.progress, log)
+        if len(rows) != day_counts[day]:
+            raise DataError(f"{paths.reordered_day(day)}: {len(rows)} samples, but "
                             f"{paths.day_count_file()} counts {day_counts[day]} for day {day}")
         arrays.append(rows)
         caches.append(cache)

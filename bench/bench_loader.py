@@ -2,9 +2,11 @@
 
 Writes a processed Kaggle-like data set of ``--rows`` samples (random values, the real Kaggle table
 sizes of spec §2.3) in the preprocessing's formats: the all-days processed npz, the day and feature
-counts and the seven reordered day files. Then, for the in-memory mode (randomize total and none)
-and the memory-map mode, it builds the loaders with ``make_criteo_data_and_loaders`` and times
-``--batches`` batches of the train loader (batch ``--batch-size``, main process) per repeat.
+counts and the seven reordered day files, twice: uncompressed as data_utils.py writes them (read in
+place) and compressed as the reference writes them (read through a row cache). Then, for each, in
+the in-memory mode (randomize total and none) and the memory-map mode, it builds the loaders with
+``make_criteo_data_and_loaders`` and times ``--batches`` batches of the train loader (batch
+``--batch-size``, main process) per repeat.
 
 Usage:
     python bench/bench_loader.py [--rows 2000000] [--batch-size 128] [--batches 2000]
@@ -32,8 +34,13 @@ KAGGLE_TABLE_SIZES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 9314
                       142572)
 
 
-def write_fake_processed(data_dir: str, rows: int, seed: int = 0) -> Dict[str, str]:
-    """Write processed-format Kaggle files for ``rows`` samples; returns raw and processed paths."""
+def write_fake_processed(data_dir: str, rows: int, compressed: bool,
+                         seed: int = 0) -> Dict[str, str]:
+    """Write processed-format Kaggle files for ``rows`` samples; returns raw and processed paths.
+
+    compressed: np.savez_compressed with float64 X_cat (the reference's files), else np.savez with
+    data_utils.py's dtypes (int32, and float64 X_int / y in the reordered files).
+    """
     os.makedirs(data_dir, exist_ok=True)
     raw = os.path.join(data_dir, "train.txt")
     processed = os.path.join(data_dir, "kaggleAdDisplayChallenge_processed.npz")
@@ -43,7 +50,8 @@ def write_fake_processed(data_dir: str, rows: int, seed: int = 0) -> Dict[str, s
     counts = np.array(KAGGLE_TABLE_SIZES, dtype=np.int32)
     day_sizes = [rows // 7 + (1 if d < rows % 7 else 0) for d in range(7)]
     x_int = np.floor(np.exp(gen.normal(1.5, 1.5, size=(rows, 13)))).astype(np.int32)
-    x_cat = np.floor(gen.random((rows, 26)) * counts).astype(np.float64)
+    x_cat = np.floor(gen.random((rows, 26)) * counts).astype(np.float64 if compressed else np.int32)
+    save = np.savez_compressed if compressed else np.savez
     y = (gen.random(rows) < 0.25).astype(np.int32)
     stem = os.path.join(data_dir, "train")
     np.savez_compressed(stem + "_day_count.npz", total_per_file=np.array(day_sizes))
@@ -51,9 +59,9 @@ def write_fake_processed(data_dir: str, rows: int, seed: int = 0) -> Dict[str, s
     bounds = np.cumsum([0] + day_sizes)
     for day in range(7):
         part = slice(bounds[day], bounds[day + 1])
-        np.savez_compressed(f"{stem}_day_{day}_reordered.npz", X_int=x_int[part].astype(np.float64),
-                            X_cat=x_cat[part], y=y[part].astype(np.float64))
-    np.savez_compressed(processed + ".tmp.npz", X_cat=x_cat, X_int=x_int, y=y, counts=counts)
+        save(f"{stem}_day_{day}_reordered.npz", X_int=x_int[part].astype(np.float64),
+             X_cat=x_cat[part], y=y[part].astype(np.float64))
+    save(processed + ".tmp.npz", X_cat=x_cat, X_int=x_int, y=y, counts=counts)
     os.replace(processed + ".tmp.npz", processed)
     return {"raw": raw, "processed": processed}
 
@@ -142,10 +150,13 @@ def write_results(path: str, args, rows: List[Dict[str, str]]) -> None:
              f"Command: `python bench/bench_loader.py --rows {args.rows} --batch-size "
              f"{args.batch_size} --batches {args.batches} --repeats {args.repeats}`", "",
              f"Data: {args.rows} Kaggle-shaped samples (random values, real Kaggle table sizes), "
-             f"processed npz + 7 reordered day files, compressed. Batch {args.batch_size}, main "
+             f"processed npz + 7 reordered day files, written uncompressed as data_utils.py does "
+             f"(mapped in place) and compressed as the reference does (read through row caches). "
+             f"Batch {args.batch_size}, main "
              f"process (num_workers=0). Times are ms per batch over {args.batches} batches, median "
              f"and min-max over {args.repeats} repeats; the files sit in the page cache (just written). "
-             "Build = first construction (writes the row caches) / later construction.", "",
+             "Build = first construction (writes the row caches of compressed files) / later "
+             "construction.", "",
              "| mode | access | ms/batch median | spread (min-max) | build cold / warm |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['access']} | {r['median']} | {r['spread']} | {r['build']} |"
@@ -172,18 +183,23 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default="bench/out/results_loader.md", help="where to write the table (copy it into bench/RESULTS.md)")
     args = parser.parse_args(argv)
     args.load_before = os.getloadavg()[0]
-    files = write_fake_processed(args.data_dir, args.rows)
-    base = dict(data_set="kaggle", raw_data_file=files["raw"], processed_data_file=files["processed"],
-                batch_size=args.batch_size, test_batch_size=16384, progress=False)
     modes = [("in-memory, randomize total", dict(randomize="total")),
              ("in-memory, randomize none", dict(randomize="none")),
              ("memory-map", dict(memory_map=True))]
-    rows = []
-    for name, extra in modes:
-        rows += measure_mode(name, criteo_data.CriteoLoaderConfig(**base, **extra), args.data_dir,
-                             args)
-        print(rows[-2], rows[-1], sep="\n", flush=True)
-    rows.append(measure_per_sample(criteo_data.CriteoLoaderConfig(**base, randomize="total"), args))
+    rows, in_place = [], None
+    for layout, compressed in (("in place", False), ("compressed, row cache", True)):
+        data_dir = os.path.join(args.data_dir, "compressed" if compressed else "uncompressed")
+        files = write_fake_processed(data_dir, args.rows, compressed)
+        base = dict(data_set="kaggle", raw_data_file=files["raw"],
+                    processed_data_file=files["processed"], batch_size=args.batch_size,
+                    test_batch_size=16384, progress=False)
+        in_place = in_place or base
+        for name, extra in modes:
+            cfg = criteo_data.CriteoLoaderConfig(**base, **extra)
+            rows += measure_mode(f"{layout}: {name}", cfg, data_dir, args)
+            print(rows[-2], rows[-1], sep="\n", flush=True)
+    rows.append(measure_per_sample(criteo_data.CriteoLoaderConfig(**in_place, randomize="total"),
+                                   args))
     print(rows[-1])
     write_results(args.results, args, rows)
     return 0

@@ -56,21 +56,31 @@ def spec_paths(data_set, raw_data_file):
                                       if data_set == "kaggle" else "terabyte_processed.npz"))
 
 
-def write_dataset(tmp_path, data_set, day_sizes, rows):
-    """Write day counts, feature counts, the all-days processed npz and the reordered day files."""
+def write_dataset(tmp_path, data_set, day_sizes, rows, compressed=True, x_cat_dtype=np.float64):
+    """Write day counts, feature counts, the all-days processed npz and the reordered day files.
+
+    compressed=True: as the reference writes them (np.savez_compressed); False: uncompressed, as
+    data_utils.py writes them. X_cat is stored as ``x_cat_dtype``, X_int and y of the reordered
+    files as float64.
+    """
     x_int, x_cat, y = rows
     raw = str(tmp_path / ("train.txt" if data_set == "kaggle" else "day"))
     paths = spec_paths(data_set, raw)
+    save = np.savez_compressed if compressed else np.savez
     np.savez_compressed(paths.day_count_file(), total_per_file=np.array(day_sizes))
     np.savez_compressed(paths.fea_count_file(), counts=COUNTS)
-    np.savez_compressed(paths.output_file(), X_cat=x_cat.astype(np.float64), X_int=x_int, y=y,
-                        counts=COUNTS)
+    save(paths.output_file(), X_cat=x_cat.astype(x_cat_dtype), X_int=x_int, y=y, counts=COUNTS)
     bounds = np.cumsum([0] + list(day_sizes))
     for day in range(len(day_sizes)):
         part = slice(bounds[day], bounds[day + 1])
-        np.savez_compressed(paths.reordered_day(day), X_cat=x_cat[part].astype(np.float64),
-                            X_int=x_int[part].astype(np.float64), y=y[part].astype(np.float64))
+        save(paths.reordered_day(day), X_cat=x_cat[part].astype(x_cat_dtype),
+             X_int=x_int[part].astype(np.float64), y=y[part].astype(np.float64))
     return raw, paths.output_file()
+
+
+def without_notes(logs):
+    """The log lines the reference prints: ours (about row caches) start with 'note: '."""
+    return [line for line in logs if not line.startswith("note: ")]
 
 
 @pytest.fixture
@@ -170,8 +180,13 @@ def test_batches_and_draws_match_the_reference(kaggle, randomize):
     per_split += ["Defined {} indices..."]
     per_split += ["Randomized indices across days ..."] if randomize == "total" else []
     per_split += ["Split data according to indices..."]
-    assert logs == [line.format("train") for line in per_split] + \
-                   [line.format("test") for line in per_split]
+    assert without_notes(logs) == [line.format("train") for line in per_split] + \
+                                  [line.format("test") for line in per_split]
+    # the compressed (reference-made) file needs a row cache: one note, when it is built
+    assert [line for line in logs if line.startswith("note: ")] == [
+        f"note: {kaggle.processed} is compressed or otherwise cannot be mapped in place; caching "
+        f"its rows in {kaggle.tmp / 'kaggleAdDisplayChallenge_processed.rows.npy'} "
+        "(160 B per sample)"]
 
 
 def test_val_split_is_the_second_half_of_the_last_day(kaggle):
@@ -258,6 +273,118 @@ def test_preprocessing_runs_first_and_its_output_is_used(kaggle, fake_data_utils
 
 
 # --------------------------------------------------------------------------------------------------
+# Uncompressed files (data_utils.py's) are mapped in place; compressed ones go through the row cache
+# --------------------------------------------------------------------------------------------------
+
+def row_caches(directory):
+    return sorted(name for name in os.listdir(directory) if name.endswith(".rows.npy"))
+
+
+@pytest.mark.parametrize("x_cat_dtype", [np.int32, np.float64])
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_in_place_maps_yield_the_batches_of_the_row_cache(tmp_path, fake_data_utils, memory_map,
+                                                          x_cat_dtype):
+    rows = make_rows(KAGGLE_DAY_SIZES, seed=6)
+    loaded = {}
+    for layout in ("compressed", "uncompressed"):
+        (tmp_path / layout).mkdir()
+        raw, processed = write_dataset(tmp_path / layout, "kaggle", KAGGLE_DAY_SIZES, rows,
+                                       compressed=layout == "compressed", x_cat_dtype=x_cat_dtype)
+        fixture = SimpleNamespace(raw=raw, processed=processed)
+        cfg = config(fixture, memory_map=memory_map, randomize="total", max_ind_range=70)
+        loaded[layout] = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(8),
+                                                         lambda _: None)
+    mapped, cached = loaded["uncompressed"], loaded["compressed"]
+    for name in ("train_loader", "test_loader"):
+        assert_same_batches(getattr(mapped, name), list(getattr(cached, name)))
+    n_train = sum(KAGGLE_DAY_SIZES[:-1])
+    order = (np.arange(n_train) if memory_map
+             else np.random.RandomState(8).permutation(n_train))
+    samples = [(rows[0][i], rows[1][i].astype(np.float64), rows[2][i]) for i in order]
+    assert_same_batches(mapped.train_loader, reference_batches(samples, 32, max_ind_range=70))
+
+    assert row_caches(tmp_path / "uncompressed") == []
+    assert len(row_caches(tmp_path / "compressed")) == (6 + 1 if memory_map else 1)
+    assert all(isinstance(part, cd.NpzColumns) for part in mapped.train_data.rows._arrays)
+    blob = pickle.dumps(mapped.train_loader.dataset)   # what workers receive: the order, no rows
+    assert len(blob) < 4096 + (0 if memory_map else order.nbytes)
+    assert_same_batches([pickle.loads(blob)[5]], [mapped.train_loader.dataset[5]])
+
+
+def test_workers_read_in_place_maps(tmp_path, fake_data_utils):
+    rows = make_rows(KAGGLE_DAY_SIZES, seed=2)
+    raw, processed = write_dataset(tmp_path, "kaggle", KAGGLE_DAY_SIZES, rows, compressed=False)
+    cfg = config(SimpleNamespace(raw=raw, processed=processed), memory_map=True, num_workers=2)
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), lambda _: None)
+    samples = [(rows[0][i], rows[1][i].astype(np.float64), rows[2][i])
+               for i in range(sum(KAGGLE_DAY_SIZES[:-1]))]
+    assert_same_batches(data.train_loader, reference_batches(samples, 32))
+    assert row_caches(tmp_path) == []
+
+
+def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
+    x_int, x_cat, y = make_rows([37], seed=3)
+    path = str(tmp_path / "odd.npz")
+    np.savez(path, y=y.astype(">f8"), X_cat=np.asfortranarray(x_cat.astype(np.int64)),
+             X_int=np.asfortranarray(x_int.astype(np.float64)), counts=COUNTS)
+    notes = []
+    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    assert isinstance(rows, cd.NpzColumns) and cache is None and notes == []
+    assert [m.fortran_order for m in rows.members] == [False, True, True]
+    labels, dense, sparse = rows.read(slice(0, 37))
+    for got, want in ((labels, y), (dense, x_int), (sparse, x_cat)):
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
+    positions = np.array([36, 0, 5, 5, 17])
+    np.testing.assert_array_equal(rows.read(positions)[2], x_cat[positions])
+    assert row_caches(tmp_path) == []
+
+    np.savez(str(tmp_path / "empty.npz"), X_int=x_int[:0], X_cat=x_cat[:0], y=y[:0])
+    empty, _ = cd.open_npz_rows(str(tmp_path / "empty.npz"), progress=False)
+    assert len(empty) == 0
+    assert cd.PackedRows([empty, rows], [None, None]).slice(0, 2).shape == (2, 40)
+
+
+def test_compressed_file_is_cached_once_and_a_stale_cache_of_a_mapped_file_removed(tmp_path):
+    x_int, x_cat, y = make_rows([50], seed=5)
+    path = str(tmp_path / "ref.npz")
+    np.savez_compressed(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)
+    notes = []
+    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    assert cache == str(tmp_path / "ref.rows.npy") and isinstance(rows, np.memmap)
+    np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
+    cd.open_npz_rows(path, progress=False, log=notes.append)              # reuses the cache
+    assert len(notes) == 1 and notes[0].startswith(f"note: {path} is compressed")
+
+    np.savez(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)     # now uncompressed
+    notes = []
+    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    assert isinstance(rows, cd.NpzColumns) and cache is None
+    assert row_caches(tmp_path) == [] and notes == [
+        f"note: removed {tmp_path / 'ref.rows.npy'}, not needed any more "
+        f"({path} is mapped in place)"]
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("X_cat", 1.5, "1.5"), ("y", 2.0**31, "2147483648.0"), ("X_int", np.nan, "nan")])
+def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, value, shown):
+    arrays = dict(zip(("X_int", "X_cat", "y"), (a.astype(np.float64) for a in make_rows([30]))))
+    arrays[key][(20, 3) if arrays[key].ndim == 2 else 20] = value
+    path = str(tmp_path / "bad.npz")
+    np.savez(path, **arrays)
+    rows, _ = cd.open_npz_rows(path, progress=False)
+    packed = cd.PackedRows([rows], [None])
+    packed.columns(0, 20)                                               # rows before it are fine
+    message = rf"bad.npz: array '{key}' holds {shown}, which is not a 32-bit integer"
+    with pytest.raises(DataError, match=message):
+        packed.columns(16, 24)
+    with pytest.raises(DataError, match=message):
+        packed.take_columns(np.array([3, 20]))
+    with pytest.raises(DataError, match=message):                      # the row cache, as before
+        cd.open_rows(path, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
 # Memory-map (reordered day files) mode
 # --------------------------------------------------------------------------------------------------
 
@@ -270,7 +397,7 @@ def test_memory_map_and_in_memory_modes_yield_the_same_samples(kaggle):
     assert_same_batches(mapped.train_loader, list(in_memory.train_loader))
     assert_same_batches(mapped.test_loader, list(in_memory.test_loader))
     assert rng.randint(1 << 30) == np.random.RandomState(3).randint(1 << 30)   # no draws
-    assert logs == ["Sparse features= 26, Dense features= 13"] * 2
+    assert without_notes(logs) == ["Sparse features= 26, Dense features= 13"] * 2
     assert mapped.table_sizes == in_memory.table_sizes
 
 
@@ -494,3 +621,4 @@ def test_end_to_end_from_raw_text(tmp_path, memory_map):
     assert_same_batches(data.test_loader, reference_batches(samples[4 * 31 + 2 * 30:][:15], 7))
     assert data.table_sizes == tuple(len(set(column)) for column in hashes.T)
     assert rng.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)   # nothing drawn
+    assert row_caches(tmp_path) == []                   # data_utils.py's files are mapped in place
