@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -1109,6 +1110,7 @@ def run(ns: argparse.Namespace) -> None:
     mlperf.start("init_start")
     rng = np.random.RandomState(ns.seed)  # the reference's global NumPy stream, as an object
     torch.manual_seed(ns.seed)
+    torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out: torch warns otherwise
     dist = DistInfo() if ns.debug_mode else init_distributed(ns.local_rank, ns.use_gpu, ns.dist_backend)
     log = Logger(dist)
     if not ns.debug_mode:
@@ -1163,10 +1165,12 @@ def quantize_for_inference(model: DLRM, ns: argparse.Namespace) -> nn.Module:
         model.emb_l = QuantizedTables(model.emb_l, ns.quantize_emb_bits)
     if ns.quantize_mlp_bits == 32:
         return model
-    from torch.ao.quantization import quantize_dynamic
-
     dtype = torch.qint8 if ns.quantize_mlp_bits == 8 else torch.float16
-    return quantize_dynamic(model, {nn.Linear}, dtype)
+    with warnings.catch_warnings():  # the reference's dynamic quantization API, deprecated upstream
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {nn.Linear}, dtype)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
