@@ -221,3 +221,48 @@ def test_bf16_mixed_precision_is_close_and_keeps_float32_parameters(run_main):
     model = dlrm.DLRM(tiny_model_config(mixed_precision="bf16"), np.random.RandomState(1))
     out = model(torch.rand(2, 4), torch.tensor([[0, 1]] * 3), torch.tensor([[0, 1]] * 3))
     assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bug10_debug_mode_trains_learned_pooling_weights(run_main, tmp_path, monkeypatch):
+    """spec §8 bug 10: in debug mode the reference left learned pooling weights out of the optimizer."""
+    seen = {}
+    real = dlrm.make_optimizer
+
+    def spy(name, model, lr):
+        opt = real(name, model, lr)
+        seen["params"] = [p for g in opt.param_groups for p in g["params"]]
+        seen["model"] = model
+        return opt
+
+    monkeypatch.setattr(dlrm, "make_optimizer", spy)
+    code, _, err = run_main(*SMALL, "--debug-mode", "--weighted-pooling=learned")
+    assert code == 0, err
+    model = seen["model"]
+    assert len(seen["params"]) == len(list(model.parameters()))
+    assert any(not torch.equal(w, torch.ones_like(w)) for w in model.v_W_l)  # they moved
+
+
+def test_bug12_evaluation_is_not_limited_by_num_batches():
+    """spec §8 bug 12: the reference stopped testing after --num-batches test batches."""
+    from dlrm_data_pytorch import BatchLoader, RandomDataConfig, RandomDataset
+
+    cfg = RandomDataConfig(dense_dim=4, table_sizes=(4, 3, 2), data_size=10, batch_size=2, round_targets=True)
+    seen = []
+
+    class Counting(BatchLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.append(batch.labels.shape[0])
+                yield batch
+
+    model = dlrm.DLRM(tiny_model_config(), np.random.RandomState(0))
+    parts = dlrm.RunParts(model=model, loss_fn=dlrm.make_loss("mse"), optimizer=None, scheduler=None,
+                          train_loader=None, test_loader=Counting(RandomDataset(cfg, np.random.RandomState(1))),
+                          nbatches=2, nbatches_test=5, device=torch.device("cpu"), log=lambda *_: None)
+    dlrm.evaluate(parts, dlrm.TrainConfig(num_batches=2), dlrm.TrainState(), log_iter=0)
+    assert seen == [2, 2, 2, 2, 2]
+
+
+def test_bug17_plot_compute_graph_is_refused_before_training(run_main):
+    code, out, err = run_main(*SMALL, "--plot-compute-graph")
+    assert code == 2 and "torchviz" in err and "Finished" not in out
