@@ -284,12 +284,11 @@ def validate_args(ns: argparse.Namespace) -> None:
 
 
 def top_mlp_input_width(interaction: str, itself: bool, num_tables: int, dense_out: int) -> int:
-    """W: the interaction's output width (spec §1.4), the top MLP's first width."""
+    """W: the interaction's output width (spec §1.4), the top MLP's first width. The interaction
+    classes own the formula (``output_width``); this only picks the class."""
     features = num_tables + 1
-    if interaction == "dot":
-        pairs = features * (features + 1) // 2 if itself else features * (features - 1) // 2
-        return pairs + dense_out
-    return features * dense_out
+    layer = DotInteraction(features, itself) if interaction == "dot" else CatInteraction(features)
+    return layer.output_width(dense_out)
 
 
 def model_config(ns: argparse.Namespace, table_sizes: Sequence[int], dense_dim: int) -> ModelConfig:
@@ -981,7 +980,7 @@ def _make_writer(name: str):
 
 
 @contextmanager
-def _profiling(enabled: bool, use_cuda: bool, log: Callable[[str], None]):
+def _profiling(enabled: bool, use_cuda: bool):
     """torch.profiler around the run; afterwards the reference's three files (spec §1.9)."""
     if not enabled:
         yield
@@ -1140,7 +1139,7 @@ def run(ns: argparse.Namespace) -> None:
                            ns.lr_decay_start_step, ns.lr_num_decay_steps)
     parts.mlperf, parts.writer = mlperf, _make_writer(ns.tensor_board_filename)
     try:
-        with _profiling(ns.enable_profiling, device.type == "cuda", log):
+        with _profiling(ns.enable_profiling, device.type == "cuda"):
             if ns.inference_only:
                 log("Testing for inference only")
                 evaluate(parts, tcfg, state, log_iter=0)
