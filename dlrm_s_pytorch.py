@@ -496,9 +496,9 @@ class DotInteraction(nn.Module):
     def __init__(self, num_features: int, self_interaction: bool = False):
         super().__init__()
         extra = 1 if self_interaction else 0
-        rows, cols = zip(*[(i, j) for i in range(num_features) for j in range(i + extra)]) if num_features > 1 or extra else ((), ())
-        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
-        self.register_buffer("cols", torch.tensor(cols, dtype=torch.long), persistent=False)
+        pairs = [(i, j) for i in range(num_features) for j in range(i + extra)]  # row by row
+        self.register_buffer("rows", torch.tensor([i for i, _ in pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("cols", torch.tensor([j for _, j in pairs], dtype=torch.long), persistent=False)
 
     def output_width(self, dim: int) -> int:
         return dim + self.rows.numel()
