@@ -9,6 +9,7 @@ part only (what the reference reports). Also times building the model (start to 
     python bench/bench_random.py --iters 30 --repeats 3
     python bench/bench_random.py --kaggle-build      # time building the Kaggle-shaped model only
     python bench/bench_random.py --kaggle-step       # a Kaggle-model training step at batch 128
+    python bench/bench_random.py --interleaved 10    # ours vs the reference's data generation, alternating
 """
 from __future__ import annotations
 
@@ -84,6 +85,50 @@ def kaggle_step(steps, batch=128):
     return times[3:]
 
 
+def interleaved(iters):
+    """End-to-end ms/it of the reference CPU configuration, alternating iterations that generate the
+    batch with our vectorised generator and with the reference's per-sample algorithm (same numbers,
+    same training step), so that both see the same machine state. Returns (ours, reference-style)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import dlrm_s_pytorch as dlrm
+    from bench_datagen import per_sample_batch
+    from dlrm_data_pytorch import RandomDataConfig, generate_random_batch
+
+    sizes = (1000000,) * 8
+    cfg = dlrm.ModelConfig(embedding_dim=64, table_sizes=sizes, bottom_mlp=(512, 512, 64),
+                           top_mlp=(dlrm.top_mlp_input_width("dot", False, 8, 64), 1024, 1024, 1024, 1))
+    model = dlrm.DLRM(cfg, np.random.RandomState(727))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = dlrm.make_loss("mse")
+    data = RandomDataConfig(dense_dim=512, table_sizes=sizes, num_indices_per_lookup=100, batch_size=2048)
+    rng = np.random.RandomState(727)
+
+    def ours():
+        return generate_random_batch(rng, 2048, data)
+
+    def reference_style():
+        dense, offsets, indices, labels = per_sample_batch(rng, 2048, data)
+        return dlrm.Batch(torch.from_numpy(dense), torch.tensor(offsets), [torch.from_numpy(i) for i in indices],
+                          torch.from_numpy(labels))
+
+    times = {ours: [], reference_style: []}
+    for i in range(2 * iters + 2):
+        make = ours if i % 2 == 0 else reference_style
+        t = time.perf_counter()
+        batch = make()
+        loss = loss_fn(model(batch.dense_x, batch.offsets, batch.indices), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times[make].append(time.perf_counter() - t)
+    return times[ours], times[reference_style]
+
+
 def kaggle_build(repeats):
     """Seconds to build the Kaggle-shaped model (26 tables, 33.8M rows, dim 16)."""
     import numpy as np
@@ -110,11 +155,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="runs")
     ap.add_argument("--kaggle-build", action="store_true", help="only time building the Kaggle-shaped model")
     ap.add_argument("--kaggle-step", action="store_true", help="only time Kaggle-model training steps at batch 128")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="N",
+                    help="N iterations each of ours and of reference-style data generation, alternating")
     ap.add_argument("extra", nargs="*", help="extra flags for dlrm_s_pytorch.py (after --)")
     args = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if args.kaggle_build:
         print("Kaggle-shaped model build:", summary(kaggle_build(args.repeats), unit=" s"))
+        return
+    if args.interleaved:
+        mine, ref = interleaved(args.interleaved)
+        print("end to end, our data generation:", summary(mine, 1000, " ms"))
+        print("end to end, reference-style data generation:", summary(ref, 1000, " ms"))
         return
     if args.kaggle_step:
         print("Kaggle model training step, batch 128:", summary(kaggle_step(args.iters), 1000, " ms"))
