@@ -912,17 +912,23 @@ def _bin_data(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
 
 
 def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
-                                 log: Callable[[str], None] = print) -> CriteoData:
+                                 log: Callable[[str], None] = print,
+                                 preprocess_rng: Optional[np.random.RandomState] = None) -> CriteoData:
     """The reference's ``make_criteo_data_and_loaders`` (§2.4): train then test dataset, and loaders.
+
+    Preprocessing (when needed) draws from ``preprocess_rng`` (default: ``rng``). Given a fresh stream
+    with the run's seed, it draws exactly what the reference drew (preprocessing is the first
+    consumer of its stream), while ``rng`` is left the same whether or not preprocessing ran.
 
     mlperf + memory-map + terabyte reads the MLPerf binary files (``--mlperf-bin-loader``) or streams
     the day files (§3.4); everything else serves batches of a ``CriteoSplit`` through a torch
     DataLoader with ``--num-workers`` / ``--test-num-workers`` workers.
     """
     _check_config(cfg)
+    preprocess_rng = rng if preprocess_rng is None else preprocess_rng
     if cfg.mlperf_bin_loader:
-        return _bin_data(cfg, rng, log)
-    processed_file = _ensure_processed(cfg, rng)  # the reference's second check is a no-op
+        return _bin_data(cfg, preprocess_rng, log)
+    processed_file = _ensure_processed(cfg, preprocess_rng)  # the reference's second check is a no-op
     train = _load_split(cfg, processed_file, "train", rng, log)
     test = _load_split(cfg, processed_file, "test", rng, log)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size

@@ -1039,7 +1039,9 @@ def make_data(ns: argparse.Namespace, rng: np.random.RandomState, log: Logger):
         mlperf_logging=ns.mlperf_logging, mlperf_bin_loader=ns.mlperf_bin_loader,
         mlperf_bin_shuffle=ns.mlperf_bin_shuffle,
     )
-    data = make_criteo_data_and_loaders(cfg, rng, log=log)
+    # Preprocessing gets its own stream with the run's seed: the same draws as the reference's (it was
+    # the first consumer there), and the training stream no longer depends on whether it ran.
+    data = make_criteo_data_and_loaders(cfg, rng, log=log, preprocess_rng=np.random.RandomState(ns.seed))
     return data.train_loader, data.test_loader, data.table_sizes, data.dense_dim
 
 
