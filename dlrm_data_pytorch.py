@@ -14,6 +14,7 @@ Run as a script, this file is the reference's trace-profiling tool (spec §2.2):
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -176,10 +177,14 @@ def _uniform_tables(
 ) -> Tuple[List[np.ndarray], List[np.ndarray], int]:
     """Uniform-distribution bags of every table, reading the stream from ``pos``.
 
+    First every table's bags are located in the stream (in order: each table starts where the
+    previous one ended); then the tables' indices are computed from those fixed draws on two
+    threads (NumPy releases the GIL; the results do not depend on the threads).
+
     Returns (offsets per table, indices per table, position after the last draw).
     """
     k = cfg.num_indices_per_lookup
-    offsets, indices = [], []
+    located = []
     for size in cfg.table_sizes:
         cap = k if cfg.fixed else min(size, k)
         u = stream.ensure(pos + n * (cap + (0 if cfg.fixed else 1)))
@@ -190,15 +195,25 @@ def _uniform_tables(
             starts = _bag_starts(u, pos, n, cap)
             lengths = np.round(np.maximum(1.0, u[starts] * cap)).astype(np.int64)
             first = starts + 1
-        width = max(int(lengths.max()), 1)
-        cols = first[:, None] + np.arange(width)[None, :]
-        draws = u[np.minimum(cols, u.size - 1)]
-        values = np.round(draws * (size - 1)).astype(np.int64)
-        bag_indices, counts = _unique_rows(values, lengths)
-        offsets.append(_offsets_from_counts(counts))
-        indices.append(bag_indices)
+        located.append((u, first, lengths, size))
         pos = int(first[-1] + lengths[-1])
-    return offsets, indices, pos
+    if len(located) > 1:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            tables = list(pool.map(lambda args: _table_bags(*args), located))
+    else:
+        tables = [_table_bags(*args) for args in located]
+    return [t[0] for t in tables], [t[1] for t in tables], pos
+
+
+def _table_bags(u: np.ndarray, first: np.ndarray, lengths: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One table's (offsets, indices): bag i's draws are u[first[i] : first[i] + lengths[i]], each
+    mapped to round(draw * (size - 1)), then sorted and deduplicated within the bag."""
+    width = max(int(lengths.max()), 1)
+    cols = first[:, None] + np.arange(width)[None, :]
+    draws = u[np.minimum(cols, u.size - 1)]
+    values = np.round(draws * (size - 1)).astype(np.int64)
+    bag_indices, counts = _unique_rows(values, lengths)
+    return _offsets_from_counts(counts), bag_indices
 
 
 def _gaussian_bag(rng: np.random.RandomState, count: int, cfg: RandomDataConfig) -> np.ndarray:
