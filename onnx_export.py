@@ -8,6 +8,7 @@ reference labelled them batch-sized, spec §8 bug 16). The file is checked with
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Callable, Dict, List, Tuple
@@ -56,6 +57,8 @@ def export_onnx(model: nn.Module, batch: Batch, path: str, log: Callable[[str], 
     import onnx
 
     model = model.cpu().eval()
+    if getattr(model, "cfg", None) is not None and getattr(model.cfg, "mixed_precision", "none") != "none":
+        model.cfg = dataclasses.replace(model.cfg, mixed_precision="none")  # export the float32 graph
     args, names, axes = _inputs(batch)
     module = model if isinstance(batch.indices, torch.Tensor) else _ListInputs(model)
     log(f"X_onnx.shape {tuple(batch.dense_x.shape)}")

@@ -266,3 +266,12 @@ def test_bug12_evaluation_is_not_limited_by_num_batches():
 def test_bug17_plot_compute_graph_is_refused_before_training(run_main):
     code, out, err = run_main(*SMALL, "--plot-compute-graph")
     assert code == 2 and "torchviz" in err and "Finished" not in out
+
+
+def test_onnx_export_after_bf16_training_is_float32(run_main, tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(*SMALL, "--save-onnx", "--mixed-precision=bf16")
+    assert code == 0, err
+    assert "checked with onnxruntime" in out
