@@ -32,7 +32,8 @@ from torch.profiler import record_function
 
 from checkpoint import as_float, load_checkpoint, save_checkpoint
 from dlrm_common import Batch, CheckpointError, ConfigError, DLRMError, parse_bool
-from extend_distributed import DistInfo, init_distributed
+from extend_distributed import (ButterflyShuffle, DistInfo, all_reduce_sum, average_gradients, gather_objects,
+                                init_distributed, shard, shutdown_distributed)
 from mlperf_logger import MLPerfLogger, make_mlperf_logger
 
 # =============================================================================================
@@ -438,8 +439,51 @@ class QuantizedTables(nn.Module):
         return pooled
 
 
-def build_tables(cfg: ModelConfig, rng: np.random.RandomState) -> PerTableEmbeddings:
-    """The T tables in table order, each drawn from ``rng`` (plain, QR or mixed-dimension)."""
+class ShardedTables(nn.ModuleDict):
+    """This rank's contiguous shard of the tables, in a multi-process run (spec §4).
+
+    Keys are the global table numbers, so the state-dict keys stay ``emb_l.K.weight``. ``forward``
+    has :class:`PerTableEmbeddings`' signature: it looks up the local tables for the whole global
+    batch and returns, through the all-to-all, all T tables' outputs for this rank's batch rows.
+
+    Shape:
+        - offsets: (T, B); indices: (T, N) or list of T (N_t,), for the whole batch.
+        - Output: a list of T tensors (B_local, D).
+    """
+
+    def __init__(self, tables: Dict[int, nn.Module], table_counts: Sequence[int], info: DistInfo):
+        super().__init__({str(k): table for k, table in tables.items()})
+        self.table_counts = list(table_counts)
+        self.info = info
+
+    def forward(self, offsets: torch.Tensor, indices: Union[torch.Tensor, List[torch.Tensor]],
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        local = [table(indices[int(k)], offsets[int(k)]) for k, table in self.items()]  # n_local x (B, D)
+        return list(ButterflyShuffle.apply(self.info, self.table_counts, *local))
+
+
+def _skip_draws(rng: np.random.RandomState, count: int, chunk: int = 1 << 20) -> None:
+    """Advance ``rng`` by ``count`` uniform draws without keeping them (another rank's table)."""
+    for start in range(0, count, chunk):
+        rng.random_sample(min(chunk, count - start))
+
+
+def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo()) -> nn.Module:
+    """The T tables in table order, each drawn from ``rng`` (plain, QR or mixed-dimension).
+
+    In a multi-process run only this rank's shard is kept, but every table's draws are made, so
+    each table holds exactly the values it has in a single process."""
+    if info.world_size > 1:
+        shards = [shard(len(cfg.table_sizes), info.world_size, r) for r in range(info.world_size)]
+        start, stop = shards[info.rank]
+        tables = {}
+        for k, rows in enumerate(cfg.table_sizes):
+            if start <= k < stop:
+                weight = draw_table(rng, rows, cfg.embedding_dim)
+                tables[k] = nn.EmbeddingBag(rows, cfg.embedding_dim, mode="sum", sparse=True, _weight=weight)
+            else:
+                _skip_draws(rng, rows * cfg.embedding_dim)
+        return ShardedTables(tables, [b - a for a, b in shards], info)
     dims = _table_dims(cfg)
     tables = []
     for rows, dim in zip(cfg.table_sizes, dims):
@@ -539,13 +583,14 @@ class DLRM(nn.Module):
 
     Shape:
         - dense_x: (B, M); offsets: (T, B); indices: (T, N) or list of T (N_t,).
-        - Output: (B, 1) probabilities.
+        - Output: (B, 1) probabilities; in a multi-process run (B_local, 1) for this rank's rows.
     """
 
-    def __init__(self, cfg: ModelConfig, rng: np.random.RandomState):
+    def __init__(self, cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo()):
         super().__init__()
         self.cfg = cfg
-        self.emb_l = build_tables(cfg, rng)
+        self.info = info
+        self.emb_l = build_tables(cfg, rng, info)
         if cfg.weighted_pooling == "learned":
             self.v_W_l = nn.ParameterList([nn.Parameter(torch.ones(rows)) for rows in cfg.table_sizes])
         elif cfg.weighted_pooling == "fixed":
@@ -570,6 +615,9 @@ class DLRM(nn.Module):
                 indices: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
         with record_function("DLRM embedding forward"):
             embedded = self.emb_l(offsets, indices, self.pooling_weights())  # T x (B, D)
+        if self.info.world_size > 1:  # this rank's rows of the global batch (spec §4)
+            start, stop = shard(dense_x.shape[0], self.info.world_size, self.info.rank)
+            dense_x = dense_x[start:stop]
         bf16 = self.cfg.mixed_precision == "bf16"
         with torch.autocast(dense_x.device.type, dtype=torch.bfloat16, enabled=bf16):
             with record_function("DLRM bottom nlp forward"):
@@ -744,6 +792,7 @@ class RunParts:
     writer: object = None
     mlperf: MLPerfLogger = field(default_factory=MLPerfLogger)
     save_model: str = ""
+    info: DistInfo = DistInfo()
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -751,6 +800,19 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
         return batch
     indices = batch.indices.to(device) if isinstance(batch.indices, torch.Tensor) else [i.to(device) for i in batch.indices]
     return Batch(batch.dense_x.to(device), batch.offsets.to(device), indices, batch.labels.to(device))
+
+
+def local_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous rows of a whole-batch tensor (all of it in a single process)."""
+    if info.world_size == 1:
+        return tensor
+    start, stop = shard(tensor.shape[0], info.world_size, info.rank)
+    return tensor[start:stop]
+
+
+def _dense_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The data-parallel parameters (everything but the sharded tables)."""
+    return [p for name, p in model.named_parameters() if not name.startswith("emb_l.")]
 
 
 def _sync(device: torch.device) -> float:
@@ -769,17 +831,23 @@ def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int
     model.eval()
     with torch.no_grad():
         for batch in parts.test_loader:
+            if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
+                continue  # as in training (spec §4): every rank needs rows of the batch
             batch = to_device(batch, device)
             probs = model(batch.dense_x, batch.offsets, batch.indices)
+            labels = local_rows(batch.labels, parts.info)
             with record_function("DLRM accuracy compute"):
                 if cfg.mlperf_logging:
                     scores.append(probs.detach().cpu().numpy())
-                    targets.append(batch.labels.detach().cpu().numpy())
+                    targets.append(labels.detach().cpu().numpy())
                 else:
-                    correct += int((torch.round(probs) == batch.labels).sum().item())
-                    samples += batch.labels.shape[0]
+                    correct += int((torch.round(probs) == labels).sum().item())
+                    samples += labels.shape[0]
     model.train()
+    correct, samples = (int(v) for v in all_reduce_sum([correct, samples], parts.info))
     if cfg.mlperf_logging:
+        scores = [x for part in gather_objects(scores, parts.info) for x in part]
+        targets = [x for part in gather_objects(targets, parts.info) for x in part]
         metrics = _sklearn_metrics(np.concatenate(scores).ravel(), np.concatenate(targets).ravel())
         is_best = metrics["roc_auc"] > state.best_auc
         state.best_auc = max(state.best_auc, metrics["roc_auc"])
@@ -830,9 +898,11 @@ def train_step(parts: RunParts, cfg: TrainConfig, batch: Batch, j: int) -> torch
     with record_function("DLRM forward"):
         probs = parts.model(batch.dense_x, batch.offsets, batch.indices)
     with record_function("DLRM loss compute"):
-        loss = parts.loss_fn(probs, batch.labels)
+        loss = parts.loss_fn(probs, local_rows(batch.labels, parts.info))
     with record_function("DLRM backward"):
         (loss / accum if accum > 1 else loss).backward()
+        if parts.info.world_size > 1:
+            average_gradients(_dense_parameters(parts.model), parts.info)
     if (j + 1) % accum == 0:
         parts.optimizer.step()
         parts.scheduler.step()
@@ -850,7 +920,7 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
         return
     log_iter = nb * k + j + 1
     ms = 1000.0 * state.total_time / state.total_iter if cfg.print_time and state.total_iter else -1.0
-    loss = float((state.total_loss / state.total_samples).item()) if state.total_samples else 0.0  # sync point: printing
+    loss = _mean_loss(state, parts.info)  # sync point: printing
     state.total_time, state.total_iter, state.total_samples, state.total_loss = 0.0, 0, 0, None
     wall = time.strftime("%H:%M") if cfg.print_wall_time else None
     parts.log(format_train_line(j + 1, nb, k, ms, loss, wall))
@@ -863,8 +933,20 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     parts.mlperf.end("eval_stop", epoch_num=(j + 1) / nb + k + 1)
     if metrics["is_best"] and parts.save_model:
         parts.log(f"Saving model to {parts.save_model}")
-        save_checkpoint(parts.save_model, _checkpoint_payload(parts, cfg.nepochs, metrics, loss, j, k))
+        payload = _checkpoint_payload(parts, cfg.nepochs, metrics, loss, j, k)  # every rank takes part
+        if parts.info.is_main:
+            save_checkpoint(parts.save_model, payload)
     _check_thresholds(parts, cfg, state)
+
+
+def _mean_loss(state: TrainState, info: DistInfo) -> float:
+    """The mean training loss since the last print; over all ranks' rows in a multi-process run."""
+    if not state.total_samples:
+        return 0.0
+    if info.world_size == 1:  # float32 throughout, as the reference accumulates it
+        return float((state.total_loss / state.total_samples).item())
+    total, samples = all_reduce_sum([float(state.total_loss.item()), state.total_samples], info)
+    return total / samples
 
 
 def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
@@ -889,11 +971,14 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int
             state.onnx_batch = batch
         if k == state.skip_epoch and j < state.skip_batch:
             continue
+        if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
+            parts.log(f"Warning: Skiping the batch {j} with size {batch.labels.shape[0]}")
+            continue
         batch = to_device(batch, device)
         t1 = _sync(device)
         loss = train_step(parts, cfg, batch, j)
         t2 = _sync(device)
-        n = batch.labels.shape[0]
+        n = batch.labels.shape[0] // parts.info.world_size
         weighted = loss * n
         state.total_loss = weighted if state.total_loss is None else state.total_loss + weighted
         state.total_time += t2 - t1
@@ -927,9 +1012,9 @@ def _checkpoint_payload(parts: RunParts, nepochs: int, metrics: Dict[str, float]
                         train_loss: float, j: int, k: int) -> Dict[str, object]:
     payload = {
         "nepochs": nepochs, "nbatches": parts.nbatches, "nbatches_test": parts.nbatches_test,
-        "state_dict": parts.model.state_dict(), "test_acc": float(metrics["accuracy"]),
+        "state_dict": full_state_dict(parts.model, parts.info), "test_acc": float(metrics["accuracy"]),
         "epoch": k, "iter": j + 1, "train_loss": float(train_loss), "total_loss": 0.0,
-        "opt_state_dict": parts.optimizer.state_dict(),
+        "opt_state_dict": full_optimizer_state(parts.optimizer, parts.model, parts.info),
         "lr_scheduler_state_dict": parts.scheduler.state_dict(),
     }
     if "roc_auc" in metrics:
@@ -937,13 +1022,62 @@ def _checkpoint_payload(parts: RunParts, nepochs: int, metrics: Dict[str, float]
     return payload
 
 
+def full_state_dict(model: nn.Module, info: DistInfo) -> Dict[str, torch.Tensor]:
+    """The model's state dict with every table, gathered from all ranks in a multi-process run,
+    keys in the single-process order (tables first)."""
+    state = model.state_dict()
+    if info.world_size == 1:
+        return state
+    tables = {}
+    for part in gather_objects({k: v for k, v in state.items() if k.startswith("emb_l.")}, info):
+        tables.update(part)
+    ordered = {k: tables[k] for k in sorted(tables, key=lambda key: int(key.split(".")[1]))}
+    ordered.update((k, v) for k, v in state.items() if not k.startswith("emb_l."))
+    return ordered
+
+
+def _full_parameter_names(model: DLRM) -> List[str]:
+    """Parameter names in a single process's ``parameters()`` order (all tables first)."""
+    tables = [f"emb_l.{k}.weight" for k in range(len(model.cfg.table_sizes))]
+    return tables + [n for n, _ in model.named_parameters() if not n.startswith("emb_l.")]
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, model: DLRM, info: DistInfo) -> dict:
+    """The optimizer's state dict in the single-process layout (every table's state, gathered)."""
+    state = optimizer.state_dict()
+    if info.world_size == 1:
+        return state
+    local = [n for n, _ in model.named_parameters()]
+    index = {n: i for i, n in enumerate(_full_parameter_names(model))}
+    merged = {}
+    for part in gather_objects({index[local[i]]: v for i, v in state["state"].items()}, info):
+        merged.update(part)
+    groups = [{**g, "params": list(range(len(index)))} for g in state["param_groups"]]
+    return {"state": dict(sorted(merged.items())), "param_groups": groups}
+
+
+def local_optimizer_state(state: dict, model: DLRM, info: DistInfo) -> dict:
+    """A single-process-layout optimizer state dict cut down to this rank's parameters."""
+    if info.world_size == 1:
+        return state
+    local = [n for n, _ in model.named_parameters()]
+    index = {n: i for i, n in enumerate(_full_parameter_names(model))}
+    kept = {i: state["state"][index[n]] for i, n in enumerate(local) if index[n] in state["state"]}
+    groups = [{**g, "params": list(range(len(local)))} for g in state["param_groups"]]
+    return {"state": kept, "param_groups": groups}
+
+
 def restore_checkpoint(path: str, parts: RunParts, state: TrainState, nepochs: int,
                        inference_only: bool, mlperf: bool) -> None:
     """Load weights (and, when training, the optimizer, schedule and position) from ``path``."""
     payload = load_checkpoint(path, map_location=parts.device)
     parts.log(f"Loading saved model {path}")
+    own = parts.model.state_dict().keys()
+    weights = payload["state_dict"]
+    if parts.info.world_size > 1:  # this rank's tables and the MLPs
+        weights = {k: v for k, v in weights.items() if k in own or not k.startswith("emb_l.")}
     try:
-        parts.model.load_state_dict(payload["state_dict"])
+        parts.model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
     epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
@@ -959,7 +1093,11 @@ def restore_checkpoint(path: str, parts: RunParts, state: TrainState, nepochs: i
     if inference_only:
         return
     if "opt_state_dict" in payload and parts.optimizer is not None:
-        parts.optimizer.load_state_dict(payload["opt_state_dict"])
+        try:
+            parts.optimizer.load_state_dict(local_optimizer_state(payload["opt_state_dict"], parts.model, parts.info))
+        except (ValueError, KeyError, IndexError):
+            print(f"warning: {path}: its optimizer state has another layout (parameter groups); "
+                  "continuing with the weights only", file=sys.stderr)
     if "lr_scheduler_state_dict" in payload and parts.scheduler is not None:
         parts.scheduler.load_state_dict(payload["lr_scheduler_state_dict"])
     state.skip_epoch, state.skip_batch = epoch, it
@@ -1101,7 +1239,23 @@ def build_parts(ns: argparse.Namespace, model: DLRM, tcfg: TrainConfig, train_ld
         scheduler = make_scheduler(optimizer, tcfg)
     return RunParts(model=model, loss_fn=make_loss(ns.loss_function, ns.loss_weights), optimizer=optimizer,
                     scheduler=scheduler, train_loader=train_ld, test_loader=test_ld, nbatches=nbatches,
-                    nbatches_test=len(test_ld), device=device, log=log, save_model=ns.save_model)
+                    nbatches_test=len(test_ld), device=device, log=log, save_model=ns.save_model,
+                    info=model.info)
+
+
+def check_distributed(ns: argparse.Namespace, dist: DistInfo, num_tables: int) -> None:
+    """Raise ConfigError for what a multi-process run does not support (spec §1.3, §4)."""
+    if dist.world_size == 1:
+        return
+    if num_tables < dist.world_size:
+        raise ConfigError(f"only ({num_tables}) sparse features for ({dist.world_size}) devices, "
+                          "table partitions will fail")
+    for flag, used in (("--weighted-pooling", ns.weighted_pooling is not None), ("--qr-flag", ns.qr_flag),
+                       ("--md-flag", ns.md_flag), ("--save-onnx", ns.save_onnx),
+                       ("--quantize-emb-with-bit", ns.quantize_emb_bits != 32),
+                       ("--quantize-mlp-with-bit", ns.quantize_mlp_bits != 32)):
+        if used:
+            raise ConfigError(f"{flag} is not supported in a multi-process run (world size {dist.world_size})")
 
 
 def run(ns: argparse.Namespace) -> None:
@@ -1127,7 +1281,8 @@ def run(ns: argparse.Namespace) -> None:
     if ns.debug_mode:
         _log_lines(log, format_arch(mcfg, dense_dim) + ["data (inputs and targets):"])
         _log_lines(log, _debug_data(train_ld, nbatches))
-    model = DLRM(mcfg, rng).to(device)
+    check_distributed(ns, dist, len(table_sizes))
+    model = DLRM(mcfg, rng, dist).to(device)
     if ns.debug_mode:
         _log_lines(log, ["initial parameters (weights and bias):"] + format_parameters(model, ns.print_precision))
     parts = build_parts(ns, model, tcfg, train_ld, test_ld, nbatches, device, log)
@@ -1178,7 +1333,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; report bad input as one ``error: ...`` line on stderr and exit code 2."""
     try:
         ns = parse_args(argv)
-        run(ns)
+        try:
+            run(ns)
+        except BaseException:
+            shutdown_distributed(wait=False)
+            raise
+        shutdown_distributed()
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except DLRMError as exc:

@@ -1,14 +1,22 @@
-"""torch.distributed set-up (spec §4), without module-level state.
+"""torch.distributed set-up and the all-to-all (spec §4), without module-level state.
 
 ``init_distributed`` returns a frozen :class:`DistInfo`; a single process is simply
 ``DistInfo(rank=0, world_size=1, local_rank=0, backend=None)``, so single-process code runs the same
 path. Nothing here patches ``print``: callers print through a rank-aware logger.
+
+Multi-process runs follow the reference's hybrid layout: the embedding tables are split into
+contiguous shards, one per rank (model parallel); every rank reads the whole global batch and looks
+up its own tables for all of it; an all-to-all ("butterfly shuffle") then gives each rank every
+table's output for its contiguous slice of the batch, on which it runs the MLPs (data parallel).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as torch_dist
 
 from dlrm_common import ConfigError
 
@@ -58,20 +66,117 @@ def world_size_from_env() -> int:
 def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str = "") -> DistInfo:
     """Set up this process's place in the run (spec §4).
 
-    A launch with a world size of 1 (or none) needs no process group. Multi-process training is
-    not supported by this version yet: such a launch is refused with a clear error rather than
-    silently training something different from a single process.
+    A launch with a world size of 1 (or none) needs no process group. Otherwise the process group
+    is created with ``backend`` (default: nccl for GPUs, else gloo), ``MASTER_ADDR`` defaulting to
+    127.0.0.1 and ``MASTER_PORT`` to 29500.
 
     Raises:
-        ConfigError: a multi-process launch, or malformed launcher variables.
+        ConfigError: malformed launcher variables, or an unusable backend.
     """
     size = world_size_from_env()
-    if size > 1:
-        raise ConfigError(
-            f"a launch with world size {size} was requested, but multi-process training is not "
-            "supported by this version yet; run a single process"
-        )
     rank = _env_int(_RANK_VARS, 0)
     if local_rank < 0:
         local_rank = _env_int(_LOCAL_RANK_VARS, 0)
-    return DistInfo(rank=rank, world_size=1, local_rank=max(local_rank, 0), backend=None)
+    if size <= 1:
+        return DistInfo(rank=rank, world_size=1, local_rank=max(local_rank, 0), backend=None)
+    backend = backend or ("nccl" if use_gpu and torch.cuda.is_available() else "gloo")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if use_gpu and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    try:
+        torch_dist.init_process_group(backend=backend, rank=rank, world_size=size)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({str(exc).splitlines()[0]})") from None
+    return DistInfo(rank=rank, world_size=size, local_rank=local_rank, backend=backend)
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """Destroy the process group, after waiting for every rank when ``wait`` (leaving it to
+    interpreter exit can abort the process while the backend's threads still run). After an error
+    on this rank, pass ``wait=False``: the other ranks may never arrive."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        try:
+            if wait:
+                torch_dist.barrier()
+        finally:
+            torch_dist.destroy_process_group()
+
+
+def shard(n: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """[start, stop) of ``rank``'s contiguous part of n items: k = n // W each, the first n % W
+    ranks one more (spec §4). Used for tables (model parallel) and batch rows (data parallel)."""
+    k, m = divmod(n, world_size)
+    return rank * k + min(rank, m), (rank + 1) * k + min(rank + 1, m)
+
+
+class ButterflyShuffle(torch.autograd.Function):
+    """All-to-all of pooled embeddings: local tables x whole batch -> all tables x local batch rows.
+
+    Forward input: this rank's n_local tables' outputs, each (B, D) for the whole global batch.
+    Forward output: all T tables' outputs (global table order), each (B_local, D), for this rank's
+    batch slice. Backward sends the gradients the other way and divides them by W: each rank's loss
+    is a mean over its B/W rows, so the sum that arrives at a table is W times the gradient of the
+    global mean (the reference did not divide, spec §8 bug 24).
+    """
+
+    @staticmethod
+    def forward(ctx, info: DistInfo, table_counts: Sequence[int], *local: torch.Tensor):
+        batch, dim = local[0].shape
+        rows = [shard(batch, info.world_size, r) for r in range(info.world_size)]
+        mine = rows[info.rank][1] - rows[info.rank][0]
+        send = torch.cat(local, dim=1).contiguous()  # (B, n_local*D): row blocks already in rank order
+        in_splits = [(stop - start) * len(local) * dim for start, stop in rows]
+        out_splits = [mine * count * dim for count in table_counts]
+        received = send.new_empty(sum(out_splits))
+        torch_dist.all_to_all_single(received, send.view(-1), out_splits, in_splits)
+        ctx.info, ctx.table_counts, ctx.rows, ctx.dim, ctx.n_local = info, list(table_counts), rows, dim, len(local)
+        outputs = []
+        for chunk, count in zip(received.split(out_splits), table_counts):
+            outputs.extend(chunk.view(mine, count * dim).split(dim, dim=1))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        info, dim, rows = ctx.info, ctx.dim, ctx.rows
+        mine = rows[info.rank][1] - rows[info.rank][0]
+        send = torch.cat(grads, dim=1).contiguous()  # (B_local, T*D), tables grouped by owner rank
+        in_splits = [mine * count * dim for count in ctx.table_counts]
+        out_splits = [(stop - start) * ctx.n_local * dim for start, stop in rows]
+        received = send.new_empty(sum(out_splits))
+        torch_dist.all_to_all_single(received, send.view(-1), out_splits, in_splits)
+        batch = rows[-1][1]
+        full = received.view(batch, ctx.n_local * dim) / info.world_size  # row blocks arrive in rank order
+        return (None, None) + tuple(g.contiguous() for g in full.split(dim, dim=1))
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter], info: DistInfo) -> None:
+    """All-reduce the dense gradients and divide by W (what DistributedDataParallel does)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or info.world_size == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch_dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
+    """Sum a few numbers over all ranks (float64)."""
+    if info.world_size == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64)
+    torch_dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
