@@ -1201,13 +1201,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return ns
 
 
-def setup_device(ns: argparse.Namespace, log: Logger) -> torch.device:
-    """CUDA when asked for and available, else CPU (spec §1.2 steps 6-8)."""
+def setup_device(ns: argparse.Namespace, log: Logger, dist: DistInfo = DistInfo()) -> torch.device:
+    """CUDA when asked for and available (one GPU per process: ``cuda:<local rank>`` across
+    processes), else CPU (spec §1.2 steps 6-8)."""
     if ns.use_gpu and torch.cuda.is_available():
         torch.cuda.manual_seed_all(ns.seed)
         torch.backends.cudnn.deterministic = True
         log("Using 1 GPU(s)...")
-        return torch.device("cuda", 0)
+        return torch.device("cuda", dist.local_rank if dist.world_size > 1 else 0)
     log("Using CPU...")
     return torch.device("cpu")
 
@@ -1270,7 +1271,7 @@ def run(ns: argparse.Namespace) -> None:
     log = Logger(dist)
     if not ns.debug_mode:
         log(f"world size: {dist.world_size}, current rank: {dist.rank}, local rank: {dist.local_rank}")
-    device = setup_device(ns, log)
+    device = setup_device(ns, log, dist)
     mlperf.end("init_stop")
     mlperf.start("run_start")
     train_ld, test_ld, table_sizes, dense_dim = make_data(ns, rng, log)

@@ -168,7 +168,8 @@ def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
     """Sum a few numbers over all ranks (float64)."""
     if info.world_size == 1:
         return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if info.backend == "nccl" else None
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)  # nccl reduces CUDA tensors only
     torch_dist.all_reduce(t)
     return t.tolist()
 
