@@ -1269,6 +1269,7 @@ def run(ns: argparse.Namespace) -> None:
     torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out: torch warns otherwise
     dist = DistInfo() if ns.debug_mode else init_distributed(ns.local_rank, ns.use_gpu, ns.dist_backend)
     log = Logger(dist)
+    mlperf.rank = dist.rank  # events from rank 0 only
     if not ns.debug_mode:
         log(f"world size: {dist.world_size}, current rank: {dist.rank}, local rank: {dist.local_rank}")
     device = setup_device(ns, log, dist)
@@ -1295,7 +1296,7 @@ def run(ns: argparse.Namespace) -> None:
     log("time/loss/accuracy (if enabled):")
     mlperf.submission_info(ns.batch_size, ns.seed, ns.learning_rate, ns.lr_num_warmup_steps,
                            ns.lr_decay_start_step, ns.lr_num_decay_steps)
-    parts.mlperf, parts.writer = mlperf, _make_writer(ns.tensor_board_filename)
+    parts.mlperf, parts.writer = mlperf, (_make_writer(ns.tensor_board_filename) if dist.is_main else None)
     try:
         with _profiling(ns.enable_profiling, device.type == "cuda"):
             if ns.inference_only:
