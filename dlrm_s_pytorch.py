@@ -1024,12 +1024,12 @@ def _checkpoint_payload(parts: RunParts, nepochs: int, metrics: Dict[str, float]
 
 def full_state_dict(model: nn.Module, info: DistInfo) -> Dict[str, torch.Tensor]:
     """The model's state dict with every table, gathered from all ranks in a multi-process run,
-    keys in the single-process order (tables first)."""
+    keys in the single-process order (tables first). Complete on rank 0, the rank that saves."""
     state = model.state_dict()
     if info.world_size == 1:
         return state
     tables = {}
-    for part in gather_objects({k: v for k, v in state.items() if k.startswith("emb_l.")}, info):
+    for part in gather_objects({k: v for k, v in state.items() if k.startswith("emb_l.")}, info, main_only=True):
         tables.update(part)
     ordered = {k: tables[k] for k in sorted(tables, key=lambda key: int(key.split(".")[1]))}
     ordered.update((k, v) for k, v in state.items() if not k.startswith("emb_l."))
@@ -1043,14 +1043,15 @@ def _full_parameter_names(model: DLRM) -> List[str]:
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: DLRM, info: DistInfo) -> dict:
-    """The optimizer's state dict in the single-process layout (every table's state, gathered)."""
+    """The optimizer's state dict in the single-process layout (every table's state, gathered on
+    rank 0, the rank that saves)."""
     state = optimizer.state_dict()
     if info.world_size == 1:
         return state
     local = [n for n, _ in model.named_parameters()]
     index = {n: i for i, n in enumerate(_full_parameter_names(model))}
     merged = {}
-    for part in gather_objects({index[local[i]]: v for i, v in state["state"].items()}, info):
+    for part in gather_objects({index[local[i]]: v for i, v in state["state"].items()}, info, main_only=True):
         merged.update(part)
     groups = [{**g, "params": list(range(len(index)))} for g in state["param_groups"]]
     return {"state": dict(sorted(merged.items())), "param_groups": groups}

@@ -174,10 +174,14 @@ def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
     return t.tolist()
 
 
-def gather_objects(obj, info: DistInfo) -> list:
-    """Every rank's ``obj``, in rank order, on every rank."""
+def gather_objects(obj, info: DistInfo, main_only: bool = False) -> list:
+    """Every rank's ``obj``, in rank order, on every rank; with ``main_only``, on rank 0 only (the
+    others get an empty list), which spares sending whole tables to ranks that do not need them."""
     if info.world_size == 1:
         return [obj]
     out = [None] * info.world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
+    if not main_only:
+        torch_dist.all_gather_object(out, obj)
+        return out
+    torch_dist.gather_object(obj, out if info.is_main else None, dst=0)
+    return out if info.is_main else []
