@@ -1,0 +1,69 @@
+"""Writing files so that no reader ever sees half of one.
+
+Every writer in the project goes through :func:`atomic_path`: it writes under a temporary name in
+the target's own directory (``<target>.<pid>-<random>.tmp``, one naming scheme for every file), and
+renames it over the target with ``os.replace`` only when the write completed. A crash, a full disk or
+Ctrl-C leaves the target as it was, plus at most a ``*.tmp`` file that :func:`remove_stale_temps`
+clears on the next run.
+
+    with atomic_path("model.pt") as tmp:
+        torch.save(payload, tmp)
+
+Several files that must appear together are several ``atomic_path`` blocks in one
+``contextlib.ExitStack``: each is renamed only if every write succeeded.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import uuid
+from contextlib import contextmanager
+from typing import IO, Iterator, List
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_name(path: str, suffix: str = "") -> str:
+    """A fresh temporary name beside ``path``: ``<path>.<pid>-<random>.tmp<suffix>``.
+
+    ``suffix`` serves writers that insist on an extension (``np.save`` appends ``.npy`` otherwise).
+    """
+    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}{suffix}"
+
+
+@contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary name to write ``path`` under; rename it over ``path`` when the block ends
+    without an exception, remove it otherwise. The parent directory must exist."""
+    tmp = temp_name(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
+    """``open(path, mode)`` through :func:`atomic_path`: the file appears complete or not at all."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+
+
+def remove_stale_temps(path: str) -> List[str]:
+    """Remove the temporary files that an interrupted writer of ``path`` left behind; returns them.
+
+    Only names of this module's scheme are touched (``<path>.<pid>-<hex>.tmp...``). A temporary file
+    of a writer that is still running elsewhere would be removed too, so call this where one run owns
+    the files (the start of preprocessing).
+    """
+    removed = []
+    for name in glob.glob(glob.escape(path) + ".*-*" + TEMP_SUFFIX + "*"):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed

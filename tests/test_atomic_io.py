@@ -1,0 +1,38 @@
+"""The one atomic-write helper: the target appears complete or not at all."""
+import os
+
+import pytest
+
+from atomic_io import atomic_open, atomic_path, remove_stale_temps
+
+
+def test_the_target_appears_only_when_the_write_completes(tmp_path):
+    target = tmp_path / "out.bin"
+    with atomic_path(str(target)) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path)  # same directory, so the rename is atomic
+        with open(tmp, "wb") as f:
+            f.write(b"new")
+        assert not target.exists()
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(str(target)) as f:
+            f.write(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_stale_temporaries_of_one_target_are_removed(tmp_path):
+    target = tmp_path / "day_0.npz"
+    left = [tmp_path / "day_0.npz.123-abcdef12.tmp", tmp_path / "day_0.npz.9-00aa11bb.tmp.npy"]
+    keep = [tmp_path / "day_0.npz", tmp_path / "day_1.npz.123-abcdef12.tmp", tmp_path / "day_0.npz.notes"]
+    for p in left + keep:
+        p.write_bytes(b"x")
+    assert sorted(remove_stale_temps(str(target))) == sorted(map(str, left))
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in keep)
