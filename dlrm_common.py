@@ -55,7 +55,7 @@ _FALSE = {"false", "0", "no", "n", "off", "f"}
 def parse_bool(text: str) -> bool:
     """Read a boolean flag value: true/false, 1/0, yes/no, on/off (any case).
 
-    The reference used ``type=bool``, which reads "False" as true (spec §8, bug 2); this does not.
+    The reference used ``type=bool``, which reads "False" as true; this does not.
     Raises ValueError (which argparse turns into a usage error) for anything else.
     """
     value = str(text).strip().lower()

@@ -1,4 +1,4 @@
-"""torch.distributed set-up and the all-to-all (spec §4), without module-level state.
+"""torch.distributed set-up and the all-to-all, without module-level state.
 
 ``init_distributed`` returns a frozen :class:`DistInfo`; a single process is simply
 ``DistInfo(rank=0, world_size=1, local_rank=0, backend=None)``, so single-process code runs the same
@@ -64,7 +64,7 @@ def world_size_from_env() -> int:
 
 
 def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str = "") -> DistInfo:
-    """Set up this process's place in the run (spec §4).
+    """Set up this process's place in the run.
 
     A launch with a world size of 1 (or none) needs no process group. Otherwise the process group
     is created with ``backend`` (default: nccl for GPUs, else gloo), ``MASTER_ADDR`` defaulting to
@@ -105,7 +105,7 @@ def shutdown_distributed(wait: bool = True) -> None:
 
 def shard(n: int, world_size: int, rank: int) -> Tuple[int, int]:
     """[start, stop) of ``rank``'s contiguous part of n items: k = n // W each, the first n % W
-    ranks one more (spec §4). Used for tables (model parallel) and batch rows (data parallel)."""
+    ranks one more, as the reference partitions. Used for tables (model parallel) and batch rows (data parallel)."""
     k, m = divmod(n, world_size)
     return rank * k + min(rank, m), (rank + 1) * k + min(rank + 1, m)
 
@@ -117,7 +117,7 @@ class ButterflyShuffle(torch.autograd.Function):
     Forward output: all T tables' outputs (global table order), each (B_local, D), for this rank's
     batch slice. Backward sends the gradients the other way and divides them by W: each rank's loss
     is a mean over its B/W rows, so the sum that arrives at a table is W times the gradient of the
-    global mean (the reference did not divide, spec §8 bug 24).
+    global mean (the reference did not divide, so its tables learned W times too fast).
     """
 
     @staticmethod

@@ -1,21 +1,25 @@
-"""MLPerf events for ``--mlperf-logging`` (spec §1.14), through the optional ``mlperf-logging`` package.
+"""MLPerf events for ``--mlperf-logging``, through the optional ``mlperf-logging`` package.
 
-Without the package, :func:`make_mlperf_logger` warns once on stderr and returns a logger that
-does nothing, so the scikit-learn metrics line still works. The events and their order are the
-reference's; the log file is ``dlrm.log`` next to this module, as in the reference.
+Without the package, :func:`make_mlperf_logger` returns a logger that does nothing and says so in
+``missing_package`` (the caller warns once), so the scikit-learn metrics line still works. The events
+and their order are the reference's; the log file is ``dlrm.log`` next to this module, as in the
+reference.
 """
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional
+
+MISSING_PACKAGE_WARNING = ("warning: mlperf-logging is not installed, so no MLPerf events are written "
+                           "(pip install mlperf-logging)")
 
 
 class MLPerfLogger:
     """Thin wrapper over ``mlperf_logging.mllog``; every method is a no-op when disabled."""
 
-    def __init__(self, mllog=None, rank: int = 0):
+    def __init__(self, mllog=None, rank: int = 0, missing_package: bool = False):
         self._mllog = mllog
+        self.missing_package = missing_package
         self._log = mllog.get_mllogger() if mllog is not None else None
         self._keys = mllog.constants if mllog is not None else None
         self.rank = rank
@@ -41,7 +45,7 @@ class MLPerfLogger:
 
     def submission_info(self, batch_size: int, seed: int, lr: float, warmup: int, decay_start: int,
                         decay_steps: int) -> None:
-        """The run description events (spec §1.14)."""
+        """The run description events, as the reference logs them."""
         self.event("submission_benchmark", "dlrm")
         for key in ("submission_org", "submission_platform", "submission_poc_name", "submission_poc_email"):
             self.event(key, "reference_implementation")
@@ -58,15 +62,14 @@ class MLPerfLogger:
 
 
 def make_mlperf_logger(enabled: bool, rank: int = 0, log_file: Optional[str] = None) -> MLPerfLogger:
-    """An MLPerf logger when ``enabled`` and the package is installed; otherwise a no-op one."""
+    """An MLPerf logger when ``enabled`` and the package is installed; otherwise a no-op one (with
+    ``missing_package`` set when it was asked for)."""
     if not enabled:
         return MLPerfLogger()
     try:
         from mlperf_logging import mllog
     except ImportError:
-        print("warning: mlperf-logging is not installed, so no MLPerf events are written "
-              "(pip install mlperf-logging)", file=sys.stderr)
-        return MLPerfLogger()
+        return MLPerfLogger(missing_package=True)
     path = log_file or os.path.join(os.path.dirname(os.path.abspath(__file__)), "dlrm.log")
     mllog.config(filename=path)
     return MLPerfLogger(mllog, rank)

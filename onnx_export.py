@@ -1,21 +1,21 @@
-"""ONNX export of a trained DLRM (``--save-onnx``, spec §1.12), checked after writing.
+"""ONNX export of a trained DLRM (``--save-onnx``), checked after writing.
 
 Inputs are named ``dense_x``, ``offsets`` and ``indices`` (one stacked tensor) or ``indices_<t>``
-(one tensor per table, random data); the output is ``pred``. The batch dimension of ``dense_x``,
-``offsets`` (dim 1) and ``pred`` is dynamic; index counts are dynamic too, and named as such (the
-reference labelled them batch-sized, spec §8 bug 16). The file is checked with
-``onnx.checker`` and, when onnxruntime is installed, run once and compared with PyTorch.
+(one tensor per table, random data); the output is ``pred``, as in the reference. The batch
+dimension of ``dense_x``, ``offsets`` (dim 1) and ``pred`` is dynamic; index counts are dynamic too,
+and named as such (the reference labelled them batch-sized). The file is checked with
+``onnx.checker`` and, when onnxruntime is installed, run once and compared with PyTorch. The graph
+is always the float32 one: mixed precision is a property of the training loop, not of the model.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import warnings
 from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
+from atomic_io import atomic_path
 from dlrm_common import Batch, ConfigError
 
 
@@ -51,29 +51,22 @@ def _inputs(batch: Batch) -> Tuple[Tuple[torch.Tensor, ...], List[str], Dict[str
     return (batch.dense_x, batch.offsets, *batch.indices), names, axes
 
 
-def export_onnx(model: nn.Module, batch: Batch, path: str, log: Callable[[str], None] = print) -> None:
+def export_onnx(model: nn.Module, batch: Batch, path: str, log: Callable[[str], None]) -> None:
     """Export ``model`` traced on ``batch`` to ``path`` (written atomically), then check it."""
     require_onnx()
     import onnx
 
     model = model.cpu().eval()
-    if getattr(model, "cfg", None) is not None and getattr(model.cfg, "mixed_precision", "none") != "none":
-        model.cfg = dataclasses.replace(model.cfg, mixed_precision="none")  # export the float32 graph
     args, names, axes = _inputs(batch)
     module = model if isinstance(batch.indices, torch.Tensor) else _ListInputs(model)
     log(f"X_onnx.shape {tuple(batch.dense_x.shape)}")
-    tmp = f"{path}.tmp.{os.getpid()}.onnx"
-    try:
+    with atomic_path(path, suffix=".onnx") as tmp:
         with warnings.catch_warnings():  # the TorchScript exporter (opset 11, as the reference) is deliberate
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message="Exporting aten::index operator")
             torch.onnx.export(module, args, tmp, input_names=names, output_names=["pred"], dynamic_axes=axes,
                               opset_version=11, dynamo=False)
         onnx.checker.check_model(onnx.load(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     _compare_with_runtime(module, args, names, path, log)
 
 

@@ -1,4 +1,4 @@
-"""Optimizers and the learning-rate schedule (spec §1.7, §6.1)."""
+"""Optimizers and the learning-rate schedule."""
 from .lr_schedule import LRPolicyScheduler, lr_at
 from .rwsadagrad import RWSAdagrad
 

@@ -1,10 +1,11 @@
 """The learning-rate policy of ``--lr-num-warmup-steps``, ``--lr-decay-start-step`` and
-``--lr-num-decay-steps`` (spec §1.7): linear warmup, then the base rate, then a quadratic
-polynomial decay.
+``--lr-num-decay-steps``: linear warmup, a plateau, then a quadratic polynomial decay.
 
-Difference from the reference (spec §8, bug 9): the reference raised AttributeError when decay was
-configured without warmup, and froze the rate at ``base * (W - 1) / W`` between the end of warmup
-and the start of decay. Here that interval runs at the base rate, and decay without warmup works.
+Between the end of warmup and the start of decay, the reference keeps the last warmup rate,
+``base * (W - 1) / W``, instead of the base rate (when decay is configured). That is the default
+here, so the reference's numbers come out; ``--fix-reference-bugs`` runs the plateau at the base
+rate. The reference crashed (AttributeError) when decay was configured without warmup; here such a
+plateau runs at the base rate in both modes.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ MIN_DECAYED_LR = 1e-7
 
 
 def lr_at(
-    step: int, base_lr: float, num_warmup_steps: int, decay_start_step: int, num_decay_steps: int
+    step: int, base_lr: float, num_warmup_steps: int, decay_start_step: int, num_decay_steps: int,
+    reference_plateau: bool = True,
 ) -> float:
     """Learning rate of the ``step``-th optimizer step (steps count from 1).
 
@@ -26,9 +28,12 @@ def lr_at(
     * step < W:            ``base_lr * (1 - (W - step) / W)``, i.e. ``base_lr * step / W``
     * S <= step < E:       ``max(1e-7, base_lr * ((D - (step - S)) / D) ** 2)``
     * step >= E and D > 0: the last decayed value, ``max(1e-7, base_lr * (1 / D) ** 2)``
+    * W <= step < S, D > 0 and ``reference_plateau`` and W > 1: the last warmup value,
+      ``base_lr * (1 - 1 / W)``
     * otherwise:           ``base_lr``
 
-    Example: W=3, S=5, D=4, base 1.0 gives 1/3, 2/3, 1, 1, 1, 0.5625, 0.25, 0.0625, 0.0625, ...
+    Example: W=3, S=5, D=4, base 1.0 gives 1/3, 2/3, 2/3, 2/3, 1, 0.5625, 0.25, 0.0625, 0.0625, ...;
+    without ``reference_plateau`` steps 3 and 4 run at 1.
     """
     decay_end = decay_start_step + num_decay_steps
     if step < num_warmup_steps:
@@ -39,6 +44,8 @@ def lr_at(
         return max(MIN_DECAYED_LR, base_lr * remaining**2)
     if step >= decay_end and num_decay_steps > 0:
         return max(MIN_DECAYED_LR, base_lr * (1.0 / num_decay_steps) ** 2)
+    if num_decay_steps > 0 and reference_plateau and num_warmup_steps > 1:
+        return lr_at(num_warmup_steps - 1, base_lr, num_warmup_steps, decay_start_step, num_decay_steps)
     return base_lr
 
 
@@ -54,6 +61,8 @@ class LRPolicyScheduler(torch.optim.lr_scheduler.LRScheduler):
         num_warmup_steps: W, steps of linear warmup (``--lr-num-warmup-steps``).
         decay_start_step: S, first step of the decay (``--lr-decay-start-step``); must be >= W when D > 0.
         num_decay_steps: D, length of the decay (``--lr-num-decay-steps``); 0 means no decay.
+        reference_plateau: between warmup and decay, hold the last warmup rate as the reference
+            does (see :func:`lr_at`); ``False`` runs at the base rate.
 
     Raises:
         ValueError: a negative argument, or S < W with D > 0 ("Learning rate warmup must finish
@@ -67,6 +76,7 @@ class LRPolicyScheduler(torch.optim.lr_scheduler.LRScheduler):
         num_warmup_steps: int,
         decay_start_step: int,
         num_decay_steps: int,
+        reference_plateau: bool = True,
     ) -> None:
         for name, value in (
             ("num_warmup_steps", num_warmup_steps),
@@ -80,12 +90,14 @@ class LRPolicyScheduler(torch.optim.lr_scheduler.LRScheduler):
         self.num_warmup_steps = num_warmup_steps
         self.decay_start_step = decay_start_step
         self.num_decay_steps = num_decay_steps
+        self.reference_plateau = reference_plateau
         super().__init__(optimizer)
 
     def get_lr(self) -> List[float]:
         """Rates for the coming optimizer step, one per parameter group."""
         step = self.last_epoch + 1  # equals self._step_count: 1 right after construction
         return [
-            lr_at(step, base, self.num_warmup_steps, self.decay_start_step, self.num_decay_steps)
+            lr_at(step, base, self.num_warmup_steps, self.decay_start_step, self.num_decay_steps,
+                  self.reference_plateau)
             for base in self.base_lrs
         ]

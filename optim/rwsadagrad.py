@@ -1,9 +1,9 @@
-"""Row-wise sparse Adagrad (spec §6.1), the optimizer behind ``--optimizer=rwsadagrad``.
+"""Row-wise sparse Adagrad, the optimizer behind ``--optimizer=rwsadagrad``.
 
 Dimension vocabulary: R rows of an embedding table, D embedding dimension, K rows touched by one
 sparse gradient (after coalescing).
 
-Differences from the reference (spec §8, bug 26): state is created the first time a parameter has
+Differences from the reference: state is created the first time a parameter has
 a gradient, not only on the very first ``step()`` (so a table unused in step 1 no longer raises
 KeyError later); the accumulator lives on the parameter's device with its dtype (the reference kept
 it on the CPU in float32); dense weight decay uses ``grad.add(param, alpha=weight_decay)`` instead

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-import dlrm_s_pytorch as dlrm
+import dlrm_s_pytorch
+from dlrm_model import ModelConfig
 
 
 @pytest.fixture
@@ -10,7 +11,7 @@ def run_main(capsys):
     """Run ``dlrm_s_pytorch.main(argv)`` in-process; returns (exit code, stdout, stderr)."""
 
     def _run(*argv):
-        code = dlrm.main(list(argv))
+        code = dlrm_s_pytorch.main(list(argv))
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -21,7 +22,7 @@ def tiny_model_config(**overrides):
     """The reference's default model: tables 4-3-2, dim 2, bottom 4-3-2, top (8)-4-2-1."""
     base = dict(embedding_dim=2, table_sizes=(4, 3, 2), bottom_mlp=(4, 3, 2), top_mlp=(8, 4, 2, 1))
     base.update(overrides)
-    return dlrm.ModelConfig(**base)
+    return ModelConfig(**base)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_s_pytorch as dlrm
+import dlrm_model as dlrm
 from checkpoint import load_checkpoint, save_checkpoint
 from dlrm_common import CheckpointError
 from conftest import tiny_model_config

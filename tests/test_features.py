@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_s_pytorch as dlrm
+import dlrm_model
+import dlrm_s_pytorch as entry
+import dlrm_train
+from dlrm_common import Batch
 from conftest import tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +37,7 @@ def test_mlperf_metrics_line_and_early_stop_end_the_run(run_main):
 def test_sklearn_metrics_match_a_plain_computation():
     scores = np.array([0.1, 0.8, 0.6, 0.3, 0.9])
     targets = np.array([0.0, 1.0, 0.0, 0.0, 1.0])
-    m = dlrm._sklearn_metrics(scores, targets)
+    m = dlrm_train.sklearn_metrics(scores, targets)
     assert m["accuracy"] == pytest.approx(4 / 5) and m["recall"] == 1.0 and m["precision"] == pytest.approx(2 / 3)
     # AUC: fraction of (positive, negative) pairs ranked correctly = 6 / 6
     assert m["roc_auc"] == 1.0
@@ -59,25 +62,25 @@ def test_decay_without_warmup_runs(run_main):
 
 def test_grad_accumulation_equals_one_big_batch():
     """spec §8 bug 6: two accumulated half batches step like one full batch."""
-    cfg = dlrm.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1)
+    cfg = dlrm_train.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1, fix_reference_bugs=True)
     dense, labels = torch.rand(4, 4), torch.rand(4, 1)
     offsets, indices = torch.tensor([[0, 1, 2, 3]] * 3), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 0, 1, 0]])
 
     def parts_for(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        return dlrm.RunParts(model=model, loss_fn=dlrm.make_loss("mse"), optimizer=opt,
+        return dlrm_train.RunParts(model=model, loss_fn=dlrm_model.make_loss("mse"), optimizer=opt,
                              scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), train_loader=None,
                              test_loader=None, nbatches=2, nbatches_test=0, device=torch.device("cpu"),
-                             log=dlrm.Logger())
+                             log=dlrm_train.Logger())
 
-    big = dlrm.DLRM(tiny_model_config(), np.random.RandomState(1))
-    small = dlrm.DLRM(tiny_model_config(), np.random.RandomState(1))
-    dlrm.train_step(parts_for(big), dlrm.TrainConfig(), dlrm.Batch(dense, offsets, indices, labels), 0)
+    big = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    small = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    dlrm_train.train_step(parts_for(big), dlrm_train.TrainConfig(), Batch(dense, offsets, indices, labels), 0)
     p = parts_for(small)
-    halves = [dlrm.Batch(dense[s], offsets[:, :2], indices[:, s], labels[s]) for s in (slice(0, 2), slice(2, 4))]
-    dlrm.train_step(p, cfg, halves[0], 0)
-    assert all(torch.equal(a, b) for a, b in zip(small.bot_l.parameters(), dlrm.DLRM(tiny_model_config(), np.random.RandomState(1)).bot_l.parameters()))
-    dlrm.train_step(p, cfg, halves[1], 1)
+    halves = [Batch(dense[s], offsets[:, :2], indices[:, s], labels[s]) for s in (slice(0, 2), slice(2, 4))]
+    dlrm_train.train_step(p, cfg, halves[0], 0)
+    assert all(torch.equal(a, b) for a, b in zip(small.bot_l.parameters(), dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1)).bot_l.parameters()))
+    dlrm_train.train_step(p, cfg, halves[1], 1)
     for a, b in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7)
 
@@ -143,7 +146,7 @@ def test_mlperf_events_are_written_when_the_package_is_installed(run_main, tmp_p
 
     log_file = tmp_path / "dlrm.log"
     real = mlperf_logger.make_mlperf_logger
-    monkeypatch.setattr(dlrm, "make_mlperf_logger", lambda enabled: real(enabled, log_file=str(log_file)))
+    monkeypatch.setattr(entry, "make_mlperf_logger", lambda enabled: real(enabled, log_file=str(log_file)))
     code, out, err = run_main("--mini-batch-size=8", "--data-size=64", "--test-freq=4", "--loss-function=bce",
                               "--round-targets=true", "--mlperf-logging", "--mlperf-auc-threshold=0.5")
     assert code == 0, err
@@ -165,7 +168,7 @@ def test_tensorboard_scalars(run_main, monkeypatch):
         def close(self):
             written.append(("closed", None))
 
-    monkeypatch.setattr(dlrm, "_make_writer", lambda name: Recorder())
+    monkeypatch.setattr(entry, "_make_writer", lambda name: Recorder())
     code, _, err = run_main(*SMALL, "--test-freq=3")
     assert code == 0, err
     assert written == [("Train/Loss", 1), ("Train/Loss", 2), ("Train/Loss", 3), ("Test/Acc", 3), ("closed", None)]
@@ -218,32 +221,42 @@ def test_bf16_mixed_precision_is_close_and_keeps_float32_parameters(run_main):
     losses = [[float(x) for x in re.findall(r"loss (\d\.\d+)", out)] for out in (exact, mixed)]
     assert len(losses[1]) == 3 and losses[0] != losses[1]  # it does change the numbers ...
     assert np.allclose(losses[0], losses[1], atol=5e-3)  # ... but only by bf16 rounding
-    model = dlrm.DLRM(tiny_model_config(mixed_precision="bf16"), np.random.RandomState(1))
-    out = model(torch.rand(2, 4), torch.tensor([[0, 1]] * 3), torch.tensor([[0, 1]] * 3))
+    model = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the loop wraps the forward in
+        out = model(torch.rand(2, 4), torch.tensor([[0, 1]] * 3), torch.tensor([[0, 1]] * 3))
     assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_bug10_debug_mode_trains_learned_pooling_weights(run_main, tmp_path, monkeypatch):
-    """spec §8 bug 10: in debug mode the reference left learned pooling weights out of the optimizer."""
-    seen = {}
-    real = dlrm.make_optimizer
+def _debug_model(run_main, monkeypatch, *extra):
+    """The model of a --debug-mode run with learned pooling weights, after training."""
+    built = []
 
-    def spy(name, model, lr):
-        opt = real(name, model, lr)
-        seen["params"] = [p for g in opt.param_groups for p in g["params"]]
-        seen["model"] = model
-        return opt
+    class Recorded(dlrm_model.DLRM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
 
-    monkeypatch.setattr(dlrm, "make_optimizer", spy)
-    code, _, err = run_main(*SMALL, "--debug-mode", "--weighted-pooling=learned")
+    monkeypatch.setattr(entry, "DLRM", Recorded)
+    code, _, err = run_main(*SMALL, "--debug-mode", "--weighted-pooling=learned", *extra)
     assert code == 0, err
-    model = seen["model"]
-    assert len(seen["params"]) == len(list(model.parameters()))
+    return built[0]
+
+
+def test_debug_mode_leaves_learned_pooling_weights_untrained_as_the_reference(run_main, monkeypatch):
+    """The reference's debug mode builds three parameter groups (tables, bottom, top MLP) that
+    leave the learned pooling weights out of the optimizer."""
+    model = _debug_model(run_main, monkeypatch)
+    assert all(torch.equal(w, torch.ones_like(w)) for w in model.v_W_l)
+    assert not torch.equal(model.bot_l[0].bias, dlrm_model.DLRM(model.cfg, np.random.RandomState(0)).bot_l[0].bias)
+
+
+def test_fixed_debug_mode_trains_learned_pooling_weights(run_main, monkeypatch):
+    model = _debug_model(run_main, monkeypatch, "--fix-reference-bugs")
     assert any(not torch.equal(w, torch.ones_like(w)) for w in model.v_W_l)  # they moved
 
 
-def test_bug12_evaluation_is_not_limited_by_num_batches():
-    """spec §8 bug 12: the reference stopped testing after --num-batches test batches."""
+def test_fixed_evaluation_is_not_limited_by_num_batches():
+    """The reference stops testing after --num-batches test batches; --fix-reference-bugs tests all."""
     from dlrm_data_pytorch import BatchLoader, RandomDataConfig, RandomDataset
 
     cfg = RandomDataConfig(dense_dim=4, table_sizes=(4, 3, 2), data_size=10, batch_size=2, round_targets=True)
@@ -255,11 +268,12 @@ def test_bug12_evaluation_is_not_limited_by_num_batches():
                 seen.append(batch.labels.shape[0])
                 yield batch
 
-    model = dlrm.DLRM(tiny_model_config(), np.random.RandomState(0))
-    parts = dlrm.RunParts(model=model, loss_fn=dlrm.make_loss("mse"), optimizer=None, scheduler=None,
+    model = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(0))
+    parts = dlrm_train.RunParts(model=model, loss_fn=dlrm_model.make_loss("mse"), optimizer=None, scheduler=None,
                           train_loader=None, test_loader=Counting(RandomDataset(cfg, np.random.RandomState(1))),
                           nbatches=2, nbatches_test=5, device=torch.device("cpu"), log=lambda *_: None)
-    dlrm.evaluate(parts, dlrm.TrainConfig(num_batches=2), dlrm.TrainState(), log_iter=0)
+    dlrm_train.evaluate(parts, dlrm_train.TrainConfig(num_batches=2, fix_reference_bugs=True), dlrm_train.TrainState(),
+                        log_iter=0)
     assert seen == [2, 2, 2, 2, 2]
 
 

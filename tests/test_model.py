@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_s_pytorch as dlrm
+import dlrm_model as dlrm
 from conftest import tiny_model_config
 
 

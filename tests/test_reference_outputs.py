@@ -68,7 +68,7 @@ def test_debug_mode_parameters_match_spec(run_main):
 def test_non_debug_initial_parameters_match_spec():
     """spec §7.2: first rows of the parameters when the model is built right after seeding."""
     import numpy as np
-    import dlrm_s_pytorch as dlrm
+    import dlrm_model as dlrm
     from conftest import tiny_model_config
 
     model = dlrm.DLRM(tiny_model_config(), np.random.RandomState(123))

@@ -1,4 +1,4 @@
-"""Compressed embedding tables: quotient-remainder (spec §5.1) and mixed dimensions (§5.2)."""
+"""Compressed embedding tables: quotient-remainder and mixed dimensions."""
 from .md_embedding_bag import PrEmbeddingBag, md_solver
 from .qr_embedding_bag import QREmbeddingBag
 

@@ -1,11 +1,11 @@
-"""Mixed-dimension embeddings (spec §5.2), used by ``--md-flag``: a power rule picks a smaller
+"""Mixed-dimension embeddings, used by ``--md-flag``: a power rule picks a smaller
 dimension for larger tables, and a projection brings every table back to a common width.
 
 Dimension vocabulary: B bags (samples), N indices in the batch, n rows of a table, d that table's
 dimension, D the common (base) dimension.
 
-Difference from the reference (spec §8, bug 14): ``md_solver`` always returns Python ints; the
-reference returned floats with ``round_dim``, which the table constructors then rejected.
+Difference from the reference: ``md_solver`` always returns Python ints; the reference returned
+floats with ``round_dim``, which the table constructors then rejected (the run crashed).
 """
 from __future__ import annotations
 
@@ -99,8 +99,7 @@ class PrEmbeddingBag(nn.Module):
     Attributes:
         embs: ``nn.EmbeddingBag(n, d, mode="sum", sparse=True)``; weight (n, d), xavier-uniform
             from torch's RNG in the constructor; ``reset_parameters(rng)`` replaces it with
-            U(-sqrt(1/n), sqrt(1/n)) from the NumPy stream (what the reference model does,
-            spec §7.3).
+            U(-sqrt(1/n), sqrt(1/n)) from the run's NumPy stream (what the reference model does).
         proj: ``nn.Linear(d, D, bias=False)``, weight (D, d), xavier-uniform from torch's RNG;
             ``nn.Identity()`` when d == D.
     """
@@ -119,7 +118,8 @@ class PrEmbeddingBag(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.base_dim = base_dim
-        # torch-RNG order as the spec describes it: table, its init, projection, its init.
+        # torch-RNG order as in the reference: table (its default init), xavier, projection
+        # (its default init), xavier. Later tables' torch draws depend on it.
         self.embs = nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True)
         nn.init.xavier_uniform_(self.embs.weight)
         if embedding_dim < base_dim:

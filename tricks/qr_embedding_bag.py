@@ -1,12 +1,14 @@
-"""Quotient-remainder embedding tables (spec §5.1), used by ``--qr-flag`` for large tables.
+"""Quotient-remainder embedding tables, used by ``--qr-flag`` for large tables.
 
 Dimension vocabulary: B bags (samples), N indices in the batch, D embedding dimension,
 n categories (logical rows), c collisions.
 
-Differences from the reference (spec §8, bug 15): the quotient is computed in integer arithmetic
-(``index // c``); the reference divided in float32, which is wrong for indices above 2**24. The
-init is the symmetric U(-sqrt(1/rows), sqrt(1/rows)); the reference's ``uniform_(sqrt(1/n))``
-drew from U(sqrt(1/n), 1).
+The reference computes the quotient as ``(index / c)`` in float32, truncated, which is wrong for
+indices above 2**24, and initialises both tables from torch's RNG on U(sqrt(1/n), 1), one-sided
+(it passes only the lower bound to ``uniform_``). Both are reproduced by default
+(``exact_quotient=False``, :meth:`QREmbeddingBag.reference_init`), so the reference's numbers come
+out; ``--fix-reference-bugs`` selects the integer quotient ``index // c`` and the symmetric
+U(-sqrt(1/rows), sqrt(1/rows)) drawn from the run's NumPy stream (:meth:`reset_parameters`).
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ class QREmbeddingBag(nn.Module):
         operation: ``"concat"``, ``"add"`` or ``"mult"``. Default: ``"mult"``.
         mode: pooling, ``"sum"``, ``"mean"`` or ``"max"``. Default: ``"sum"``.
         sparse: sparse gradients for both tables. Default: ``True``.
+        exact_quotient: integer quotient ``index // c``; ``False`` gives the reference's float32
+            ``trunc(index / c)``, equal below 2**24. Default: ``True``.
 
     Shape:
         - input: (N,) int64 indices with ``offsets`` (B,), or (B, bag) with ``offsets=None``.
@@ -62,7 +66,7 @@ class QREmbeddingBag(nn.Module):
         weight_r: (c, d_r) remainder table.
             Both are initialised from U(-sqrt(1/rows), sqrt(1/rows)), rows being that table's own
             row count: from torch's RNG in the constructor, from a NumPy stream (quotient first)
-            with ``reset_parameters(rng)`` (spec §7.3 explains the NumPy stream).
+            with ``reset_parameters(rng)``; :meth:`reference_init` draws the reference's values.
         output_dim: width of the forward's output.
     """
 
@@ -74,6 +78,7 @@ class QREmbeddingBag(nn.Module):
         operation: str = "mult",
         mode: str = "sum",
         sparse: bool = True,
+        exact_quotient: bool = True,
     ) -> None:
         super().__init__()
         if operation not in OPERATIONS:
@@ -97,6 +102,7 @@ class QREmbeddingBag(nn.Module):
         self.operation = operation
         self.mode = mode
         self.sparse = sparse
+        self.exact_quotient = exact_quotient
         self.output_dim = dim_q + dim_r if operation == "concat" else dim_q
         num_quotients = -(-num_categories // num_collisions)  # ceil, in integers
         self.weight_q = nn.Parameter(torch.empty(num_quotients, dim_q))
@@ -118,6 +124,14 @@ class QREmbeddingBag(nn.Module):
                 values = rng.uniform(low=-bound, high=bound, size=tuple(weight.shape))
                 weight.copy_(torch.from_numpy(values.astype(np.float32)))
 
+    @torch.no_grad()
+    def reference_init(self) -> None:
+        """The reference's initialisation: both tables from torch's RNG on U(sqrt(1/n), 1), n being
+        the number of categories, quotient table first."""
+        low = math.sqrt(1.0 / self.num_categories)
+        for weight in (self.weight_q, self.weight_r):
+            weight.uniform_(low, 1.0)
+
     def forward(
         self,
         input: torch.Tensor,
@@ -125,7 +139,10 @@ class QREmbeddingBag(nn.Module):
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Pool both tables over each bag and combine; returns (B, output_dim)."""
-        quotients = torch.div(input, self.num_collisions, rounding_mode="floor")  # integer
+        if self.exact_quotient:
+            quotients = torch.div(input, self.num_collisions, rounding_mode="floor")  # integer
+        else:
+            quotients = (input / self.num_collisions).long()  # float32, truncated, as the reference
         remainders = torch.remainder(input, self.num_collisions)
         pooled_q = self._pool(quotients, self.weight_q, offsets, per_sample_weights)  # (B, d_q)
         pooled_r = self._pool(remainders, self.weight_r, offsets, per_sample_weights)  # (B, d_r)

@@ -1,0 +1,493 @@
+"""The DLRM network: parameter drawing, MLPs, embedding tables, interactions, ``DLRM`` and the losses.
+
+This module knows nothing about the command line, data loading or training loops, so tests,
+benchmarks and export import it alone.
+
+Dimension vocabulary (all docstrings): B batch, T tables, D embedding dimension, M dense features,
+F = T + 1 interaction features, P interaction pairs, W top-MLP input width, N_t indices of table t.
+
+Randomness: every parameter value comes from one ``np.random.RandomState`` (the run's stream,
+seeded with ``--numpy-rand-seed``), drawn in the reference's order: all tables in table order, then
+the bottom MLP's layers, then the top MLP's. Quotient-remainder tables are the exception: the
+reference initialises them from torch's RNG, and so do we (see :func:`build_tables`).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.profiler import record_function
+
+from dlrm_common import ConfigError
+from extend_distributed import ButterflyShuffle, DistInfo, shard
+
+Indices = Union[torch.Tensor, List[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's sizes and options.
+
+    Attributes:
+        embedding_dim: D (``--arch-sparse-feature-size``).
+        table_sizes: rows of each of the T tables.
+        bottom_mlp: bottom MLP widths, input M included.
+        top_mlp: top MLP widths, its input W included (see :func:`top_mlp_input_width`).
+        interaction: "dot" or "cat".
+        interaction_itself: the dot interaction includes self products.
+        weighted_pooling: None, "fixed" or "learned" per-row pooling weights.
+        activation: hidden-layer activation, "relu", "sigmoid" or "tanh".
+        loss_threshold: if in (0, 1), predictions are clamped to [t, 1 - t].
+        md_*, qr_*: mixed-dimension and quotient-remainder tables.
+        fix_reference_bugs: QR tables use exact integer quotients and a symmetric NumPy
+            initialisation instead of the reference's float quotient and one-sided torch draws.
+    """
+
+    embedding_dim: int
+    table_sizes: Tuple[int, ...]
+    bottom_mlp: Tuple[int, ...]
+    top_mlp: Tuple[int, ...]
+    interaction: str = "dot"
+    interaction_itself: bool = False
+    weighted_pooling: Optional[str] = None
+    activation: str = "relu"
+    loss_threshold: float = 0.0
+    md_flag: bool = False
+    md_threshold: int = 200
+    md_temperature: float = 0.3
+    md_round_dims: bool = False
+    qr_flag: bool = False
+    qr_threshold: int = 200
+    qr_operation: str = "mult"
+    qr_collisions: int = 4
+    fix_reference_bugs: bool = False
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.table_sizes)
+
+
+def top_mlp_input_width(interaction: str, itself: bool, num_tables: int, dense_out: int) -> int:
+    """W, the interaction's output width and the top MLP's first width. The interaction classes
+    own the formula (``output_width``); this only picks the class."""
+    features = num_tables + 1
+    layer = DotInteraction(features, itself) if interaction == "dot" else CatInteraction(features)
+    return layer.output_width(dense_out)
+
+
+def fit_to_data(cfg: ModelConfig, table_sizes: Sequence[int], dense_dim: int) -> ModelConfig:
+    """``cfg`` with the tables and dense width that a data set fixes, and the top MLP's input width
+    recomputed for them."""
+    bottom = (dense_dim,) + tuple(cfg.bottom_mlp[1:])
+    width = top_mlp_input_width(cfg.interaction, cfg.interaction_itself, len(table_sizes), bottom[-1])
+    return replace(cfg, table_sizes=tuple(int(s) for s in table_sizes), bottom_mlp=bottom,
+                   top_mlp=(width,) + tuple(cfg.top_mlp[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter drawing and MLPs
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[name]()
+
+
+def draw_linear(rng: np.random.RandomState, n_in: int, n_out: int) -> nn.Linear:
+    """A Linear(n_in -> n_out) drawn from ``rng`` as the reference draws it: weight ~
+    normal(0, sqrt(2 / (n_in + n_out))), shape (n_out, n_in), then bias ~ normal(0, sqrt(1 / n_out)),
+    both drawn in float64 and cast to float32. torch's own init is skipped."""
+    layer = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=True)
+    weight = rng.normal(0.0, np.sqrt(2 / (n_out + n_in)), size=(n_out, n_in)).astype(np.float32)
+    bias = rng.normal(0.0, np.sqrt(1 / n_out), size=n_out).astype(np.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return layer
+
+
+def make_mlp(widths: Sequence[int], rng: np.random.RandomState, activation: str = "relu",
+             sigmoid_last: bool = False) -> nn.Sequential:
+    """Linear layers between consecutive ``widths``, each followed by an activation.
+
+    Layers sit at even indices and activations at odd ones, so the state-dict keys are
+    ``0.weight``, ``0.bias``, ``2.weight``, ... as in the reference. The last activation is a
+    Sigmoid when ``sigmoid_last`` (the top MLP), else the hidden activation (the bottom MLP).
+    """
+    layers: List[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(draw_linear(rng, n_in, n_out))
+        last = i == len(widths) - 2
+        layers.append(nn.Sigmoid() if (last and sigmoid_last) else _activation(activation))
+    return nn.Sequential(*layers)
+
+
+def draw_table(rng: np.random.RandomState, rows: int, dim: int, chunk_values: int = 1 << 16) -> torch.Tensor:
+    """(rows, dim) float32 weights ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng``.
+
+    Drawn in row chunks into the final float32 tensor: the same stream as one big draw, without the
+    float64 copy of the whole table (8 bytes a value) that one big draw needs.
+    """
+    weight = torch.empty(rows, dim, dtype=torch.float32)
+    out = weight.numpy()
+    bound = np.sqrt(1 / rows)
+    step = max(1, chunk_values // max(dim, 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start:stop] = rng.uniform(low=-bound, high=bound, size=(stop - start, dim))
+    return weight
+
+
+def _skip_draws(rng: np.random.RandomState, count: int, chunk: int = 1 << 20) -> None:
+    """Advance ``rng`` by ``count`` uniform draws without keeping them (another rank's table)."""
+    for start in range(0, count, chunk):
+        rng.random_sample(min(chunk, count - start))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding tables: one logical layout (``emb_l.K.weight``), several physical ones
+# ---------------------------------------------------------------------------------------------
+
+
+class PerTableEmbeddings(nn.ModuleList):
+    """The reference's embedding layout: one sum-pooled ``nn.EmbeddingBag`` per table, sparse grads.
+
+    Its state-dict keys are ``K.weight`` (under the model: ``emb_l.K.weight``) with shape
+    (rows_K, D). Another layout (quantized or sharded tables) replaces this module by keeping the
+    signature of ``forward`` and the keys.
+
+    Args:
+        tables: the per-table modules, each called as ``table(indices, offsets, per_sample_weights)``.
+
+    Shape:
+        - offsets: (T, B) int64, bag starts per table (the reference's ``lS_o``).
+        - indices: (T, N) int64 or a list of T tensors (N_t,) (the reference's ``lS_i``).
+        - pooling_weights: None, or a list of T per-row weight vectors (rows_t,).
+        - Output: a list of T tensors (B, D).
+    """
+
+    def forward(self, offsets: torch.Tensor, indices: Indices,
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        pooled = []
+        for t, table in enumerate(self):
+            table_indices = indices[t]
+            weights = None if pooling_weights is None else pooling_weights[t][table_indices]
+            pooled.append(table(table_indices, offsets[t], per_sample_weights=weights))
+        return pooled
+
+
+class QuantizedTables(nn.Module):
+    """Row-wise 8- or 4-bit quantized copies of float tables, for inference.
+
+    Each table is pre-packed with ``torch.ops.quantized.embedding_bag_{byte,4bit}_prepack`` (a scale
+    and bias per row) and looked up with the matching ``*_rowwise_offsets`` op. ``forward`` has
+    :class:`PerTableEmbeddings`' signature, so the model needs no other change.
+
+    Args:
+        tables: the float tables (``nn.EmbeddingBag``) to quantize.
+        bits: 8 or 4.
+    """
+
+    def __init__(self, tables: PerTableEmbeddings, bits: int):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ConfigError(f"--quantize-emb-with-bit must be 4 or 8 to quantize, got {bits}")
+        if not all(isinstance(t, nn.EmbeddingBag) for t in tables):
+            raise ConfigError("--quantize-emb-with-bit works on plain tables only (not with --qr-flag or --md-flag)")
+        ops = torch.ops.quantized
+        prepack = ops.embedding_bag_byte_prepack if bits == 8 else ops.embedding_bag_4bit_prepack
+        self._lookup = ops.embedding_bag_byte_rowwise_offsets if bits == 8 else ops.embedding_bag_4bit_rowwise_offsets
+        for t, table in enumerate(tables):
+            self.register_buffer(f"packed_{t}", prepack(table.weight.detach().float().contiguous()))
+        self.num_tables = len(tables)
+
+    def forward(self, offsets: torch.Tensor, indices: Indices,
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        pooled = []
+        for t in range(self.num_tables):
+            table_indices = indices[t]
+            weights = None if pooling_weights is None else pooling_weights[t][table_indices].float()
+            pooled.append(self._lookup(getattr(self, f"packed_{t}"), table_indices, offsets[t], False, 0, False,
+                                       weights, None, False))
+        return pooled
+
+
+class ShardedTables(nn.ModuleDict):
+    """This rank's contiguous shard of the tables, in a multi-process run.
+
+    Keys are the global table numbers, so the state-dict keys stay ``emb_l.K.weight``. ``forward``
+    has :class:`PerTableEmbeddings`' signature: it looks up the local tables for the whole global
+    batch and returns, through the all-to-all, all T tables' outputs for this rank's batch rows.
+    ``info`` is the collective's argument: where this rank stands.
+
+    Shape:
+        - offsets: (T, B); indices: (T, N) or list of T (N_t,), for the whole batch.
+        - Output: a list of T tensors (B_local, D).
+    """
+
+    def __init__(self, tables: Dict[int, nn.Module], table_counts: Sequence[int], info: DistInfo):
+        super().__init__({str(k): table for k, table in tables.items()})
+        self.table_counts = list(table_counts)
+        self.info = info
+
+    def forward(self, offsets: torch.Tensor, indices: Indices,
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        local = [table(indices[int(k)], offsets[int(k)]) for k, table in self.items()]  # n_local x (B, D)
+        return list(ButterflyShuffle.apply(self.info, self.table_counts, *local))
+
+
+def _sharded_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo) -> ShardedTables:
+    """This rank's tables, drawn exactly as in one process: every table's draws are made (the
+    others' are skipped over), so initialisation does not depend on the number of ranks."""
+    shards = [shard(cfg.num_tables, info.world_size, r) for r in range(info.world_size)]
+    start, stop = shards[info.rank]
+    tables = {}
+    for k, rows in enumerate(cfg.table_sizes):
+        if start <= k < stop:
+            weight = draw_table(rng, rows, cfg.embedding_dim)
+            tables[k] = nn.EmbeddingBag(rows, cfg.embedding_dim, mode="sum", sparse=True, _weight=weight)
+        else:
+            _skip_draws(rng, rows * cfg.embedding_dim)
+    return ShardedTables(tables, [b - a for a, b in shards], info)
+
+
+def _plain_table(rng: np.random.RandomState, rows: int, dim: int, torch_init: bool) -> nn.EmbeddingBag:
+    """A plain table drawn from ``rng``. With ``torch_init`` torch's own normal init runs first and
+    is overwritten, as in the reference: that moves torch's RNG, which QR and mixed-dimension tables
+    after it draw from."""
+    if torch_init:
+        table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True)
+        with torch.no_grad():
+            table.weight.copy_(draw_table(rng, rows, dim))
+        return table
+    return nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, _weight=draw_table(rng, rows, dim))
+
+
+def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo()) -> nn.Module:
+    """The T tables in table order: plain, quotient-remainder (``--qr-flag``, tables above
+    ``--qr-threshold``) or mixed-dimension (``--md-flag``, tables above ``--md-threshold``).
+
+    Plain and mixed-dimension tables are drawn from ``rng``. QR tables are drawn as the reference
+    draws them, from torch's RNG on U(sqrt(1/n), 1), unless ``cfg.fix_reference_bugs`` (then
+    symmetric, from ``rng``). In a multi-process run only this rank's shard is kept.
+    """
+    if info.world_size > 1:
+        return _sharded_tables(cfg, rng, info)
+    dims = table_dims(cfg)
+    torch_init = cfg.qr_flag or cfg.md_flag  # only these read torch's RNG afterwards
+    tables = []
+    for rows, dim in zip(cfg.table_sizes, dims):
+        if cfg.qr_flag and rows > cfg.qr_threshold:
+            tables.append(_qr_table(cfg, rng, rows, dim))
+        elif cfg.md_flag and rows > cfg.md_threshold:
+            from tricks.md_embedding_bag import PrEmbeddingBag
+
+            table = PrEmbeddingBag(rows, dim, max(dims))
+            table.reset_parameters(rng)
+            tables.append(table)
+        else:
+            tables.append(_plain_table(rng, rows, dim, torch_init))
+    return PerTableEmbeddings(tables)
+
+
+def _qr_table(cfg: ModelConfig, rng: np.random.RandomState, rows: int, dim: int) -> nn.Module:
+    from tricks.qr_embedding_bag import QREmbeddingBag
+
+    exact = cfg.fix_reference_bugs
+    table = QREmbeddingBag(rows, dim, cfg.qr_collisions, operation=cfg.qr_operation, mode="sum", sparse=True,
+                           exact_quotient=exact)
+    if exact:
+        table.reset_parameters(rng)
+    else:
+        table.reference_init()
+    return table
+
+
+def table_dims(cfg: ModelConfig) -> List[int]:
+    """Each table's dimension: D; with ``--md-flag`` the power rule's dims for tables above
+    ``--md-threshold`` (smaller tables keep D; the reference crashed on them); with QR ``concat``,
+    2D for the plain tables, so every table outputs 2D like the QR ones (the reference mixed D and
+    2D and crashed)."""
+    if cfg.qr_flag and cfg.qr_operation == "concat":
+        return [cfg.embedding_dim if rows > cfg.qr_threshold else 2 * cfg.embedding_dim for rows in cfg.table_sizes]
+    if not cfg.md_flag:
+        return [cfg.embedding_dim] * cfg.num_tables
+    from tricks.md_embedding_bag import md_solver
+
+    dims = md_solver(torch.tensor(cfg.table_sizes), cfg.md_temperature, d0=cfg.embedding_dim,
+                     round_dim=cfg.md_round_dims)
+    return [int(d) if rows > cfg.md_threshold else cfg.embedding_dim for d, rows in zip(dims, cfg.table_sizes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interactions
+# ---------------------------------------------------------------------------------------------
+
+
+class DotInteraction(nn.Module):
+    """Pairwise dot products of the bottom-MLP output and the pooled embeddings.
+
+    Output order (fixed: checkpoints and printed numbers depend on it): the bottom-MLP vector x
+    itself, then <v_i, v_j> for the features v = [x, e_1, ..., e_T] over the strictly lower
+    triangle, read row by row: (1,0), (2,0), (2,1), (3,0), ... ; with ``self_interaction`` the
+    diagonal is included, j <= i: (0,0), (1,0), (1,1), (2,0), ... This is the reference's order and
+    NOT TorchRec's; reordering would permute the columns of ``top_l.0.weight`` and break reference
+    checkpoints. The pair indices are built once, as non-persistent buffers.
+
+    Args:
+        num_features: F = T + 1.
+        self_interaction: include the diagonal.
+
+    Shape:
+        - dense: (B, D); embedded: list of T tensors (B, D).
+        - Output: (B, D + P), P = F(F-1)/2 (or F(F+1)/2 with the diagonal).
+    """
+
+    def __init__(self, num_features: int, self_interaction: bool = False):
+        super().__init__()
+        extra = 1 if self_interaction else 0
+        pairs = [(i, j) for i in range(num_features) for j in range(i + extra)]  # row by row
+        self.register_buffer("rows", torch.tensor([i for i, _ in pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("cols", torch.tensor([j for _, j in pairs], dtype=torch.long), persistent=False)
+
+    def output_width(self, dim: int) -> int:
+        return dim + self.rows.numel()
+
+    def forward(self, dense: torch.Tensor, embedded: List[torch.Tensor]) -> torch.Tensor:
+        batch, dim = dense.shape
+        features = torch.cat([dense] + embedded, dim=1).view(batch, -1, dim)  # (B, F, D)
+        products = torch.bmm(features, features.transpose(1, 2))  # (B, F, F)
+        pairs = products[:, self.rows, self.cols]  # (B, P)
+        return torch.cat([dense, pairs], dim=1)  # (B, D + P)
+
+
+class CatInteraction(nn.Module):
+    """Concatenation [x, e_1, ..., e_T]. Output (B, F * D)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def output_width(self, dim: int) -> int:
+        return self.num_features * dim
+
+    def forward(self, dense: torch.Tensor, embedded: List[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([dense] + embedded, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class DLRM(nn.Module):
+    """The DLRM network: bottom MLP, embedding tables, interaction, top MLP with a sigmoid.
+
+    Parameters are drawn from ``rng`` in the reference's order: every table, then the bottom MLP's
+    layers, then the top MLP's; so the same seed gives the same numbers. State-dict keys:
+    ``emb_l.K.weight``, ``v_W_l.K`` (learned pooling), ``bot_l.N.weight/bias``,
+    ``top_l.N.weight/bias``.
+
+    Args:
+        cfg: sizes and options.
+        rng: the NumPy legacy stream (seeded with ``--numpy-rand-seed``).
+        info: where this process stands; in a multi-process run the tables are this rank's shard.
+
+    Shape:
+        - dense_x: (B, M) for the rows this process computes; offsets: (T, B_all); indices: (T, N)
+          or a list of T (N_t,), for the whole batch (B_all = B in one process).
+        - Output: (B, 1) probabilities.
+
+    Example::
+
+        >>> cfg = ModelConfig(embedding_dim=2, table_sizes=(4, 3), bottom_mlp=(4, 2), top_mlp=(5, 1))
+        >>> model = DLRM(cfg, np.random.RandomState(123))
+        >>> model(torch.rand(2, 4), torch.tensor([[0, 1], [0, 1]]), torch.tensor([[0, 3], [2, 2]])).shape
+        torch.Size([2, 1])
+    """
+
+    def __init__(self, cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo()):
+        super().__init__()
+        self.cfg = cfg
+        self.emb_l = build_tables(cfg, rng, info)
+        if cfg.weighted_pooling == "learned":
+            self.v_W_l = nn.ParameterList([nn.Parameter(torch.ones(rows)) for rows in cfg.table_sizes])
+        elif cfg.weighted_pooling == "fixed":
+            for t, rows in enumerate(cfg.table_sizes):
+                self.register_buffer(f"fixed_pooling_{t}", torch.ones(rows), persistent=False)
+        self.bot_l = make_mlp(cfg.bottom_mlp, rng, cfg.activation, sigmoid_last=False)
+        self.top_l = make_mlp(cfg.top_mlp, rng, cfg.activation, sigmoid_last=True)
+        features = cfg.num_tables + 1
+        if cfg.interaction == "dot":
+            self.interaction = DotInteraction(features, cfg.interaction_itself)
+        else:
+            self.interaction = CatInteraction(features)
+
+    def pooling_weights(self) -> Optional[List[torch.Tensor]]:
+        if self.cfg.weighted_pooling == "learned":
+            return list(self.v_W_l)
+        if self.cfg.weighted_pooling == "fixed":
+            return [getattr(self, f"fixed_pooling_{t}") for t in range(self.cfg.num_tables)]
+        return None
+
+    def forward(self, dense_x: torch.Tensor, offsets: torch.Tensor, indices: Indices) -> torch.Tensor:
+        with record_function("DLRM embedding forward"):
+            embedded = self.emb_l(offsets, indices, self.pooling_weights())  # T x (B, D)
+        with record_function("DLRM bottom nlp forward"):
+            x = self.bot_l(dense_x)  # (B, D)
+        with record_function("DLRM interaction forward"):
+            z = self.interaction(x, embedded)  # (B, W)
+        with record_function("DLRM top nlp forward"):
+            p = self.top_l(z).float()  # (B, 1); float32 also when run under bf16 autocast
+        threshold = self.cfg.loss_threshold
+        if 0.0 < threshold < 1.0:
+            p = torch.clamp(p, min=threshold, max=1.0 - threshold)
+        return p
+
+
+def quantize_for_inference(model: DLRM, emb_bits: int, mlp_bits: int) -> nn.Module:
+    """``emb_bits`` 4/8: row-wise quantized tables; ``mlp_bits`` 8/16: dynamic int8/float16 Linear
+    layers; 32 leaves that part as it is. Returns the model to run (a new one for quantized MLPs)."""
+    if emb_bits != 32:
+        model.emb_l = QuantizedTables(model.emb_l, emb_bits)
+    if mlp_bits == 32:
+        return model
+    dtype = torch.qint8 if mlp_bits == 8 else torch.float16
+    with warnings.catch_warnings():  # the reference's dynamic quantization API, deprecated upstream
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {nn.Linear}, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+LOSSES = ("mse", "bce", "wbce")
+
+
+def make_loss(name: str, class_weights: Sequence[float] = (1.0, 1.0)) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of ``probs`` (B, 1) against ``labels`` (B, 1).
+
+    mse and bce are batch means. wbce weighs each sample's BCE by ``class_weights[label]`` (labels
+    must be 0/1) in float64, as the reference does, then takes the mean.
+    """
+    if name == "mse":
+        return nn.MSELoss(reduction="mean")
+    if name == "bce":
+        return nn.BCELoss(reduction="mean")
+    if name == "wbce":
+        weights = torch.tensor(class_weights, dtype=torch.float64)
+        bce = nn.BCELoss(reduction="none")
+
+        def weighted_bce(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            per_sample = weights.to(labels.device)[labels.long()] * bce(probs, labels)
+            return per_sample.mean()
+
+        return weighted_bce
+    raise ConfigError(f"--loss-function={name} is not supported (use {', '.join(LOSSES)})")

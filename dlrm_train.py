@@ -1,0 +1,506 @@
+"""Training and evaluation: the train step, the epoch and evaluation loops, metrics, the logger
+and the reference's log lines.
+
+The loops take explicit parts (:class:`RunParts`) and the smallest config they need
+(:class:`TrainConfig`); nothing here reads the command line. Every printed line comes from a pure
+formatter (``format_*``) and goes through one rank-aware :class:`Logger`.
+
+Dimension vocabulary: B batch (B_local: this rank's rows of it), T tables, M dense features.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, TextIO
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.profiler import record_function
+
+from checkpoint import Position, Resume, checkpoint_payload, save_checkpoint
+from dlrm_common import Batch, ConfigError
+from dlrm_model import ModelConfig, table_dims
+from extend_distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
+from mlperf_logger import MLPerfLogger
+
+OPTIMIZERS = ("sgd", "adagrad", "rwsadagrad")
+
+# ---------------------------------------------------------------------------------------------
+# Output: one rank-aware printer and pure formatters of the reference's lines
+# ---------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """Prints on the main rank only, flushing every line; warnings go to stderr, each text once.
+
+    Args:
+        info: where this process stands (only rank 0 prints).
+        stream: where lines go (default: ``sys.stdout`` at the time of printing).
+        err_stream: where warnings go (default: ``sys.stderr`` at the time of printing).
+    """
+
+    def __init__(self, info: DistInfo = DistInfo(), stream: Optional[TextIO] = None,
+                 err_stream: Optional[TextIO] = None):
+        self.enabled = info.is_main
+        self.stream = stream
+        self.err_stream = err_stream
+        self._warned: set = set()
+        self.write: Optional[Callable[[str], None]] = None  # set while a progress bar is shown
+
+    def __call__(self, text: object = "") -> None:
+        if not self.enabled:
+            return
+        if self.write is not None:
+            self.write(str(text))
+        else:
+            print(text, file=self.stream or sys.stdout, flush=True)
+
+    def warn(self, text: str) -> None:
+        """Print ``text`` on stderr the first time it is given (repeats are dropped)."""
+        if self.enabled and text not in self._warned:
+            self._warned.add(text)
+            print(text, file=self.err_stream or sys.stderr, flush=True)
+
+
+def format_train_line(step: int, nbatches: int, epoch: int, ms_per_it: float, loss: float,
+                      wall_time: Optional[str] = None, inference: bool = False) -> str:
+    """``Finished training it 1/3 of epoch 0, -1.00 ms/it, loss 0.025266`` (``-1.00`` when the
+    time is not measured, as in the reference)."""
+    mode = "inference" if inference else "training"
+    line = f"Finished {mode} it {step}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, loss {loss:.6f}"
+    return line + (f" ({wall_time})" if wall_time else "")
+
+
+def format_test_header(step: int, nbatches: int, epoch: int) -> str:
+    return f"Testing at - {step}/{nbatches} of epoch {epoch},"
+
+
+def format_accuracy_line(acc: float, best_acc: float) -> str:
+    """`` accuracy 50.000 %, best 50.000 %`` (with the reference's leading space)."""
+    return f" accuracy {acc * 100:3.3f} %, best {best_acc * 100:3.3f} %"
+
+
+def format_mlperf_metrics_line(m: Dict[str, float], best_auc: float, best_acc: float) -> str:
+    """The scikit-learn metrics line of ``--mlperf-logging``."""
+    return (f"recall {m['recall']:.4f}, precision {m['precision']:.4f}, f1 {m['f1']:.4f}, "
+            f"ap {m['ap']:.4f}, auc {m['roc_auc']:.4f}, best auc {best_auc:.4f}, "
+            f"accuracy {m['accuracy'] * 100:3.3f} %, best accuracy {best_acc * 100:3.3f} %")
+
+
+def format_arch(cfg: ModelConfig, dense_dim: int) -> List[str]:
+    """The ``--debug-mode`` architecture block."""
+    top, bot = np.array(cfg.top_mlp), np.array(cfg.bottom_mlp)
+    dims = cfg.embedding_dim if not cfg.md_flag else table_dims(cfg)
+    return [
+        "model arch:",
+        f"mlp top arch {top.size - 1} layers, with input to output dimensions:", str(top),
+        "# of interactions", str(cfg.top_mlp[0]),
+        f"mlp bot arch {bot.size - 1} layers, with input to output dimensions:", str(bot),
+        "# of features (sparse and dense)", str(cfg.num_tables + 1),
+        "dense feature size", str(dense_dim),
+        "sparse feature size", str(dims),
+        f"# of embeddings (= # of sparse features) {cfg.num_tables}, with dimensions {dims}x:",
+        str(np.array(cfg.table_sizes)),
+    ]
+
+
+def format_batch(j: int, batch: Batch) -> List[str]:
+    """The ``--debug-mode`` print of one batch: dense, bag lengths (T, B) int32, the per-table
+    index tensors, and the targets."""
+    counts = [len(batch.indices[t]) for t in range(batch.offsets.shape[0])]
+    ends = torch.cat([batch.offsets[:, 1:], torch.tensor(counts, dtype=torch.long).view(-1, 1)], dim=1)
+    lengths = (ends - batch.offsets).to(torch.int32)
+    indices = [batch.indices[t] for t in range(len(counts))]
+    return [f"mini-batch: {j}", str(batch.dense_x), str(lengths), str(indices), str(batch.labels)]
+
+
+def format_parameters(model: nn.Module, precision: int) -> List[str]:
+    """Every parameter as a NumPy array, in ``parameters()`` order (``--debug-mode``)."""
+    with np.printoptions(precision=precision):
+        return [str(p.detach().cpu().numpy()) for p in model.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration, optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loops: batches, epochs, optimizer, schedule, printing and testing.
+
+    Attributes:
+        fix_reference_bugs: the corrected behaviours that change numbers (whole test set despite
+            ``--num-batches``, real gradient accumulation, the base-rate plateau, batch skipping
+            only in the resumed epoch).
+        mixed_precision: "none" or "bf16" (autocast around the forward).
+        debug_groups: the reference's three parameter groups of ``--debug-mode`` (tables, bottom
+            MLP, top MLP; learned pooling weights left out).
+    """
+
+    batch_size: int = 1
+    nepochs: int = 1
+    num_batches: int = 0
+    learning_rate: float = 0.01
+    optimizer: str = "sgd"
+    loss_function: str = "mse"
+    loss_weights: Sequence[float] = (1.0, 1.0)
+    lr_num_warmup_steps: int = 0
+    lr_decay_start_step: int = 0
+    lr_num_decay_steps: int = 0
+    grad_accum_iter: int = 1
+    print_freq: int = 1
+    test_freq: int = -1
+    print_time: bool = False
+    print_wall_time: bool = False
+    mlperf_logging: bool = False
+    mlperf_acc_threshold: float = 0.0
+    mlperf_auc_threshold: float = 0.0
+    testing: bool = True
+    fix_reference_bugs: bool = False
+    mixed_precision: str = "none"
+    debug_groups: bool = False
+
+
+def optimizer_groups(model: nn.Module, debug_groups: bool) -> list:
+    """Every parameter in one group; or the reference's three ``--debug-mode`` groups (tables,
+    bottom MLP, top MLP), which leave learned pooling weights untrained."""
+    if not debug_groups:
+        return list(model.parameters())
+    return [{"params": list(part.parameters())} for part in (model.emb_l, model.bot_l, model.top_l)]
+
+
+def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+    """sgd, adagrad or the row-wise sparse adagrad."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr)
+    if name == "rwsadagrad":
+        from optim.rwsadagrad import RWSAdagrad
+
+        return RWSAdagrad(params, lr=lr)
+    raise ConfigError(f"--optimizer={name} is not supported (use {', '.join(OPTIMIZERS)})")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    from optim.lr_schedule import LRPolicyScheduler
+
+    return LRPolicyScheduler(optimizer, cfg.lr_num_warmup_steps, cfg.lr_decay_start_step, cfg.lr_num_decay_steps,
+                             reference_plateau=not cfg.fix_reference_bugs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run parts and state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What the loops carry between batches and tests."""
+
+    best_acc: float = 0.0
+    best_auc: float = 0.0
+    resume: Resume = Resume()
+    stop: bool = False
+    total_time: float = 0.0
+    total_iter: int = 0
+    total_samples: int = 0
+    total_loss: Optional[torch.Tensor] = None
+    first_batch: Optional[Batch] = None
+
+
+@dataclass
+class RunParts:
+    """Everything the loops need, built once by the entry script. ``info`` is the one place that
+    says where this process stands in a multi-process run."""
+
+    model: nn.Module
+    loss_fn: Callable
+    optimizer: Optional[torch.optim.Optimizer]
+    scheduler: object
+    train_loader: object
+    test_loader: object
+    nbatches: int
+    nbatches_test: int
+    device: torch.device
+    log: Logger
+    writer: object = None
+    mlperf: MLPerfLogger = field(default_factory=MLPerfLogger)
+    save_model: str = ""
+    info: DistInfo = DistInfo()
+    num_tables: int = 0
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    indices = batch.indices.to(device) if isinstance(batch.indices, torch.Tensor) else [i.to(device) for i in batch.indices]
+    return Batch(batch.dense_x.to(device), batch.offsets.to(device), indices, batch.labels.to(device))
+
+
+def local_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous rows of a whole-batch tensor (all of it in a single process). The one
+    place that cuts the batch between ranks: dense features and labels go through it; the tables
+    take the whole batch and hand each rank its rows through the all-to-all."""
+    if info.world_size == 1:
+        return tensor
+    start, stop = shard(tensor.shape[0], info.world_size, info.rank)
+    return tensor[start:stop]
+
+
+def predict(parts: RunParts, batch: Batch, mixed_precision: str) -> torch.Tensor:
+    """The model's (B_local, 1) predictions for this rank's rows, under bf16 autocast if asked."""
+    dense_x = local_rows(batch.dense_x, parts.info)
+    autocast = (torch.autocast(dense_x.device.type, dtype=torch.bfloat16) if mixed_precision == "bf16"
+                else nullcontext())
+    with autocast:
+        return parts.model(dense_x, batch.offsets, batch.indices)
+
+
+def _sync(device: torch.device) -> float:
+    """Wall time, after waiting for the GPU (the only host synchronisation of a timed step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def _scalar(writer, tag: str, value: float, step: int) -> None:
+    if writer is not None:
+        writer.add_scalar(tag, value, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _test_batches(parts: RunParts, cfg: TrainConfig):
+    """The test loader's batches; the first ``nbatches`` only when ``--num-batches`` is set, as the
+    reference does (it limits testing by the training batch count), unless fixing that."""
+    limit = parts.nbatches if cfg.num_batches > 0 and not cfg.fix_reference_bugs else None
+    for i, batch in enumerate(parts.test_loader):
+        if limit is not None and i >= limit:
+            return
+        yield batch
+
+
+def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int) -> Dict[str, float]:
+    """One pass over the test batches. Updates ``state.best_acc``/``best_auc`` (the best so far, which
+    the reference never kept) and returns the metrics plus ``is_best``."""
+    correct, samples, scores, targets = 0, 0, [], []
+    parts.model.eval()
+    with torch.no_grad():
+        for batch in _test_batches(parts, cfg):
+            if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
+                continue  # as in training: every rank needs rows of the batch
+            batch = to_device(batch, parts.device)
+            probs = predict(parts, batch, cfg.mixed_precision)
+            labels = local_rows(batch.labels, parts.info)
+            with record_function("DLRM accuracy compute"):
+                if cfg.mlperf_logging:
+                    scores.append(probs.detach().cpu().numpy())
+                    targets.append(labels.detach().cpu().numpy())
+                else:
+                    correct += int((torch.round(probs) == labels).sum().item())
+                    samples += labels.shape[0]
+    parts.model.train()
+    if cfg.mlperf_logging:
+        metrics = _mlperf_metrics(parts, scores, targets, state, log_iter)
+    else:
+        metrics = _accuracy_metrics(parts, correct, samples, state, log_iter)
+    return metrics
+
+
+def _accuracy_metrics(parts: RunParts, correct: int, samples: int, state: TrainState,
+                      log_iter: int) -> Dict[str, float]:
+    correct, samples = (int(v) for v in all_reduce_sum([correct, samples], parts.info))
+    acc = correct / max(samples, 1)
+    is_best = acc > state.best_acc
+    state.best_acc = max(state.best_acc, acc)
+    _scalar(parts.writer, "Test/Acc", acc, log_iter)
+    parts.log(format_accuracy_line(acc, state.best_acc))
+    return {"accuracy": acc, "is_best": is_best}
+
+
+def _mlperf_metrics(parts: RunParts, scores: list, targets: list, state: TrainState,
+                    log_iter: int) -> Dict[str, float]:
+    scores = [x for part in gather_objects(scores, parts.info) for x in part]
+    targets = [x for part in gather_objects(targets, parts.info) for x in part]
+    metrics = sklearn_metrics(np.concatenate(scores).ravel(), np.concatenate(targets).ravel())
+    is_best = metrics["roc_auc"] > state.best_auc
+    state.best_auc = max(state.best_auc, metrics["roc_auc"])
+    state.best_acc = max(state.best_acc, metrics["accuracy"])
+    parts.log(format_mlperf_metrics_line(metrics, state.best_auc, state.best_acc))
+    for name, value in metrics.items():
+        _scalar(parts.writer, f"mlperf-metrics-test/{name}", value, log_iter)
+    return {**metrics, "is_best": is_best}
+
+
+def sklearn_metrics(scores: np.ndarray, targets: np.ndarray) -> Dict[str, float]:
+    """recall, precision, f1 and accuracy of rounded scores; ap and roc_auc of raw scores."""
+    from sklearn import metrics as skm
+
+    with record_function("DLRM mlperf sklearn metrics compute"):
+        rounded = np.round(scores)
+        return {
+            "recall": skm.recall_score(targets, rounded, zero_division=0),
+            "precision": skm.precision_score(targets, rounded, zero_division=0),
+            "f1": skm.f1_score(targets, rounded, zero_division=0),
+            "ap": skm.average_precision_score(targets, scores),
+            "roc_auc": skm.roc_auc_score(targets, scores) if len(np.unique(targets)) > 1 else 0.5,
+            "accuracy": skm.accuracy_score(targets, rounded),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The data-parallel parameters (everything but the sharded tables)."""
+    return [p for name, p in model.named_parameters() if not name.startswith("emb_l.")]
+
+
+def train_step(parts: RunParts, cfg: TrainConfig, batch: Batch, j: int) -> torch.Tensor:
+    """Forward, loss, backward and (every ``grad_accum_iter`` batches under ``--mlperf-logging``) an
+    optimizer step and a schedule step. Returns the loss, still on the device.
+
+    With accumulation the reference zeroes the gradients right before the stepping batch's
+    backward, so each step uses that batch's gradients alone; that is the default. With
+    ``fix_reference_bugs`` the gradients of ``grad_accum_iter`` batches really accumulate (each
+    loss scaled by 1/N) and are zeroed after the step.
+    """
+    accum = cfg.grad_accum_iter if cfg.mlperf_logging else 1
+    stepping = (j + 1) % accum == 0
+    with record_function("DLRM forward"):
+        probs = predict(parts, batch, cfg.mixed_precision)
+    with record_function("DLRM loss compute"):
+        loss = parts.loss_fn(probs, local_rows(batch.labels, parts.info))
+    reference_accum = accum > 1 and not cfg.fix_reference_bugs
+    with record_function("DLRM backward"):
+        if reference_accum and stepping:
+            parts.optimizer.zero_grad(set_to_none=True)
+        (loss / accum if accum > 1 and not reference_accum else loss).backward()
+        if parts.info.world_size > 1:
+            average_gradients(_dense_parameters(parts.model), parts.info)
+    if stepping:
+        parts.optimizer.step()
+        parts.scheduler.step()
+        if not reference_accum:
+            parts.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _should_skip(state: TrainState, cfg: TrainConfig, j: int, k: int) -> bool:
+    """Batches already trained before the checkpoint this run resumed from. The reference skips
+    the saved batch count in every epoch from the saved one on (it hangs when that epoch is not the
+    first); we do so when resuming from the first epoch, and otherwise, or with
+    ``fix_reference_bugs``, only in the saved epoch."""
+    resume = state.resume
+    if j >= resume.batch or k < resume.epoch:
+        return False
+    return k == resume.epoch or (resume.epoch == 0 and not cfg.fix_reference_bugs)
+
+
+def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int) -> None:
+    """One pass over the training loader. Losses are accumulated on the device; only the lines
+    that print read them back."""
+    for j, batch in enumerate(parts.train_loader):
+        if j >= parts.nbatches:
+            break
+        if state.first_batch is None:
+            state.first_batch = batch
+        if _should_skip(state, cfg, j, k):
+            continue
+        if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
+            parts.log(f"Warning: Skiping the batch {j} with size {batch.labels.shape[0]}")
+            continue
+        batch = to_device(batch, parts.device)
+        t1 = _sync(parts.device)
+        loss = train_step(parts, cfg, batch, j)
+        t2 = _sync(parts.device)
+        n = local_rows(batch.labels, parts.info).shape[0]
+        state.total_loss = loss * n if state.total_loss is None else state.total_loss + loss * n
+        state.total_time += t2 - t1
+        state.total_iter += 1
+        state.total_samples += n
+        _report_and_test(parts, cfg, state, j, k)
+        if state.stop:
+            return
+
+
+def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: int, k: int) -> None:
+    """Print the training line and, when due, test, save and check the MLPerf thresholds."""
+    nb = parts.nbatches
+    should_print = (j + 1) % cfg.print_freq == 0 or j + 1 == nb
+    should_test = cfg.testing and cfg.test_freq > 0 and ((j + 1) % cfg.test_freq == 0 or j + 1 == nb)
+    if not (should_print or should_test):
+        return
+    log_iter = nb * k + j + 1
+    ms = 1000.0 * state.total_time / state.total_iter if cfg.print_time and state.total_iter else -1.0
+    loss = _mean_loss(state, parts.info)  # host synchronisation: this line prints
+    state.total_time, state.total_iter, state.total_samples, state.total_loss = 0.0, 0, 0, None
+    wall = time.strftime("%H:%M") if cfg.print_wall_time else None
+    parts.log(format_train_line(j + 1, nb, k, ms, loss, wall))
+    _scalar(parts.writer, "Train/Loss", loss, log_iter)
+    if should_test:
+        _test_and_save(parts, cfg, state, loss, j, k, log_iter)
+
+
+def _test_and_save(parts: RunParts, cfg: TrainConfig, state: TrainState, loss: float, j: int, k: int,
+                   log_iter: int) -> None:
+    nb = parts.nbatches
+    parts.log(format_test_header(j + 1, nb, k))
+    parts.mlperf.start("eval_start", epoch_num=(j + 1) / nb + k + 1)
+    metrics = evaluate(parts, cfg, state, log_iter)
+    parts.mlperf.end("eval_stop", epoch_num=(j + 1) / nb + k + 1)
+    if metrics["is_best"] and parts.save_model:
+        parts.log(f"Saving model to {parts.save_model}")
+        at = Position(nepochs=cfg.nepochs, nbatches=nb, nbatches_test=parts.nbatches_test, epoch=k, iter=j + 1,
+                      train_loss=loss, test_acc=metrics["accuracy"], test_auc=metrics.get("roc_auc"))
+        payload = checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
+                                     parts.num_tables, parts.info, at)  # every rank takes part
+        if parts.info.is_main:
+            save_checkpoint(parts.save_model, payload)
+    _check_thresholds(parts, cfg, state)
+
+
+def _mean_loss(state: TrainState, info: DistInfo) -> float:
+    """The mean training loss since the last print; over all ranks' rows in a multi-process run."""
+    if not state.total_samples:
+        return 0.0
+    if info.world_size == 1:  # float32 throughout, as the reference accumulates it
+        return float((state.total_loss / state.total_samples).item())
+    total, samples = all_reduce_sum([float(state.total_loss.item()), state.total_samples], info)
+    return total / samples
+
+
+def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
+    """Stop the whole run once a test passes an MLPerf threshold (the reference's thresholds never
+    fired, and its early stop would only have ended the epoch)."""
+    if cfg.mlperf_acc_threshold > 0 and state.best_acc > cfg.mlperf_acc_threshold:
+        parts.log(f"MLPerf testing accuracy threshold {cfg.mlperf_acc_threshold:f} reached, stop training")
+        state.stop = True
+    if cfg.mlperf_auc_threshold > 0 and state.best_auc > cfg.mlperf_auc_threshold:
+        parts.log(f"MLPerf testing auc threshold {cfg.mlperf_auc_threshold:f} reached, stop training")
+        parts.mlperf.end("run_stop", status="success")
+        state.stop = True
+
+
+def train(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
+    """Every epoch from the resumed one on, until done or an MLPerf threshold stops the run."""
+    for k in range(state.resume.epoch, cfg.nepochs):
+        parts.mlperf.start("block_start", first_epoch_num=k + 1, epoch_count=1)
+        parts.mlperf.start("epoch_start", epoch_num=k + 1)
+        train_one_epoch(parts, cfg, state, k)
+        parts.mlperf.end("epoch_stop", epoch_num=k + 1)
+        parts.mlperf.end("block_stop", first_epoch_num=k + 1)
+        if state.stop:
+            return
+    if cfg.mlperf_auc_threshold > 0:
+        parts.mlperf.end("run_stop", status="aborted")
