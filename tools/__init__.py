@@ -1,0 +1,1 @@
+"""Command-line tools that read what a run wrote (logs) and draw or summarise it."""
