@@ -52,6 +52,8 @@ class RandomDataConfig:
         generation: "random" or "synthetic" (trace-based indices, spec §2.2).
         trace_file: synthetic only: the distribution-file template (``j`` = table number).
         trace_padding: synthetic only: ``--data-trace-enable-padding``.
+        fix_reference_bugs: test batches from their own stream (seed + 1) instead of the training
+            stream, and gaussian bags deduplicated after truncation to integers.
     """
 
     dense_dim: int
@@ -71,6 +73,7 @@ class RandomDataConfig:
     generation: str = "random"
     trace_file: str = "./input/dist_emb_j.log"
     trace_padding: bool = False
+    fix_reference_bugs: bool = False
 
     @property
     def total_samples(self) -> int:
@@ -216,11 +219,20 @@ def _table_bags(u: np.ndarray, first: np.ndarray, lengths: np.ndarray, size: int
     return _offsets_from_counts(counts), bag_indices
 
 
-def _gaussian_bag(rng: np.random.RandomState, count: int, cfg: RandomDataConfig) -> np.ndarray:
-    """One gaussian bag: normal(mu, sigma, count), clipped, truncated to int64, sorted unique."""
-    mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
-    draws = rng.normal(mu, cfg.rand_sigma, count)
-    return np.unique(np.clip(draws, cfg.rand_min, cfg.rand_max).astype(np.int64))
+def _gaussian_values(draws: np.ndarray, cfg: RandomDataConfig) -> np.ndarray:
+    """One gaussian bag's indices from its normal draws, clipped to [min, max].
+
+    The reference takes the sorted unique clipped floats and then truncates them to integers, so a
+    bag can repeat an index (two draws in [3, 4) both give 3); that is the default.
+    ``fix_reference_bugs`` truncates first and then deduplicates."""
+    clipped = np.clip(draws, cfg.rand_min, cfg.rand_max)
+    if cfg.fix_reference_bugs:
+        return np.unique(clipped.astype(np.int64))
+    return np.unique(clipped).astype(np.int64)
+
+
+def _gaussian_mu(cfg: RandomDataConfig) -> float:
+    return (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
 
 
 def _gaussian_tables(
@@ -236,17 +248,15 @@ def _gaussian_tables(
     offsets, indices = [], []
     for size in cfg.table_sizes:
         if cfg.fixed:
-            mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
-            draws = rng.normal(mu, cfg.rand_sigma, n * k).reshape(n, k)
-            values = np.clip(draws, cfg.rand_min, cfg.rand_max).astype(np.int64)
-            bag_indices, counts = _unique_rows(values, np.full(n, k, dtype=np.int64))
+            draws = rng.normal(_gaussian_mu(cfg), cfg.rand_sigma, n * k).reshape(n, k)
+            bags = [_gaussian_values(row, cfg) for row in draws]
         else:
             bags = []
             for _ in range(n):
                 count = int(np.round(max(1.0, rng.random_sample(1)[0] * min(size, k))))
-                bags.append(_gaussian_bag(rng, count, cfg))
-            counts = np.array([b.size for b in bags], dtype=np.int64)
-            bag_indices = np.concatenate(bags) if bags else np.empty(0, np.int64)
+                bags.append(_gaussian_values(rng.normal(_gaussian_mu(cfg), cfg.rand_sigma, count), cfg))
+        counts = np.array([b.size for b in bags], dtype=np.int64)
+        bag_indices = np.concatenate(bags) if bags else np.empty(0, np.int64)
         offsets.append(_offsets_from_counts(counts))
         indices.append(bag_indices)
     return offsets, indices
@@ -357,23 +367,24 @@ class BatchLoader:
 
 
 def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomState,
-                                 test_rng: Optional[np.random.RandomState] = None,
                                  warn: Callable[[str], None] = print):
     """Train and test data for ``--data-generation=random`` or ``synthetic``.
 
-    The reference drew its test batches from the same stream and seed as its training batches, so
-    its "test set" was the training set and every test pass shifted the later training data
-    (spec §8 bug 13, §7.3 item 5). Here the test set has its own stream (``test_rng``, by default
-    seeded with seed + 1): training numbers do not depend on whether or how often you test.
+    As in the reference, the test batches are the training batches: the same data set, drawn from
+    the same stream (``rng``) and re-seeded at test batch 0. So a test pass moves the stream that
+    the following training batches draw from, and the printed test accuracy is measured on the
+    training data. With ``cfg.fix_reference_bugs`` the test set has its own stream, seeded with
+    seed + 1: training numbers then do not depend on whether or how often you test.
 
     Returns:
         (train_data, train_loader, test_data, test_loader).
     """
-    if test_rng is None:
-        test_rng = np.random.RandomState(cfg.seed + 1)
     train_data = RandomDataset(cfg, rng, warn)
-    test_cfg = RandomDataConfig(**{**cfg.__dict__, "seed": cfg.seed + 1})
-    test_data = RandomDataset(test_cfg, test_rng, warn)
+    if cfg.fix_reference_bugs:
+        test_cfg = RandomDataConfig(**{**cfg.__dict__, "seed": cfg.seed + 1})
+        test_data = RandomDataset(test_cfg, np.random.RandomState(test_cfg.seed), warn)
+    else:
+        test_data = RandomDataset(cfg, rng, warn)
     return train_data, BatchLoader(train_data), test_data, BatchLoader(test_data)
 
 

@@ -385,7 +385,7 @@ def _data_config(f: dict):
             distribution=f["rand_data_dist"], rand_min=f["rand_data_min"], rand_max=f["rand_data_max"],
             rand_mu=f["rand_data_mu"], rand_sigma=f["rand_data_sigma"], round_targets=f["round_targets"],
             seed=f["seed"], generation=f["data_generation"], trace_file=f["data_trace_file"],
-            trace_padding=f["data_trace_enable_padding"])
+            trace_padding=f["data_trace_enable_padding"], fix_reference_bugs=f["fix_reference_bugs"])
         validate_random_config(cfg)
         return cfg
     from criteo_data import CriteoLoaderConfig

@@ -140,7 +140,13 @@ class ButterflyShuffle(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         info, dim, rows = ctx.info, ctx.dim, ctx.rows
         mine = rows[info.rank][1] - rows[info.rank][0]
-        send = torch.cat(grads, dim=1).contiguous()  # (B_local, T*D), tables grouped by owner rank
+        # Owner o must receive (B_local, n_o * D) row-major for its n_o tables, so the send buffer is
+        # one such block per owner, in rank order (not the (B_local, T * D) rows of all tables).
+        blocks, first = [], 0
+        for count in ctx.table_counts:
+            blocks.append(torch.cat(grads[first:first + count], dim=1).reshape(-1))  # (B_local * n_o * D,)
+            first += count
+        send = torch.cat(blocks)
         in_splits = [mine * count * dim for count in ctx.table_counts]
         out_splits = [(stop - start) * ctx.n_local * dim for start, stop in rows]
         received = send.new_empty(sum(out_splits))

@@ -1,4 +1,5 @@
-"""Random data: the vectorised generator against a plain per-sample implementation of spec §2.1."""
+"""Random data: the vectorised generator against a plain per-sample implementation of the reference's
+draws, and the test batches' stream."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,10 @@ from dlrm_data_pytorch import (RandomDataConfig, RandomDataset, generate_random_
 
 
 def plain_batch(rng, n, cfg):
-    """Spec §2.1 written out sample by sample, exactly as the reference draws."""
+    """The reference's draws written out sample by sample: dense rand(n, M); per table, per sample,
+    the bag size random(1) (unless fixed) and the bag's draws; then targets rand(n, 1). Uniform
+    indices are unique(round(r * (rows - 1))); gaussian ones unique(clip(normal)) truncated to int
+    (so a bag can repeat an index), or with --fix-reference-bugs truncated first, then unique."""
     dense = rng.rand(n, cfg.dense_dim).astype(np.float32)
     offsets, indices = [], []
     mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
@@ -25,7 +29,11 @@ def plain_batch(rng, n, cfg):
                 values = np.unique(np.round(r * (size - 1)).astype(np.int64))
             else:
                 r = rng.normal(mu, cfg.rand_sigma, bag)
-                values = np.unique(np.clip(r, cfg.rand_min, cfg.rand_max).astype(np.int64))
+                clipped = np.clip(r, cfg.rand_min, cfg.rand_max)
+                if cfg.fix_reference_bugs:
+                    values = np.unique(clipped.astype(np.int64))
+                else:
+                    values = np.unique(clipped).astype(np.int64)
             table_offsets.append(count)
             count += values.size
             table_indices.append(values)
@@ -51,6 +59,11 @@ CASES = [
          rand_min=0, rand_max=49, rand_sigma=10),
     dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, fixed=True, distribution="gaussian",
          rand_min=0, rand_max=5, rand_sigma=3),
+    dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, distribution="gaussian",
+         rand_min=0, rand_max=49, rand_sigma=10, fix_reference_bugs=True),
+    dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=9, fixed=True, distribution="gaussian",
+         rand_min=0, rand_max=5, rand_sigma=3, fix_reference_bugs=True),
+    dict(dense_dim=3, table_sizes=(20,), num_indices_per_lookup=6, distribution="gaussian"),  # the defaults
 ]
 
 
@@ -71,14 +84,25 @@ def test_fast_generator_equals_plain_one(case, n):
         assert _same_state(fast_rng, plain_rng)
 
 
-def test_gaussian_bags_hold_no_duplicate_indices():
-    """The reference deduplicated before truncating to int, so a bag could repeat an index (spec §8 bug 18)."""
+def _bags(batch, t=0):
+    ends = list(batch.offsets[t, 1:].tolist()) + [len(batch.indices[t])]
+    return [batch.indices[t][start:end] for start, end in zip(batch.offsets[t].tolist(), ends)]
+
+
+def test_gaussian_bags_repeat_indices_as_the_reference_does():
+    """The reference deduplicates the clipped floats before truncating them, so a bag can repeat an
+    index; the default keeps that (the plain implementation above checks the exact values)."""
     cfg = RandomDataConfig(dense_dim=1, table_sizes=(10,), num_indices_per_lookup=50, fixed=True,
                            distribution="gaussian", rand_min=0, rand_max=9, rand_sigma=3)
-    batch = generate_random_batch(np.random.RandomState(0), 8, cfg)
-    ends = list(batch.offsets[0, 1:].tolist()) + [len(batch.indices[0])]
-    for start, end in zip(batch.offsets[0].tolist(), ends):
-        bag = batch.indices[0][start:end]
+    bags = _bags(generate_random_batch(np.random.RandomState(0), 8, cfg))
+    assert any(len(bag.unique()) < len(bag) for bag in bags)
+    assert all(torch.equal(bag, bag.sort().values) for bag in bags)
+
+
+def test_fixed_gaussian_bags_hold_no_duplicate_indices():
+    cfg = RandomDataConfig(dense_dim=1, table_sizes=(10,), num_indices_per_lookup=50, fixed=True,
+                           distribution="gaussian", rand_min=0, rand_max=9, rand_sigma=3, fix_reference_bugs=True)
+    for bag in _bags(generate_random_batch(np.random.RandomState(0), 8, cfg)):
         assert len(bag.unique()) == len(bag)
 
 
@@ -103,10 +127,34 @@ def test_batch_zero_reseeds_so_every_epoch_sees_the_same_data():
     assert np.array_equal(first[0].dense_x.numpy(), dense)
 
 
-def test_test_set_is_not_the_training_set_and_does_not_shift_it():
-    """spec §8 bug 13: the reference's random test set equalled its training set, and each test
-    pass moved the training stream. Here the test set has its own stream."""
-    cfg = RandomDataConfig(dense_dim=2, table_sizes=(50,), data_size=4, batch_size=2, seed=5)
+def test_test_batches_are_the_training_batches_and_move_the_stream():
+    """As in the reference: a test pass re-seeds the training stream at test batch 0 and draws the
+    training batches again, so the training batches after it continue from the end of the pass."""
+    cfg = RandomDataConfig(dense_dim=3, table_sizes=(50, 4, 9), data_size=10, batch_size=4, seed=5,
+                           num_indices_per_lookup=5)
+    rng = np.random.RandomState(77)  # the run's stream: already used by the model's draws
+    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng)
+    it = iter(train_ld)
+    got = [next(it), next(it)]  # training batches 0 and 1
+    tests = list(test_ld)  # a test pass
+    got.append(next(it))  # training batch 2, after the pass
+
+    plain = np.random.RandomState(0)
+    plain.seed(5)  # training batch 0 re-seeds
+    expected = [plain_batch(plain, 4, cfg), plain_batch(plain, 4, cfg)]
+    plain.seed(5)  # so does test batch 0
+    expected_tests = [plain_batch(plain, n, cfg) for n in (4, 4, 2)]
+    expected.append(plain_batch(plain, 2, cfg))  # batch 2 holds the last 2 samples
+    for batch, (dense, offsets, indices, targets) in zip(got + tests, expected + expected_tests):
+        assert np.array_equal(batch.dense_x.numpy(), dense) and np.array_equal(batch.labels.numpy(), targets)
+        assert np.array_equal(batch.offsets.numpy(), offsets)
+        assert all(np.array_equal(a.numpy(), b) for a, b in zip(batch.indices, indices))
+    assert _same_state(rng, plain)
+
+
+def test_fixed_test_set_is_not_the_training_set_and_does_not_shift_it():
+    """With --fix-reference-bugs the test set has its own stream (seed + 1)."""
+    cfg = RandomDataConfig(dense_dim=2, table_sizes=(50,), data_size=4, batch_size=2, seed=5, fix_reference_bugs=True)
     rng = np.random.RandomState(5)
     _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng)
     train0 = next(iter(train_ld))

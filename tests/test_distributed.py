@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
+import dist_steps
 from checkpoint import load_checkpoint
-from extend_distributed import shard
+from extend_distributed import DistInfo, shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--mini-batch-size=6", "--data-size=60", "--arch-embedding-size=40-30-20-50-7", "--nepochs=2",
@@ -22,13 +23,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(args, nproc=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(args, nproc=1, script="dlrm_s_pytorch.py"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     if nproc == 1:
-        cmd = [sys.executable, "dlrm_s_pytorch.py", *args]
+        cmd = [sys.executable, script, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "dlrm_s_pytorch.py", *args]
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", script, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -37,6 +38,30 @@ def _numbers(out):
     """(losses, accuracy lines) of a run's output."""
     losses = [float(x) for x in re.findall(r"^Finished training it .* loss (\d+\.\d+)", out, re.M)]
     return losses, re.findall(r"^ accuracy .*$", out, re.M)
+
+
+@pytest.fixture(scope="module")
+def single_process_steps():
+    torch.manual_seed(0)
+    return dist_steps.train_configs(DistInfo())
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_every_parameter_after_every_step_equals_one_process(tmp_path, nproc, single_process_steps):
+    """Varied tables, bags, dims, dense widths, interactions and optimizers: after every step every
+    parameter of a multi-process run equals the single-process one (only summation order differs)."""
+    out = tmp_path / "multi.pt"
+    code, _, err = _run([str(out)], nproc, script="tests/dist_steps.py")
+    assert code == 0, err
+    multi = torch.load(out)
+    assert len(multi) == len(single_process_steps) == len(dist_steps.CONFIGS)
+    for c, (one, many) in enumerate(zip(single_process_steps, multi)):
+        assert len(one) == len(many) == dist_steps.STEPS
+        for step, (a, b) in enumerate(zip(one, many)):
+            assert list(a) == list(b)
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7,
+                                           msg=lambda m: f"config {c}, step {step + 1}, {key}: {m}")
 
 
 def test_shard_matches_the_reference_partition():

@@ -22,13 +22,13 @@ SMALL = ["--mini-batch-size=2", "--data-size=6"]
 
 
 def test_mlperf_metrics_line_and_early_stop_end_the_run(run_main):
-    """spec §8 bugs 4-5: the threshold stops the whole run, not just the batch loop."""
+    """The threshold stops the whole run, not just the batch loop (the reference's never fired)."""
     code, out, err = run_main("--mini-batch-size=8", "--data-size=64", "--test-freq=4", "--loss-function=bce",
-                              "--round-targets=true", "--mlperf-logging", "--mlperf-acc-threshold=0.5", "--nepochs=3")
+                              "--round-targets=true", "--mlperf-logging", "--mlperf-acc-threshold=0.48", "--nepochs=3")
     assert code == 0, err
     assert re.search(r"^recall \d\.\d{4}, precision \d\.\d{4}, f1 \d\.\d{4}, ap \d\.\d{4}, auc \d\.\d{4}, "
                      r"best auc \d\.\d{4}, accuracy \d+\.\d{3} %, best accuracy \d+\.\d{3} %$", out, re.M)
-    assert "threshold 0.500000 reached, stop training" in out
+    assert "threshold 0.480000 reached, stop training" in out
     ours = [line for line in out.splitlines() if not line.startswith(":::MLLOG")]  # events, if installed
     assert ours[-1].endswith("stop training")
     assert "of epoch 1" not in out

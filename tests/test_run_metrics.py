@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-import dlrm_s_pytorch as dlrm
+import dlrm_train as dlrm
 from dlrm_common import ConfigError
 from run_metrics import METRICS_FIELDS, BestResult, MetricsFile, format_summary, progress_bar
 

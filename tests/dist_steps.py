@@ -1,0 +1,85 @@
+"""Several small configurations trained for a few steps, for the multi-process tests.
+
+``train_configs(info)`` trains every configuration of ``CONFIGS`` with the product's own parts
+(``dlrm_model.DLRM``, ``dlrm_train.train_step``, ``checkpoint.full_state_dict``) and returns, per
+configuration, every parameter in the single-process layout after every step. The test calls it in
+one process; run under torchrun (``python -m torch.distributed.run ... tests/dist_steps.py OUT``),
+every rank trains its shard and rank 0 writes the same lists to OUT.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from checkpoint import full_state_dict
+from dlrm_data_pytorch import RandomDataConfig, RandomDataset
+from dlrm_model import DLRM, ModelConfig, make_loss, top_mlp_input_width
+from dlrm_train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
+from extend_distributed import DistInfo, init_distributed, shutdown_distributed
+
+STEPS = 5
+
+# Table sizes, dims, dense widths, bag sizes, interactions, losses and optimizers all vary; every
+# batch size divides by 2, 3 and 4.
+CONFIGS = [
+    dict(tables=(10, 20, 30, 40, 50, 60, 70, 80), dim=8, bottom=(8, 16, 8), top=(8, 1), bag=4, batch=24,
+         loss="bce", lr=0.1, optimizer="sgd"),
+    dict(tables=(3, 7, 100, 1, 25), dim=4, bottom=(5, 4), top=(6, 1), bag=10, batch=12, loss="mse", lr=0.3,
+         optimizer="sgd", itself=True),
+    dict(tables=(9, 1, 2, 300, 4, 11, 6, 40, 5), dim=2, bottom=(13, 8, 2), top=(4, 2, 1), bag=3, fixed=True, batch=36,
+         loss="bce", lr=0.02, optimizer="adagrad"),
+    dict(tables=(50, 60, 70, 80), dim=3, bottom=(2, 3), top=(5, 1), bag=20, batch=12, loss="mse", lr=0.02,
+         optimizer="rwsadagrad", interaction="cat"),
+]
+
+
+def _model_config(c: dict) -> ModelConfig:
+    interaction = c.get("interaction", "dot")
+    width = top_mlp_input_width(interaction, c.get("itself", False), len(c["tables"]), c["bottom"][-1])
+    return ModelConfig(embedding_dim=c["dim"], table_sizes=c["tables"], bottom_mlp=c["bottom"],
+                       top_mlp=(width,) + c["top"], interaction=interaction,
+                       interaction_itself=c.get("itself", False))
+
+
+def train_config(c: dict, info: DistInfo, seed: int = 7) -> List[Dict[str, torch.Tensor]]:
+    """Every parameter (single-process layout, complete on rank 0) after each of STEPS steps."""
+    model = DLRM(_model_config(c), np.random.RandomState(seed), info)
+    optimizer = make_optimizer(c["optimizer"], list(model.parameters()), c["lr"])
+    tcfg = TrainConfig(learning_rate=c["lr"], optimizer=c["optimizer"], loss_function=c["loss"])
+    parts = RunParts(model=model, loss_fn=make_loss(c["loss"]), optimizer=optimizer,
+                     scheduler=make_scheduler(optimizer, tcfg), train_loader=None, test_loader=None, nbatches=STEPS,
+                     nbatches_test=0, device=torch.device("cpu"), log=Logger(info), info=info,
+                     num_tables=len(c["tables"]))
+    data = RandomDataset(RandomDataConfig(dense_dim=c["bottom"][0], table_sizes=c["tables"], batch_size=c["batch"],
+                                          num_batches=STEPS, num_indices_per_lookup=c["bag"],
+                                          fixed=c.get("fixed", False), round_targets=True, seed=seed),
+                         np.random.RandomState(seed), warn=Logger(info).warn)
+    states = []
+    for j in range(STEPS):
+        train_step(parts, tcfg, data[j], j)
+        states.append({k: v.clone() for k, v in full_state_dict(model, info).items()})
+    return states
+
+
+def train_configs(info: DistInfo) -> List[List[Dict[str, torch.Tensor]]]:
+    return [train_config(c, info) for c in CONFIGS]
+
+
+def main(out: str) -> int:
+    torch.manual_seed(0)
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    info = init_distributed()
+    try:
+        results = train_configs(info)
+        if info.is_main:
+            torch.save(results, out)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))
