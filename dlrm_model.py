@@ -297,13 +297,11 @@ def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = 
 def _qr_table(cfg: ModelConfig, rng: np.random.RandomState, rows: int, dim: int) -> nn.Module:
     from tricks.qr_embedding_bag import QREmbeddingBag
 
-    exact = cfg.fix_reference_bugs
+    fixed = cfg.fix_reference_bugs
     table = QREmbeddingBag(rows, dim, cfg.qr_collisions, operation=cfg.qr_operation, mode="sum", sparse=True,
-                           exact_quotient=exact)
-    if exact:
+                           exact_quotient=fixed, reference_init=not fixed)
+    if fixed:
         table.reset_parameters(rng)
-    else:
-        table.reference_init()
     return table
 
 

@@ -280,7 +280,8 @@ def _scalar(writer, tag: str, value: float, step: int) -> None:
 
 def _test_batches(parts: RunParts, cfg: TrainConfig):
     """The test loader's batches; the first ``nbatches`` only when ``--num-batches`` is set, as the
-    reference does (it limits testing by the training batch count), unless fixing that."""
+    reference does (it limits testing by the training batch count, and fetches one batch more before it
+    stops), unless fixing that."""
     limit = parts.nbatches if cfg.num_batches > 0 and not cfg.fix_reference_bugs else None
     for i, batch in enumerate(parts.test_loader):
         if limit is not None and i >= limit:

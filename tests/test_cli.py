@@ -25,7 +25,7 @@ def test_defaults_are_the_reference_ones():
 @pytest.mark.parametrize("text, value", [("False", False), ("false", False), ("0", False), ("no", False),
                                          ("True", True), ("1", True), ("yes", True)])
 def test_boolean_flags_read_false_as_false(text, value):
-    """spec §8 bug 2: the reference read --round-targets=False as true."""
+    """The reference read --round-targets=False as true."""
     ns = dlrm.build_parser().parse_args([f"--round-targets={text}", f"--num-indices-per-lookup-fixed={text}"])
     assert ns.round_targets is value and ns.num_indices_per_lookup_fixed is value
 
@@ -121,7 +121,7 @@ def test_test_freq_prints_accuracy_and_tracks_best(run_main):
     accs = [(float(a), float(b)) for a, b in re.findall(r"^ accuracy (\d+\.\d{3}) %, best (\d+\.\d{3}) %$", out, re.M)]
     assert len(accs) == 8
     best = 0.0
-    for acc, shown_best in accs:  # spec §8 bug 4: best really is the best so far
+    for acc, shown_best in accs:  # best really is the best so far (the reference never kept it)
         best = max(best, acc)
         assert shown_best == best
     assert "Testing at - 4/8 of epoch 0," in out

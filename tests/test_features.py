@@ -54,14 +54,14 @@ def test_profiling_writes_trace_and_tables(run_main, tmp_path, monkeypatch):
 
 
 def test_decay_without_warmup_runs(run_main):
-    """spec §8 bug 9: the reference crashed with decay and no warmup."""
+    """The reference crashed with decay and no warmup."""
     code, out, err = run_main(*SMALL, "--lr-num-decay-steps=2", "--lr-decay-start-step=2")
     assert code == 0, err
     assert out.count("Finished training it") == 3
 
 
 def test_grad_accumulation_equals_one_big_batch():
-    """spec §8 bug 6: two accumulated half batches step like one full batch."""
+    """With --fix-reference-bugs two accumulated half batches step like one full batch."""
     cfg = dlrm_train.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1, fix_reference_bugs=True)
     dense, labels = torch.rand(4, 4), torch.rand(4, 1)
     offsets, indices = torch.tensor([[0, 1, 2, 3]] * 3), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 0, 1, 0]])
@@ -86,7 +86,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_synthetic_data_from_the_command_line(run_main, tmp_path):
-    """spec §8 bug 1: --data-generation=synthetic is reachable."""
+    """--data-generation=synthetic is reachable (not in the reference)."""
     for t in range(3):
         (tmp_path / f"dist_emb_{t}.log").write_text("1, 2, 3, 4, 5, 6\n0, 1, 3, 4, 5\n0.55, 0.64, 0.82, 0.91, 1.0\n")
     code, out, err = run_main(*SMALL, "--data-generation=synthetic",
@@ -196,8 +196,8 @@ TRICK_BASE = ["--mini-batch-size=4", "--data-size=16", "--arch-embedding-size=10
 @pytest.mark.parametrize("flags", [
     ["--qr-flag", "--qr-threshold=100", "--qr-operation=mult", "--arch-mlp-bot=4-8"],
     ["--qr-flag", "--qr-threshold=100", "--qr-operation=add", "--arch-mlp-bot=4-8"],
-    ["--qr-flag", "--qr-threshold=100", "--qr-operation=concat", "--arch-mlp-bot=4-16"],  # bug 15
-    ["--md-flag", "--md-threshold=100", "--arch-mlp-bot=4-8"],  # bug 14: a table below the threshold
+    ["--qr-flag", "--qr-threshold=100", "--qr-operation=concat", "--arch-mlp-bot=4-16"],  # small tables get 2D
+    ["--md-flag", "--md-threshold=100", "--arch-mlp-bot=4-8"],  # a table below the threshold
     ["--md-flag", "--md-threshold=100", "--md-round-dims", "--arch-mlp-bot=4-8"],
 ])
 def test_qr_and_md_tables_train(run_main, tmp_path, flags):
@@ -255,29 +255,7 @@ def test_fixed_debug_mode_trains_learned_pooling_weights(run_main, monkeypatch):
     assert any(not torch.equal(w, torch.ones_like(w)) for w in model.v_W_l)  # they moved
 
 
-def test_fixed_evaluation_is_not_limited_by_num_batches():
-    """The reference stops testing after --num-batches test batches; --fix-reference-bugs tests all."""
-    from dlrm_data_pytorch import BatchLoader, RandomDataConfig, RandomDataset
-
-    cfg = RandomDataConfig(dense_dim=4, table_sizes=(4, 3, 2), data_size=10, batch_size=2, round_targets=True)
-    seen = []
-
-    class Counting(BatchLoader):
-        def __iter__(self):
-            for batch in super().__iter__():
-                seen.append(batch.labels.shape[0])
-                yield batch
-
-    model = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(0))
-    parts = dlrm_train.RunParts(model=model, loss_fn=dlrm_model.make_loss("mse"), optimizer=None, scheduler=None,
-                          train_loader=None, test_loader=Counting(RandomDataset(cfg, np.random.RandomState(1))),
-                          nbatches=2, nbatches_test=5, device=torch.device("cpu"), log=lambda *_: None)
-    dlrm_train.evaluate(parts, dlrm_train.TrainConfig(num_batches=2, fix_reference_bugs=True), dlrm_train.TrainState(),
-                        log_iter=0)
-    assert seen == [2, 2, 2, 2, 2]
-
-
-def test_bug17_plot_compute_graph_is_refused_before_training(run_main):
+def test_plot_compute_graph_is_refused_before_training(run_main):
     code, out, err = run_main(*SMALL, "--plot-compute-graph")
     assert code == 2 and "torchviz" in err and "Finished" not in out
 

@@ -41,7 +41,7 @@ def test_cat_interaction():
 
 
 def test_parameters_are_the_reference_numpy_draws():
-    """spec §1.3 / §7.3: tables uniform(±sqrt(1/n)), then each Linear's weight and bias normals."""
+    """The reference's draws: tables uniform(±sqrt(1/n)), then each Linear's weight and bias normals."""
     cfg = tiny_model_config()
     model = dlrm.DLRM(cfg, np.random.RandomState(42))
     r = np.random.RandomState(42)
@@ -54,6 +54,40 @@ def test_parameters_are_the_reference_numpy_draws():
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert np.array_equal(a, b.astype(np.float32))
+
+
+@pytest.mark.parametrize("fix", [False, True])
+def test_qr_model_draws_as_the_reference(fix):
+    """The reference builds every table in order: a plain table runs torch's normal init (moving torch's
+    RNG) and is overwritten from NumPy; a QR table draws from torch's RNG on U(sqrt(1/n), 1) and takes
+    nothing from NumPy. With --fix-reference-bugs QR tables draw symmetric values from NumPy."""
+    sizes = (5, 300, 7, 250)
+    cfg = tiny_model_config(table_sizes=sizes, embedding_dim=2, bottom_mlp=(4, 2),
+                            top_mlp=(dlrm.top_mlp_input_width("dot", False, 4, 2), 1), qr_flag=True,
+                            qr_threshold=100, qr_collisions=4, fix_reference_bugs=fix)
+    torch.manual_seed(11)
+    model = dlrm.DLRM(cfg, np.random.RandomState(3))
+    torch.manual_seed(11)
+    rng = np.random.RandomState(3)
+    for t, n in enumerate(sizes):
+        table = model.emb_l[t]
+        if n <= 100:
+            torch.empty(n, 2).normal_()  # nn.EmbeddingBag's own init, then overwritten
+            expected = rng.uniform(-np.sqrt(1 / n), np.sqrt(1 / n), (n, 2)).astype(np.float32)
+            assert np.array_equal(table.weight.detach().numpy(), expected)
+            continue
+        rows_q = -(-n // 4)
+        if fix:
+            q = rng.uniform(-np.sqrt(1 / rows_q), np.sqrt(1 / rows_q), (rows_q, 2)).astype(np.float32)
+            r = rng.uniform(-np.sqrt(1 / 4), np.sqrt(1 / 4), (4, 2)).astype(np.float32)
+            q, r = torch.from_numpy(q), torch.from_numpy(r)
+        else:
+            q = torch.empty(rows_q, 2).uniform_(np.sqrt(1 / n), 1.0)
+            r = torch.empty(4, 2).uniform_(np.sqrt(1 / n), 1.0)
+        assert torch.equal(table.weight_q.detach(), q) and torch.equal(table.weight_r.detach(), r)
+        assert table.exact_quotient == fix
+    bottom = rng.normal(0, np.sqrt(2 / (2 + 4)), (2, 4)).astype(np.float32)  # the MLPs follow the tables
+    assert np.array_equal(model.bot_l[0].weight.detach().numpy(), bottom)
 
 
 def test_large_table_drawn_in_chunks_equals_one_draw():
@@ -120,7 +154,7 @@ def test_loss_threshold_clamps():
 
 
 def test_activation_function_is_honoured():
-    """spec §8 bug 3: --activation-function was ignored."""
+    """The reference ignored --activation-function."""
     model = dlrm.DLRM(tiny_model_config(activation="tanh"), np.random.RandomState(5))
     assert isinstance(model.bot_l[1], torch.nn.Tanh) and isinstance(model.top_l[1], torch.nn.Tanh)
     assert isinstance(model.top_l[-1], torch.nn.Sigmoid)

@@ -1,4 +1,4 @@
-"""Tests of tricks/: QREmbeddingBag (spec §5.1, bug 15), md_solver and PrEmbeddingBag (§5.2)."""
+"""Tests of tricks/: QREmbeddingBag, md_solver and PrEmbeddingBag."""
 from __future__ import annotations
 
 import math
@@ -71,7 +71,7 @@ def test_qr_concat_with_pair_of_dims():
     torch.testing.assert_close(got, plain_qr(module, INDICES, OFFSETS))
 
 
-def test_bug15_quotient_exact_above_2_pow_24():
+def test_quotient_exact_above_2_pow_24():
     """float32 division maps 2**25 - 1 to quotient 4096 (the reference's bug); it is 4095."""
     c = 2**13
     module = QREmbeddingBag(2**25 + 3, 2, c, operation="add")
@@ -83,6 +83,29 @@ def test_bug15_quotient_exact_above_2_pow_24():
     expected_first = module.weight_q[4095] + module.weight_r[c - 1]
     torch.testing.assert_close(got[0], expected_first.detach(), rtol=0, atol=0)
     assert int((torch.tensor([2**25 - 1]) / c).long()) == 4096  # what float division gives
+
+
+def test_reference_quotient_is_float32_division_truncated():
+    """The reference's default: (index / c) in float32, truncated; 2**25 - 1 lands in quotient row 4096."""
+    c = 2**13
+    module = QREmbeddingBag(2**25 + 3, 2, c, operation="add", exact_quotient=False)
+    indices = torch.tensor([2**25 - 1, 5, 2**13 * 7 + 3])
+    got = module(indices, torch.tensor([0, 1, 2]))
+    quotients = [4096, 0, 7]  # float32(33554431 / 8192) rounds up to 4096.0
+    for b, (q, i) in enumerate(zip(quotients, indices.tolist())):
+        torch.testing.assert_close(got[b], (module.weight_q[q] + module.weight_r[i % c]).detach(), rtol=0, atol=0)
+
+
+def test_reference_init_is_one_sided_from_torch():
+    """The reference draws both tables from torch's RNG on U(sqrt(1/n), 1), n the category count."""
+    module = QREmbeddingBag(100, 4, 8)
+    torch.manual_seed(9)
+    module.reference_init()
+    torch.manual_seed(9)
+    low = math.sqrt(1 / 100)
+    expected_q, expected_r = torch.empty(13, 4).uniform_(low, 1.0), torch.empty(8, 4).uniform_(low, 1.0)
+    torch.testing.assert_close(module.weight_q.detach(), expected_q, rtol=0, atol=0)
+    torch.testing.assert_close(module.weight_r.detach(), expected_r, rtol=0, atol=0)
 
 
 def test_qr_two_dimensional_input_without_offsets():
@@ -113,7 +136,7 @@ def test_qr_gradient_values_match_dense_autograd():
     torch.testing.assert_close(module.weight_r.grad.to_dense(), weight_r.grad)
 
 
-def test_bug15_init_is_symmetric_and_drawn_from_numpy_stream():
+def test_fixed_init_is_symmetric_and_drawn_from_numpy_stream():
     module = QREmbeddingBag(100, 4, 8, operation="concat")
     module.reset_parameters(np.random.RandomState(7))
     rng = np.random.RandomState(7)
@@ -125,7 +148,7 @@ def test_bug15_init_is_symmetric_and_drawn_from_numpy_stream():
     torch.testing.assert_close(module.weight_r.detach(), torch.from_numpy(expected_r), **exact)
 
 
-def test_bug15_torch_init_within_symmetric_bounds():
+def test_torch_init_within_symmetric_bounds():
     torch.manual_seed(4)
     module = QREmbeddingBag(4000, 8, 40)
     for weight in (module.weight_q, module.weight_r):
@@ -184,7 +207,7 @@ def test_md_solver_hand_computed(kwargs, expected):
 
 
 @pytest.mark.parametrize("round_dim", [False, True])
-def test_bug14_md_solver_returns_python_ints(round_dim):
+def test_md_solver_returns_python_ints(round_dim):
     dims = md_solver([50, 5000, 500000], 0.3, d0=16, round_dim=round_dim)
     assert all(type(d) is int for d in dims)
     if round_dim:

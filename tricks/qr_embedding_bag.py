@@ -55,6 +55,8 @@ class QREmbeddingBag(nn.Module):
         sparse: sparse gradients for both tables. Default: ``True``.
         exact_quotient: integer quotient ``index // c``; ``False`` gives the reference's float32
             ``trunc(index / c)``, equal below 2**24. Default: ``True``.
+        reference_init: initialise as the reference does (:meth:`reference_init`) instead of the
+            symmetric draw from torch's RNG. Default: ``False``.
 
     Shape:
         - input: (N,) int64 indices with ``offsets`` (B,), or (B, bag) with ``offsets=None``.
@@ -79,6 +81,7 @@ class QREmbeddingBag(nn.Module):
         mode: str = "sum",
         sparse: bool = True,
         exact_quotient: bool = True,
+        reference_init: bool = False,
     ) -> None:
         super().__init__()
         if operation not in OPERATIONS:
@@ -107,7 +110,10 @@ class QREmbeddingBag(nn.Module):
         num_quotients = -(-num_categories // num_collisions)  # ceil, in integers
         self.weight_q = nn.Parameter(torch.empty(num_quotients, dim_q))
         self.weight_r = nn.Parameter(torch.empty(num_collisions, dim_r))
-        self.reset_parameters()
+        if reference_init:
+            self.reference_init()
+        else:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, rng: Optional[np.random.RandomState] = None) -> None:

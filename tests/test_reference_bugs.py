@@ -1,0 +1,138 @@
+"""The reference's number-changing bugs are the default; --fix-reference-bugs fixes each of them, and
+changes nothing else."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import dlrm_model
+import dlrm_train
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import tiny_model_config
+from dlrm_common import Batch
+
+SMALL = ["--mini-batch-size=2", "--data-size=6"]
+FIX = "--fix-reference-bugs"
+
+
+def _lines(out, prefix="Finished training it"):
+    return [line for line in out.splitlines() if line.startswith(prefix)]
+
+
+def _losses(out):
+    return [float(x) for x in re.findall(r"^Finished training it .* loss (\d+\.\d+)", out, re.M)]
+
+
+def test_without_any_reference_bug_in_play_the_flag_changes_nothing(run_main):
+    """The README run, and a longer one with bce, Adagrad and several epochs, print the same lines."""
+    for argv in (SMALL, ["--mini-batch-size=4", "--data-size=40", "--nepochs=2", "--loss-function=bce",
+                         "--optimizer=adagrad", "--arch-embedding-size=30-7-9", "--num-indices-per-lookup=5"]):
+        code, plain, err = run_main(*argv)
+        assert code == 0, err
+        code, fixed, err = run_main(*argv, FIX)
+        assert code == 0, err
+        assert plain == fixed
+
+
+def test_random_test_passes_move_the_training_stream_unless_fixed(run_main):
+    args = ["--mini-batch-size=2", "--data-size=12", "--round-targets=true"]
+    _, no_test, _ = run_main(*args)
+    _, tested, _ = run_main(*args, "--test-freq=2")
+    _, fixed, _ = run_main(*args, "--test-freq=2", FIX)
+    assert _losses(tested)[:2] == _losses(no_test)[:2]  # before the first test pass
+    assert _losses(tested)[2:] != _losses(no_test)[2:]  # the pass re-seeded and drew the stream
+    assert _losses(fixed) == _losses(no_test)  # its own test stream leaves training alone
+    assert len(_lines(fixed, " accuracy")) == len(_lines(tested, " accuracy")) == 3
+
+
+def test_the_learning_rate_plateau_is_the_last_warmup_rate_unless_fixed(run_main):
+    args = SMALL[:1] + ["--data-size=16", "--lr-num-warmup-steps=3", "--lr-decay-start-step=6",
+                        "--lr-num-decay-steps=2", "--learning-rate=0.5"]
+    _, reference, _ = run_main(*args)
+    _, fixed, _ = run_main(*args, FIX)
+    a, b = _losses(reference), _losses(fixed)
+    assert a[:3] == b[:3]  # steps 1 and 2 warm up identically; step 3 is the first plateau step
+    assert a[3] != b[3]  # the loss after it shows the different rate
+
+
+def test_evaluation_is_limited_by_num_batches_unless_fixed():
+    from dlrm_data_pytorch import BatchLoader, RandomDataConfig, RandomDataset
+
+    cfg = RandomDataConfig(dense_dim=4, table_sizes=(4, 3, 2), data_size=10, batch_size=2, round_targets=True)
+    seen = []
+
+    class Counting(BatchLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.append(batch.labels.shape[0])
+                yield batch
+
+    model = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(0))
+    evaluated = []
+    model.register_forward_hook(lambda module, args, out: evaluated.append(out.shape[0]))
+    parts = dlrm_train.RunParts(model=model, loss_fn=dlrm_model.make_loss("mse"), optimizer=None, scheduler=None,
+                                train_loader=None, test_loader=Counting(RandomDataset(cfg, np.random.RandomState(1))),
+                                nbatches=2, nbatches_test=5, device=torch.device("cpu"), log=lambda *_: None)
+    for cfg_train, fetched, used in ((dlrm_train.TrainConfig(num_batches=2), 3, 2),  # fetches one more, as the reference
+                                     (dlrm_train.TrainConfig(num_batches=2, fix_reference_bugs=True), 5, 5),
+                                     (dlrm_train.TrainConfig(num_batches=0), 5, 5)):
+        seen.clear()
+        evaluated.clear()
+        dlrm_train.evaluate(parts, cfg_train, dlrm_train.TrainState(), log_iter=0)
+        assert (len(seen), len(evaluated)) == (fetched, used)
+
+
+def _accumulation_parts(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return dlrm_train.RunParts(model=model, loss_fn=dlrm_model.make_loss("mse"), optimizer=opt,
+                               scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), train_loader=None,
+                               test_loader=None, nbatches=2, nbatches_test=0, device=torch.device("cpu"),
+                               log=dlrm_train.Logger())
+
+
+def test_gradient_accumulation_keeps_only_the_stepping_batch_unless_fixed():
+    """The reference zeroes the gradients right before the stepping batch's backward: a step with
+    --mlperf-grad-accum-iter=2 uses the second batch's gradients alone."""
+    dense, labels = torch.rand(4, 4), torch.rand(4, 1)
+    offsets, indices = torch.tensor([[0, 1]] * 3), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 0, 1, 0]])
+    halves = [Batch(dense[s], offsets, indices[:, s], labels[s]) for s in (slice(0, 2), slice(2, 4))]
+    accum = dlrm_train.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1)
+    reference = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    parts = _accumulation_parts(reference)
+    dlrm_train.train_step(parts, accum, halves[0], 0)
+    dlrm_train.train_step(parts, accum, halves[1], 1)
+    second_only = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    dlrm_train.train_step(_accumulation_parts(second_only), dlrm_train.TrainConfig(), halves[1], 0)
+    for a, b in zip(reference.parameters(), second_only.parameters()):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_resuming_from_the_first_epoch_skips_its_batches_in_every_epoch_unless_fixed(run_main, tmp_path):
+    """The reference skips the saved batch count in every later epoch too."""
+    path = str(tmp_path / "m.pt")
+    args = ["--mini-batch-size=2", "--data-size=12", "--round-targets=true", "--loss-function=bce"]
+    code, _, err = run_main(*args, "--test-freq=6", f"--save-model={path}")
+    assert code == 0, err
+    payload = load_checkpoint(path)
+    payload["epoch"], payload["iter"] = 0, 4  # taken after batch 4 of the first epoch
+    save_checkpoint(path, payload)
+    code, reference, err = run_main(*args, "--nepochs=2", f"--load-model={path}")
+    assert code == 0, err
+    code, fixed, err = run_main(*args, "--nepochs=2", f"--load-model={path}", FIX)
+    assert code == 0, err
+    steps = [line.split(",")[0] for line in _lines(reference)]
+    assert steps == [f"Finished training it {j}/6 of epoch {k}" for k in (0, 1) for j in (5, 6)]
+    steps = [line.split(",")[0] for line in _lines(fixed)]
+    assert steps == ([f"Finished training it {j}/6 of epoch 0" for j in (5, 6)]
+                     + [f"Finished training it {j}/6 of epoch 1" for j in range(1, 7)])
+
+
+@pytest.mark.parametrize("fix", [False, True])
+def test_debug_mode_parameter_groups(run_main, fix):
+    """Without learned pooling weights, the reference's three debug-mode groups train exactly like
+    one group: the flag changes nothing there."""
+    args = SMALL + ["--debug-mode"] + ([FIX] if fix else [])
+    code, out, err = run_main(*args)
+    assert code == 0, err
+    assert _losses(out) == [0.018993, 0.029700, 0.049903]
