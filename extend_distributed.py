@@ -84,11 +84,26 @@ def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str =
     os.environ.setdefault("MASTER_PORT", "29500")
     if use_gpu and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    _import_group_capturing_modules()
     try:
         torch_dist.init_process_group(backend=backend, rank=rank, world_size=size)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({str(exc).splitlines()[0]})") from None
     return DistInfo(rank=rank, world_size=size, local_rank=local_rank, backend=backend)
+
+
+def _import_group_capturing_modules() -> None:
+    """Import, before the process group exists, the torch modules that capture ``group.WORLD`` as
+    a default argument when they are imported.
+
+    ``torch.distributed.nn.functional`` declares ``def all_reduce(..., group=group.WORLD)``; imported
+    after ``init_process_group`` (creating the first optimizer imports it, through torch._dynamo
+    and FSDP), that default holds the default group for good, so ``destroy_process_group`` cannot
+    free it. It is then freed during interpreter shutdown, while gloo's worker threads still run,
+    and now and then a rank aborts at exit ("terminate called without an active exception").
+    Imported first, the default is the empty placeholder and nothing outlives the shutdown.
+    """
+    import torch.distributed.nn  # noqa: F401
 
 
 def shutdown_distributed(wait: bool = True) -> None:

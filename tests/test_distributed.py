@@ -87,6 +87,16 @@ def test_multi_process_run_gives_the_single_process_result(tmp_path, nproc):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)")
+def test_no_backend_thread_outlives_the_shutdown():
+    """A training run (its optimizer imports torch modules that used to capture the process group)
+    leaves no gloo thread behind, so nothing is freed at interpreter exit."""
+    code, out, err = _run(ARGS[:3] + ["--print-freq=5"], 3, script="tests/exit_check.py")
+    assert code == 0, err
+    lines = re.findall(r"rank \d backend threads after main: \[[^\]]*\]", err)  # ranks' lines may interleave
+    assert len(lines) == 3 and all(line.endswith(": []") for line in lines), lines
+
+
 def test_checkpoints_move_between_one_and_several_processes(tmp_path):
     path = tmp_path / "single.pt"
     code, full, err = _run(ARGS + ["--optimizer=adagrad", "--fix-reference-bugs", f"--save-model={path}"])
