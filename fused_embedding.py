@@ -277,8 +277,11 @@ class FusedTables(nn.Module):
         for dim in sorted(set(dims), key=dims.index):
             tables = [t for t, d in enumerate(dims) if d == dim]
             group = _DimGroup(dim, tables, [table_sizes[t] for t in tables])
-            alloc = torch.zeros if _zero else torch.empty
-            group.buffer = alloc(group.total_rows, dim, dtype=torch.float32, device=device)
+            group.buffer = torch.empty(group.total_rows, dim, dtype=torch.float32, device=device)
+            if group.buffer.device.type == "cpu" and self.requested_backend != "torch" and extension_status()[0]:
+                _load_extension()[0].advise_huge_pages(group.buffer)  # before the first touch
+            if _zero:
+                group.buffer.zero_()
             for i, t in enumerate(tables):
                 self._where[t] = (len(self._groups), i)
             self._groups.append(group)
@@ -482,12 +485,14 @@ def _zero_padding(group: _DimGroup) -> None:
         group.buffer[end:stop].zero_()
 
 
-def _select(indices: Indices, tables: List[int], T: int) -> List[torch.Tensor]:
-    """The indices of ``tables`` as a list of 1-D tensors."""
+def _select(indices: Indices, tables: List[int], T: int) -> Indices:
+    """The indices of ``tables``: the (T, N) tensor itself if it holds exactly those, else a list
+    of 1-D tensors."""
     if isinstance(indices, torch.Tensor):
         if indices.dim() != 2:
             raise ValueError(f"FusedTables: an indices tensor must be (T, N), got {tuple(indices.shape)}")
-        return list(indices.unbind(0)) if len(tables) == T else [indices[t] for t in tables]
+        if len(tables) == T:
+            return indices
     return [indices[t] for t in tables]
 
 
@@ -520,17 +525,19 @@ def parameters_excluding_fused(model: nn.Module) -> List[nn.Parameter]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _lookup(group: _DimGroup, offsets: torch.Tensor, indices: List[torch.Tensor],
+def _lookup(group: _DimGroup, offsets: torch.Tensor, indices: Indices,
             psw: Optional[List[torch.Tensor]]) -> Tuple[List[torch.Tensor], _Scratch]:
     """One ``embedding_bag`` over the group's buffer. Returns the T (B, D) outputs and the scratch
     (global rows, bag starts, concatenated per-sample weights) that the update needs."""
     T, B = offsets.shape
     if B == 0:
         raise ValueError("FusedTables: offsets must have at least one bag per table")
-    scratch = group.take_scratch(sum(i.numel() for i in indices), T * B, psw is not None)
+    matrix = isinstance(indices, torch.Tensor)
+    lookups = indices.numel() if matrix else sum(i.numel() for i in indices)
+    scratch = group.take_scratch(lookups, T * B, psw is not None)
     if group.backend == "cpp":
-        _load_extension()[0].prepare_lookups(indices, offsets, group.row_base, group.rows, scratch.rows,
-                                             scratch.bag_starts)
+        prepare = _load_extension()[0].prepare_lookups_matrix if matrix else _load_extension()[0].prepare_lookups
+        prepare(indices, offsets, group.row_base, group.rows, scratch.rows, scratch.bag_starts)
     else:
         _prepare_with_torch(group, offsets, indices, scratch.rows, scratch.bag_starts)
     if psw is not None:
@@ -541,7 +548,7 @@ def _lookup(group: _DimGroup, offsets: torch.Tensor, indices: List[torch.Tensor]
     return list(pooled.view(T, B, group.dim).unbind(0)), scratch
 
 
-def _prepare_with_torch(group: _DimGroup, offsets: torch.Tensor, indices: List[torch.Tensor],
+def _prepare_with_torch(group: _DimGroup, offsets: torch.Tensor, indices: Indices,
                         rows: torch.Tensor, bag_starts: torch.Tensor) -> None:
     """The pure-torch version of the C++ ``prepare_lookups``. Its checks run on the tensors' device:
     on CUDA they fail asynchronously, so there is no host synchronisation."""
@@ -586,10 +593,13 @@ class _FusedLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, module: FusedTables, group: _DimGroup, offsets: torch.Tensor,
-                indices: List[torch.Tensor], *psw: torch.Tensor):
+                indices: Indices, *psw: torch.Tensor):
         ctx.set_materialize_grads(False)
         pooled, ctx.scratch = _lookup(group, offsets, indices, list(psw) if psw else None)
-        ctx.module, ctx.group, ctx.sizes = module, group, [i.numel() for i in indices]
+        ctx.module, ctx.group = module, group
+        ctx.sizes = [indices.shape[1]] * len(indices) if isinstance(indices, torch.Tensor) else [
+            i.numel() for i in indices]
+        ctx.frozen = [i for i, t in enumerate(group.tables) if not module._params[t].requires_grad]
         if any(p.requires_grad for p in psw):
             ctx.offsets, ctx.indices = offsets, indices  # for the per-sample-weight gradient
         return tuple(pooled)
@@ -610,13 +620,13 @@ class _FusedLookup(torch.autograd.Function):
                     psw_grads[i] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                         grad, group.view(i), ctx.indices[i], ctx.offsets[i], no_offset2bag, 0, -1)
             lr = module.current_lr()
-            trained = [g if g is not None and module._params[t].requires_grad else None
-                       for t, g in zip(group.tables, grads)]
+            trained = list(grads)
+            for i in ctx.frozen:
+                trained[i] = None
             if group.backend == "cpp":
-                _load_extension()[0].sgd_update(
-                    group.buffer, scratch.rows, scratch.bag_starts,
-                    [_NO_TENSOR if g is None else _unit_column_stride(g) for g in trained],
-                    _NO_TENSOR if scratch.psw is None else scratch.psw, lr, group.fused_prefix)
+                _load_extension()[0].sgd_update(group.buffer, scratch.rows, scratch.bag_starts, trained,
+                                                _NO_TENSOR if scratch.psw is None else scratch.psw, lr,
+                                                group.fused_prefix)
             else:
                 _torch_update(group, trained, scratch, ctx.sizes, lr)
         group.give_scratch(scratch)
@@ -624,12 +634,8 @@ class _FusedLookup(torch.autograd.Function):
 
 
 _NO_TENSOR = torch.empty(0)
-"""What the C++ update takes for "no gradient for this table" and "no per-sample weights"."""
+"""What the C++ update takes for "no per-sample weights"."""
 _ANCHOR = torch.empty(0, requires_grad=True)
 """An input that requires grad, so that autograd calls the backward (the tables are no inputs); its
 gradient is always None."""
 
-
-def _unit_column_stride(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.float() if grad.dtype != torch.float32 else grad
-    return grad if grad.stride(1) == 1 else grad.contiguous()
