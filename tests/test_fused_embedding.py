@@ -223,10 +223,23 @@ def test_default_cpu_capability_rounds_like_torch():
 
 
 def test_probe_finds_torchs_rounding_here():
-    # On this process's capability (AVX2 or AVX-512) torch fuses: every position is one fma.
+    # On this process's capability (AVX2 or AVX-512) torch fuses: every position is one fma, and
+    # the two-rounding form (what -ffp-contract=off alone gives for w + alpha * v) is not exact.
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("baseline capability: covered by test_default_cpu_capability_rounds_like_torch")
     assert [fe._fused_prefix(d) for d in (1, 7, 16, 64)] == [1, 7, 16, 64]
+    gen = torch.Generator().manual_seed(6)
+    w0, v = torch.randn(256, 16, generator=gen), torch.randn(256, 16, generator=gen) * 100
+    param = nn.Parameter(w0.clone())
+    param.grad = torch.sparse_coo_tensor(torch.arange(256)[None], v, (256, 16), check_invariants=False)
+    torch.optim.SGD([param], lr=0.01).step()
+    ext = fe._load_extension()[0]
+    results = {}
+    for prefix in (16, 0):
+        out = w0.clone()
+        ext.sgd_update(out, torch.arange(256), torch.arange(257), [v], torch.empty(0), 0.01, prefix)
+        results[prefix] = torch.equal(out, param.detach())
+    assert results == {16: True, 0: False}
 
 
 # ---------------------------------------------------------------------------------------------
