@@ -33,10 +33,10 @@ Backends:
     ``torch.utils.cpp_extension.load`` into ``$DLRM_EXTENSIONS_DIR`` (else ``$TORCH_EXTENSIONS_DIR``,
     else ``~/.cache/dlrm_extensions``) and reused from there. CPU float32 only.
     ``"torch"``: the same lookup, and an ``index_add_`` update per table. Exact on the CPU (it is
-    torch's own SGD arithmetic), slower. On CUDA the lookups are still bit-identical to the plain
-    path, but ``index_add_`` adds with atomics in an unspecified order, so the updated tables equal
-    the plain path's only up to float rounding (as torch's own CUDA sparse SGD, which coalesces
-    first, is not bit-identical to the CPU order either).
+    torch's own SGD arithmetic), slower. On CUDA this is the only backend. There the lookups sum
+    each bag in order as the plain path does, but ``index_add_`` adds with atomics in an
+    unspecified order, so the updated tables equal the plain path's only up to float rounding,
+    and repeated runs may differ in the last bits. (Not run on a GPU yet: none was available.)
     ``"auto"`` (default): ``"cpp"`` where it applies, else ``"torch"`` with a one-line note through
     ``log``. The environment variable ``DLRM_FUSED_EMBEDDING_BACKEND`` (``auto``/``cpp``/``torch``)
     overrides the argument, so a whole test or benchmark run can be forced onto either path.
@@ -231,7 +231,9 @@ class FusedTables(nn.Module):
     Attributes:
         K.weight (Parameter): (R_K, D_K) view of table K in its dim's buffer, initialised to zeros
             (use :meth:`from_weights`, :meth:`from_embedding_bags` or ``load_state_dict`` to fill
-            them). Its ``.grad`` stays None: the module updates it during backward.
+            them). Its ``.grad`` stays None: the module updates it during backward. In
+            ``state_dict()`` the tables are views of one storage per dim, which ``torch.save``
+            writes once (with fewer than 16 padding rows per table).
         lr: as the argument; settable at any time.
         supports_learned_pooling (bool): True; learned pooling weights get the plain path's gradient.
         supports_gradient_accumulation (bool): False; every backward applies an SGD step.
