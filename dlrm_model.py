@@ -13,6 +13,7 @@ reference initialises them from torch's RNG, and so do we (see :func:`build_tabl
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -45,6 +46,9 @@ class ModelConfig:
         md_*, qr_*: mixed-dimension and quotient-remainder tables.
         fix_reference_bugs: QR tables use exact integer quotients and a symmetric NumPy
             initialisation instead of the reference's float quotient and one-sided torch draws.
+        embedding_backend: "plain" (one ``nn.EmbeddingBag`` per table, updated by the optimizer) or
+            "fused" (:class:`fused_embedding.FusedTables`: one lookup per dim, the SGD update inside
+            backward); both give the same numbers, bit for bit.
     """
 
     embedding_dim: int
@@ -65,6 +69,7 @@ class ModelConfig:
     qr_operation: str = "mult"
     qr_collisions: int = 4
     fix_reference_bugs: bool = False
+    embedding_backend: str = "plain"
 
     @property
     def num_tables(self) -> int:
@@ -127,19 +132,24 @@ def make_mlp(widths: Sequence[int], rng: np.random.RandomState, activation: str 
 
 
 def draw_table(rng: np.random.RandomState, rows: int, dim: int, chunk_values: int = 1 << 16) -> torch.Tensor:
-    """(rows, dim) float32 weights ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng``.
-
-    Drawn in row chunks into the final float32 tensor: the same stream as one big draw, without the
-    float64 copy of the whole table (8 bytes a value) that one big draw needs.
-    """
+    """(rows, dim) float32 weights ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng``."""
     weight = torch.empty(rows, dim, dtype=torch.float32)
-    out = weight.numpy()
+    draw_table_into(rng, weight, chunk_values)
+    return weight
+
+
+@torch.no_grad()
+def draw_table_into(rng: np.random.RandomState, weight: torch.Tensor, chunk_values: int = 1 << 16) -> None:
+    """Fill the (rows, dim) float32 CPU tensor ``weight`` with uniform(-sqrt(1/rows), sqrt(1/rows))
+    draws from ``rng``, in row chunks: the same stream as one big draw, without the float64 copy of
+    the whole table (8 bytes a value) that one big draw needs."""
+    rows, dim = weight.shape
+    out = weight.detach().numpy()
     bound = np.sqrt(1 / rows)
     step = max(1, chunk_values // max(dim, 1))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         out[start:stop] = rng.uniform(low=-bound, high=bound, size=(stop - start, dim))
-    return weight
 
 
 def _skip_draws(rng: np.random.RandomState, count: int, chunk: int = 1 << 20) -> None:
@@ -192,18 +202,17 @@ class QuantizedTables(nn.Module):
         bits: 8 or 4.
     """
 
-    def __init__(self, tables: PerTableEmbeddings, bits: int):
+    def __init__(self, tables: nn.Module, bits: int):
         super().__init__()
         if bits not in (4, 8):
             raise ConfigError(f"--quantize-emb-with-bit must be 4 or 8 to quantize, got {bits}")
-        if not all(isinstance(t, nn.EmbeddingBag) for t in tables):
-            raise ConfigError("--quantize-emb-with-bit works on plain tables only (not with --qr-flag or --md-flag)")
         ops = torch.ops.quantized
         prepack = ops.embedding_bag_byte_prepack if bits == 8 else ops.embedding_bag_4bit_prepack
         self._lookup = ops.embedding_bag_byte_rowwise_offsets if bits == 8 else ops.embedding_bag_4bit_rowwise_offsets
-        for t, table in enumerate(tables):
-            self.register_buffer(f"packed_{t}", prepack(table.weight.detach().float().contiguous()))
-        self.num_tables = len(tables)
+        weights = table_weights(tables)
+        for t, weight in enumerate(weights):
+            self.register_buffer(f"packed_{t}", prepack(weight.detach().float().contiguous()))
+        self.num_tables = len(weights)
 
     def forward(self, offsets: torch.Tensor, indices: Indices,
                 pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
@@ -214,6 +223,35 @@ class QuantizedTables(nn.Module):
             pooled.append(self._lookup(getattr(self, f"packed_{t}"), table_indices, offsets[t], False, 0, False,
                                        weights, None, False))
         return pooled
+
+
+def table_weights(tables: nn.Module) -> List[torch.Tensor]:
+    """The (rows_t, D) weight of every table of a plain layout (per-table or fused), in table order.
+
+    Raises:
+        ConfigError: QR or mixed-dimension tables, which have no single weight per table.
+    """
+    from fused_embedding import FusedTables
+
+    if isinstance(tables, FusedTables):
+        return [tables.table_weight(t) for t in range(len(tables.table_sizes))]
+    if not all(isinstance(t, nn.EmbeddingBag) for t in tables):
+        raise ConfigError("--quantize-emb-with-bit works on plain tables only (not with --qr-flag or --md-flag)")
+    return [t.weight for t in tables]
+
+
+def with_per_table_layout(model: "DLRM") -> "DLRM":
+    """``model`` itself, or, when its tables are fused, a shallow copy whose tables are per-table
+    ``nn.EmbeddingBag`` views of the same weights (what ONNX export traces). Nothing is copied."""
+    from fused_embedding import FusedTables
+
+    if not isinstance(model.emb_l, FusedTables):
+        return model
+    bags = [nn.EmbeddingBag(w.shape[0], w.shape[1], mode="sum", _weight=w) for w in table_weights(model.emb_l)]
+    plain = copy.copy(model)
+    plain._modules = dict(model._modules)
+    plain._modules["emb_l"] = PerTableEmbeddings(bags)
+    return plain
 
 
 class ShardedTables(nn.ModuleDict):
@@ -267,7 +305,18 @@ def _plain_table(rng: np.random.RandomState, rows: int, dim: int, torch_init: bo
     return nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, _weight=draw_table(rng, rows, dim))
 
 
-def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo()) -> nn.Module:
+def _fused_tables(cfg: ModelConfig, rng: np.random.RandomState, log: Optional[Callable[[str], None]]) -> nn.Module:
+    """All tables in one buffer per dim, each drawn from ``rng`` straight into its place."""
+    from fused_embedding import FusedTables
+
+    tables = FusedTables.uninitialised(cfg.table_sizes, cfg.embedding_dim, log=log)
+    for t in range(cfg.num_tables):
+        draw_table_into(rng, tables.table_weight(t))
+    return tables
+
+
+def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo(),
+                 log: Optional[Callable[[str], None]] = None) -> nn.Module:
     """The T tables in table order: plain, quotient-remainder (``--qr-flag``, tables above
     ``--qr-threshold``) or mixed-dimension (``--md-flag``, tables above ``--md-threshold``).
 
@@ -277,6 +326,8 @@ def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = 
     """
     if info.world_size > 1:
         return _sharded_tables(cfg, rng, info)
+    if cfg.embedding_backend == "fused":
+        return _fused_tables(cfg, rng, log)
     dims = table_dims(cfg)
     torch_init = cfg.qr_flag or cfg.md_flag  # only these read torch's RNG afterwards
     tables = []
@@ -394,6 +445,7 @@ class DLRM(nn.Module):
         cfg: sizes and options.
         rng: the NumPy legacy stream (seeded with ``--numpy-rand-seed``).
         info: where this process stands; in a multi-process run the tables are this rank's shard.
+        log: receives a one-line note if the fused tables fall back to their pure-torch path.
 
     Shape:
         - dense_x: (B, M) for the rows this process computes; offsets: (T, B_all); indices: (T, N)
@@ -408,10 +460,11 @@ class DLRM(nn.Module):
         torch.Size([2, 1])
     """
 
-    def __init__(self, cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo()):
+    def __init__(self, cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo(),
+                 log: Optional[Callable[[str], None]] = None):
         super().__init__()
         self.cfg = cfg
-        self.emb_l = build_tables(cfg, rng, info)
+        self.emb_l = build_tables(cfg, rng, info, log)
         if cfg.weighted_pooling == "learned":
             self.v_W_l = nn.ParameterList([nn.Parameter(torch.ones(rows)) for rows in cfg.table_sizes])
         elif cfg.weighted_pooling == "fixed":

@@ -30,7 +30,8 @@ from checkpoint import (Resume, as_float, check_position, load_checkpoint, load_
                         restore_optimizer)
 from dlrm_common import Batch, ConfigError, DLRMError, parse_bool
 from dlrm_model import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfig, QuantizedTables,  # noqa: F401
-                        draw_table, fit_to_data, make_loss, quantize_for_inference, top_mlp_input_width)
+                        draw_table, fit_to_data, make_loss, quantize_for_inference, top_mlp_input_width,
+                        with_per_table_layout)
 from dlrm_train import (OPTIMIZERS, Logger, RunParts, TrainConfig, TrainState, evaluate, format_arch, format_batch,
                         format_parameters, make_optimizer, make_scheduler, optimizer_groups, train)
 from extend_distributed import DistInfo, init_distributed, shutdown_distributed
@@ -111,6 +112,11 @@ def _model_flags(m) -> None:
     m.add_argument("--loss-weights", dest="loss_weights", type=DASH_FLOATS, default="1.0-1.0", help="wbce weights of class 0 and class 1")
     m.add_argument("--loss-threshold", dest="loss_threshold", type=float, default=0.0, help="if in (0,1), clamp predictions to [t, 1-t]")
     m.add_argument("--round-targets", dest="round_targets", type=BOOL, default=False, help="round random targets to 0/1")
+    m.add_argument("--embedding-backend", dest="embedding_backend", choices=["auto", "plain", "fused"], default="auto",
+                   help="not in the reference: 'plain' is one EmbeddingBag per table updated by the optimizer (the "
+                        "reference's step); 'fused' looks all tables up at once and applies SGD inside backward "
+                        "(same numbers, bit for bit; SGD, one process, plain tables, no gradient accumulation); "
+                        "'auto' picks fused where it applies and the tables hold at least 1M values")
     m.add_argument("--mixed-precision", dest="mixed_precision", choices=["none", "bf16"], default="none",
                    help="not in the reference: run the forward under bfloat16 autocast (faster on CPUs with "
                         "AVX512-BF16/AMX; changes the numbers; tables, updates and the loss stay float32)")
@@ -357,7 +363,8 @@ def _model_config(f: dict) -> ModelConfig:
         activation=f["activation"], loss_threshold=f["loss_threshold"], md_flag=f["md_flag"],
         md_threshold=f["md_threshold"], md_temperature=f["md_temperature"], md_round_dims=f["md_round_dims"],
         qr_flag=f["qr_flag"], qr_threshold=f["qr_threshold"], qr_operation=f["qr_operation"],
-        qr_collisions=f["qr_collisions"], fix_reference_bugs=f["fix_reference_bugs"])
+        qr_collisions=f["qr_collisions"], fix_reference_bugs=f["fix_reference_bugs"],
+        embedding_backend=f["embedding_backend"])
 
 
 def _train_config(f: dict) -> TrainConfig:
@@ -397,6 +404,28 @@ def _data_config(f: dict):
         batch_size=f["batch_size"], test_batch_size=f["test_batch_size"], num_workers=f["num_workers"],
         test_num_workers=f["test_num_workers"], mlperf_logging=f["mlperf_logging"],
         mlperf_bin_loader=f["mlperf_bin_loader"], mlperf_bin_shuffle=f["mlperf_bin_shuffle"])
+
+
+FUSED_MIN_VALUES = 1 << 20
+"""``--embedding-backend=auto`` fuses tables holding at least this many values: below it a step is a
+few microseconds either way, and the fused kernel's one-off build (about 30 s) would not pay."""
+
+
+def embedding_backend(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> str:
+    """"plain" or "fused" for ``--embedding-backend``; ConfigError if "fused" cannot apply here."""
+    t = cfg.train
+    blockers = [why for why, present in (
+        ("--optimizer is not sgd", t.optimizer != "sgd" and not cfg.inference.inference_only),
+        ("several processes", info.world_size > 1), ("--qr-flag", model_cfg.qr_flag), ("--md-flag", model_cfg.md_flag),
+        ("gradient accumulation", t.mlperf_logging and t.grad_accum_iter > 1), ("a GPU", device.type != "cpu"),
+    ) if present]
+    requested = model_cfg.embedding_backend
+    if requested == "fused" and blockers:
+        raise ConfigError(f"--embedding-backend=fused does not apply with {', '.join(blockers)} (use plain or auto)")
+    if requested != "auto":
+        return requested
+    values = sum(model_cfg.table_sizes) * model_cfg.embedding_dim
+    return "fused" if not blockers and values >= FUSED_MIN_VALUES else "plain"
 
 
 def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
@@ -478,6 +507,8 @@ def build_parts(cfg: RunConfig, model: DLRM, data: Data, nbatches: int, device: 
             raise ConfigError("GPU version of Adagrad is not supported by PyTorch.")
         optimizer = make_optimizer(t.optimizer, optimizer_groups(model, t.debug_groups), t.learning_rate)
         scheduler = make_scheduler(optimizer, t)
+        if model.cfg.embedding_backend == "fused":  # the tables' SGD runs in backward, at the step's rate
+            model.emb_l.follow_optimizer_lr(optimizer)
     return RunParts(model=model, loss_fn=make_loss(t.loss_function, t.loss_weights), optimizer=optimizer,
                     scheduler=scheduler, train_loader=data.train_loader, test_loader=data.test_loader,
                     nbatches=nbatches, nbatches_test=len(data.test_loader), device=device, log=log,
@@ -579,7 +610,8 @@ def run(cfg: RunConfig) -> None:
         _log_lines(log, format_arch(model_cfg, data.dense_dim) + ["data (inputs and targets):"])
         _log_lines(log, debug_batches(data.train_loader, nbatches))
     check_distributed(cfg, info, len(data.table_sizes))
-    model = DLRM(model_cfg, rng, info).to(device)
+    model_cfg = replace(model_cfg, embedding_backend=embedding_backend(cfg, model_cfg, info, device))
+    model = DLRM(model_cfg, rng, info, log=log.warn).to(device)
     if cfg.system.debug_mode:
         _log_lines(log, ["initial parameters (weights and bias):"] + format_parameters(model, cfg.system.print_precision))
     parts = build_parts(cfg, model, data, nbatches, device, log, info)
@@ -611,7 +643,7 @@ def run(cfg: RunConfig) -> None:
         from onnx_export import export_onnx
 
         sample = state.first_batch if state.first_batch is not None else next(iter(data.train_loader))
-        export_onnx(model, sample, "dlrm_s_pytorch.onnx", log)
+        export_onnx(with_per_table_layout(model), sample, "dlrm_s_pytorch.onnx", log)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

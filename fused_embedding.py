@@ -327,6 +327,16 @@ class FusedTables(nn.Module):
         return module
 
     @classmethod
+    def uninitialised(cls, table_sizes: Sequence[int], dims: Union[int, Sequence[int]], **kwargs) -> "FusedTables":
+        """Tables whose values are left as allocated, for the caller to fill every table under
+        ``torch.no_grad()`` (only the padding rows between tables are zeroed). Saves writing the
+        buffers twice when every value is drawn anyway."""
+        module = cls(table_sizes, dims, _zero=False, **kwargs)
+        for group in module._groups:
+            _zero_padding(group)
+        return module
+
+    @classmethod
     def from_embedding_bags(cls, bags: Iterable[nn.EmbeddingBag], **kwargs) -> "FusedTables":
         """Build from ``nn.EmbeddingBag(mode="sum")`` tables (their weights are copied; with
         ``release_sources=True`` the bags are left with empty weights)."""
