@@ -1,4 +1,4 @@
-"""Criteo preprocessing: raw text (spec §3.1) to the reference's npz files (spec §3.2).
+"""Criteo preprocessing: raw tab-separated text to the reference's npz files.
 
 Stages, each resumable (its outputs are written under a temporary name and renamed when
 complete, so a file with a final name is always whole):
@@ -48,27 +48,25 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
-import io
 import multiprocessing
 import os
 import re
 import shutil
-import struct
 import sys
-import uuid
-import warnings
-import zipfile
-import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from tqdm import tqdm
 
+from atomic_io import atomic_path
 from dlrm_common import ConfigError, DataError, DLRMError
+from npz_io import (Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows,
+                    save_npz, writing)
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -94,7 +92,7 @@ SPLIT_CHOICES = ("train", "test", "val", "none")
 
 @dataclass(frozen=True)
 class CriteoPaths:
-    """File names derived from (--data-set, --raw-data-file) as spec §2.3 gives them.
+    """File names derived from (--data-set, --raw-data-file), as the reference derives them.
 
     Attributes:
         d_path: directory of the raw file, with a trailing "/" ("./" for a bare file name).
@@ -137,7 +135,7 @@ class CriteoPaths:
 
 
 def criteo_paths(data_set: str, raw_data_file: str) -> CriteoPaths:
-    """Derive every file name of the pipeline from the data set and the raw file (spec §2.3).
+    """Derive every file name of the pipeline from the data set and the raw file.
 
     ``./input/train.txt`` (kaggle) gives day files ``./input/train_day_<i>...``; ``./input/day``
     (terabyte) gives ``./input/day_<i>...``.
@@ -157,7 +155,7 @@ def criteo_paths(data_set: str, raw_data_file: str) -> CriteoPaths:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What to preprocess and how (the reference's data flags, spec §1.1).
+    """What to preprocess and how (the reference's data flags).
 
     ``data_split`` is the reference's internal split argument; only "none" changes anything
     (memory-map shuffle: every day, the last included, is shuffled across all days).
@@ -175,10 +173,10 @@ class PreprocessConfig:
     data_split: str = "train"
 
 
-def _validate_config(cfg: PreprocessConfig) -> CriteoPaths:
+def check_config(cfg: PreprocessConfig) -> CriteoPaths:
     """Check flag values; return the derived paths. Raises ConfigError naming the flag."""
     if cfg.randomize not in RANDOMIZE_CHOICES:
-        raise ConfigError(f"--data-randomize must be one of total, day, none, got {cfg.randomize!r}")
+        raise ConfigError(f"--data-randomize must be total, day or none, got {cfg.randomize!r}")
     if not 0.0 <= cfg.sub_sample_rate <= 1.0:
         raise ConfigError(f"--data-sub-sample-rate must be in [0, 1], got {cfg.sub_sample_rate}")
     if cfg.data_split not in SPLIT_CHOICES:
@@ -189,7 +187,7 @@ def _validate_config(cfg: PreprocessConfig) -> CriteoPaths:
 def _raw_dtype(cfg: PreprocessConfig) -> np.dtype:
     """dtype of raw hashes in parsed days and dictionaries: int32 (as the reference) when
     --max-ind-range keeps them below 2**31, else uint32, which holds every 8-hex-digit hash
-    (the reference's int32 overflows, spec §8 bug 20)."""
+    (the reference stores int32, which overflows, or on NumPy 2 raises, for hashes >= 2**31)."""
     return np.dtype(np.int32 if 0 < cfg.max_ind_range <= 2**31 else np.uint32)
 
 
@@ -197,426 +195,6 @@ def _bar(progress: bool, total: Optional[int], desc: str, unit: str = "lines") -
     """A tqdm progress bar on stderr, or a disabled one."""
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress,
                 file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-# ------------------------------------------------------------------------------------------------
-# Streaming .npz I/O (uncompressed zip of .npy members)
-# ------------------------------------------------------------------------------------------------
-
-_NPY_HEADER_BYTES = 128
-_ZIP64_LIMIT = 0xFFFFFFFF
-_DOS_DATE_1980 = (0 << 9) | (1 << 5) | 1  # 1980-01-01, so identical runs give identical bytes
-
-
-def _gf2_times(matrix: Sequence[int], vector: int) -> int:
-    total, k = 0, 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[k]
-        vector >>= 1
-        k += 1
-    return total
-
-
-def _gf2_square(matrix: Sequence[int]) -> Tuple[int, ...]:
-    return tuple(_gf2_times(matrix, row) for row in matrix)
-
-
-def _zero_operators() -> Tuple[Tuple[int, ...], ...]:
-    """CRC-32 operators for appending 2**k zero bytes, k = 0..63."""
-    operator = (0xEDB88320,) + tuple(1 << k for k in range(31))  # one zero bit
-    for _ in range(3):
-        operator = _gf2_square(operator)  # 2, 4, 8 bits
-    operators = []
-    for _ in range(64):
-        operators.append(operator)
-        operator = _gf2_square(operator)
-    return tuple(operators)
-
-
-_CRC_ZERO_BYTES = _zero_operators()
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of A+B from crc32(A), crc32(B) and len(B), as zlib's crc32_combine."""
-    k = 0
-    while len2 > 0:
-        if len2 & 1:
-            crc1 = _gf2_times(_CRC_ZERO_BYTES[k], crc1)
-        len2 >>= 1
-        k += 1
-    return crc1 ^ crc2
-
-
-def _npy_header(dtype: np.dtype, shape: Tuple[int, ...], fortran: bool) -> bytes:
-    """A version-1.0 .npy header padded to exactly _NPY_HEADER_BYTES."""
-    text = f"{{'descr': {dtype.str!r}, 'fortran_order': {fortran}, 'shape': {shape!r}, }}"
-    text = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
-
-
-def _local_header(name: bytes, crc: int, size: int) -> bytes:
-    """Zip local file header of a stored (uncompressed) member with a zip64 size field."""
-    fixed = struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 45, 0, 0, 0, 0, _DOS_DATE_1980, crc,
-                        _ZIP64_LIMIT, _ZIP64_LIMIT, len(name), 20)
-    return fixed + name + struct.pack("<2H2Q", 1, 16, size, size)
-
-
-def _central_header(name: bytes, crc: int, size: int, offset: int) -> bytes:
-    fixed = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 45, 3, 45, 0, 0, 0, 0, _DOS_DATE_1980,
-                        crc, _ZIP64_LIMIT, _ZIP64_LIMIT, len(name), 28, 0, 0, 0, 0o644 << 16,
-                        _ZIP64_LIMIT)
-    return fixed + name + struct.pack("<2H3Q", 1, 24, size, size, offset)
-
-
-def _end_records(entries: int, cd_offset: int, cd_size: int) -> bytes:
-    """Zip64 end-of-central-directory record and locator, then the classic end record."""
-    eocd64_offset = cd_offset + cd_size
-    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
-                         cd_size, cd_offset)
-    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, eocd64_offset, 1)
-    classic = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, min(entries, 0xFFFF),
-                          min(entries, 0xFFFF), min(cd_size, _ZIP64_LIMIT),
-                          min(cd_offset, _ZIP64_LIMIT), 0)
-    return record + locator + classic
-
-
-def _create_temp(path: str) -> Tuple[int, str]:
-    """Open a new unique ``<path>.<random>.tmp`` for writing (mode 0666 less the umask)."""
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        written = os.pwrite(fd, view[: 1 << 30], offset)
-        view, offset = view[written:], offset + written
-
-
-def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
-    """Fill ``out`` (C-contiguous) with bytes read at ``offset``."""
-    view = memoryview(out).cast("B")
-    while len(view):
-        got = os.preadv(fd, [view[: 1 << 30]], offset)
-        if got == 0:
-            raise DataError(f"unexpected end of file while reading {out.nbytes} bytes at {offset}")
-        view, offset = view[got:], offset + got
-
-
-def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
-    """Copy bytes between (or within) files, in the kernel where it can."""
-    while nbytes > 0:
-        try:
-            done = os.copy_file_range(src_fd, dst_fd, min(nbytes, 1 << 30), src_offset, dst_offset)
-        except OSError:
-            done = 0
-        if done <= 0:  # not supported here, or overlapping ranges: copy through memory
-            chunk = os.pread(src_fd, min(nbytes, 64 << 20), src_offset)
-            _pwrite_all(dst_fd, chunk, dst_offset)
-            done = len(chunk)
-        src_offset, dst_offset, nbytes = src_offset + done, dst_offset + done, nbytes - done
-
-
-@dataclass(frozen=True)
-class _Member:
-    """One array of an npz written chunk by chunk.
-
-    Args:
-        key: npz key.
-        dtype: stored dtype.
-        width: 0 for a (n,) array, k for a 2-D one.
-        by_column: the array is (k, n) C-order (the reference's ``X_cat_t``) and chunks are given
-            as (k, b); otherwise it is (n,) or (n, k) and chunks are (b,) or (b, k).
-    """
-
-    key: str
-    dtype: np.dtype
-    width: int = 0
-    by_column: bool = False
-
-    @property
-    def segments(self) -> int:
-        """Contiguous runs of samples: k for by-column arrays, else 1."""
-        return self.width if self.by_column else 1
-
-    @property
-    def segment_row_bytes(self) -> int:
-        width = 1 if self.by_column else max(self.width, 1)
-        return np.dtype(self.dtype).itemsize * width
-
-    def header(self, n: int) -> bytes:
-        if self.width == 0:
-            shape = (n,)
-        else:
-            shape = (self.width, n) if self.by_column else (n, self.width)
-        return _npy_header(np.dtype(self.dtype), shape, False)
-
-
-@dataclass
-class _Segment:
-    """A reserved run of bytes of one member in the file being written."""
-
-    start: int
-    row_bytes: int
-    crc: int = 0
-
-
-class NpzStreamWriter:
-    """Write an uncompressed .npz chunk by chunk, without holding the arrays.
-
-    Every member gets space for ``max_rows`` rows (a by-column member one run per column);
-    chunks are appended to all members in lockstep; ``close()`` writes the .npy headers for the
-    rows actually written, moves data down over unused space, writes the zip directory and
-    renames the temporary file to ``path``. ``extras`` are small whole arrays stored last.
-    As a context manager the file appears only if the block exits without an exception.
-    """
-
-    def __init__(self, path: str, members: Sequence[_Member], max_rows: int,
-                 extras: Optional[Dict[str, np.ndarray]] = None):
-        self.path, self.members, self.max_rows = path, list(members), int(max_rows)
-        self.extras = dict(extras or {})
-        self.rows = 0
-        self._fd, self._tmp = _create_temp(path)
-        self._segments: List[List[_Segment]] = []
-        offset = 0
-        for member in self.members:
-            offset += len(_local_header(_member_name(member.key), 0, 0)) + _NPY_HEADER_BYTES
-            runs = []
-            for _ in range(member.segments):
-                runs.append(_Segment(offset, member.segment_row_bytes))
-                offset += self.max_rows * member.segment_row_bytes
-            self._segments.append(runs)
-
-    def __enter__(self) -> "NpzStreamWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def append(self, *arrays: np.ndarray) -> None:
-        """Append b rows: one array per member, in member order ((k, b) for by-column ones)."""
-        member = self.members[0]
-        count = arrays[0].shape[1] if member.by_column else len(arrays[0])
-        if self.rows + count > self.max_rows:
-            raise DataError(f"{self.path}: more than the {self.max_rows} rows reserved")
-        for member, runs, array in zip(self.members, self._segments, arrays):
-            data = np.ascontiguousarray(array, dtype=member.dtype)
-            parts = data if member.by_column else [data]
-            for run, part in zip(runs, parts):
-                _pwrite_all(self._fd, part, run.start + self.rows * run.row_bytes)
-                run.crc = zlib.crc32(memoryview(part).cast("B"), run.crc)
-        self.rows += count
-
-    def close(self) -> None:
-        entries, offset = [], 0
-        for member, runs in zip(self.members, self._segments):
-            name = _member_name(member.key)
-            header_at = offset + len(_local_header(name, 0, 0))
-            crc, position = zlib.crc32(member.header(self.rows)), header_at + _NPY_HEADER_BYTES
-            for run in runs:
-                nbytes = self.rows * run.row_bytes
-                if position != run.start:
-                    _copy_range(self._fd, run.start, self._fd, position, nbytes)
-                crc, position = crc32_combine(crc, run.crc, nbytes), position + nbytes
-            size = position - header_at
-            _pwrite_all(self._fd, _local_header(name, crc, size) + member.header(self.rows), offset)
-            entries.append((name, crc, size, offset))
-            offset = position
-        for key, array in self.extras.items():
-            entry, offset = self._write_small(key, array, offset)
-            entries.append(entry)
-        directory = b"".join(_central_header(*entry) for entry in entries)
-        ending = _end_records(len(entries), offset, len(directory))
-        _pwrite_all(self._fd, directory + ending, offset)
-        os.ftruncate(self._fd, offset + len(directory) + len(ending))
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self._tmp, self.path)
-
-    def _write_small(self, key: str, array: np.ndarray, offset: int):
-        buffer = io.BytesIO()
-        np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-        name, data = _member_name(key), buffer.getvalue()
-        crc = zlib.crc32(data)
-        header = _local_header(name, crc, len(data))
-        _pwrite_all(self._fd, header + data, offset)
-        return (name, crc, len(data), offset), offset + len(header) + len(data)
-
-    def copy_rows(self, source_fd: int, offsets: Sequence[int], crcs: Sequence[int],
-                  count: int) -> None:
-        """Append ``count`` rows copied from another file: for each member, its data starts at
-        ``offsets[m]`` there and has CRC ``crcs[m]`` (no by-column members)."""
-        if self.rows + count > self.max_rows:
-            raise DataError(f"{self.path}: more than the {self.max_rows} rows reserved")
-        for runs, source, crc in zip(self._segments, offsets, crcs):
-            run = runs[0]
-            nbytes = count * run.row_bytes
-            _copy_range(source_fd, source, self._fd, run.start + self.rows * run.row_bytes, nbytes)
-            run.crc = crc32_combine(run.crc, crc, nbytes)
-        self.rows += count
-
-    def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
-
-
-def _member_name(key: str) -> bytes:
-    return (key + ".npy").encode()
-
-
-@dataclass(frozen=True)
-class _StoredArray:
-    """An uncompressed .npy member: its header fields, where its data starts, the CRC of the
-    whole member (header included) and the member's size."""
-
-    shape: Tuple[int, ...]
-    fortran: bool
-    dtype: np.dtype
-    offset: int
-    crc: int
-    size: int
-
-    @property
-    def data_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-class NpzReader:
-    """Read row ranges of the arrays in an .npz without loading them whole.
-
-    Uncompressed members (ours, np.savez) are read in place with pread; compressed members (the
-    reference's np.savez_compressed files) are loaded whole on first use.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with zipfile.ZipFile(path) as archive:
-                infos = {info.filename[:-4]: info for info in archive.infolist()
-                         if info.filename.endswith(".npy")}
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{path}: cannot read as .npz ({exc})") from exc
-        self._fd = os.open(path, os.O_RDONLY)
-        self._stored: Dict[str, _StoredArray] = {}
-        self._header_crcs: Dict[str, int] = {}
-        self._loaded: Dict[str, np.ndarray] = {}
-        self._compressed = set()
-        for key, info in infos.items():
-            if info.compress_type == zipfile.ZIP_STORED:
-                self._stored[key] = self._read_header(key, info)
-            else:
-                self._compressed.add(key)
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    def __enter__(self) -> "NpzReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _read_header(self, key: str, info: zipfile.ZipInfo) -> _StoredArray:
-        local = os.pread(self._fd, 30, info.header_offset)
-        name_len, extra_len = struct.unpack("<2H", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        head = io.BytesIO(os.pread(self._fd, 65536 + 10, start))
-        version = np.lib.format.read_magic(head)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(head)
-        self._header_crcs[key] = zlib.crc32(head.getvalue()[: head.tell()])
-        return _StoredArray(tuple(shape), bool(fortran), np.dtype(dtype), start + head.tell(),
-                            info.CRC, info.file_size)
-
-    def stored(self, key: str) -> Optional[_StoredArray]:
-        """Layout of an uncompressed member (None for a compressed one)."""
-        return self._stored.get(key)
-
-    def data_crc(self, key: str) -> int:
-        """CRC-32 of an uncompressed member's data, without its .npy header."""
-        info = self._stored[key]
-        return info.crc ^ crc32_combine(self._header_crcs[key], 0, info.data_bytes)
-
-    def keys(self) -> List[str]:
-        return sorted(set(self._stored) | self._compressed)
-
-    def shape(self, key: str) -> Tuple[int, ...]:
-        if key in self._stored:
-            return self._stored[key].shape
-        return self._whole(key).shape
-
-    def _whole(self, key: str) -> np.ndarray:
-        if key not in self._loaded:
-            if key not in self._compressed and key not in self._stored:
-                raise DataError(f"{self.path}: no array {key!r} (has {', '.join(self.keys())})")
-            with np.load(self.path) as data:
-                self._loaded[key] = data[key]
-        return self._loaded[key]
-
-    def rows(self, key: str, start: int, stop: int, transposed: bool = False) -> np.ndarray:
-        """Rows [start, stop) as a C-contiguous (b,) or (b, k) array.
-
-        ``transposed``: the array is stored as (k, n) (samples along axis 1, as ``X_cat_t``).
-        """
-        if key not in self._stored:
-            whole = self._whole(key)
-            part = whole[:, start:stop].T if transposed else whole[start:stop]
-            return np.ascontiguousarray(part)
-        info = self._stored[key]
-        samples = info.shape[1] if transposed else info.shape[0]
-        if not 0 <= start <= stop <= samples:
-            raise ValueError(f"{self.path}: rows {start}:{stop} of {key} out of range 0:{samples}")
-        if len(info.shape) == 1:
-            return self._contiguous(info, start, stop, 1)
-        width = info.shape[0] if transposed else info.shape[1]
-        if info.fortran == transposed:  # samples are the slow axis on disk
-            return self._contiguous(info, start, stop, width).reshape(stop - start, width)
-        return self._strided(info, start, stop, width)
-
-    def _contiguous(self, info: _StoredArray, start: int, stop: int, width: int) -> np.ndarray:
-        out = np.empty((stop - start) * width, dtype=info.dtype)
-        _pread_into(self._fd, out, info.offset + start * width * info.dtype.itemsize)
-        return out
-
-    def _strided(self, info: _StoredArray, start: int, stop: int, width: int) -> np.ndarray:
-        total = info.shape[1] if info.shape[0] == width else info.shape[0]
-        out = np.empty((width, stop - start), dtype=info.dtype)
-        for k in range(width):
-            _pread_into(self._fd, out[k], info.offset + (k * total + start) * info.dtype.itemsize)
-        return np.ascontiguousarray(out.T)
-
-
-def _save_small_npz(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to a temporary name, then rename (for the small count and dictionary files)."""
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            np.savez(out, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _npz_rows(path: str, key: str = "y") -> int:
-    """Number of samples in a day file (length of its ``y``)."""
-    with NpzReader(path) as reader:
-        return int(reader.shape(key)[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1095,18 +673,18 @@ def _save_dictionaries(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
                        raw_dtype: np.dtype) -> np.ndarray:
     """Write ``_fea_dict_<j>.npz`` (unique) and then ``_fea_count.npz`` (counts); return counts."""
     for j, dictionary in enumerate(dictionaries):
-        _save_small_npz(paths.fea_dict_file(j),
+        save_npz(paths.fea_dict_file(j),
                         unique=dictionary.values_in_id_order().astype(raw_dtype))
     counts = np.array([len(d) for d in dictionaries], dtype=np.int32)
-    _save_small_npz(paths.fea_count_file(), counts=counts)
+    save_npz(paths.fea_count_file(), counts=counts)
     return counts
 
 
 def _load_dictionaries(paths: CriteoPaths) -> List[ColumnDictionary]:
     dictionaries = []
     for j in range(NUM_SPARSE):
-        with np.load(paths.fea_dict_file(j)) as data:
-            dictionaries.append(ColumnDictionary(data["unique"], paths.fea_dict_file(j)))
+        unique = load_npz_array(paths.fea_dict_file(j), "unique")
+        dictionaries.append(ColumnDictionary(unique, paths.fea_dict_file(j)))
     return dictionaries
 
 
@@ -1140,15 +718,15 @@ class _DayJob:
     dictionary_files: bool = False  # worker: load the finished dictionaries from their files
 
 
-def _parsed_members(raw_dtype: np.dtype) -> List[_Member]:
-    return [_Member("X_cat_t", raw_dtype, NUM_SPARSE, by_column=True),
-            _Member("X_int", np.dtype(np.int32), NUM_DENSE), _Member("y", np.dtype(np.int32))]
+def _parsed_members(raw_dtype: np.dtype) -> List[Member]:
+    return [Member("X_cat_t", raw_dtype, NUM_SPARSE, by_column=True),
+            Member("X_int", np.dtype(np.int32), NUM_DENSE), Member("y", np.dtype(np.int32))]
 
 
 
-_PROCESSED_MEMBERS = [_Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
-                      _Member("X_int", np.dtype(np.int32), NUM_DENSE),
-                      _Member("y", np.dtype(np.int32))]
+_PROCESSED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
+                      Member("X_int", np.dtype(np.int32), NUM_DENSE),
+                      Member("y", np.dtype(np.int32))]
 
 
 def _day_blocks(job: _DayJob, rng: Optional[np.random.RandomState]):
@@ -1163,27 +741,22 @@ def run_day(job: _DayJob, dictionaries: List[ColumnDictionary],
             rng: Optional[np.random.RandomState], on_rows: Callable[[int], None]) -> int:
     """Read one day, grow/use ``dictionaries``, write the files ``job`` asks for; return the
     number of rows kept."""
-    max_rows = job.text.lines if job.text is not None else _npz_rows(job.paths.parsed_day(job.day))
-    writers = []
+    max_rows = job.text.lines if job.text is not None else npz_rows(job.paths.parsed_day(job.day))
+    outputs = []
     if job.write_parsed:
-        writers.append(NpzStreamWriter(job.paths.parsed_day(job.day),
-                                       _parsed_members(job.raw_dtype), max_rows))
+        outputs.append((job.paths.parsed_day(job.day), _parsed_members(job.raw_dtype)))
     if job.write_processed:
-        writers.append(NpzStreamWriter(job.paths.processed_day(job.day), _PROCESSED_MEMBERS,
-                                       max_rows))
-    try:
-        kept = 0
+        outputs.append((job.paths.processed_day(job.day), _PROCESSED_MEMBERS))
+    kept = 0
+    with contextlib.ExitStack() as stack:
+        # entered last to first, so that they are completed (renamed) first to last
+        writers = [stack.enter_context(NpzStreamWriter(path, members, max_rows))
+                   for path, members in reversed(outputs)][::-1]
         for source_rows, block in _day_blocks(job, rng):
             _write_block(job, block, dictionaries, writers)
             kept += len(block.labels)
             on_rows(source_rows)
-        for writer in writers:
-            writer.close()
-        return kept
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
+    return kept
 
 
 def _write_block(job: _DayJob, block: _Block, dictionaries: List[ColumnDictionary],
@@ -1356,10 +929,10 @@ def _run_pool(cfg: PreprocessConfig, desc: str, jobs: List[_DayJob]):
 
 def _write_day_counts(paths: CriteoPaths) -> np.ndarray:
     """Stage 3: ``_day_count.npz`` with the rows kept per day (if absent); return the counts."""
-    counts = np.array([_npz_rows(_existing_day(paths, i)) for i in range(paths.days)],
+    counts = np.array([npz_rows(_existing_day(paths, i)) for i in range(paths.days)],
                       dtype=np.int64)
     if not os.path.exists(paths.day_count_file()):
-        _save_small_npz(paths.day_count_file(), total_per_file=counts)
+        save_npz(paths.day_count_file(), total_per_file=counts)
     return counts
 
 
@@ -1373,8 +946,7 @@ def _existing_day(paths: CriteoPaths, i: int) -> str:
 
 def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool) -> None:
     """Write ``<o_filename>.npz``: processed days one after another, plus ``counts``."""
-    with np.load(paths.fea_count_file()) as data:
-        counts = data["counts"].astype(np.int32)
+    counts = load_npz_array(paths.fea_count_file(), "counts").astype(np.int32)
     writer = NpzStreamWriter(paths.output_file(), _PROCESSED_MEMBERS, int(day_rows.sum()),
                              extras={"counts": counts})
     with writer, _bar(progress, int(day_rows.sum()), "concatenate") as bar:
@@ -1382,9 +954,7 @@ def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool) -> No
             with NpzReader(paths.processed_day(i)) as reader:
                 rows = int(reader.shape("y")[0])
                 if _same_layout(reader, _PROCESSED_MEMBERS):
-                    keys = [member.key for member in _PROCESSED_MEMBERS]
-                    writer.copy_rows(reader.fd, [reader.stored(k).offset for k in keys],
-                                     [reader.data_crc(k) for k in keys], rows)
+                    writer.copy_members([reader.stored(m.key) for m in _PROCESSED_MEMBERS], rows)
                     bar.update(rows)
                     continue
                 for start in range(0, rows, ROWS_PER_CHUNK):
@@ -1393,12 +963,12 @@ def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool) -> No
                     bar.update(stop - start)
 
 
-def _same_layout(reader: NpzReader, members: Sequence[_Member]) -> bool:
+def _same_layout(reader: NpzReader, members: Sequence[Member]) -> bool:
     """Whether every member is stored uncompressed, C-order, with the dtype and width wanted
     (so its bytes can be copied as they are)."""
     for member in members:
         info = reader.stored(member.key)
-        if info is None or info.fortran or info.dtype != np.dtype(member.dtype):
+        if info is None or info.fortran_order or info.dtype != np.dtype(member.dtype):
             return False
         if info.shape[1:] != ((member.width,) if member.width else ()):
             return False
@@ -1406,18 +976,19 @@ def _same_layout(reader: NpzReader, members: Sequence[_Member]) -> bool:
 
 
 def _link_processed_name(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
-    """Make --processed-data-file name the output too (the reference never writes it, spec §8
-    bug 21): a hard link, or a copy where links are not possible."""
+    """Make --processed-data-file name the output too: a hard link, or a copy where links are not
+    possible. (The reference never writes that name, so its first run trains on its own output
+    name and later runs on --processed-data-file: two different files if the names differ.)"""
     target, output = cfg.processed_data_file, paths.output_file()
     if not target or os.path.exists(target) or os.path.abspath(target) == os.path.abspath(output):
         return
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    tmp = f"{target}.tmp{os.getpid()}"
-    try:
-        os.link(output, tmp)
-    except OSError:
-        shutil.copyfile(output, tmp)
-    os.replace(tmp, target)
+    with writing(target):
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        with atomic_path(target) as tmp:
+            try:
+                os.link(output, tmp)
+            except OSError:
+                shutil.copyfile(output, tmp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1513,66 +1084,29 @@ def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConf
             _pass1_destinations(assigner, rng, i, int(day_rows[i]), paths.days, cfg.randomize,
                                 split_none)
         return
-    outputs, temps = [], []
-    try:
-        _open_intermediates(paths, day_rows, outputs, temps)
+    with contextlib.ExitStack() as stack:
+        outputs = _open_intermediates(paths, day_rows, stack)
         with _bar(cfg.progress, int(day_rows.sum()), "shuffle pass 1") as bar:
             for i in range(paths.days):
                 _scatter_day(paths, i, assigner, rng, outputs, cfg, split_none, bar)
-        _close_intermediates(outputs)
-        for tmp, final in temps:
-            os.replace(tmp, final)
-    except BaseException:
-        _close_intermediates(outputs)
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-
-
-@dataclass
-class _NpyRows:
-    """An open .npy file whose rows are written in place with pwrite."""
-
-    fd: int
-    data_offset: int
-    dtype: np.dtype
-    row_bytes: int
-
-    def write(self, first: int, rows: np.ndarray) -> None:
-        data = np.ascontiguousarray(rows, dtype=self.dtype)
-        _pwrite_all(self.fd, data, self.data_offset + first * self.row_bytes)
 
 
 _INTERMEDIATE_PARTS = (("y", np.float64, 0), ("d", np.float64, NUM_DENSE),
                        ("s", np.int32, NUM_SPARSE))
 
 
-def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray, outputs: list,
-                        temps: list) -> None:
-    """Zero-filled .npy files per day (y float64 (n,), d float64 (n,13), s int32 (n,26)), under
-    temporary names; appends [_NpyRows] * 3 per day to ``outputs`` and (temporary, final name)
-    pairs to ``temps``."""
+def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray,
+                        stack: contextlib.ExitStack) -> List[List[NpyWriter]]:
+    """Zero-filled .npy writers per day (y float64 (n,), d float64 (n,13), s int32 (n,26)),
+    entered on ``stack``: the files appear together when it closes without an exception."""
+    outputs = []
     for j, rows in enumerate(day_rows):
-        arrays = []
-        outputs.append(arrays)
+        outputs.append([])
         for part, dtype, width in _INTERMEDIATE_PARTS:
-            final = paths.intermediate_day(j, part)
-            fd, tmp = _create_temp(final)
-            temps.append((tmp, final))
-            arrays.append(_NpyRows(fd, _NPY_HEADER_BYTES, np.dtype(dtype),
-                                   np.dtype(dtype).itemsize * max(width, 1)))
             shape = (int(rows), width) if width else (int(rows),)
-            _pwrite_all(fd, _npy_header(np.dtype(dtype), shape, False), 0)
-            os.ftruncate(fd, _NPY_HEADER_BYTES + int(rows) * arrays[-1].row_bytes)
-
-
-def _close_intermediates(outputs) -> None:
-    for arrays in outputs:
-        for array in arrays:
-            if array.fd >= 0:
-                os.close(array.fd)
-                array.fd = -1
+            writer = NpyWriter(paths.intermediate_day(j, part), dtype, shape)
+            outputs[-1].append(stack.enter_context(writer))
+    return outputs
 
 
 def _scatter_day(paths, day, assigner, rng, outputs, cfg, split_none, bar) -> None:
@@ -1595,14 +1129,14 @@ def _scatter_day(paths, day, assigner, rng, outputs, cfg, split_none, bar) -> No
             bar.update(stop - start)
 
 
-_REORDERED_MEMBERS = [_Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
-                      _Member("X_int", np.dtype(np.float64), NUM_DENSE),
-                      _Member("y", np.dtype(np.float64))]
+_REORDERED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
+                      Member("X_int", np.dtype(np.float64), NUM_DENSE),
+                      Member("y", np.dtype(np.float64))]
 
 
 def _shuffle_pass2(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
                    last_needed: int) -> None:
-    """Pass 2: permute each bucket (spec §3.2 step 7) into ``<npzfile>_<j>_reordered.npz``.
+    """Pass 2: permute each bucket into ``<npzfile>_<j>_reordered.npz``.
 
     Buckets whose file exists only replay their permutation draw (up to ``last_needed``)."""
     split_none = cfg.data_split == "none"
@@ -1660,7 +1194,7 @@ def _line_estimates(ranges: Optional[List[TextRange]], paths: CriteoPaths) -> Li
     """Lines per day: counted in the raw text, else rows of the existing day files."""
     if ranges is not None:
         return [text.lines for text in ranges]
-    return [_npz_rows(_existing_day(paths, i)) for i in range(paths.days)]
+    return [npz_rows(_existing_day(paths, i)) for i in range(paths.days)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1668,7 +1202,7 @@ def _line_estimates(ranges: Optional[List[TextRange]], paths: CriteoPaths) -> Li
 # ------------------------------------------------------------------------------------------------
 
 def processed_data_ready(cfg: PreprocessConfig) -> bool:
-    """The ready check of spec §2.3: memory-map -> every ``<npzfile>_<i>_reordered.npz`` exists;
+    """The reference's ready check: memory-map -> every ``<npzfile>_<i>_reordered.npz`` exists;
     otherwise --processed-data-file (or, when none is given, the concatenated output) exists."""
     paths = criteo_paths(cfg.data_set, cfg.raw_data_file)
     if cfg.memory_map:
@@ -1706,28 +1240,29 @@ def _plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths) -> _ShufflePlan:
     return _ShufflePlan(pass1, max(missing, default=-1))
 
 
-def _replay_sub_sample_draws(cfg, paths, ranges, rng) -> None:
+def _replay_sub_sample_draws(cfg, paths, ranges, rng, log: Callable[[str], None]) -> None:
     """Draw the sub-sample uniforms of an already completed parse stage, so that later draws
     match an uninterrupted run; needs the raw files to count lines."""
     try:
         ranges = ranges or _day_ranges(cfg, paths)
     except DataError:
-        warnings.warn("raw files missing: cannot replay the sub-sampling draws, so the shuffle "
-                      "differs from an uninterrupted run", RuntimeWarning, stacklevel=3)
+        log("note: raw files missing: cannot replay the sub-sampling draws, so the shuffle "
+            "differs from an uninterrupted run")
         return
     for text in ranges:
         _advance_uniforms(rng, text.lines)
 
 
-def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState) -> str:
-    """Run every stage of spec §3.2 that is not already complete; return the output path.
+def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState,
+                      log: Callable[[str], None]) -> str:
+    """Run every preprocessing stage that is not already complete; return the output path.
 
     Non-memmap: the concatenated ``<d_path><o_filename>.npz``; memmap: the ``npzfile`` stem (as
     the reference's getCriteoAdData returns). Resumable; each stage's outputs appear atomically.
     ``rng`` is the NumPy stream seeded with --numpy-rand-seed; see the module docstring for
     what is drawn. Raises ConfigError for bad settings, DataError for missing or malformed data.
     """
-    paths = _validate_config(cfg)
+    paths = check_config(cfg)
     if _complete(cfg, paths):
         _finish(cfg, paths)
         return paths.npzfile if cfg.memory_map else paths.output_file()
@@ -1738,7 +1273,7 @@ def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState) -> str:
         categorify = _categorify_parallel if cfg.multiprocessing else _categorify_sequential
         categorify(cfg, paths, plan, ranges, rng)
     if not plan.any_text and cfg.sub_sample_rate > 0 and shuffle.draws_needed(cfg, paths.days):
-        _replay_sub_sample_draws(cfg, paths, ranges, rng)
+        _replay_sub_sample_draws(cfg, paths, ranges, rng, log)
     day_rows = _write_day_counts(paths)
     if not cfg.memory_map:
         if not os.path.exists(paths.output_file()):
@@ -1768,7 +1303,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Preprocess the Criteo Kaggle/Terabyte raw data (spec §3.2).")
+    parser = _Parser(description="Preprocess the Criteo Kaggle/Terabyte raw data.")
     parser.add_argument("--data-set", default="kaggle", choices=["kaggle", "terabyte"])
     parser.add_argument("--raw-data-file", default="",
                         help="Kaggle: path of train.txt; Terabyte: day-file prefix (./input/day)")
@@ -1798,11 +1333,16 @@ def config_from_args(ns: argparse.Namespace) -> PreprocessConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Preprocess; print the output path. Errors: one ``error: ...`` line on stderr, exit 2."""
+    """Preprocess; print the output path (notes go to stderr). Errors: one ``error: ...`` line on
+    stderr, exit 2."""
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
     try:
         ns = build_parser().parse_args(argv)
         cfg = config_from_args(ns)
-        output = preprocess_criteo(cfg, np.random.RandomState(ns.numpy_rand_seed))
+        output = preprocess_criteo(cfg, np.random.RandomState(ns.numpy_rand_seed), log)
     except (DLRMError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

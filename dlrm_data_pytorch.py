@@ -3,12 +3,12 @@
 Every loader yields :class:`dlrm_common.Batch` objects, one whole mini-batch at a time (see that class
 for the layout). Dimension vocabulary: B batch, T tables, M dense features, N_t indices of table t.
 
-Random data (``--data-generation=random``) reproduces the reference's numbers exactly (spec §2.1,
-§7.3): every value is drawn from one NumPy legacy stream (``np.random.RandomState``), in the
-reference's order, and the stream is re-seeded whenever batch 0 is generated. Unlike the reference,
-the draws are made in large vectorised calls, not per sample.
+Random data (``--data-generation=random``) reproduces the reference's numbers exactly: every value
+is drawn from one NumPy legacy stream (``np.random.RandomState``), in the reference's order, and the
+stream is re-seeded whenever batch 0 is generated. Unlike the reference, the draws are made in large
+vectorised calls, not per sample.
 
-Run as a script, this file is the reference's trace-profiling tool (spec §2.2):
+Run as a script, this file is the reference's trace-profiling tool:
 ``python dlrm_data_pytorch.py --trace-file=... --dist-file=... --synthetic-file=...``.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RandomDataConfig:
-    """What the random and synthetic generators draw (spec §1.1 "Data", §2.1, §2.2).
+    """What the random and synthetic generators draw (the reference's data flags).
 
     Attributes:
         dense_dim: M, dense features per sample (the bottom MLP's input width).
@@ -49,7 +49,7 @@ class RandomDataConfig:
             and standard deviation.
         round_targets: targets rounded to 0/1.
         seed: the seed that batch 0 re-seeds the stream with.
-        generation: "random" or "synthetic" (trace-based indices, spec §2.2).
+        generation: "random" or "synthetic" (trace-based indices).
         trace_file: synthetic only: the distribution-file template (``j`` = table number).
         trace_padding: synthetic only: ``--data-trace-enable-padding``.
     """
@@ -255,7 +255,7 @@ def _gaussian_tables(
 def generate_random_batch(rng: np.random.RandomState, n: int, cfg: RandomDataConfig) -> Batch:
     """Draw one batch of n samples exactly as the reference's ``generate_dist_input_batch``.
 
-    Draw order (spec §2.1, §7.3): dense ``rand(n, M)``; then per table, per sample, the bag size
+    Draw order (the reference's): dense ``rand(n, M)``; then per table, per sample, the bag size
     (``random(1)``, unless fixed) and the bag's indices; then targets ``rand(n, 1)``.
 
     Returns:
@@ -294,20 +294,21 @@ class RandomDataset(torch.utils.data.Dataset):
     """Random (or trace-based synthetic) batches; item i is the whole batch i.
 
     Generating batch 0 re-seeds ``rng`` with ``cfg.seed``, so every epoch sees the same data, as in
-    the reference (spec §2.1). Batches must be generated in order, since each continues the stream
+    the reference. Batches must be generated in order, since each continues the stream
     where the previous one stopped.
 
     Args:
         cfg: what to draw.
         rng: the stream to draw from (the reference's global NumPy stream).
-        warn: where the synthetic generator reports out-of-range trace indices.
+        log: where the synthetic generator reports out-of-range trace indices. Random generation
+            never logs, so by default (and only here) messages are dropped.
     """
 
     def __init__(self, cfg: RandomDataConfig, rng: np.random.RandomState,
-                 warn: Callable[[str], None] = print):
+                 log: Callable[[str], None] = lambda message: None):
         self.cfg = cfg
         self.rng = rng
-        self.warn = warn
+        self.log = log
         self._distributions = None
         if cfg.generation == "synthetic":
             self._distributions = self._read_distributions()
@@ -332,10 +333,7 @@ class RandomDataset(torch.utils.data.Dataset):
             return generate_random_batch(self.rng, n, cfg)
         from synthetic_trace import generate_synthetic_batch
 
-        return generate_synthetic_batch(
-            self.rng, n, cfg.dense_dim, cfg.table_sizes, cfg.num_indices_per_lookup, cfg.fixed,
-            self._distributions, cfg.trace_padding, cfg.round_targets, warn=self.warn,
-        )
+        return generate_synthetic_batch(self.rng, n, cfg, self._distributions, self.log)
 
 
 class BatchLoader:
@@ -357,23 +355,24 @@ class BatchLoader:
 
 
 def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomState,
-                                 test_rng: Optional[np.random.RandomState] = None,
-                                 warn: Callable[[str], None] = print):
+                                 log: Callable[[str], None],
+                                 test_rng: Optional[np.random.RandomState] = None):
     """Train and test data for ``--data-generation=random`` or ``synthetic``.
 
     The reference drew its test batches from the same stream and seed as its training batches, so
-    its "test set" was the training set and every test pass shifted the later training data
-    (spec §8 bug 13, §7.3 item 5). Here the test set has its own stream (``test_rng``, by default
-    seeded with seed + 1): training numbers do not depend on whether or how often you test.
+    its "test set" was the training set and every test pass shifted the later training data. Here
+    the test set has its own stream (``test_rng``, by default seeded with seed + 1): training
+    numbers do not depend on whether or how often you test.
+    ``log`` receives the synthetic generator's warnings about out-of-range trace addresses.
 
     Returns:
         (train_data, train_loader, test_data, test_loader).
     """
     if test_rng is None:
         test_rng = np.random.RandomState(cfg.seed + 1)
-    train_data = RandomDataset(cfg, rng, warn)
+    train_data = RandomDataset(cfg, rng, log)
     test_cfg = RandomDataConfig(**{**cfg.__dict__, "seed": cfg.seed + 1})
-    test_data = RandomDataset(test_cfg, test_rng, warn)
+    test_data = RandomDataset(test_cfg, test_rng, log)
     return train_data, BatchLoader(train_data), test_data, BatchLoader(test_data)
 
 

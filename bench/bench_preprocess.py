@@ -37,7 +37,7 @@ base = high_water_kb()
 cfg = data_utils.PreprocessConfig("kaggle", {raw!r}, progress=False, multiprocessing={mp},
                                   memory_map={mm})
 start = time.perf_counter()
-data_utils.preprocess_criteo(cfg, np.random.RandomState(123))
+data_utils.preprocess_criteo(cfg, np.random.RandomState(123), lambda message: None)
 seconds = time.perf_counter() - start
 print(json.dumps(dict(seconds=seconds, import_rss_kb=base, peak_rss_kb=high_water_kb())))
 """

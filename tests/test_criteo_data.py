@@ -1,16 +1,15 @@
-"""Tests of criteo_data.py: the Criteo datasets and loaders (spec §2.3, §2.4, §3.3, §3.4).
+"""Tests of criteo_data.py: the Criteo datasets and loaders.
 
-Tiny processed datasets are written in tmp_path in the spec's formats. The expected batches come
+Tiny processed datasets are written in tmp_path in the reference's formats. The expected batches come
 from a plain implementation of the reference's semantics written here: per-sample indexing into
 Python lists, a per-row log transform and Python batching.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +17,8 @@ import pytest
 import torch
 
 import criteo_data as cd
+import data_utils as du
+import npz_io
 from dlrm_common import Batch, ConfigError, DataError
 
 KAGGLE_DAY_SIZES = [150, 170, 130, 160, 140, 155, 61]      # odd last day: test takes ceil(61/2)
@@ -26,7 +27,7 @@ COUNTS = np.array([13, 7, 300, 250, 5, 24, 40, 60, 3, 90, 55, 280, 31, 27, 149, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Writing data in the spec's formats (§3.2 steps 3-7) and a stand-in for data_utils
+# Writing data in the reference's formats, and a stand-in for the preprocessing
 # --------------------------------------------------------------------------------------------------
 
 def make_rows(day_sizes, seed=0):
@@ -41,8 +42,8 @@ def make_rows(day_sizes, seed=0):
     return x_int, x_cat, y
 
 
-def spec_paths(data_set, raw_data_file):
-    """File names of spec §2.3/§3.2, written out literally for the tests."""
+def reference_paths(data_set, raw_data_file):
+    """The reference's file names, written out literally for the tests."""
     d_path = os.path.dirname(raw_data_file) + "/"
     base = os.path.basename(raw_data_file)
     d_file = base.split(".")[0] if data_set == "kaggle" else base
@@ -65,7 +66,7 @@ def write_dataset(tmp_path, data_set, day_sizes, rows, compressed=True, x_cat_dt
     """
     x_int, x_cat, y = rows
     raw = str(tmp_path / ("train.txt" if data_set == "kaggle" else "day"))
-    paths = spec_paths(data_set, raw)
+    paths = reference_paths(data_set, raw)
     save = np.savez_compressed if compressed else np.savez
     np.savez_compressed(paths.day_count_file(), total_per_file=np.array(day_sizes))
     np.savez_compressed(paths.fea_count_file(), counts=COUNTS)
@@ -83,16 +84,17 @@ def without_notes(logs):
     return [line for line in logs if not line.startswith("note: ")]
 
 
+def quiet(message):
+    """A log that drops every message."""
+
+
 @pytest.fixture
 def fake_data_utils(monkeypatch):
-    """data_utils stand-in: spec file names; data always ready unless a test says otherwise."""
-    module = types.ModuleType("data_utils")
-    module.criteo_paths = spec_paths
-    module.PreprocessConfig = lambda **fields: SimpleNamespace(**fields)
-    module.processed_data_ready = lambda cfg: True
-    module.preprocess_criteo = lambda cfg, rng: pytest.fail("preprocessing was not expected")
-    monkeypatch.setitem(sys.modules, "data_utils", module)
-    return module
+    """Preprocessing stand-in: data always ready unless a test says otherwise."""
+    monkeypatch.setattr(du, "processed_data_ready", lambda cfg: True)
+    monkeypatch.setattr(du, "preprocess_criteo",
+                        lambda cfg, rng, log: pytest.fail("preprocessing was not expected"))
+    return monkeypatch
 
 
 @pytest.fixture
@@ -147,11 +149,14 @@ def assert_same_batches(actual, expected):
 
 
 def config(fixture, **overrides):
+    """A CriteoLoaderConfig; ``overrides`` may name fields of it or of its PreprocessConfig."""
     fields = dict(data_set="kaggle", raw_data_file=fixture.raw,
                   processed_data_file=fixture.processed, batch_size=32, test_batch_size=50,
                   randomize="none", progress=False)
     fields.update(overrides)
-    return cd.CriteoLoaderConfig(**fields)
+    loader_fields = {f.name for f in dataclasses.fields(cd.CriteoLoaderConfig)}
+    loader = {name: fields.pop(name) for name in list(fields) if name in loader_fields}
+    return cd.CriteoLoaderConfig(preprocess=du.PreprocessConfig(**fields), **loader)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def test_batches_and_draws_match_the_reference(kaggle, randomize):
 
 
 def test_val_split_is_the_second_half_of_the_last_day(kaggle):
-    split = cd.load_criteo_split(config(kaggle), "val", np.random.RandomState(0), lambda _: None)
+    split = cd.load_criteo_split(config(kaggle).preprocess, "val", np.random.RandomState(0), quiet)
     expected = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "val", "none", None)
     assert_same_batches([split.batch(0, len(split))], reference_batches(expected, len(expected)))
     assert len(split) == 30
@@ -227,26 +232,26 @@ def test_pickled_datasets_carry_no_row_data(kaggle):
 
 
 def test_row_cache_is_written_once_and_rebuilt_when_the_npz_changes(kaggle):
-    rows, cache = cd.open_rows(kaggle.processed, progress=False)
+    rows, cache = cd.open_rows(kaggle.processed, quiet, progress=False)
     assert cache == str(kaggle.tmp / "kaggleAdDisplayChallenge_processed.rows.npy")
     assert isinstance(rows, np.memmap)
     assert not [name for name in os.listdir(kaggle.tmp) if ".tmp" in name]
     stamp = os.stat(cache).st_mtime_ns
-    cd.open_rows(kaggle.processed, progress=False)
+    cd.open_rows(kaggle.processed, quiet, progress=False)
     assert os.stat(cache).st_mtime_ns == stamp                  # reused, not rewritten
     x_int, x_cat, y = make_rows([40], seed=9)
     np.savez(kaggle.processed, X_cat=x_cat, X_int=x_int, y=y, counts=COUNTS)
     os.utime(kaggle.processed, ns=(stamp + 10**9, stamp + 10**9))
-    rows, _ = cd.open_rows(kaggle.processed, progress=False)
+    rows, _ = cd.open_rows(kaggle.processed, quiet, progress=False)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
 
 
 def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, monkeypatch):
     def refuse(path):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(cd, "_atomic_file", refuse)
+    monkeypatch.setattr(npz_io, "atomic_path", refuse)
     notes = []
-    rows, cache = cd.open_rows(kaggle.processed, progress=False, log=notes.append)
+    rows, cache = cd.open_rows(kaggle.processed, notes.append, progress=False)
     x_int, x_cat, y = kaggle.rows
     assert cache is None and "cannot write" in notes[0]
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
@@ -255,13 +260,13 @@ def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, 
 def test_preprocessing_runs_first_and_its_output_is_used(kaggle, fake_data_utils):
     seen = []
 
-    def preprocess(cfg, rng):
+    def preprocess(cfg, rng, log):
         seen.append((cfg.raw_data_file, cfg.randomize, cfg.memory_map))
         rng.random_sample(3)                                   # preprocessing draws come first
         return kaggle.processed
 
-    fake_data_utils.processed_data_ready = lambda cfg: bool(seen)
-    fake_data_utils.preprocess_criteo = preprocess
+    fake_data_utils.setattr(du, "processed_data_ready", lambda cfg: bool(seen))
+    fake_data_utils.setattr(du, "preprocess_criteo", preprocess)
     rng = np.random.RandomState(2)
     cfg = config(kaggle, processed_data_file=str(kaggle.tmp / "missing.npz"), randomize="total")
     data = cd.make_criteo_data_and_loaders(cfg, rng, lambda _: None)
@@ -328,7 +333,7 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     np.savez(path, y=y.astype(">f8"), X_cat=np.asfortranarray(x_cat.astype(np.int64)),
              X_int=np.asfortranarray(x_int.astype(np.float64)), counts=COUNTS)
     notes = []
-    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
     assert isinstance(rows, cd.NpzColumns) and cache is None and notes == []
     assert [m.fortran_order for m in rows.members] == [False, True, True]
     labels, dense, sparse = rows.read(slice(0, 37))
@@ -340,7 +345,7 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     assert row_caches(tmp_path) == []
 
     np.savez(str(tmp_path / "empty.npz"), X_int=x_int[:0], X_cat=x_cat[:0], y=y[:0])
-    empty, _ = cd.open_npz_rows(str(tmp_path / "empty.npz"), progress=False)
+    empty, _ = cd.open_npz_rows(str(tmp_path / "empty.npz"), quiet, progress=False)
     assert len(empty) == 0
     assert cd.PackedRows([empty, rows], [None, None]).slice(0, 2).shape == (2, 40)
 
@@ -350,15 +355,15 @@ def test_compressed_file_is_cached_once_and_a_stale_cache_of_a_mapped_file_remov
     path = str(tmp_path / "ref.npz")
     np.savez_compressed(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)
     notes = []
-    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
     assert cache == str(tmp_path / "ref.rows.npy") and isinstance(rows, np.memmap)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
-    cd.open_npz_rows(path, progress=False, log=notes.append)              # reuses the cache
+    cd.open_npz_rows(path, notes.append, progress=False)              # reuses the cache
     assert len(notes) == 1 and notes[0].startswith(f"note: {path} is compressed")
 
     np.savez(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)     # now uncompressed
     notes = []
-    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
     assert isinstance(rows, cd.NpzColumns) and cache is None
     assert row_caches(tmp_path) == [] and notes == [
         f"note: removed {tmp_path / 'ref.rows.npy'}, not needed any more "
@@ -372,7 +377,7 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     arrays[key][(20, 3) if arrays[key].ndim == 2 else 20] = value
     path = str(tmp_path / "bad.npz")
     np.savez(path, **arrays)
-    rows, _ = cd.open_npz_rows(path, progress=False)
+    rows, _ = cd.open_npz_rows(path, quiet, progress=False)
     packed = cd.PackedRows([rows], [None])
     packed.columns(0, 20)                                               # rows before it are fine
     message = rf"bad.npz: array '{key}' holds {shown}, which is not a 32-bit integer"
@@ -381,7 +386,7 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     with pytest.raises(DataError, match=message):
         packed.take_columns(np.array([3, 20]))
     with pytest.raises(DataError, match=message):                      # the row cache, as before
-        cd.open_rows(path, progress=False)
+        cd.open_rows(path, quiet, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,10 +466,10 @@ def terabyte_config(fixture, **overrides):
 
 
 def day_file_samples(fixture, days):
-    """§3.4: the selected reordered day files loaded whole and concatenated."""
+    """The reference's day-file loader: the selected reordered day files loaded whole, concatenated."""
     samples = []
     for day in days:
-        with np.load(spec_paths("terabyte", fixture.raw).reordered_day(day)) as data:
+        with np.load(reference_paths("terabyte", fixture.raw).reordered_day(day)) as data:
             samples += list(zip(data["X_int"], data["X_cat"], data["y"]))
     return samples
 
@@ -481,7 +486,7 @@ def test_terabyte_day_stream_concatenates_days(terabyte):
 
 
 def test_binary_files_round_trip(terabyte):
-    paths = spec_paths("terabyte", terabyte.raw)
+    paths = reference_paths("terabyte", terabyte.raw)
     outputs = {split: str(terabyte.tmp / f"rt_{split}.bin") for split in cd.SPLITS}
     cd.write_criteo_bins([paths.reordered_day(d) for d in range(24)], outputs, progress=False)
     x_int, x_cat, y = terabyte.rows
@@ -513,7 +518,7 @@ def test_binary_file_of_the_wrong_size_is_refused(tmp_path):
 def test_bin_loader_writes_missing_files_and_serves_batches(terabyte):
     cfg = terabyte_config(terabyte, mlperf_bin_loader=True, mlperf_bin_shuffle=True)
     data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), lambda _: None)
-    assert data.train_data.num_samples == sum(TERABYTE_DAY_SIZES[:-1])     # §8 bug 28a
+    assert data.train_data.num_samples == sum(TERABYTE_DAY_SIZES[:-1])  # the reference lacks it
     assert os.path.exists(str(terabyte.tmp / "terabyte_processed_val.bin"))
     expected = reference_batches(day_file_samples(terabyte, range(23)), 64)
     torch.manual_seed(0)                  # the reference's DataLoader over a RandomSampler
@@ -552,14 +557,14 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
     fractional[2, 3] = 1.5
     np.savez(tmp_path / "frac.npz", X_int=x_int, X_cat=fractional, y=y)
     with pytest.raises(DataError, match=r"frac.npz: array 'X_cat' holds 1.5, which is not a 32-bit"):
-        cd.open_rows(str(tmp_path / "frac.npz"), progress=False)
+        cd.open_rows(str(tmp_path / "frac.npz"), quiet, progress=False)
     np.savez(tmp_path / "shape.npz", X_int=x_int[:, :12], X_cat=x_cat, y=y)
     with pytest.raises(DataError, match=r"shape.npz: array 'X_int' has shape \(5, 12\), "
                                         r"expected \(5, 13\)"):
-        cd.open_rows(str(tmp_path / "shape.npz"), progress=False)
+        cd.open_rows(str(tmp_path / "shape.npz"), quiet, progress=False)
     np.savez(tmp_path / "nolabel.npz", X_int=x_int, X_cat=x_cat)
     with pytest.raises(DataError, match=r"nolabel.npz: no array 'y'"):
-        cd.open_rows(str(tmp_path / "nolabel.npz"), progress=False)
+        cd.open_rows(str(tmp_path / "nolabel.npz"), quiet, progress=False)
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".npy") or ".tmp" in name]
 
 
@@ -572,7 +577,7 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
 ])
 def test_bad_flags_are_refused(kaggle, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        cd.make_criteo_data_and_loaders(config(kaggle, **overrides), np.random.RandomState(0))
+        cd.make_criteo_data_and_loaders(config(kaggle, **overrides), np.random.RandomState(0), quiet)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +585,7 @@ def test_bad_flags_are_refused(kaggle, overrides, message):
 # --------------------------------------------------------------------------------------------------
 
 def write_raw_kaggle(path, lines, seed=0):
-    """A tiny train.txt (spec §3.1) and its plain reading: (labels, dense, raw hash values)."""
+    """A tiny raw train.txt and its plain reading: (labels, dense, raw hash values)."""
     gen = np.random.default_rng(seed)
     labels = gen.integers(0, 2, size=lines)
     dense = gen.integers(-3, 60, size=(lines, 13))
@@ -597,7 +602,7 @@ def write_raw_kaggle(path, lines, seed=0):
 
 
 def first_seen_ids(values):
-    """Per column, ids 0.. in order of first appearance (spec §3.2 step 4)."""
+    """Per column, ids 0.. in order of first appearance (the reference's dictionaries)."""
     ids = np.empty_like(values)
     for col in range(values.shape[1]):
         table = {}
@@ -611,9 +616,8 @@ def test_end_to_end_from_raw_text(tmp_path, memory_map):
     pytest.importorskip("data_utils")
     lines = 7 * 30 + 4                                   # day sizes 31, 31, 31, 31, 30, 30, 30
     labels, dense, hashes = write_raw_kaggle(tmp_path / "train.txt", lines)
-    cfg = cd.CriteoLoaderConfig(
-        raw_data_file=str(tmp_path / "train.txt"), processed_data_file=str(tmp_path / "k.npz"),
-        randomize="none", memory_map=memory_map, batch_size=16, test_batch_size=7, progress=False)
+    files = SimpleNamespace(raw=str(tmp_path / "train.txt"), processed=str(tmp_path / "k.npz"))
+    cfg = config(files, memory_map=memory_map, batch_size=16, test_batch_size=7)
     rng = np.random.RandomState(123)
     data = cd.make_criteo_data_and_loaders(cfg, rng, lambda _: None)
     samples = list(zip(dense, first_seen_ids(hashes).astype(np.float64), labels))

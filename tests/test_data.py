@@ -1,4 +1,4 @@
-"""Random data: the vectorised generator against a plain per-sample implementation of spec §2.1."""
+"""Random data: the vectorised generator against a plain per-sample implementation of the reference's."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +8,7 @@ from dlrm_data_pytorch import (RandomDataConfig, RandomDataset, generate_random_
 
 
 def plain_batch(rng, n, cfg):
-    """Spec §2.1 written out sample by sample, exactly as the reference draws."""
+    """The reference's generator written out sample by sample, drawing exactly as it does."""
     dense = rng.rand(n, cfg.dense_dim).astype(np.float32)
     offsets, indices = [], []
     mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
@@ -72,7 +72,7 @@ def test_fast_generator_equals_plain_one(case, n):
 
 
 def test_gaussian_bags_hold_no_duplicate_indices():
-    """The reference deduplicated before truncating to int, so a bag could repeat an index (spec §8 bug 18)."""
+    """The reference deduplicated before truncating to int, so a bag could repeat an index."""
     cfg = RandomDataConfig(dense_dim=1, table_sizes=(10,), num_indices_per_lookup=50, fixed=True,
                            distribution="gaussian", rand_min=0, rand_max=9, rand_sigma=3)
     batch = generate_random_batch(np.random.RandomState(0), 8, cfg)
@@ -104,11 +104,11 @@ def test_batch_zero_reseeds_so_every_epoch_sees_the_same_data():
 
 
 def test_test_set_is_not_the_training_set_and_does_not_shift_it():
-    """spec §8 bug 13: the reference's random test set equalled its training set, and each test
+    """The reference's random test set equalled its training set, and each test
     pass moved the training stream. Here the test set has its own stream."""
     cfg = RandomDataConfig(dense_dim=2, table_sizes=(50,), data_size=4, batch_size=2, seed=5)
     rng = np.random.RandomState(5)
-    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng)
+    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng, lambda _: None)
     train0 = next(iter(train_ld))
     test0 = next(iter(test_ld))
     assert not torch.equal(train0.dense_x, test0.dense_x)
