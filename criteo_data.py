@@ -15,16 +15,23 @@ stores ids as float64, data_utils.py as int32):
     Uncompressed npz files (data_utils.py writes them, with np.savez-style "stored" members) are
         read in place: ``X_int``, ``X_cat`` and ``y`` are memory-mapped at their offsets inside the
         zip file, whatever their dtype, and nothing else is written. Values are checked to be exact
-        32-bit integers per block read (per batch), not at open time, so opening a Terabyte day
-        costs no pass over it; a bad value raises DataError when a batch holding it is read.
+        32-bit integers per block read (per batch), so a bad value raises DataError when a batch
+        holding it is read.
     row cache (ours), only for npz files that cannot be mapped in place (the reference's
         np.savez_compressed files): ``<npz path without .npz>.rows.npy``, an (n, R) int32 array of
         rows [y, X_int(M), X_cat(T)] (the MLPerf record layout), 160 B per sample, built
         once from the npz (written to a temporary name, then renamed; every value checked then) and
-        memory-mapped afterwards. It is rebuilt when the npz is newer or holds a different number
-        of rows.
+        memory-mapped afterwards. It is rebuilt unless its provenance record says it was made from
+        the npz as it is now (size, time and content digest; see provenance.py).
     MLPerf binary files: the same rows as little-endian int32, no header,
-        ``<processed stem>_{train,test,val}.bin``.
+        ``<processed stem>_{train,test,val}.bin``; rewritten unless their records say they were
+        made from the reordered day files as they are now.
+
+Files from elsewhere (without a provenance record: the reference's, or named by the user) are
+checked once, when a split is opened, so a bad value is an error naming the file and row before
+training starts, never an IndexError in its middle: labels 0 or 1, dense values >= 0, sparse ids
+within the counts stored with the data (``check_values``, vectorised over blocks of rows). Files
+this version wrote were checked as they were made, and cost no pass at open.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 import data_utils
+import provenance
+from atomic_io import remove_stale_temps
 from data_utils import PreprocessConfig
 from dlrm_common import Batch, ConfigError, DataError
 from npz_io import AppendWriter, NpyWriter, NpzReader, StoredArray, WriteError, load_npz_array
@@ -190,24 +199,41 @@ def row_cache_path(npz_path: str) -> str:
     return (root if ext == ".npz" else npz_path) + ".rows.npy"
 
 
-def _fresh_cache(cache: str, npz_path: str, n_rows: int) -> Optional[np.ndarray]:
-    """The memory-mapped row cache if it exists, is not older than its npz and has n rows."""
-    try:
-        if os.stat(cache).st_mtime_ns < os.stat(npz_path).st_mtime_ns:
-            return None
-        rows = np.load(cache, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    if rows.shape != (n_rows, ROW_COLUMNS) or rows.dtype != np.int32:
-        return None
-    return rows
+def derived_record(inputs: Sequence[str]) -> dict:
+    """The provenance record of a file made from the files ``inputs`` alone (a row cache, the
+    MLPerf binary files): it is reused only while they are unchanged."""
+    return provenance.expected([provenance.identity(path) for path in inputs], {})
 
 
-def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool) -> None:
-    """Write the (n, R) int32 row cache of an npz as a .npy file, atomically."""
+def _fresh_cache(cache: str, wanted: dict, n_rows: int,
+                 log: Callable[[str], None]) -> Optional[np.ndarray]:
+    """The memory-mapped row cache if it exists, was made from its npz as it is now, and has n
+    rows; else None (with a note saying why an existing cache is rebuilt)."""
+    if not os.path.exists(cache):
+        return None
+    reason = provenance.mismatch(cache, wanted)
+    if reason is None:
+        try:
+            rows = np.load(cache, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            reason = f"cannot be read ({err})"
+        else:
+            if rows.shape == (n_rows, ROW_COLUMNS) and rows.dtype == np.int32:
+                return rows
+            reason = f"holds {rows.shape} {rows.dtype} rows, expected ({n_rows}, {ROW_COLUMNS}) int32"
+    log(f"note: {cache} {reason}; rebuilding it")
+    return None
+
+
+def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool,
+                     wanted: dict) -> None:
+    """Write the (n, R) int32 row cache of an npz as a .npy file, atomically, then its record."""
     bar = tqdm(total=n_rows, unit="rows", desc=f"caching {os.path.basename(npz_path)}",
                disable=not progress)
-    with bar, NpyWriter(cache, "<i4", (n_rows, ROW_COLUMNS)) as out:
+    remove_stale_temps(cache)
+    remove_stale_temps(provenance.record_path(cache))
+    writer = NpyWriter(cache, "<i4", (n_rows, ROW_COLUMNS))
+    with bar, provenance.recording(cache, wanted), writer as out:
         written = 0
         for rows in read_npz_rows(npz_path):
             out.write(written, rows)
@@ -220,21 +246,23 @@ def open_rows(npz_path: str, log: Callable[[str], None], progress: bool = True,
     """Packed rows of a processed / reordered npz, memory-mapped from its row cache.
 
     The loaders use this only for files that cannot be mapped in place (``open_npz_rows``). The
-    cache is built on first use (and whenever the npz is newer), with a note ``why`` to ``log`` when
-    one is given. If it cannot be written (for example a read-only data directory) the rows are
-    read into memory instead, with a note to ``log``.
+    cache is built on first use, with a note ``why`` to ``log`` when one is given, and rebuilt
+    (with a note) unless its provenance record says it was made from the npz as it is now. If it
+    cannot be written (for example a read-only data directory) the rows are read into memory
+    instead, with a note to ``log``.
 
     Returns:
         (rows, cache path or None): rows is (n, R) int32 [y, X_int(M), X_cat(T)].
     """
     n_rows = npz_row_count(npz_path)
     cache = row_cache_path(npz_path)
-    rows = _fresh_cache(cache, npz_path, n_rows)
+    wanted = derived_record([npz_path])
+    rows = _fresh_cache(cache, wanted, n_rows, log)
     if rows is None:
         if why:
             log(f"note: {why}; caching its rows in {cache} ({RECORD_BYTES} B per sample)")
         try:
-            _write_row_cache(npz_path, cache, n_rows, progress)
+            _write_row_cache(npz_path, cache, n_rows, progress, wanted)
         except WriteError as err:
             log(f"note: {err}; reading {npz_path} into memory")
             return _read_rows_into_memory(npz_path, n_rows), None
@@ -312,8 +340,47 @@ def open_npz_rows(npz_path: str, log: Callable[[str], None], progress: bool = Tr
     if os.path.exists(stale):
         with contextlib.suppress(OSError):
             os.remove(stale)
+            provenance.forget(stale)
             log(f"note: removed {stale}, not needed any more ({npz_path} is mapped in place)")
     return NpzColumns(members), None
+
+
+def check_values(read: Callable[[int, int], Tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 start: int, stop: int, counts: np.ndarray, path: str) -> None:
+    """Check rows [start, stop) of a file from elsewhere before training reads them.
+
+    ``read(a, b)`` returns rows [a, b) as labels (P,), dense (P, M) and sparse (P, T); they are
+    read in blocks and checked with a few vectorised reductions per block. Raises DataError naming
+    ``path`` and the row for a label other than 0 or 1, a negative dense value (the model takes
+    log(x + 1)) or a sparse id outside [0, counts[t]) (the table size stored with the data).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    for first in range(start, stop, _CHUNK_ROWS):
+        labels, dense, sparse = read(first, min(stop, first + _CHUNK_ROWS))
+        if labels.size and (labels.min() < 0 or labels.max() > 1):
+            row = int(np.flatnonzero((labels != 0) & (labels != 1))[0])
+            raise DataError(f"{path}: row {first + row}: label {labels[row]}, expected 0 or 1")
+        if dense.size and dense.min() < 0:
+            row, k = (int(i[0]) for i in np.nonzero(dense < 0))
+            raise DataError(f"{path}: row {first + row}: dense feature I{k + 1} is "
+                            f"{dense[row, k]}, expected >= 0")
+        if sparse.size and (sparse.min() < 0 or np.any(sparse.max(axis=0) >= counts)):
+            row, t = (int(i[0]) for i in np.nonzero((sparse < 0) | (sparse >= counts)))
+            raise DataError(f"{path}: row {first + row}: sparse feature C{t + 1} has id "
+                            f"{sparse[row, t]}, outside the {counts[t]} of its table (the count "
+                            "stored with the data)")
+
+
+def _check_from_elsewhere(rows: "PackedRows", part: int, path: str, start: int, stop: int,
+                          counts: np.ndarray) -> None:
+    """``check_values`` on the rows of split [start, stop) in part ``part`` of ``rows``, read
+    from ``path``, unless ``path`` carries a provenance record (then this version made it)."""
+    if provenance.read(path) is not None:
+        return
+    base, end = int(rows.offsets[part]), int(rows.offsets[part + 1])
+    first, last = max(start, base) - base, min(stop, end) - base
+    if first < last:
+        check_values(lambda a, b: rows.read_part(part, slice(a, b)), first, last, counts, path)
 
 
 def _split_rows(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -351,7 +418,7 @@ class PackedRows:
                             for path, array in zip(self._cache_paths, self._arrays)]
         return state
 
-    def _read(self, part: int, index) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_part(self, part: int, index) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows ``index`` (slice or positions) of one part as int32 (labels, dense, sparse)."""
         if self._arrays[part] is None:
             self._arrays[part] = np.load(self._cache_paths[part], mmap_mode="r")
@@ -367,7 +434,7 @@ class PackedRows:
         while start < stop:
             end = min(stop, int(self.offsets[part + 1]))
             base = int(self.offsets[part])
-            pieces.append(self._read(part, slice(start - base, end - base)))
+            pieces.append(self.read_part(part, slice(start - base, end - base)))
             start, part = end, part + 1
         if len(pieces) == 1:
             return pieces[0]
@@ -378,12 +445,12 @@ class PackedRows:
     def take_columns(self, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows at arbitrary ``positions`` (P,), as ``columns`` returns them."""
         if len(self._arrays) == 1:
-            return self._read(0, positions)
+            return self.read_part(0, positions)
         part = np.searchsorted(self.offsets, positions, side="right") - 1
         out = _split_rows(np.empty((positions.shape[0], ROW_COLUMNS), np.int32))
         for p in np.unique(part):
             mask = part == p
-            for target, values in zip(out, self._read(int(p), positions[mask] - self.offsets[p])):
+            for target, values in zip(out, self.read_part(int(p), positions[mask] - self.offsets[p])):
                 target[mask] = values
         return out
 
@@ -486,12 +553,17 @@ class CriteoBinDataset(Dataset):
         path: file of 160-byte records [y, X_int(M), X_cat(T)] as little-endian int32, no header.
         batch_size: B; the last batch is partial.
         max_ind_range: sparse ids are taken modulo it when > 0.
+        counts: (T,) table sizes stored with the data; when given, every record is checked once,
+            here (``check_values``), so a bad value is an error at open, never an IndexError in
+            the middle of training. Give it for files from elsewhere (without a provenance
+            record); the files ``write_criteo_bins`` writes hold checked values.
     Attributes:
         num_samples: records in the file (the reference's class has no such attribute, though its
             callers read one).
     """
 
-    def __init__(self, path: str, batch_size: int, max_ind_range: int = -1):
+    def __init__(self, path: str, batch_size: int, max_ind_range: int = -1,
+                 counts: Optional[np.ndarray] = None):
         try:
             size = os.path.getsize(path)
         except OSError:
@@ -504,6 +576,10 @@ class CriteoBinDataset(Dataset):
         self.max_ind_range = max_ind_range
         self.num_samples = size // RECORD_BYTES
         self._records: Optional[np.ndarray] = None
+        if counts is not None:
+            records = self.records()
+            check_values(lambda start, stop: _split_rows(records[start:stop]), 0,
+                         self.num_samples, counts, path)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_records": None}
@@ -528,6 +604,12 @@ class CriteoBinDataset(Dataset):
         return rows_to_batch(rows, self.max_ind_range)
 
 
+def bin_record(day_files: Sequence[str], split: str) -> dict:
+    """The provenance record of a binary file: train is made from days 0..D-2, test and val from
+    day D-1."""
+    return derived_record(day_files[:-1] if split == "train" else day_files[-1:])
+
+
 def write_criteo_bins(day_files: Sequence[str], outputs: Mapping[str, str],
                       progress: bool = True) -> None:
     """Write MLPerf binary files from the reordered day files, each atomically.
@@ -535,11 +617,16 @@ def write_criteo_bins(day_files: Sequence[str], outputs: Mapping[str, str],
     Args:
         day_files: the D reordered npz files, in day order.
         outputs: split -> path for the files to write: "train" = days 0..D-2 concatenated,
-            "test" = the first ceil(n/2) rows of day D-1, "val" = its remaining rows.
+            "test" = the first ceil(n/2) rows of day D-1, "val" = its remaining rows. Each gets
+            a provenance record naming the day files it was made from (``bin_record``).
     """
     bar = tqdm(unit="rows", desc="writing binary files", disable=not progress)
     with bar, contextlib.ExitStack() as stack:
-        files = {split: stack.enter_context(AppendWriter(path)) for split, path in outputs.items()}
+        files = {}
+        for split, path in outputs.items():
+            remove_stale_temps(path)
+            stack.enter_context(provenance.recording(path, bin_record(day_files, split)))
+            files[split] = stack.enter_context(AppendWriter(path))
         if "train" in files:
             for day_file in day_files[:-1]:
                 for rows in read_npz_rows(day_file):
@@ -623,7 +710,9 @@ def _processed_file_split(cfg: PreprocessConfig, paths, processed_file: str, spl
                         f"{paths.day_count_file()} counts {day_counts.sum()}")
     start, stop, order = reference_split(day_counts, split, cfg.randomize, rng, log)
     log("Split data according to indices...")
-    return CriteoSplit(PackedRows([rows], [cache]), start, stop, order, counts, cfg.max_ind_range)
+    packed = PackedRows([rows], [cache])
+    _check_from_elsewhere(packed, 0, processed_file, start, stop, counts)
+    return CriteoSplit(packed, start, stop, order, counts, cfg.max_ind_range)
 
 
 def _day_files_split(cfg: PreprocessConfig, paths, split: str,
@@ -648,6 +737,8 @@ def _day_files_split(cfg: PreprocessConfig, paths, split: str,
     first_val = math.ceil(len(rows) / 2)
     start, stop = {"train": (0, len(rows)), "test": (0, first_val),
                    "val": (first_val, len(rows))}[split]
+    for part, day in enumerate(days):
+        _check_from_elsewhere(rows, part, paths.reordered_day(day), start, stop, counts)
     return CriteoSplit(rows, start, stop, None, counts, cfg.max_ind_range)
 
 
@@ -657,19 +748,11 @@ def _day_files_split(cfg: PreprocessConfig, paths, split: str,
 
 def _ensure_processed(cfg: PreprocessConfig, rng: np.random.RandomState,
                       log: Callable[[str], None]) -> str:
-    """Run the preprocessing unless its output is ready; the processed file to read.
-
-    That is --processed-data-file when it exists (the preprocessing also writes that name, which
-    the reference never did, so first and later runs read, and cache, the same file), else the
-    preprocessing's own output name.
-    """
-    if data_utils.processed_data_ready(cfg):
-        output = data_utils.criteo_paths(cfg.data_set, cfg.raw_data_file).output_file()
-    else:
-        output = data_utils.preprocess_criteo(cfg, rng, log)
-    if cfg.processed_data_file and os.path.exists(cfg.processed_data_file):
-        return cfg.processed_data_file
-    return output
+    """Run the preprocessing stages whose files cannot be reused (none draws when everything is
+    done); the processed file to read: --processed-data-file when given (the preprocessing also
+    writes that name, which the reference never did, so first and later runs read the same
+    file), else the preprocessing's own output name."""
+    return data_utils.preprocess_criteo(cfg, rng, log)
 
 
 def load_criteo_split(cfg: PreprocessConfig, split: str, rng: np.random.RandomState,
@@ -732,24 +815,50 @@ def bin_file_paths(processed_data_file: str) -> Dict[str, str]:
 
 def _bin_data(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
               log: Callable[[str], None]) -> CriteoData:
-    """Datasets and loaders over the MLPerf binary files, written first if missing."""
+    """Datasets and loaders over the MLPerf binary files, (re)written first unless their
+    provenance records say they were made from the reordered day files as they are now."""
     data = cfg.preprocess
     files = bin_file_paths(data.processed_data_file)
     counts_file = data.raw_data_file + "_fea_count.npz"
-    if not all(os.path.exists(p) for p in (files["train"], files["test"], counts_file)):
+    paths = data_utils.criteo_paths(data.data_set, data.raw_data_file)
+    day_files = [paths.reordered_day(d) for d in range(paths.days)]
+    if _bins_alone(data, day_files, [files["train"], files["test"], counts_file]):
+        log(f"note: the raw data and the reordered day files are missing; using {files['train']} "
+            f"and {files['test']} as they are (what they were made from cannot be checked)")
+    else:
         _ensure_processed(data, rng, log)
-        paths = data_utils.criteo_paths(data.data_set, data.raw_data_file)
-        missing = {split: path for split, path in files.items() if not os.path.exists(path)}
-        log(f"Writing binary files {', '.join(missing.values())}")
-        write_criteo_bins([paths.reordered_day(d) for d in range(paths.days)], missing,
-                          data.progress)
+        _write_stale_bins(day_files, files, data.progress, log)
+    counts = _feature_counts(counts_file)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
-    train = CriteoBinDataset(files["train"], cfg.batch_size, data.max_ind_range)
-    test = CriteoBinDataset(files["test"], test_batch_size, data.max_ind_range)
+    train, test = (CriteoBinDataset(files[split], size, data.max_ind_range,
+                                    counts if provenance.read(files[split]) is None else None)
+                   for split, size in (("train", cfg.batch_size), ("test", test_batch_size)))
     sampler = RandomSampler(train) if cfg.mlperf_bin_shuffle else None
     return CriteoData(train, _torch_loader(train, 0, sampler), test, _torch_loader(test, 0),
-                      _table_sizes(_feature_counts(counts_file), data.max_ind_range),
-                      DENSE_FEATURES)
+                      _table_sizes(counts, data.max_ind_range), DENSE_FEATURES)
+
+
+def _bins_alone(cfg: PreprocessConfig, day_files: Sequence[str], needed: Sequence[str]) -> bool:
+    """Whether the binary files (and counts) are all there is: no raw data, no day files."""
+    return (data_utils.missing_raw_data(cfg) is not None
+            and not all(os.path.exists(path) for path in day_files)
+            and all(os.path.exists(path) for path in needed))
+
+
+def _write_stale_bins(day_files: Sequence[str], files: Mapping[str, str], progress: bool,
+                      log: Callable[[str], None]) -> None:
+    """Write the binary files that are missing or were not made from ``day_files`` as they are."""
+    stale = {}
+    for split, path in files.items():
+        reason = (provenance.mismatch(path, bin_record(day_files, split))
+                  if os.path.exists(path) else None)
+        if reason:
+            log(f"note: {path} {reason}; writing it again")
+        if reason or not os.path.exists(path):
+            stale[split] = path
+    if stale:
+        log(f"Writing binary files {', '.join(stale.values())}")
+        write_criteo_bins(day_files, stale, progress)
 
 
 def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomState,

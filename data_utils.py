@@ -1,7 +1,8 @@
 """Criteo preprocessing: raw tab-separated text to the reference's npz files.
 
 Stages, each resumable (its outputs are written under a temporary name and renamed when
-complete, so a file with a final name is always whole):
+complete, so a file with a final name is always whole, and then get a provenance record; see
+"Reuse" below):
 
     1. split    day line ranges: Kaggle's ``train.txt`` is cut into 7 consecutive parts (N//7
                 lines, the first N%7 parts one longer); Terabyte has one file per day
@@ -43,6 +44,17 @@ reference's order: one uniform per raw line of each day when sub-sampling, then 
 randomize total) one bucket draw per train sample, then one permutation per shuffled bucket. When
 a run resumes, draws of stages that already completed are replayed, so a resumed run writes the
 same files as an uninterrupted one; when everything is complete nothing is drawn.
+
+Reuse: the reference reuses any file that has the right name. Here every file gets a provenance
+record (``<file>.provenance.json``, see provenance.py: the raw files' identity, the options that
+change the file, the format version), and a stage's file is reused only when its record matches
+this run; otherwise the stage is redone, with one note per stage saying why. Files without a
+record (made by the reference or an older version) are never reused, except an existing
+--processed-data-file (the user named it; the loaders check its values when they open it) and,
+when the raw data is missing, the final files (they are all there is). Raw values the model cannot
+take are errors naming the file and line: a label other than 0 or 1 (an empty label reads as 0,
+as in the reference), an empty line (the reference crashes on one; skipping it would move the
+day boundaries, which come from the line count), an empty file.
 """
 from __future__ import annotations
 
@@ -50,10 +62,12 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import multiprocessing
 import os
 import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -63,7 +77,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 from tqdm import tqdm
 
-from atomic_io import atomic_path
+import provenance
+from atomic_io import atomic_open, atomic_path, remove_stale_temps
 from dlrm_common import ConfigError, DataError, DLRMError
 from npz_io import (Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows,
                     save_npz, writing)
@@ -281,27 +296,38 @@ def _terabyte_ranges(raw: str, days: int, progress: bool) -> List[TextRange]:
     return ranges
 
 
-def _check_raw_files(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
-    """Raise DataError with a download hint when a raw file is missing."""
+def missing_raw_data(cfg: PreprocessConfig) -> Optional[DataError]:
+    """A DataError with a download hint naming the first raw file that is missing; None when
+    every raw file is there."""
+    return _missing_raw_data(cfg, criteo_paths(cfg.data_set, cfg.raw_data_file))
+
+
+def _missing_raw_data(cfg: PreprocessConfig, paths: CriteoPaths) -> Optional[DataError]:
     if cfg.data_set == "kaggle":
         if not os.path.isfile(cfg.raw_data_file):
-            raise DataError(f"{cfg.raw_data_file}: raw Criteo Kaggle data not found; {KAGGLE_HINT}")
-        return
+            return DataError(f"{cfg.raw_data_file}: raw Criteo Kaggle data not found; {KAGGLE_HINT}")
+        return None
     for i in range(paths.days):
         if not os.path.isfile(f"{cfg.raw_data_file}_{i}"):
-            raise DataError(f"{cfg.raw_data_file}_{i}: raw Criteo Terabyte day file not found; "
-                            f"{TERABYTE_HINT}")
+            return DataError(f"{cfg.raw_data_file}_{i}: raw Criteo Terabyte day file not found; "
+                             f"{TERABYTE_HINT}")
+    return None
 
 
 def _day_ranges(cfg: PreprocessConfig, paths: CriteoPaths) -> List[TextRange]:
     """Line ranges of every day, lines counted (the writers reserve space for them)."""
-    _check_raw_files(cfg, paths)
+    missing = _missing_raw_data(cfg, paths)
+    if missing is not None:
+        raise missing
+    for path in _raw_files(cfg, paths):
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the raw data file is empty")
     if cfg.data_set == "kaggle":
         return _kaggle_ranges(cfg.raw_data_file, paths.days, cfg.progress)
     return _terabyte_ranges(cfg.raw_data_file, paths.days, cfg.progress)
 
 
-def _iter_text_blocks(text: TextRange) -> Iterator[memoryview]:
+def _iter_text_blocks(text: TextRange) -> Iterator[bytes]:
     """Blocks of whole lines of about TEXT_BLOCK_BYTES."""
     carry = b""
     with open(text.path, "rb") as src:
@@ -315,7 +341,7 @@ def _iter_text_blocks(text: TextRange) -> Iterator[memoryview]:
                 carry = data
                 continue
             carry = data[cut:]
-            yield memoryview(data)[:cut]
+            yield data[:cut]
 
 
 _COLUMN_NAMES = [f"f{k}" for k in range(NUM_FIELDS)]
@@ -330,11 +356,26 @@ _INT_RE = re.compile(rb"[+-]?[0-9]+")
 _HEX_RE = re.compile(rb"[0-9a-fA-F]{1,8}")
 
 
-def _parse_text_block(path: str, first_line: int, block: memoryview) -> pa.Table:
+def _blank_line(block: bytes) -> int:
+    """0-based number of the first empty line of ``block`` (a line of its own carriage return
+    counts: pyarrow takes that for a line break too), -1 when there is none."""
+    if block[:1] in (b"\n", b"\r"):
+        return 0
+    found = [at for at in (block.find(b"\n\n"), block.find(b"\n\r")) if at >= 0]
+    return block.count(b"\n", 0, min(found) + 1) if found else -1
+
+
+def _parse_text_block(path: str, first_line: int, block: bytes) -> pa.Table:
     """Parse one block of raw lines with pyarrow; a malformed line raises DataError naming it.
 
-    (Any line break pyarrow sees that is not a newline, e.g. a stray carriage return, splits a
-    line into pieces with too few fields, so rows and lines correspond.)"""
+    An empty line is an error too: pyarrow would read it as a sample of zeros, and skipping it
+    would move the day boundaries, which the reference derives from the number of lines. (Any
+    line break pyarrow sees that is not a newline, e.g. a stray carriage return, splits a line
+    into pieces with too few fields, so rows and lines correspond.)"""
+    blank = _blank_line(block)
+    if blank >= 0:
+        raise DataError(f"{path}:{first_line + blank}: empty line (expected {NUM_FIELDS} "
+                        "tab-separated fields)")
     options = pa_csv.ReadOptions(column_names=_COLUMN_NAMES, use_threads=False,
                                  block_size=1 << 20)  # larger blocks parse slower
     try:
@@ -504,8 +545,13 @@ def _int_column(table: pa.Table, k: int) -> np.ndarray:
 
 def _block_from_table(path: str, first_line: int, table: pa.Table, uniforms: Optional[np.ndarray],
                       rate: float, modulo: int) -> _Block:
-    """Convert a parsed block: drop sub-sampled negatives, hex -> int, distinct-value codes."""
+    """Convert a parsed block: drop sub-sampled negatives, hex -> int, distinct-value codes.
+    A label other than 0 or 1 (an empty one reads as 0, as in the reference) raises DataError."""
     labels = _int_column(table, 0)
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if len(bad):
+        raise DataError(f"{path}:{first_line + int(bad[0])}: field 1 (label) must be 0 or 1, "
+                        f"got {labels[bad[0]]}")
     keep = None
     if uniforms is not None:
         keep = ~((labels == 0) & (uniforms < rate))
@@ -670,13 +716,15 @@ class ColumnDictionary:
 
 
 def _save_dictionaries(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
-                       raw_dtype: np.dtype) -> np.ndarray:
+                       raw_dtype: np.dtype, record: dict) -> np.ndarray:
     """Write ``_fea_dict_<j>.npz`` (unique) and then ``_fea_count.npz`` (counts); return counts."""
     for j, dictionary in enumerate(dictionaries):
-        save_npz(paths.fea_dict_file(j),
-                        unique=dictionary.values_in_id_order().astype(raw_dtype))
+        with provenance.recording(paths.fea_dict_file(j), record):
+            save_npz(paths.fea_dict_file(j),
+                     unique=dictionary.values_in_id_order().astype(raw_dtype))
     counts = np.array([len(d) for d in dictionaries], dtype=np.int32)
-    save_npz(paths.fea_count_file(), counts=counts)
+    with provenance.recording(paths.fea_count_file(), record):
+        save_npz(paths.fea_count_file(), counts=counts)
     return counts
 
 
@@ -688,9 +736,8 @@ def _load_dictionaries(paths: CriteoPaths) -> List[ColumnDictionary]:
     return dictionaries
 
 
-def _dictionaries_complete(paths: CriteoPaths) -> bool:
-    return os.path.exists(paths.fea_count_file()) and all(
-        os.path.exists(paths.fea_dict_file(j)) for j in range(NUM_SPARSE))
+def _dictionary_files(paths: CriteoPaths) -> List[str]:
+    return [paths.fea_dict_file(j) for j in range(NUM_SPARSE)] + [paths.fea_count_file()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -704,6 +751,7 @@ class _DayJob:
     ``text`` set: read the raw text (and write the parsed day when ``write_parsed``); otherwise
     read the parsed day file. ``write_processed``: map to ids and write the processed day.
     ``rng_state``: NumPy RandomState state at this day's first sub-sample draw (workers only).
+    ``record``: the provenance record of the files written.
     """
 
     day: int
@@ -714,6 +762,7 @@ class _DayJob:
     raw_dtype: np.dtype
     sub_sample_rate: float
     max_ind_range: int
+    record: dict
     rng_state: Optional[tuple] = None
     dictionary_files: bool = False  # worker: load the finished dictionaries from their files
 
@@ -750,8 +799,10 @@ def run_day(job: _DayJob, dictionaries: List[ColumnDictionary],
     kept = 0
     with contextlib.ExitStack() as stack:
         # entered last to first, so that they are completed (renamed) first to last
-        writers = [stack.enter_context(NpzStreamWriter(path, members, max_rows))
-                   for path, members in reversed(outputs)][::-1]
+        writers = []
+        for path, members in reversed(outputs):
+            stack.enter_context(provenance.recording(path, job.record))
+            writers.insert(0, stack.enter_context(NpzStreamWriter(path, members, max_rows)))
         for source_rows, block in _day_blocks(job, rng):
             _write_block(job, block, dictionaries, writers)
             kept += len(block.labels)
@@ -815,12 +866,13 @@ def _advance_uniforms(rng: np.random.RandomState, count: int) -> None:
 
 @dataclass
 class _DayPlan:
-    """Per-day decisions of the categorify stages."""
+    """Per-day decisions of the categorify stages, and the record their files get."""
 
     from_text: List[bool]
     write_parsed: List[bool]
     write_processed: List[bool]
     build_dictionaries: bool
+    record: dict
 
     @property
     def any_text(self) -> bool:
@@ -831,22 +883,39 @@ class _DayPlan:
         return self.build_dictionaries or any(self.write_processed) or self.any_text
 
 
-def _plan_days(paths: CriteoPaths) -> _DayPlan:
-    """Which days must be read from text, which files are missing, whether dictionaries must be
-    built. A day is read from text when its parsed file is missing and either its processed file
-    or the dictionaries (which need every day's raw values) are missing."""
-    build = not _dictionaries_complete(paths)
-    parsed = [os.path.exists(paths.parsed_day(i)) for i in range(paths.days)]
-    processed = [os.path.exists(paths.processed_day(i)) for i in range(paths.days)]
+def _plan_days(paths: CriteoPaths, record: dict, log: Callable[[str], None]) -> _DayPlan:
+    """Which days must be read from text, which files must be (re)written, whether dictionaries
+    must be built; a file counts only if it was made as ``record`` says. A day is read from text
+    when its parsed file is missing and either its processed file or the dictionaries (which need
+    every day's raw values) are missing."""
+    build = not all(_reusable(_dictionary_files(paths), record, "the dictionaries", log))
+    parsed = _reusable([paths.parsed_day(i) for i in range(paths.days)], record,
+                       "the parsed days", log)
+    processed = _reusable([paths.processed_day(i) for i in range(paths.days)], record,
+                          "the processed days", log)
     from_text = [not p and (build or not q) for p, q in zip(parsed, processed)]
-    return _DayPlan(from_text, [not p for p in parsed], [not q for q in processed], build)
+    return _DayPlan(from_text, [not p for p in parsed], [not q for q in processed], build, record)
+
+
+def _reusable(files: Sequence[str], record: dict, stage: str,
+              log: Callable[[str], None]) -> List[bool]:
+    """Which of ``files`` exist and were made as ``record`` says; one note (the first reason) when
+    an existing one was not, so the stage is redone."""
+    usable, told = [], False
+    for path in files:
+        reason = provenance.mismatch(path, record) if os.path.exists(path) else None
+        usable.append(os.path.exists(path) and reason is None)
+        if reason and not told:
+            log(f"note: {path} {reason}; redoing {stage}")
+            told = True
+    return usable
 
 
 def _day_job(i: int, plan: _DayPlan, paths: CriteoPaths, cfg: PreprocessConfig,
              ranges: Optional[List[TextRange]], processed: bool) -> _DayJob:
     return _DayJob(i, paths, ranges[i] if plan.from_text[i] else None,
                    plan.from_text[i] and plan.write_parsed[i], processed and plan.write_processed[i],
-                   _raw_dtype(cfg), cfg.sub_sample_rate, cfg.max_ind_range)
+                   _raw_dtype(cfg), cfg.sub_sample_rate, cfg.max_ind_range, plan.record)
 
 
 def _categorify_sequential(cfg, paths, plan, ranges, rng) -> None:
@@ -865,7 +934,7 @@ def _categorify_sequential(cfg, paths, plan, ranges, rng) -> None:
                 continue
             run_day(job, dictionaries, draws, bar.update)
     if plan.build_dictionaries:
-        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg))
+        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg), plan.record)
     else:
         _check_no_growth(paths, dictionaries, sizes)
 
@@ -893,8 +962,8 @@ def _categorify_parallel(cfg, paths, plan, ranges, rng) -> None:
         for _, distinct in results:
             for k in range(NUM_SPARSE):
                 dictionaries[k].encode_distinct(distinct[k])
-        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg))
-        plan = _plan_days(paths)  # every parsed day now exists
+        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg), plan.record)
+        plan = _plan_days(paths, plan.record, log=lambda message: None)  # every parsed day exists
     elif plan.any_text and cfg.sub_sample_rate > 0:
         _parallel_text_with_dictionaries(cfg, paths, plan, ranges, rng)
         return
@@ -927,29 +996,28 @@ def _run_pool(cfg: PreprocessConfig, desc: str, jobs: List[_DayJob]):
         return [future.result() for future in futures]
 
 
-def _write_day_counts(paths: CriteoPaths) -> np.ndarray:
-    """Stage 3: ``_day_count.npz`` with the rows kept per day (if absent); return the counts."""
-    counts = np.array([npz_rows(_existing_day(paths, i)) for i in range(paths.days)],
+def _write_day_counts(paths: CriteoPaths, record: dict, log: Callable[[str], None]) -> np.ndarray:
+    """Stage 3: ``_day_count.npz`` with the rows kept per day (unless it was made as ``record``
+    says); return the counts. Every processed day is complete by now."""
+    counts = np.array([npz_rows(paths.processed_day(i)) for i in range(paths.days)],
                       dtype=np.int64)
-    if not os.path.exists(paths.day_count_file()):
-        save_npz(paths.day_count_file(), total_per_file=counts)
+    if not _reusable([paths.day_count_file()], record, "the day counts", log)[0]:
+        with provenance.recording(paths.day_count_file(), record):
+            save_npz(paths.day_count_file(), total_per_file=counts)
     return counts
-
-
-def _existing_day(paths: CriteoPaths, i: int) -> str:
-    return paths.processed_day(i) if os.path.exists(paths.processed_day(i)) else paths.parsed_day(i)
 
 
 # ------------------------------------------------------------------------------------------------
 # Stage 6: concatenation
 # ------------------------------------------------------------------------------------------------
 
-def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool) -> None:
+def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool, record: dict) -> None:
     """Write ``<o_filename>.npz``: processed days one after another, plus ``counts``."""
     counts = load_npz_array(paths.fea_count_file(), "counts").astype(np.int32)
     writer = NpzStreamWriter(paths.output_file(), _PROCESSED_MEMBERS, int(day_rows.sum()),
                              extras={"counts": counts})
-    with writer, _bar(progress, int(day_rows.sum()), "concatenate") as bar:
+    bar = _bar(progress, int(day_rows.sum()), "concatenate")
+    with provenance.recording(paths.output_file(), record), writer, bar:
         for i in range(paths.days):
             with NpzReader(paths.processed_day(i)) as reader:
                 rows = int(reader.shape("y")[0])
@@ -975,20 +1043,25 @@ def _same_layout(reader: NpzReader, members: Sequence[Member]) -> bool:
     return True
 
 
-def _link_processed_name(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+def _link_processed_name(cfg: PreprocessConfig, paths: CriteoPaths, record: dict,
+                         log: Callable[[str], None]) -> str:
     """Make --processed-data-file name the output too: a hard link, or a copy where links are not
-    possible. (The reference never writes that name, so its first run trains on its own output
-    name and later runs on --processed-data-file: two different files if the names differ.)"""
+    possible; return the file to read. (The reference never writes that name, so its first run
+    trains on its own output name and later runs on --processed-data-file: two different files
+    if the names differ.)"""
     target, output = cfg.processed_data_file, paths.output_file()
-    if not target or os.path.exists(target) or os.path.abspath(target) == os.path.abspath(output):
-        return
-    with writing(target):
+    if not target or os.path.abspath(target) == os.path.abspath(output):
+        return output
+    if _reusable([target], record, "the link to the output", log)[0]:
+        return target
+    with provenance.recording(target, record), writing(target):
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         with atomic_path(target) as tmp:
             try:
                 os.link(output, tmp)
             except OSError:
                 shutil.copyfile(output, tmp)
+    return target
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1072,7 +1145,7 @@ def _pass1_destinations(assigner: BucketAssigner, rng, day: int, count: int, day
 
 
 def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
-                   replay: bool) -> None:
+                   replay: bool, record: dict) -> None:
     """Pass 1: distribute each processed day's rows into per-day intermediate files.
 
     With ``replay`` only the draws are made (the files already exist)."""
@@ -1085,7 +1158,7 @@ def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConf
                                 split_none)
         return
     with contextlib.ExitStack() as stack:
-        outputs = _open_intermediates(paths, day_rows, stack)
+        outputs = _open_intermediates(paths, day_rows, stack, record)
         with _bar(cfg.progress, int(day_rows.sum()), "shuffle pass 1") as bar:
             for i in range(paths.days):
                 _scatter_day(paths, i, assigner, rng, outputs, cfg, split_none, bar)
@@ -1095,17 +1168,19 @@ _INTERMEDIATE_PARTS = (("y", np.float64, 0), ("d", np.float64, NUM_DENSE),
                        ("s", np.int32, NUM_SPARSE))
 
 
-def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray,
-                        stack: contextlib.ExitStack) -> List[List[NpyWriter]]:
+def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray, stack: contextlib.ExitStack,
+                        record: dict) -> List[List[NpyWriter]]:
     """Zero-filled .npy writers per day (y float64 (n,), d float64 (n,13), s int32 (n,26)),
-    entered on ``stack``: the files appear together when it closes without an exception."""
+    entered on ``stack``: the files appear together (each then gets ``record``) when it closes
+    without an exception."""
     outputs = []
     for j, rows in enumerate(day_rows):
         outputs.append([])
         for part, dtype, width in _INTERMEDIATE_PARTS:
             shape = (int(rows), width) if width else (int(rows),)
-            writer = NpyWriter(paths.intermediate_day(j, part), dtype, shape)
-            outputs[-1].append(stack.enter_context(writer))
+            path = paths.intermediate_day(j, part)
+            stack.enter_context(provenance.recording(path, record))
+            outputs[-1].append(stack.enter_context(NpyWriter(path, dtype, shape)))
     return outputs
 
 
@@ -1135,24 +1210,27 @@ _REORDERED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
 
 
 def _shuffle_pass2(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
-                   last_needed: int) -> None:
+                   plan: "_ShufflePlan") -> None:
     """Pass 2: permute each bucket into ``<npzfile>_<j>_reordered.npz``.
 
-    Buckets whose file exists only replay their permutation draw (up to ``last_needed``)."""
+    Buckets whose file can be reused only replay their permutation draw (up to the last bucket
+    to write)."""
     split_none = cfg.data_split == "none"
     with _bar(cfg.progress, int(day_rows.sum()), "shuffle pass 2") as bar:
-        for j in range(last_needed + 1):
+        for j in range(plan.last_bucket + 1):
             rows = int(day_rows[j])
             order = None
             if _shuffled_bucket(j, paths.days, cfg.randomize, split_none):
                 order = rng.permutation(rows)
-            if not os.path.exists(paths.reordered_day(j)):
-                _write_reordered(paths, j, rows, order, bar)
+            if not plan.reordered[j]:
+                _write_reordered(paths, j, rows, order, bar, plan.record)
 
 
-def _write_reordered(paths: CriteoPaths, j: int, rows: int, order, bar) -> None:
+def _write_reordered(paths: CriteoPaths, j: int, rows: int, order, bar, record: dict) -> None:
     sources = [np.load(paths.intermediate_day(j, part), mmap_mode="r") for part in ("s", "d", "y")]
-    with NpzStreamWriter(paths.reordered_day(j), _REORDERED_MEMBERS, rows) as writer:
+    path = paths.reordered_day(j)
+    with provenance.recording(path, record), \
+            NpzStreamWriter(path, _REORDERED_MEMBERS, rows) as writer:
         for start in range(0, rows, ROWS_PER_CHUNK):
             stop = min(rows, start + ROWS_PER_CHUNK)
             take = order[start:stop] if order is not None else slice(start, stop)
@@ -1160,66 +1238,18 @@ def _write_reordered(paths: CriteoPaths, j: int, rows: int, order, bar) -> None:
             bar.update(stop - start)
 
 
-# ------------------------------------------------------------------------------------------------
-# Disk space
-# ------------------------------------------------------------------------------------------------
-
-def _estimate_disk_need(cfg: PreprocessConfig, paths: CriteoPaths, plan: _DayPlan,
-                        lines: List[int]) -> int:
-    """Bytes the remaining stages will write (upper bound: every line kept)."""
-    parsed_row = 4 + 4 * NUM_DENSE + _raw_dtype(cfg).itemsize * NUM_SPARSE
-    processed_row = 4 + 4 * NUM_DENSE + 4 * NUM_SPARSE
-    need = 0
-    for i, count in enumerate(lines):
-        writes_parsed = plan.from_text[i] and plan.write_parsed[i]
-        need += count * (parsed_row * writes_parsed + processed_row * plan.write_processed[i])
-    total = sum(lines)
-    if cfg.memory_map:
-        need += total * 2 * (8 + 8 * NUM_DENSE + 4 * NUM_SPARSE)
-    elif not os.path.exists(paths.output_file()):
-        need += total * processed_row
-    return need + (64 << 20)
-
-
-def _check_disk_space(cfg, paths, plan, lines: List[int]) -> None:
-    directory = os.path.abspath(paths.d_path)
-    need = _estimate_disk_need(cfg, paths, plan, lines)
-    free = shutil.disk_usage(directory).free
-    if need > free:
-        raise DataError(f"{directory}: not enough free disk space for preprocessing: need about "
-                        f"{need} bytes, {free} free")
-
-
-def _line_estimates(ranges: Optional[List[TextRange]], paths: CriteoPaths) -> List[int]:
-    """Lines per day: counted in the raw text, else rows of the existing day files."""
-    if ranges is not None:
-        return [text.lines for text in ranges]
-    return [npz_rows(_existing_day(paths, i)) for i in range(paths.days)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Orchestration
-# ------------------------------------------------------------------------------------------------
-
-def processed_data_ready(cfg: PreprocessConfig) -> bool:
-    """The reference's ready check: memory-map -> every ``<npzfile>_<i>_reordered.npz`` exists;
-    otherwise --processed-data-file (or, when none is given, the concatenated output) exists."""
-    paths = criteo_paths(cfg.data_set, cfg.raw_data_file)
-    if cfg.memory_map:
-        return all(os.path.exists(paths.reordered_day(i)) for i in range(paths.days))
-    return os.path.exists(cfg.processed_data_file or paths.output_file())
-
-
-def _complete(cfg: PreprocessConfig, paths: CriteoPaths) -> bool:
-    if cfg.memory_map:
-        return all(os.path.exists(paths.reordered_day(i)) for i in range(paths.days))
-    return os.path.exists(paths.output_file())
-
-
 @dataclass
 class _ShufflePlan:
-    pass1: bool  # intermediates missing
-    last_bucket: int  # last bucket whose reordered file is missing (-1: none)
+    """Per-bucket decisions of the memory-map shuffle, and the record its files get."""
+
+    pass1: bool             # the intermediates must be written
+    reordered: List[bool]   # per bucket: its reordered file can be reused
+    record: dict
+
+    @property
+    def last_bucket(self) -> int:
+        """The last bucket whose reordered file must be written (-1: none)."""
+        return max((j for j, ok in enumerate(self.reordered) if not ok), default=-1)
 
     def draws_needed(self, cfg: PreprocessConfig, days: int) -> bool:
         """Whether a stage that draws from the RNG still has to run."""
@@ -1230,65 +1260,277 @@ class _ShufflePlan:
         return pass1_draws or pass2_draws
 
 
-def _plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths) -> _ShufflePlan:
+def _plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths, record: dict,
+                  log: Callable[[str], None]) -> _ShufflePlan:
     if not cfg.memory_map:
-        return _ShufflePlan(False, -1)
-    missing = [j for j in range(paths.days) if not os.path.exists(paths.reordered_day(j))]
-    pass1 = bool(missing) and not all(
-        os.path.exists(paths.intermediate_day(j, part))
-        for j in range(paths.days) for part in ("y", "d", "s"))
-    return _ShufflePlan(pass1, max(missing, default=-1))
+        return _ShufflePlan(False, [True] * paths.days, record)
+    reordered = _reusable([paths.reordered_day(j) for j in range(paths.days)], record,
+                          "the reordered days", log)
+    intermediates = [paths.intermediate_day(j, part)
+                     for j in range(paths.days) for part in ("y", "d", "s")]
+    pass1 = not all(reordered) and not all(_reusable(intermediates, record, "shuffle pass 1", log))
+    return _ShufflePlan(pass1, reordered, record)
 
 
-def _replay_sub_sample_draws(cfg, paths, ranges, rng, log: Callable[[str], None]) -> None:
-    """Draw the sub-sample uniforms of an already completed parse stage, so that later draws
-    match an uninterrupted run; needs the raw files to count lines."""
+# ------------------------------------------------------------------------------------------------
+# Disk space
+# ------------------------------------------------------------------------------------------------
+
+def _estimate_disk_need(cfg: PreprocessConfig, plan: _DayPlan, lines: List[int],
+                        output_done: bool) -> int:
+    """Bytes the remaining stages will write (upper bound: every line kept)."""
+    parsed_row = 4 + 4 * NUM_DENSE + _raw_dtype(cfg).itemsize * NUM_SPARSE
+    processed_row = 4 + 4 * NUM_DENSE + 4 * NUM_SPARSE
+    need = 0
+    for i, count in enumerate(lines):
+        writes_parsed = plan.from_text[i] and plan.write_parsed[i]
+        need += count * (parsed_row * writes_parsed + processed_row * plan.write_processed[i])
+    total = sum(lines)
+    if cfg.memory_map:
+        need += total * 2 * (8 + 8 * NUM_DENSE + 4 * NUM_SPARSE)
+    elif not output_done:
+        need += total * processed_row
+    return need + (64 << 20)
+
+
+def _check_disk_space(cfg, paths, plan, lines: List[int], output_done: bool) -> None:
+    directory = os.path.abspath(paths.d_path)
+    need = _estimate_disk_need(cfg, plan, lines, output_done)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise DataError(f"{directory}: not enough free disk space for preprocessing: need about "
+                        f"{need} bytes, {free} free")
+
+
+def _line_estimates(ranges: Optional[List[TextRange]], paths: CriteoPaths,
+                    plan: _DayPlan) -> List[int]:
+    """Lines per day: counted in the raw text, else rows of the reusable day files."""
+    if ranges is not None:
+        return [text.lines for text in ranges]
+    return [npz_rows(paths.parsed_day(i) if plan.write_processed[i] else paths.processed_day(i))
+            for i in range(paths.days)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance: what the files of this run must have been made from
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Records:
+    """The provenance records this run's files must carry (see provenance.py).
+
+    ``parse``: parsed and processed days, dictionaries, counts, the concatenated output and its
+    --processed-data-file name; ``shuffle``: the memory-map intermediates and reordered days.
+    """
+
+    parse: dict
+    shuffle: dict
+
+
+def _raw_files(cfg: PreprocessConfig, paths: CriteoPaths) -> List[str]:
+    if cfg.data_set == "kaggle":
+        return [cfg.raw_data_file]
+    return [f"{cfg.raw_data_file}_{i}" for i in range(paths.days)]
+
+
+def _stream_digest(rng: np.random.RandomState) -> str:
+    """A digest of the stream's state: equal digests, equal draws."""
+    kind, key, position, has_gauss, cached = rng.get_state()
+    digest = hashlib.sha256(kind.encode() + np.asarray(key, dtype="<u4").tobytes())
+    digest.update(struct.pack("<qqd", position, has_gauss, cached))
+    return digest.hexdigest()[:16]
+
+
+def _records(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
+             source: Optional[List[dict]] = None) -> _Records:
+    """The records of this run's files: ``source`` identifies the raw files (computed from them
+    when not given). Only options that change a stage's files are part of its record: the random
+    stream only where that stage draws from it (sub-sampling; the shuffle unless randomize is
+    none); --data-randomize only in the shuffle's."""
+    if source is None:
+        source = [provenance.identity(path) for path in _raw_files(cfg, paths)]
+    stream = _stream_digest(rng)
+    parse = {"--data-set": cfg.data_set, "--max-ind-range": cfg.max_ind_range,
+             "--data-sub-sample-rate": cfg.sub_sample_rate,
+             provenance.RANDOM_STREAM: stream if cfg.sub_sample_rate > 0 else None}
+    shuffle = dict(parse, **{"--data-randomize": cfg.randomize, "data split": cfg.data_split})
+    if cfg.randomize != "none":
+        shuffle[provenance.RANDOM_STREAM] = stream
+    return _Records(provenance.expected(source, parse), provenance.expected(source, shuffle))
+
+
+def _final_files(cfg: PreprocessConfig, paths: CriteoPaths,
+                 records: _Records) -> List[Tuple[str, dict]]:
+    """What the loaders read, each with the record it must carry: memory-map: the reordered days
+    and both count files; otherwise the concatenated output and the day counts."""
+    if cfg.memory_map:
+        return ([(paths.reordered_day(i), records.shuffle) for i in range(paths.days)]
+                + [(paths.day_count_file(), records.parse), (paths.fea_count_file(), records.parse)])
+    return [(paths.output_file(), records.parse), (paths.day_count_file(), records.parse)]
+
+
+def _complete(cfg: PreprocessConfig, paths: CriteoPaths, records: _Records) -> bool:
+    return all(provenance.reusable(path, wanted)
+               for path, wanted in _final_files(cfg, paths, records))
+
+
+def _named_file_as_it_is(cfg: PreprocessConfig, log: Callable[[str], None]) -> Optional[str]:
+    """--processed-data-file when it exists without a provenance record (made by the reference or
+    an older version): used as it is, because the user named it (the loaders check its values
+    when they open it)."""
+    named = cfg.processed_data_file
+    if cfg.memory_map or not named or not os.path.exists(named) or provenance.read(named) is not None:
+        return None
+    log(f"note: using {named} as it is: it {provenance.NO_RECORD}, and you named it with "
+        "--processed-data-file; delete it to preprocess again")
+    return named
+
+
+def _without_raw_data(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
+                      missing: DataError, log: Callable[[str], None]) -> str:
+    """The raw data is gone: the final files are used as they are if they all exist and those
+    with a record were made with this run's options; else ``missing`` is raised."""
+    records = _records(cfg, paths, rng, source=[])
+    files = _final_files(cfg, paths, records)
+    named = cfg.processed_data_file
+    if not cfg.memory_map and named and os.path.exists(named):
+        files[0] = (named, records.parse)
+    if not all(os.path.exists(path) for path, _ in files):
+        raise missing
+    for path, wanted in files:
+        reason = provenance.mismatch(path, wanted, check_source=False)
+        if reason and reason != provenance.NO_RECORD:
+            raise DataError(f"{path} {reason}; the raw data to make it again is missing: {missing}")
+    read = paths.npzfile + "_*_reordered.npz" if cfg.memory_map else files[0][0]
+    log(f"note: the raw data is missing; using {read} as it is (what it was made from cannot be "
+        "checked)")
+    return paths.npzfile if cfg.memory_map else files[0][0]
+
+
+def _check_writable(directory: str, why: str) -> None:
+    """DataError naming ``directory`` unless a file can be created there."""
+    probe = os.path.join(directory, ".dlrm-write-test")
     try:
-        ranges = ranges or _day_ranges(cfg, paths)
-    except DataError:
-        log("note: raw files missing: cannot replay the sub-sampling draws, so the shuffle "
-            "differs from an uninterrupted run")
-        return
-    for text in ranges:
+        remove_stale_temps(probe)
+        with atomic_open(probe):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise DataError(f"{directory}: cannot write there ({err.strerror or err}); {why}") from None
+
+
+def _pipeline_files(cfg: PreprocessConfig, paths: CriteoPaths) -> List[str]:
+    """Every file preprocessing may write."""
+    files = [paths.day_count_file(), paths.output_file(), cfg.processed_data_file or None]
+    files += _dictionary_files(paths)
+    for i in range(paths.days):
+        files += [paths.parsed_day(i), paths.processed_day(i), paths.reordered_day(i)]
+        files += [paths.intermediate_day(i, part) for part in ("y", "d", "s")]
+    return [path for path in files if path]
+
+
+def _prepare_directory(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+    """Fail at once (before any parsing) when the data directory, or the one of
+    --processed-data-file, cannot be written; remove the temporary files an interrupted run left
+    there."""
+    _check_writable(os.path.abspath(paths.d_path), "preprocessing writes its files beside the "
+                                                    "raw data")
+    if cfg.processed_data_file and not cfg.memory_map:
+        directory = os.path.dirname(os.path.abspath(cfg.processed_data_file))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise DataError(f"{cfg.processed_data_file}: cannot write: {directory} is not a "
+                            "directory")
+        with writing(cfg.processed_data_file):
+            os.makedirs(directory, exist_ok=True)
+        _check_writable(directory, "the output is also written to --processed-data-file")
+    for path in _pipeline_files(cfg, paths):
+        remove_stale_temps(path)
+        remove_stale_temps(provenance.record_path(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------------
+
+def processed_data_ready(cfg: PreprocessConfig, rng: np.random.RandomState) -> bool:
+    """Whether ``preprocess_criteo(cfg, rng, ...)`` would find everything done: the final files
+    were made from the raw data as it is now, with these options (or --processed-data-file exists
+    without a record, see ``preprocess_criteo``)."""
+    paths = check_config(cfg)
+    if _missing_raw_data(cfg, paths) is not None:
+        return False
+    named = cfg.processed_data_file
+    if not cfg.memory_map and named and os.path.exists(named) and provenance.read(named) is None:
+        return True
+    records = _records(cfg, paths, rng)
+    ready = _complete(cfg, paths, records)
+    if ready and named and not cfg.memory_map:
+        return provenance.reusable(named, records.parse)
+    return ready
+
+
+def _replay_sub_sample_draws(cfg, paths, ranges, rng) -> None:
+    """Draw the sub-sample uniforms of an already completed parse stage, so that later draws
+    match an uninterrupted run (the raw files are there: their lines are counted)."""
+    for text in ranges or _day_ranges(cfg, paths):
         _advance_uniforms(rng, text.lines)
 
 
 def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState,
                       log: Callable[[str], None]) -> str:
-    """Run every preprocessing stage that is not already complete; return the output path.
+    """Run every preprocessing stage whose files cannot be reused; return the file to read.
 
-    Non-memmap: the concatenated ``<d_path><o_filename>.npz``; memmap: the ``npzfile`` stem (as
-    the reference's getCriteoAdData returns). Resumable; each stage's outputs appear atomically.
-    ``rng`` is the NumPy stream seeded with --numpy-rand-seed; see the module docstring for
-    what is drawn. Raises ConfigError for bad settings, DataError for missing or malformed data.
+    That is, without memory-map, --processed-data-file when given (made a name of the output),
+    else the concatenated ``<d_path><o_filename>.npz``; with memory-map, the ``npzfile`` stem (as
+    the reference's getCriteoAdData returns). ``rng`` is the NumPy stream seeded with
+    --numpy-rand-seed; see the module docstring for what is drawn. Notes go to ``log``.
+
+    Reuse: a file is reused only when its provenance record (provenance.py) says it was made from
+    the raw files as they are now, with the options of this run that change it, in this format;
+    otherwise its stage is redone, with a note saying why. Files without a record (made by the
+    reference or an older version) are never reused, with two exceptions: an existing
+    --processed-data-file (the user named it), and the final files when the raw data is missing
+    (then they are all there is; those with a record must still match the options).
+    Resumable; each file appears atomically, its record after it. Raises ConfigError for bad
+    settings, DataError for missing, malformed or unwritable data.
     """
     paths = check_config(cfg)
-    if _complete(cfg, paths):
-        _finish(cfg, paths)
-        return paths.npzfile if cfg.memory_map else paths.output_file()
-    plan, shuffle = _plan_days(paths), _plan_shuffle(cfg, paths)
+    missing = _missing_raw_data(cfg, paths)
+    if missing is not None:
+        return _without_raw_data(cfg, paths, rng, missing, log)
+    named = _named_file_as_it_is(cfg, log)
+    if named:
+        return named
+    records = _records(cfg, paths, rng)
+    if _complete(cfg, paths, records):
+        return _finish(cfg, paths, records, log)
+    _prepare_directory(cfg, paths)
+    plan = _plan_days(paths, records.parse, log)
+    shuffle = _plan_shuffle(cfg, paths, records.shuffle, log)
     ranges = _day_ranges(cfg, paths) if plan.any_text else None
-    _check_disk_space(cfg, paths, plan, _line_estimates(ranges, paths))
+    output_done = provenance.reusable(paths.output_file(), records.parse)
+    _check_disk_space(cfg, paths, plan, _line_estimates(ranges, paths, plan), output_done)
     if plan.any_work:
         categorify = _categorify_parallel if cfg.multiprocessing else _categorify_sequential
         categorify(cfg, paths, plan, ranges, rng)
     if not plan.any_text and cfg.sub_sample_rate > 0 and shuffle.draws_needed(cfg, paths.days):
-        _replay_sub_sample_draws(cfg, paths, ranges, rng, log)
-    day_rows = _write_day_counts(paths)
+        _replay_sub_sample_draws(cfg, paths, ranges, rng)
+    day_rows = _write_day_counts(paths, records.parse, log)
     if not cfg.memory_map:
-        if not os.path.exists(paths.output_file()):
-            _concatenate(paths, day_rows, cfg.progress)
-        _finish(cfg, paths)
-        return paths.output_file()
+        if not _reusable([paths.output_file()], records.parse, "the concatenation", log)[0]:
+            _concatenate(paths, day_rows, cfg.progress, records.parse)
+        return _finish(cfg, paths, records, log)
     if shuffle.pass1 or (cfg.randomize == "total" and shuffle.draws_needed(cfg, paths.days)):
-        _shuffle_pass1(paths, day_rows, cfg, rng, replay=not shuffle.pass1)
-    _shuffle_pass2(paths, day_rows, cfg, rng, shuffle.last_bucket)
+        _shuffle_pass1(paths, day_rows, cfg, rng, not shuffle.pass1, records.shuffle)
+    _shuffle_pass2(paths, day_rows, cfg, rng, shuffle)
     return paths.npzfile
 
 
-def _finish(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
-    if not cfg.memory_map:
-        _link_processed_name(cfg, paths)
+def _finish(cfg: PreprocessConfig, paths: CriteoPaths, records: _Records,
+            log: Callable[[str], None]) -> str:
+    if cfg.memory_map:
+        return paths.npzfile
+    return _link_processed_name(cfg, paths, records.parse, log)
 
 
 # ------------------------------------------------------------------------------------------------

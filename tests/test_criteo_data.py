@@ -19,6 +19,7 @@ import torch
 import criteo_data as cd
 import data_utils as du
 import npz_io
+import provenance
 from dlrm_common import Batch, ConfigError, DataError
 
 KAGGLE_DAY_SIZES = [150, 170, 130, 160, 140, 155, 61]      # odd last day: test takes ceil(61/2)
@@ -88,12 +89,16 @@ def quiet(message):
     """A log that drops every message."""
 
 
+def already_processed(cfg, rng, log):
+    """What preprocess_criteo returns when every file is there: the file (or stem) to read."""
+    paths = du.criteo_paths(cfg.data_set, cfg.raw_data_file)
+    return paths.npzfile if cfg.memory_map else cfg.processed_data_file or paths.output_file()
+
+
 @pytest.fixture
 def fake_data_utils(monkeypatch):
-    """Preprocessing stand-in: data always ready unless a test says otherwise."""
-    monkeypatch.setattr(du, "processed_data_ready", lambda cfg: True)
-    monkeypatch.setattr(du, "preprocess_criteo",
-                        lambda cfg, rng, log: pytest.fail("preprocessing was not expected"))
+    """Preprocessing stand-in: the data written by the test is ready as it is."""
+    monkeypatch.setattr(du, "preprocess_criteo", already_processed)
     return monkeypatch
 
 
@@ -265,7 +270,6 @@ def test_preprocessing_runs_first_and_its_output_is_used(kaggle, fake_data_utils
         rng.random_sample(3)                                   # preprocessing draws come first
         return kaggle.processed
 
-    fake_data_utils.setattr(du, "processed_data_ready", lambda cfg: bool(seen))
     fake_data_utils.setattr(du, "preprocess_criteo", preprocess)
     rng = np.random.RandomState(2)
     cfg = config(kaggle, processed_data_file=str(kaggle.tmp / "missing.npz"), randomize="total")
@@ -515,6 +519,66 @@ def test_binary_file_of_the_wrong_size_is_refused(tmp_path):
         cd.CriteoBinDataset(str(tmp_path / "nothing.bin"), batch_size=4)
 
 
+BAD_VALUES = [  # (column of a packed row, value, message after "row N: ")
+    (0, 2, "label 2, expected 0 or 1"),
+    (0, -1, "label -1, expected 0 or 1"),
+    (1 + 4, -3, r"dense feature I5 is -3, expected >= 0"),
+    (14 + 2, 300, "sparse feature C3 has id 300, outside the 300 of its table"),
+    (14 + 0, -1, "sparse feature C1 has id -1, outside the 13 of its table"),
+]
+
+
+@pytest.mark.parametrize("column, value, message", BAD_VALUES)
+def test_binary_file_from_elsewhere_is_checked_at_open(tmp_path, column, value, message):
+    x_int, x_cat, y = make_rows([3000], seed=4)
+    records = np.column_stack([y, x_int, x_cat]).astype("<i4")
+    records[2345, column] = value
+    path = tmp_path / "day_train.bin"
+    records.tofile(path)
+    with pytest.raises(DataError, match=f"^{path}: row 2345: {message}"):
+        cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS)
+    records[2345, column] = records[2344, column]
+    records.tofile(path)
+    assert cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS).num_samples == 3000
+
+
+def test_bin_files_alone_are_used_as_they_are_and_checked(tmp_path, terabyte):
+    cfg = terabyte_config(terabyte, mlperf_bin_loader=True)
+    cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+    for day in range(24):
+        os.remove(reference_paths("terabyte", terabyte.raw).reordered_day(day))
+    train_bin = str(terabyte.tmp / "terabyte_processed_train.bin")
+    os.remove(provenance.record_path(train_bin))  # as if the reference had written it
+    logs = []
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), logs.append)
+    assert logs == [f"note: the raw data and the reordered day files are missing; using "
+                    f"{train_bin} and {terabyte.tmp / 'terabyte_processed_test.bin'} as they are "
+                    "(what they were made from cannot be checked)"]
+    assert len(list(data.train_loader)) == len(data.train_loader)
+    records = np.fromfile(train_bin, dtype="<i4").reshape(-1, 40)
+    records[17, 0] = 5
+    records.tofile(train_bin)
+    with pytest.raises(DataError, match=f"{train_bin}: row 17: label 5, expected 0 or 1"):
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+
+
+def test_bin_files_are_rewritten_when_the_day_files_change(terabyte):
+    cfg = terabyte_config(terabyte, mlperf_bin_loader=True)
+    cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+    paths = reference_paths("terabyte", terabyte.raw)
+    x_int, x_cat, y = make_rows([37], seed=9)  # another last day
+    np.savez_compressed(paths.reordered_day(23), X_cat=x_cat.astype(np.float64),
+                        X_int=x_int.astype(np.float64), y=y.astype(np.float64))
+    logs = []
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), logs.append)
+    test_bin, val_bin = (terabyte.tmp / f"terabyte_processed_{split}.bin" for split in ("test", "val"))
+    assert [line.split(" was made from day_23_reordered.npz of ")[0] for line in logs] == [
+        f"note: {test_bin}", f"note: {val_bin}", f"Writing binary files {test_bin}, {val_bin}"]
+    # (train.bin, made from the other days, is as it was)
+    samples = list(zip(x_int, x_cat.astype(np.float64), y))[:19]
+    assert_same_batches(data.test_loader, reference_batches(samples, 10))
+
+
 def test_bin_loader_writes_missing_files_and_serves_batches(terabyte):
     cfg = terabyte_config(terabyte, mlperf_bin_loader=True, mlperf_bin_shuffle=True)
     data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), lambda _: None)
@@ -536,6 +600,34 @@ def test_bin_loader_writes_missing_files_and_serves_batches(terabyte):
 # --------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory_map", [False, True])
+@pytest.mark.parametrize("column, value, message", BAD_VALUES)
+def test_processed_files_from_elsewhere_are_checked_at_open(tmp_path, fake_data_utils, memory_map,
+                                                             column, value, message):
+    x_int, x_cat, y = make_rows(KAGGLE_DAY_SIZES, seed=3)
+    packed = np.column_stack([y, x_int, x_cat])
+    row = KAGGLE_DAY_SIZES[0] + 37  # day 1, row 37
+    packed[row, column] = value
+    rows = (packed[:, 1:14].astype(np.int32), packed[:, 14:], packed[:, 0].astype(np.int32))
+    raw, processed = write_dataset(tmp_path, "kaggle", KAGGLE_DAY_SIZES, rows)
+    where = f"{tmp_path / 'train_day_1_reordered.npz'}: row 37" if memory_map else \
+        f"{processed}: row {row}"
+    cfg = config(SimpleNamespace(raw=raw, processed=processed), memory_map=memory_map)
+    with pytest.raises(DataError, match=f"^{where}: {message}"):
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+
+
+def test_files_with_a_provenance_record_are_not_read_at_open(tmp_path, monkeypatch):
+    write_raw_kaggle(tmp_path / "train.txt", 7 * 20)
+    files = SimpleNamespace(raw=str(tmp_path / "train.txt"), processed=str(tmp_path / "k.npz"))
+    for memory_map in (False, True):
+        cfg = config(files, memory_map=memory_map)
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+        monkeypatch.setattr(cd, "check_values", lambda *args: pytest.fail("checked our file"))
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+        monkeypatch.undo()
+
 
 def test_missing_day_count_file_is_named(kaggle):
     os.remove(kaggle.tmp / "train_day_count.npz")
