@@ -60,15 +60,20 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import multiprocessing
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -939,10 +944,58 @@ def _categorify_sequential(cfg, paths, plan, ranges, rng) -> None:
         _check_no_growth(paths, dictionaries, sizes)
 
 
-def _process_pool(jobs: int):
+def _process_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes that end when this process ends, however it ends (even SIGKILL), and
+    leave Ctrl-C to it."""
     workers = max(1, min(jobs, os.cpu_count() or 1))
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers,
-                                                  mp_context=multiprocessing.get_context("spawn"))
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker, initargs=(os.getpid(),))
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _start_worker(parent: int) -> None:
+    """Pool worker set-up: ignore Ctrl-C (the parent handles it and stops the workers) and die
+    with the parent. On Linux the kernel kills the worker when the parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread watches for the parent to change."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored_while_spawning() -> Iterator[None]:
+    """Ignore SIGINT around ``submit`` (which starts the workers): a new process inherits that,
+    so a Ctrl-C that comes while a worker is still starting up does not print its traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Kill the pool's workers now (on an error or Ctrl-C): shutting down would wait for the days
+    they are working on. The executor has no public call for this; its process table is used."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _categorify_parallel(cfg, paths, plan, ranges, rng) -> None:
@@ -988,12 +1041,23 @@ def _run_pool(cfg: PreprocessConfig, desc: str, jobs: List[_DayJob]):
     """Run day jobs in worker processes; results in job order."""
     if not jobs:
         return []
-    with _process_pool(len(jobs)) as pool, _bar(cfg.progress, len(jobs), desc, "days") as bar:
-        futures = [pool.submit(_worker_run_day, job) for job in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            future.result()
-            bar.update(1)
-        return [future.result() for future in futures]
+    pool = _process_pool(len(jobs))
+    try:
+        with _bar(cfg.progress, len(jobs), desc, "days") as bar:
+            with _ctrl_c_ignored_while_spawning():
+                futures = [pool.submit(_worker_run_day, job) for job in jobs]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                bar.update(1)
+    except concurrent.futures.process.BrokenProcessPool:
+        _stop_workers(pool)
+        raise DataError("a preprocessing worker process died (out of memory?); run without "
+                        "--dataset-multiprocessing to use less memory") from None
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+    return [future.result() for future in futures]
 
 
 def _write_day_counts(paths: CriteoPaths, record: dict, log: Callable[[str], None]) -> np.ndarray:
@@ -1576,7 +1640,7 @@ def config_from_args(ns: argparse.Namespace) -> PreprocessConfig:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Preprocess; print the output path (notes go to stderr). Errors: one ``error: ...`` line on
-    stderr, exit 2."""
+    stderr, exit 2; Ctrl-C: ``error: interrupted``, exit 130."""
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
@@ -1588,6 +1652,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DLRMError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     print(output)
     return 0
 
