@@ -52,7 +52,8 @@ import provenance
 from atomic_io import remove_stale_temps
 from data_utils import PreprocessConfig
 from dlrm_common import Batch, ConfigError, DataError
-from npz_io import AppendWriter, NpyWriter, NpzReader, StoredArray, WriteError, load_npz_array
+from npz_io import (AppendWriter, NpyWriter, NpzReader, StoredArray, WriteError, load_npz_array,
+                    writing)
 
 DENSE_FEATURES = 13
 SPARSE_FEATURES = 26
@@ -230,8 +231,9 @@ def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool,
     """Write the (n, R) int32 row cache of an npz as a .npy file, atomically, then its record."""
     bar = tqdm(total=n_rows, unit="rows", desc=f"caching {os.path.basename(npz_path)}",
                disable=not progress)
-    remove_stale_temps(cache)
-    remove_stale_temps(provenance.record_path(cache))
+    with writing(cache):
+        remove_stale_temps(cache)
+        remove_stale_temps(provenance.record_path(cache))
     writer = NpyWriter(cache, "<i4", (n_rows, ROW_COLUMNS))
     with bar, provenance.recording(cache, wanted), writer as out:
         written = 0
@@ -349,26 +351,34 @@ def check_values(read: Callable[[int, int], Tuple[np.ndarray, np.ndarray, np.nda
                  start: int, stop: int, counts: np.ndarray, path: str) -> None:
     """Check rows [start, stop) of a file from elsewhere before training reads them.
 
-    ``read(a, b)`` returns rows [a, b) as labels (P,), dense (P, M) and sparse (P, T); they are
-    read in blocks and checked with a few vectorised reductions per block. Raises DataError naming
-    ``path`` and the row for a label other than 0 or 1, a negative dense value (the model takes
-    log(x + 1)) or a sparse id outside [0, counts[t]) (the table size stored with the data).
+    ``read(a, b)`` returns rows [a, b) as int32 labels (P,), dense (P, M) and sparse (P, T); they
+    are read in blocks and checked with one maximum per column: viewed as unsigned, a negative
+    value is larger than every bound. Raises DataError naming ``path`` and the row for a label
+    other than 0 or 1, a negative dense value (the model takes log(x + 1)) or a sparse id outside
+    [0, counts[t]) (the table size stored with the data).
     """
     counts = np.asarray(counts, dtype=np.int64)
     for first in range(start, stop, _CHUNK_ROWS):
         labels, dense, sparse = read(first, min(stop, first + _CHUNK_ROWS))
-        if labels.size and (labels.min() < 0 or labels.max() > 1):
-            row = int(np.flatnonzero((labels != 0) & (labels != 1))[0])
-            raise DataError(f"{path}: row {first + row}: label {labels[row]}, expected 0 or 1")
-        if dense.size and dense.min() < 0:
-            row, k = (int(i[0]) for i in np.nonzero(dense < 0))
-            raise DataError(f"{path}: row {first + row}: dense feature I{k + 1} is "
-                            f"{dense[row, k]}, expected >= 0")
-        if sparse.size and (sparse.min() < 0 or np.any(sparse.max(axis=0) >= counts)):
-            row, t = (int(i[0]) for i in np.nonzero((sparse < 0) | (sparse >= counts)))
-            raise DataError(f"{path}: row {first + row}: sparse feature C{t + 1} has id "
-                            f"{sparse[row, t]}, outside the {counts[t]} of its table (the count "
-                            "stored with the data)")
+        if len(labels) and not (labels.view(np.uint32).max() <= 1
+                                and dense.view(np.uint32).max() < 2**31
+                                and np.all(sparse.view(np.uint32).max(axis=0) < counts)):
+            raise _bad_value(labels, dense, sparse, counts, f"{path}: row", first)
+
+
+def _bad_value(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray, counts: np.ndarray,
+               where: str, first: int) -> DataError:
+    """The error about the first bad value of a block that ``check_values`` refused."""
+    if labels.min() < 0 or labels.max() > 1:
+        row = int(np.flatnonzero((labels != 0) & (labels != 1))[0])
+        return DataError(f"{where} {first + row}: label {labels[row]}, expected 0 or 1")
+    if dense.min() < 0:
+        row, k = (int(i[0]) for i in np.nonzero(dense < 0))
+        return DataError(f"{where} {first + row}: dense feature I{k + 1} is {dense[row, k]}, "
+                         "expected >= 0")
+    row, t = (int(i[0]) for i in np.nonzero((sparse < 0) | (sparse >= counts)))
+    return DataError(f"{where} {first + row}: sparse feature C{t + 1} has id {sparse[row, t]}, "
+                     f"outside the {counts[t]} of its table (the count stored with the data)")
 
 
 def _check_from_elsewhere(rows: "PackedRows", part: int, path: str, start: int, stop: int,
@@ -624,7 +634,8 @@ def write_criteo_bins(day_files: Sequence[str], outputs: Mapping[str, str],
     with bar, contextlib.ExitStack() as stack:
         files = {}
         for split, path in outputs.items():
-            remove_stale_temps(path)
+            with writing(path):
+                remove_stale_temps(path)
             stack.enter_context(provenance.recording(path, bin_record(day_files, split)))
             files[split] = stack.enter_context(AppendWriter(path))
         if "train" in files:
@@ -831,11 +842,20 @@ def _bin_data(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
     counts = _feature_counts(counts_file)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
     train, test = (CriteoBinDataset(files[split], size, data.max_ind_range,
-                                    counts if provenance.read(files[split]) is None else None)
-                   for split, size in (("train", cfg.batch_size), ("test", test_batch_size)))
+                                    counts if _unchecked(files[split], days) else None)
+                   for split, size, days in (("train", cfg.batch_size, day_files[:-1]),
+                                             ("test", test_batch_size, day_files[-1:])))
     sampler = RandomSampler(train) if cfg.mlperf_bin_shuffle else None
     return CriteoData(train, _torch_loader(train, 0, sampler), test, _torch_loader(test, 0),
                       _table_sizes(counts, data.max_ind_range), DENSE_FEATURES)
+
+
+def _unchecked(path: str, sources: Sequence[str]) -> bool:
+    """Whether the values of ``path`` were never checked: it has no provenance record, or was
+    made from ``sources`` of which one has none (a binary file written from reference-made day
+    files)."""
+    return provenance.read(path) is None or any(
+        os.path.exists(source) and provenance.read(source) is None for source in sources)
 
 
 def _bins_alone(cfg: PreprocessConfig, day_files: Sequence[str], needed: Sequence[str]) -> bool:

@@ -1508,8 +1508,9 @@ def _prepare_directory(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
             os.makedirs(directory, exist_ok=True)
         _check_writable(directory, "the output is also written to --processed-data-file")
     for path in _pipeline_files(cfg, paths):
-        remove_stale_temps(path)
-        remove_stale_temps(provenance.record_path(path))
+        with writing(path):
+            remove_stale_temps(path)
+            remove_stale_temps(provenance.record_path(path))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -562,6 +562,18 @@ def test_bin_files_alone_are_used_as_they_are_and_checked(tmp_path, terabyte):
         cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
 
 
+def test_bin_files_made_from_day_files_from_elsewhere_are_checked(terabyte):
+    paths = reference_paths("terabyte", terabyte.raw)
+    x_int, x_cat, y = make_rows([20], seed=9)
+    x_cat[11, 25] = COUNTS[25]  # one past the end of the last table, in day 0
+    np.savez_compressed(paths.reordered_day(0), X_cat=x_cat.astype(np.float64),
+                        X_int=x_int.astype(np.float64), y=y.astype(np.float64))
+    train_bin = terabyte.tmp / "terabyte_processed_train.bin"
+    with pytest.raises(DataError, match=f"^{train_bin}: row 11: sparse feature C26 has id 142"):
+        cd.make_criteo_data_and_loaders(terabyte_config(terabyte, mlperf_bin_loader=True),
+                                        np.random.RandomState(0), quiet)
+
+
 def test_bin_files_are_rewritten_when_the_day_files_change(terabyte):
     cfg = terabyte_config(terabyte, mlperf_bin_loader=True)
     cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
