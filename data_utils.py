@@ -1495,8 +1495,7 @@ def _pipeline_files(cfg: PreprocessConfig, paths: CriteoPaths) -> List[str]:
 
 def _prepare_directory(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
     """Fail at once (before any parsing) when the data directory, or the one of
-    --processed-data-file, cannot be written; remove the temporary files an interrupted run left
-    there."""
+    --processed-data-file, cannot be written."""
     _check_writable(os.path.abspath(paths.d_path), "preprocessing writes its files beside the "
                                                     "raw data")
     if cfg.processed_data_file and not cfg.memory_map:
@@ -1507,6 +1506,10 @@ def _prepare_directory(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
         with writing(cfg.processed_data_file):
             os.makedirs(directory, exist_ok=True)
         _check_writable(directory, "the output is also written to --processed-data-file")
+
+
+def _remove_stale_temps(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+    """Remove the temporary files an interrupted run left beside the files it was writing."""
     for path in _pipeline_files(cfg, paths):
         with writing(path):
             remove_stale_temps(path)
@@ -1560,6 +1563,7 @@ def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState,
     settings, DataError for missing, malformed or unwritable data.
     """
     paths = check_config(cfg)
+    _remove_stale_temps(cfg, paths)
     missing = _missing_raw_data(cfg, paths)
     if missing is not None:
         return _without_raw_data(cfg, paths, rng, missing, log)
