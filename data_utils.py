@@ -1619,7 +1619,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--raw-data-file", default="",
                         help="Kaggle: path of train.txt; Terabyte: day-file prefix (./input/day)")
     parser.add_argument("--processed-data-file", default="",
-                        help="also make the concatenated output available under this name")
+                        help="also make the concatenated output available under this name; an "
+                             "existing file there without a provenance record (made by the "
+                             "reference) is used as it is")
     parser.add_argument("--max-ind-range", type=int, default=-1,
                         help="if > 0, take categorical hashes modulo this (default -1: off)")
     parser.add_argument("--data-sub-sample-rate", type=float, default=0.0,
