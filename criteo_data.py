@@ -757,21 +757,20 @@ def _day_files_split(cfg: PreprocessConfig, paths, split: str,
 # Preprocessing hook and loader selection
 # --------------------------------------------------------------------------------------------------
 
-def _ensure_processed(cfg: PreprocessConfig, rng: np.random.RandomState,
-                      log: Callable[[str], None]) -> str:
+def _ensure_processed(cfg: PreprocessConfig, log: Callable[[str], None]) -> str:
     """Run the preprocessing stages whose files cannot be reused (none draws when everything is
     done); the processed file to read: --processed-data-file when given (the preprocessing also
     writes that name, which the reference never did, so first and later runs read the same
     file), else the preprocessing's own output name."""
-    return data_utils.preprocess_criteo(cfg, rng, log)
+    return data_utils.preprocess_criteo(cfg, log)
 
 
 def load_criteo_split(cfg: PreprocessConfig, split: str, rng: np.random.RandomState,
                       log: Callable[[str], None]) -> CriteoSplit:
-    """Build one split as the reference's ``CriteoDataset(split)`` does: preprocess if needed,
-    then read the processed file (drawing the randomization from ``rng``) or, with memory-map,
-    the reordered day files (no draws)."""
-    return _load_split(cfg, _ensure_processed(cfg, rng, log), split, rng, log)
+    """Build one split as the reference's ``CriteoDataset(split)`` does: preprocess if needed (from
+    its own stream, seeded with ``cfg.seed``), then read the processed file (drawing the
+    randomization from ``rng``) or, with memory-map, the reordered day files (no draws)."""
+    return _load_split(cfg, _ensure_processed(cfg, log), split, rng, log)
 
 
 def _load_split(cfg: PreprocessConfig, processed_file: str, split: str,
@@ -824,8 +823,7 @@ def bin_file_paths(processed_data_file: str) -> Dict[str, str]:
     return {split: f"{stem}_{split}.bin" for split in SPLITS}
 
 
-def _bin_data(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
-              log: Callable[[str], None]) -> CriteoData:
+def _bin_data(cfg: CriteoLoaderConfig, log: Callable[[str], None]) -> CriteoData:
     """Datasets and loaders over the MLPerf binary files, (re)written first unless their
     provenance records say they were made from the reordered day files as they are now."""
     data = cfg.preprocess
@@ -837,7 +835,7 @@ def _bin_data(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
         log(f"note: the raw data and the reordered day files are missing; using {files['train']} "
             f"and {files['test']} as they are (what they were made from cannot be checked)")
     else:
-        _ensure_processed(data, rng, log)
+        _ensure_processed(data, log)
         _write_stale_bins(day_files, files, data.progress, log)
     counts = _feature_counts(counts_file)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
@@ -882,13 +880,13 @@ def _write_stale_bins(day_files: Sequence[str], files: Mapping[str, str], progre
 
 
 def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
-                                 log: Callable[[str], None],
-                                 preprocess_rng: Optional[np.random.RandomState] = None) -> CriteoData:
+                                 log: Callable[[str], None]) -> CriteoData:
     """The reference's ``make_criteo_data_and_loaders``: train then test dataset, and loaders.
 
-    Preprocessing (when needed) draws from ``preprocess_rng`` (default: ``rng``). Given a fresh stream
-    with the run's seed, it draws exactly what the reference drew (preprocessing is the first
-    consumer of its stream), while ``rng`` is left the same whether or not preprocessing ran.
+    Preprocessing (when needed) draws from its own stream seeded with --numpy-rand-seed
+    (``cfg.preprocess.seed``): the reference's preprocessing was the first consumer of its global
+    stream, so these are the reference's draws, while ``rng`` (the datasets' randomization) is left
+    the same whether or not preprocessing ran.
 
     mlperf + memory-map + terabyte reads the MLPerf binary files (``--mlperf-bin-loader``) or streams
     the day files; everything else serves batches of a ``CriteoSplit`` through a torch
@@ -896,11 +894,10 @@ def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomS
     """
     _check_config(cfg)
     data = cfg.preprocess
-    preprocess_rng = rng if preprocess_rng is None else preprocess_rng
     if cfg.mlperf_bin_loader:
-        return _bin_data(cfg, preprocess_rng, log)
+        return _bin_data(cfg, log)
     # the reference checks twice, once per dataset; the second check is a no-op
-    processed_file = _ensure_processed(data, preprocess_rng, log)
+    processed_file = _ensure_processed(data, log)
     train = _load_split(data, processed_file, "train", rng, log)
     test = _load_split(data, processed_file, "test", rng, log)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size

@@ -39,9 +39,9 @@ Disk, per kept line: parsed days 160 B, processed days 160 B, concatenated outpu
 0 < --max-ind-range <= 2**31). The text part files of the reference (``<npzfile>_0`` .. ``_6``)
 are not written: days are read from their byte ranges of ``train.txt``.
 
-The NumPy random stream (the caller's ``rng``, seeded with --numpy-rand-seed) is drawn from in the
-reference's order: one uniform per raw line of each day when sub-sampling, then (memory-map,
-randomize total) one bucket draw per train sample, then one permutation per shuffled bucket. When
+The NumPy random stream (seeded with --numpy-rand-seed) is drawn from in the reference's order:
+one uniform per raw line of each day when sub-sampling, then (memory-map, randomize total) one
+bucket draw per train sample, then one permutation per shuffled bucket. When
 a run resumes, draws of stages that already completed are replayed, so a resumed run writes the
 same files as an uninterrupted one; when everything is complete nothing is drawn.
 
@@ -64,13 +64,11 @@ import concurrent.futures.process
 import contextlib
 import ctypes
 import dataclasses
-import hashlib
 import multiprocessing
 import os
 import re
 import shutil
 import signal
-import struct
 import sys
 import threading
 import time
@@ -178,7 +176,9 @@ class PreprocessConfig:
     """What to preprocess and how (the reference's data flags).
 
     ``data_split`` is the reference's internal split argument; only "none" changes anything
-    (memory-map shuffle: every day, the last included, is shuffled across all days).
+    (memory-map shuffle: every day, the last included, is shuffled across all days). ``seed``
+    (--numpy-rand-seed) seeds the NumPy stream that sub-sampling and the memory-map shuffle draw
+    from.
     """
 
     data_set: str
@@ -191,6 +191,7 @@ class PreprocessConfig:
     multiprocessing: bool = False
     progress: bool = True
     data_split: str = "train"
+    seed: int = 123
 
 
 def check_config(cfg: PreprocessConfig) -> CriteoPaths:
@@ -1397,30 +1398,34 @@ def _raw_files(cfg: PreprocessConfig, paths: CriteoPaths) -> List[str]:
     return [f"{cfg.raw_data_file}_{i}" for i in range(paths.days)]
 
 
-def _stream_digest(rng: np.random.RandomState) -> str:
-    """A digest of the stream's state: equal digests, equal draws."""
-    kind, key, position, has_gauss, cached = rng.get_state()
-    digest = hashlib.sha256(kind.encode() + np.asarray(key, dtype="<u4").tobytes())
-    digest.update(struct.pack("<qqd", position, has_gauss, cached))
-    return digest.hexdigest()[:16]
-
-
-def _records(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
+def _records(cfg: PreprocessConfig, paths: CriteoPaths,
              source: Optional[List[dict]] = None) -> _Records:
     """The records of this run's files: ``source`` identifies the raw files (computed from them
-    when not given). Only options that change a stage's files are part of its record: the random
-    stream only where that stage draws from it (sub-sampling; the shuffle unless randomize is
-    none); --data-randomize only in the shuffle's."""
+    when not given). Only options that change a stage's files are part of its record: the seed
+    only where that stage draws (sub-sampling; the shuffle unless randomize is none),
+    --data-randomize only in the shuffle's."""
     if source is None:
         source = [provenance.identity(path) for path in _raw_files(cfg, paths)]
-    stream = _stream_digest(rng)
     parse = {"--data-set": cfg.data_set, "--max-ind-range": cfg.max_ind_range,
              "--data-sub-sample-rate": cfg.sub_sample_rate,
-             provenance.RANDOM_STREAM: stream if cfg.sub_sample_rate > 0 else None}
+             "--numpy-rand-seed": cfg.seed if cfg.sub_sample_rate > 0 else None}
     shuffle = dict(parse, **{"--data-randomize": cfg.randomize, "data split": cfg.data_split})
     if cfg.randomize != "none":
-        shuffle[provenance.RANDOM_STREAM] = stream
+        shuffle["--numpy-rand-seed"] = cfg.seed
     return _Records(provenance.expected(source, parse), provenance.expected(source, shuffle))
+
+
+def _stream(cfg: PreprocessConfig, rng: Optional[np.random.RandomState]) -> np.random.RandomState:
+    """The stream to draw from: a fresh one seeded with --numpy-rand-seed, or ``rng`` if it is
+    in that very state (the records name the seed, so the draws must follow from it)."""
+    seeded = np.random.RandomState(cfg.seed)
+    if rng is None:
+        return seeded
+    mine, theirs = seeded.get_state(), rng.get_state()
+    if not (np.array_equal(mine[1], theirs[1]) and mine[2:] == theirs[2:]):
+        raise ConfigError(f"the NumPy stream given to the preprocessing is not a fresh one seeded "
+                          f"with --numpy-rand-seed={cfg.seed}")
+    return rng
 
 
 def _final_files(cfg: PreprocessConfig, paths: CriteoPaths,
@@ -1450,11 +1455,11 @@ def _named_file_as_it_is(cfg: PreprocessConfig, log: Callable[[str], None]) -> O
     return named
 
 
-def _without_raw_data(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
-                      missing: DataError, log: Callable[[str], None]) -> str:
+def _without_raw_data(cfg: PreprocessConfig, paths: CriteoPaths, missing: DataError,
+                      log: Callable[[str], None]) -> str:
     """The raw data is gone: the final files are used as they are if they all exist and those
     with a record were made with this run's options; else ``missing`` is raised."""
-    records = _records(cfg, paths, rng, source=[])
+    records = _records(cfg, paths, source=[])
     files = _final_files(cfg, paths, records)
     named = cfg.processed_data_file
     if not cfg.memory_map and named and os.path.exists(named):
@@ -1520,8 +1525,8 @@ def _remove_stale_temps(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
 # Orchestration
 # ------------------------------------------------------------------------------------------------
 
-def processed_data_ready(cfg: PreprocessConfig, rng: np.random.RandomState) -> bool:
-    """Whether ``preprocess_criteo(cfg, rng, ...)`` would find everything done: the final files
+def processed_data_ready(cfg: PreprocessConfig) -> bool:
+    """Whether ``preprocess_criteo(cfg, ...)`` would find everything done: the final files
     were made from the raw data as it is now, with these options (or --processed-data-file exists
     without a record, see ``preprocess_criteo``)."""
     paths = check_config(cfg)
@@ -1530,7 +1535,7 @@ def processed_data_ready(cfg: PreprocessConfig, rng: np.random.RandomState) -> b
     named = cfg.processed_data_file
     if not cfg.memory_map and named and os.path.exists(named) and provenance.read(named) is None:
         return True
-    records = _records(cfg, paths, rng)
+    records = _records(cfg, paths)
     ready = _complete(cfg, paths, records)
     if ready and named and not cfg.memory_map:
         return provenance.reusable(named, records.parse)
@@ -1544,14 +1549,16 @@ def _replay_sub_sample_draws(cfg, paths, ranges, rng) -> None:
         _advance_uniforms(rng, text.lines)
 
 
-def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState,
-                      log: Callable[[str], None]) -> str:
+def preprocess_criteo(cfg: PreprocessConfig, log: Callable[[str], None],
+                      rng: Optional[np.random.RandomState] = None) -> str:
     """Run every preprocessing stage whose files cannot be reused; return the file to read.
 
     That is, without memory-map, --processed-data-file when given (made a name of the output),
     else the concatenated ``<d_path><o_filename>.npz``; with memory-map, the ``npzfile`` stem (as
-    the reference's getCriteoAdData returns). ``rng`` is the NumPy stream seeded with
-    --numpy-rand-seed; see the module docstring for what is drawn. Notes go to ``log``.
+    the reference's getCriteoAdData returns). Notes go to ``log``. The draws (see the module
+    docstring) come from a NumPy stream seeded with ``cfg.seed``, the same draws the reference
+    made from its global stream, which preprocessing was the first to use; ``rng``, when given,
+    is that stream (a test can then count the draws) and must still be as freshly seeded.
 
     Reuse: a file is reused only when its provenance record (provenance.py) says it was made from
     the raw files as they are now, with the options of this run that change it, in this format;
@@ -1563,14 +1570,15 @@ def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState,
     settings, DataError for missing, malformed or unwritable data.
     """
     paths = check_config(cfg)
+    rng = _stream(cfg, rng)
     _remove_stale_temps(cfg, paths)
     missing = _missing_raw_data(cfg, paths)
     if missing is not None:
-        return _without_raw_data(cfg, paths, rng, missing, log)
+        return _without_raw_data(cfg, paths, missing, log)
     named = _named_file_as_it_is(cfg, log)
     if named:
         return named
-    records = _records(cfg, paths, rng)
+    records = _records(cfg, paths)
     if _complete(cfg, paths, records):
         return _finish(cfg, paths, records, log)
     _prepare_directory(cfg, paths)
@@ -1642,7 +1650,7 @@ def config_from_args(ns: argparse.Namespace) -> PreprocessConfig:
         processed_data_file=ns.processed_data_file, max_ind_range=ns.max_ind_range,
         sub_sample_rate=ns.data_sub_sample_rate, randomize=ns.data_randomize,
         memory_map=ns.memory_map, multiprocessing=ns.dataset_multiprocessing,
-        progress=not ns.no_progress)
+        progress=not ns.no_progress, seed=ns.numpy_rand_seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1655,7 +1663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
         cfg = config_from_args(ns)
-        output = preprocess_criteo(cfg, np.random.RandomState(ns.numpy_rand_seed), log)
+        output = preprocess_criteo(cfg, log)
     except (DLRMError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1174,16 +1174,16 @@ def make_data(ns: argparse.Namespace, rng: np.random.RandomState, log: Logger):
     data = PreprocessConfig(
         data_set=ns.data_set, raw_data_file=ns.raw_data_file, processed_data_file=ns.processed_data_file,
         max_ind_range=ns.max_ind_range, sub_sample_rate=ns.data_sub_sample_rate, randomize=ns.data_randomize,
-        memory_map=ns.memory_map, multiprocessing=ns.dataset_multiprocessing,
+        memory_map=ns.memory_map, multiprocessing=ns.dataset_multiprocessing, seed=ns.seed,
     )
     cfg = CriteoLoaderConfig(
         preprocess=data, batch_size=ns.batch_size, test_batch_size=ns.test_batch_size, num_workers=ns.num_workers,
         test_num_workers=ns.test_num_workers, mlperf_logging=ns.mlperf_logging,
         mlperf_bin_loader=ns.mlperf_bin_loader, mlperf_bin_shuffle=ns.mlperf_bin_shuffle,
     )
-    # Preprocessing gets its own stream with the run's seed: the same draws as the reference's (it was
-    # the first consumer there), and the training stream no longer depends on whether it ran.
-    data = make_criteo_data_and_loaders(cfg, rng, log=log, preprocess_rng=np.random.RandomState(ns.seed))
+    # Preprocessing draws from its own stream with the run's seed: the same draws as the reference's (it
+    # was the first consumer there), and the training stream does not depend on whether it ran.
+    data = make_criteo_data_and_loaders(cfg, rng, log=log)
     return data.train_loader, data.test_loader, data.table_sizes, data.dense_dim
 
 

@@ -34,7 +34,6 @@ from npz_io import writing
 
 FORMAT_VERSION = 1
 SUFFIX = ".provenance.json"
-RANDOM_STREAM = "random stream"  # option key: a digest of the NumPy stream's state before drawing
 
 _WHOLE_FILE_BYTES = 64 << 20
 _EDGE_BYTES = 1 << 20
@@ -113,8 +112,6 @@ def _option_change(made: dict, now: dict) -> Optional[str]:
     for key in sorted(set(made) | set(now)):
         if made.get(key) == now.get(key):
             continue
-        if key == RANDOM_STREAM:
-            return "was made from another random stream (--numpy-rand-seed)"
         return f"was made with {key}={made.get(key)} (this run: {now.get(key)})"
     return None
 

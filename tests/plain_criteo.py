@@ -2,6 +2,7 @@
 dicts: obviously correct, slow), and helpers that run ours, for the data tests."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -102,14 +103,16 @@ def read_lines(path):
 
 
 def kaggle_cfg(raw, **changes):
-    values = dict(data_set="kaggle", raw_data_file=str(raw), progress=False)
+    values = dict(data_set="kaggle", raw_data_file=str(raw), progress=False, seed=7)
     values.update(changes)
     return du.PreprocessConfig(**values)
 
 
 def run(cfg, seed=7, log=lambda message: None):
+    """Preprocess with --numpy-rand-seed ``seed``; (output, the stream it drew from)."""
+    cfg = dataclasses.replace(cfg, seed=seed)
     rng = np.random.RandomState(seed)
-    return du.preprocess_criteo(cfg, rng, log), rng
+    return du.preprocess_criteo(cfg, log, rng), rng
 
 
 def interrupted_run(cfg, monkeypatch, day=4):

@@ -89,7 +89,7 @@ def quiet(message):
     """A log that drops every message."""
 
 
-def already_processed(cfg, rng, log):
+def already_processed(cfg, log, rng=None):
     """What preprocess_criteo returns when every file is there: the file (or stem) to read."""
     paths = du.criteo_paths(cfg.data_set, cfg.raw_data_file)
     return paths.npzfile if cfg.memory_map else cfg.processed_data_file or paths.output_file()
@@ -265,20 +265,20 @@ def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, 
 def test_preprocessing_runs_first_and_its_output_is_used(kaggle, fake_data_utils):
     seen = []
 
-    def preprocess(cfg, rng, log):
-        seen.append((cfg.raw_data_file, cfg.randomize, cfg.memory_map))
-        rng.random_sample(3)                                   # preprocessing draws come first
+    def preprocess(cfg, log, rng=None):
+        seen.append((cfg.raw_data_file, cfg.randomize, cfg.memory_map, cfg.seed))
+        np.random.RandomState(cfg.seed).random_sample(3)       # its own stream, as the real one
         return kaggle.processed
 
     fake_data_utils.setattr(du, "preprocess_criteo", preprocess)
     rng = np.random.RandomState(2)
-    cfg = config(kaggle, processed_data_file=str(kaggle.tmp / "missing.npz"), randomize="total")
+    cfg = config(kaggle, processed_data_file=str(kaggle.tmp / "missing.npz"), randomize="total",
+                 seed=5)
     data = cd.make_criteo_data_and_loaders(cfg, rng, lambda _: None)
-    ref_rng = np.random.RandomState(2)
-    ref_rng.random_sample(3)
+    ref_rng = np.random.RandomState(2)  # the datasets' draws do not depend on preprocessing's
     train = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "train", "total", ref_rng)
     assert_same_batches(data.train_loader, reference_batches(train, 32))
-    assert seen == [(kaggle.raw, "total", False)]
+    assert seen == [(kaggle.raw, "total", False, 5)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -108,6 +107,5 @@ def test_ctrl_c_with_worker_processes(tmp_path):
                             capture_output=True, text=True, timeout=300, start_new_session=True)
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n")
     rerun = du.preprocess_criteo(du.PreprocessConfig("kaggle", str(tmp_path / "train.txt"),
-                                                     progress=False),
-                                 np.random.RandomState(0), lambda message: None)
+                                                     progress=False), lambda message: None)
     assert os.path.exists(rerun)  # what the killed workers left does not stop the next run

@@ -76,7 +76,7 @@ def test_paths_follow_the_reference_examples():
 def test_bad_config_names_the_flag(changes, flag):
     cfg = kaggle_cfg("x/train.txt", **changes)
     with pytest.raises(ConfigError, match=flag):
-        du.preprocess_criteo(cfg, np.random.RandomState(0), lambda message: None)
+        du.preprocess_criteo(cfg, lambda message: None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_memory_map_shuffle_matches_plain(kaggle_dir, randomize, split):
     output, rng = run(cfg)
     paths = du.criteo_paths("kaggle", str(raw))
     assert output == paths.npzfile
-    assert du.processed_data_ready(cfg, np.random.RandomState(7))
+    assert du.processed_data_ready(cfg)
     _, _, processed, plain_rng = plain_pipeline(plain_split(read_lines(raw), 7))
     inter, reordered = plain_shuffle(processed, randomize, split == "none", plain_rng)
     for j in range(7):
@@ -265,10 +265,10 @@ def test_complete_run_draws_nothing_and_processed_name_is_written(kaggle_dir):
     raw = kaggle_dir / "train.txt"
     named = kaggle_dir / "mine.npz"
     cfg = kaggle_cfg(raw, processed_data_file=str(named))
-    assert not du.processed_data_ready(cfg, np.random.RandomState(7))
+    assert not du.processed_data_ready(cfg)
     output, _ = run(cfg)
     assert named.read_bytes() == Path(output).read_bytes()  # the reference never wrote this name
-    assert du.processed_data_ready(cfg, np.random.RandomState(7))
+    assert du.processed_data_ready(cfg)
     _, rng = run(cfg)
     assert rng.random_sample() == np.random.RandomState(7).random_sample()
 

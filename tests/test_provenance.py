@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import criteo_data as cd  # noqa: E402
 import data_utils as du  # noqa: E402
 import provenance  # noqa: E402
-from dlrm_common import DataError  # noqa: E402
+from dlrm_common import ConfigError, DataError  # noqa: E402
 from make_fake_criteo import write_fake_kaggle  # noqa: E402
 from plain_criteo import (interrupted_run, kaggle_cfg, plain_pipeline, plain_shuffle,  # noqa: E402
                           plain_split, read_lines, run)
@@ -132,12 +132,29 @@ def test_output_made_with_max_ind_range_is_not_reused_without_it(raw):
 def test_the_seed_counts_only_where_it_is_drawn_from(raw):
     output, _ = run(kaggle_cfg(raw, sub_sample_rate=0.4), seed=7)
     _, logs = notes_of(kaggle_cfg(raw, sub_sample_rate=0.4), seed=8)
-    assert f"note: {output} was made from another random stream (--numpy-rand-seed); redoing " \
-           "the concatenation" in logs
+    assert f"note: {output} was made with --numpy-rand-seed=7 (this run: 8); redoing the " \
+           "concatenation" in logs
     assert_output(output, expected_arrays(raw, rate=0.4, seed=8))
     run(kaggle_cfg(raw))  # without sub-sampling nothing is drawn: the seed does not matter
     _, logs = notes_of(kaggle_cfg(raw), seed=9)
     assert logs == []
+
+
+def test_splits_built_one_after_the_other_preprocess_once(raw):
+    """As the reference's train and test datasets: each checks the preprocessing; the second,
+    drawing after the first from the same stream, finds it done."""
+    cfg = kaggle_cfg(raw, memory_map=True, sub_sample_rate=0.3)
+    rng, logs = np.random.RandomState(3), []
+    cd.load_criteo_split(cfg, "train", rng, logs.append)
+    cd.load_criteo_split(cfg, "test", rng, logs.append)
+    assert [line for line in logs if line.startswith("note:")] == []
+
+
+def test_a_stream_not_freshly_seeded_is_refused(raw):
+    used = np.random.RandomState(7)
+    used.random_sample()
+    with pytest.raises(ConfigError, match="not a fresh one seeded with --numpy-rand-seed=7"):
+        du.preprocess_criteo(kaggle_cfg(raw, seed=7), lambda message: None, used)
 
 
 def test_randomize_redoes_the_shuffle_only(raw):
