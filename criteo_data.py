@@ -1,38 +1,43 @@
-"""Criteo Kaggle / Terabyte datasets and loaders (spec §2.3, §2.4, §3.3, §3.4).
+"""Criteo Kaggle / Terabyte datasets and loaders.
 
 Every loader yields ``dlrm_common.Batch`` objects that are whole mini-batches cut from arrays: no
-per-sample Python work and no per-row Python objects (the reference's performance problems 4, 5, 7).
+per-sample Python work and no per-row Python objects (the reference indexes one sample at a time,
+holds every row as a Python object and collates each batch in Python).
 
 Dimension vocabulary: B samples in a batch, T = 26 tables (sparse features), M = 13 dense features,
 R = 1 + M + T = 40 columns of a packed row.
 
 Files read and written (any integer dtype, or floats holding integers, is accepted: the reference
 stores ids as float64, data_utils.py as int32):
-    processed npz (§3.2 step 6): ``X_int`` (n, M), ``X_cat`` (n, T), ``y`` (n,), ``counts`` (T,);
+    processed npz: ``X_int`` (n, M), ``X_cat`` (n, T), ``y`` (n,), ``counts`` (T,);
         one file holding all days in order.
-    reordered day npz (§3.2 step 7): ``X_int``, ``X_cat``, ``y``, one file per day.
+    reordered day npz (--memory-map): ``X_int``, ``X_cat``, ``y``, one file per day.
     Uncompressed npz files (data_utils.py writes them, with np.savez-style "stored" members) are
         read in place: ``X_int``, ``X_cat`` and ``y`` are memory-mapped at their offsets inside the
         zip file, whatever their dtype, and nothing else is written. Values are checked to be exact
-        32-bit integers per block read (per batch), not at open time, so opening a Terabyte day
-        costs no pass over it; a bad value raises DataError when a batch holding it is read.
+        32-bit integers per block read (per batch), so a bad value raises DataError when a batch
+        holding it is read.
     row cache (ours), only for npz files that cannot be mapped in place (the reference's
         np.savez_compressed files): ``<npz path without .npz>.rows.npy``, an (n, R) int32 array of
-        rows [y, X_int(M), X_cat(T)] (the MLPerf record layout of §3.3), 160 B per sample, built
+        rows [y, X_int(M), X_cat(T)] (the MLPerf record layout), 160 B per sample, built
         once from the npz (written to a temporary name, then renamed; every value checked then) and
-        memory-mapped afterwards. It is rebuilt when the npz is newer or holds a different number
-        of rows.
-    MLPerf binary files (§3.3): the same rows as little-endian int32, no header,
-        ``<processed stem>_{train,test,val}.bin``.
+        memory-mapped afterwards. It is rebuilt unless its provenance record says it was made from
+        the npz as it is now (size, time and content digest; see provenance.py).
+    MLPerf binary files: the same rows as little-endian int32, no header,
+        ``<processed stem>_{train,test,val}.bin``; rewritten unless their records say they were
+        made from the reordered day files as they are now.
+
+Files from elsewhere (without a provenance record: the reference's, or named by the user) are
+checked once, when a split is opened, so a bad value is an error naming the file and row before
+training starts, never an IndexError in its middle: labels 0 or 1, dense values >= 0, sparse ids
+within the counts stored with the data (``check_values``, vectorised over blocks of rows). Files
+this version wrote were checked as they were made, and cost no pass at open.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import struct
-import zipfile
-import zlib
 from dataclasses import dataclass
 from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
                     Sequence, Tuple)
@@ -42,7 +47,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
+import data_utils
+import provenance
+from atomic_io import remove_stale_temps
+from data_utils import PreprocessConfig
 from dlrm_common import Batch, ConfigError, DataError
+from npz_io import (AppendWriter, NpyWriter, NpzReader, StoredArray, WriteError, load_npz_array,
+                    writing)
 
 DENSE_FEATURES = 13
 SPARSE_FEATURES = 26
@@ -57,18 +68,12 @@ _CHUNK_ROWS = 1 << 18
 class CriteoLoaderConfig:
     """What the Criteo loaders need from the command line (flag names in the comments).
 
-    A negative ``test_batch_size`` / ``test_num_workers`` means "same as training", as the reference's
-    -1 defaults do.
+    ``preprocess`` holds the data flags (what to read or preprocess, and how); the rest say how
+    to serve it. A negative ``test_batch_size`` / ``test_num_workers`` means "same as training",
+    as the reference's -1 defaults do.
     """
 
-    data_set: str = "kaggle"            # --data-set: kaggle | terabyte
-    raw_data_file: str = ""             # --raw-data-file
-    processed_data_file: str = ""       # --processed-data-file
-    max_ind_range: int = -1             # --max-ind-range
-    sub_sample_rate: float = 0.0        # --data-sub-sample-rate
-    randomize: str = "total"            # --data-randomize: total | day | none
-    memory_map: bool = False            # --memory-map
-    dataset_multiprocessing: bool = False  # --dataset-multiprocessing
+    preprocess: PreprocessConfig        # --data-set, --raw-data-file, --processed-data-file, ...
     batch_size: int = 1                 # --mini-batch-size
     test_batch_size: int = 1            # --test-mini-batch-size
     num_workers: int = 0                # --num-workers
@@ -76,7 +81,6 @@ class CriteoLoaderConfig:
     mlperf_logging: bool = False        # --mlperf-logging
     mlperf_bin_loader: bool = False     # --mlperf-bin-loader
     mlperf_bin_shuffle: bool = False    # --mlperf-bin-shuffle
-    progress: bool = True               # tqdm bars on stderr while caches / bin files are written
 
 
 class CriteoData(NamedTuple):
@@ -95,7 +99,7 @@ class CriteoData(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 def rows_to_batch(rows: np.ndarray, max_ind_range: int = -1) -> Batch:
-    """Turn packed rows into a Batch, as the reference's Criteo collate does (§2.3).
+    """Turn packed rows into a Batch, as the reference's Criteo collate does.
 
     Args:
         rows: (B, R) integer rows [label, dense(M), sparse(T)].
@@ -109,7 +113,7 @@ def rows_to_batch(rows: np.ndarray, max_ind_range: int = -1) -> Batch:
 
 def columns_to_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
                      max_ind_range: int = -1) -> Batch:
-    """Turn the three arrays of B samples into a Batch, as the reference's collate does (§2.3).
+    """Turn the three arrays of B samples into a Batch, as the reference's collate does.
 
     Args:
         labels: (B,) integer labels.
@@ -140,67 +144,11 @@ def _keep_batch(item: Batch) -> Batch:
 # Reading npz files as packed rows
 # --------------------------------------------------------------------------------------------------
 
-def _open_npz(path: str) -> zipfile.ZipFile:
-    """Open an npz archive, raising DataError naming the file when that is impossible."""
-    try:
-        return zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{path}: not a readable npz archive ({err})") from None
-
-
-def _read_npy_header(stream) -> Optional[tuple]:
-    """Read a .npy header from ``stream``: (shape, fortran_order, dtype); None for a format version
-    that cannot be streamed (the caller then reads the array whole)."""
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(stream)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(stream)
-    return None
-
-
-def _member_shape(archive: zipfile.ZipFile, key: str, path: str) -> Tuple[int, ...]:
-    """Shape of array ``key`` of an open npz, read from its header."""
-    if key + ".npy" not in archive.namelist():
-        raise DataError(f"{path}: no array '{key}' (expected X_int, X_cat and y)")
-    with archive.open(key + ".npy") as stream:
-        header = _read_npy_header(stream)
-    if header is None:
-        with archive.open(key + ".npy") as stream:
-            return np.lib.format.read_array(stream).shape
-    return tuple(header[0])
-
-
-def _member_chunks(archive: zipfile.ZipFile, key: str, chunk_rows: int) -> Iterator[np.ndarray]:
-    """Stream array ``key`` of an open npz in blocks of at most ``chunk_rows`` rows."""
-    with archive.open(key + ".npy") as stream:
-        header = _read_npy_header(stream)
-        if header is not None and header[2].hasobject:
-            raise DataError(f"{archive.filename}: array '{key}' holds Python objects, "
-                            "expected numbers")
-        if header is not None and not header[1]:
-            shape, _, dtype = header
-            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-            for start in range(0, shape[0], chunk_rows):
-                count = min(chunk_rows, shape[0] - start)
-                data = stream.read(count * row_bytes)
-                if len(data) != count * row_bytes:
-                    raise DataError(f"{archive.filename}: array '{key}' is truncated")
-                yield np.frombuffer(data, dtype).reshape((count,) + tuple(shape[1:]))
-            return
-    with archive.open(key + ".npy") as stream:  # Fortran order or an unusual header: read it whole
-        whole = np.lib.format.read_array(stream)
-    for start in range(0, whole.shape[0], chunk_rows):
-        yield whole[start:start + chunk_rows]
-
-
 def npz_row_count(path: str) -> int:
     """Rows n of a processed / reordered npz, checking from the headers only that ``y`` is (n,),
     ``X_int`` (n, M) and ``X_cat`` (n, T)."""
-    with _open_npz(path) as archive:
-        shapes = {key: _member_shape(archive, key, path) for key, _ in _NPZ_ARRAYS}
+    with NpzReader(path) as reader:
+        shapes = {key: reader.shape(key) for key, _ in _NPZ_ARRAYS}
     n_rows = shapes["y"][0] if len(shapes["y"]) == 1 else -1
     for key, width in _NPZ_ARRAYS:
         expected = (n_rows,) if key == "y" else (n_rows, width)
@@ -232,41 +180,19 @@ def read_npz_rows(path: str, chunk_rows: int = _CHUNK_ROWS) -> Iterator[np.ndarr
         (r, R) int32 blocks of rows [y, X_int(M), X_cat(T)], r <= chunk_rows, in file order.
     """
     npz_row_count(path)
-    with _open_npz(path) as archive:
-        streams = [_member_chunks(archive, key, chunk_rows) for key, _ in _NPZ_ARRAYS]
-        try:
-            for labels, dense, sparse in zip(*streams):
-                rows = np.empty((labels.shape[0], ROW_COLUMNS), np.int32)
-                rows[:, 0] = _exact_int32(labels, path, "y")
-                rows[:, 1:1 + DENSE_FEATURES] = _exact_int32(dense, path, "X_int")
-                rows[:, 1 + DENSE_FEATURES:] = _exact_int32(sparse, path, "X_cat")
-                yield rows
-        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-            raise DataError(f"{path}: corrupt npz archive ({err})") from None
+    with NpzReader(path) as reader:
+        streams = [reader.chunks(key, chunk_rows) for key, _ in _NPZ_ARRAYS]
+        for labels, dense, sparse in zip(*streams):
+            rows = np.empty((labels.shape[0], ROW_COLUMNS), np.int32)
+            rows[:, 0] = _exact_int32(labels, path, "y")
+            rows[:, 1:1 + DENSE_FEATURES] = _exact_int32(dense, path, "X_int")
+            rows[:, 1 + DENSE_FEATURES:] = _exact_int32(sparse, path, "X_cat")
+            yield rows
 
 
 # --------------------------------------------------------------------------------------------------
-# Row caches and atomic writes
+# Row caches
 # --------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator:
-    """Open ``path.tmp.<pid>`` for binary writing; rename it to ``path`` only if the block succeeds."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as out:
-            yield out
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def _write_rows(out, rows: np.ndarray) -> None:
-    """Append rows to a binary file as little-endian int32."""
-    out.write(np.ascontiguousarray(rows, dtype="<i4").data)
-
 
 def row_cache_path(npz_path: str) -> str:
     """Where the row cache of an npz lives: ``x.npz`` -> ``x.rows.npy``."""
@@ -274,54 +200,73 @@ def row_cache_path(npz_path: str) -> str:
     return (root if ext == ".npz" else npz_path) + ".rows.npy"
 
 
-def _fresh_cache(cache: str, npz_path: str, n_rows: int) -> Optional[np.ndarray]:
-    """The memory-mapped row cache if it exists, is not older than its npz and has n rows."""
-    try:
-        if os.stat(cache).st_mtime_ns < os.stat(npz_path).st_mtime_ns:
-            return None
-        rows = np.load(cache, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    if rows.shape != (n_rows, ROW_COLUMNS) or rows.dtype != np.int32:
-        return None
-    return rows
+def derived_record(inputs: Sequence[str]) -> dict:
+    """The provenance record of a file made from the files ``inputs`` alone (a row cache, the
+    MLPerf binary files): it is reused only while they are unchanged."""
+    return provenance.expected([provenance.identity(path) for path in inputs], {})
 
 
-def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool) -> None:
-    """Write the (n, R) int32 row cache of an npz as a .npy file, atomically."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<i4")), "fortran_order": False,
-              "shape": (n_rows, ROW_COLUMNS)}
+def _fresh_cache(cache: str, wanted: dict, n_rows: int,
+                 log: Callable[[str], None]) -> Optional[np.ndarray]:
+    """The memory-mapped row cache if it exists, was made from its npz as it is now, and has n
+    rows; else None (with a note saying why an existing cache is rebuilt)."""
+    if not os.path.exists(cache):
+        return None
+    reason = provenance.mismatch(cache, wanted)
+    if reason is None:
+        try:
+            rows = np.load(cache, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            reason = f"cannot be read ({err})"
+        else:
+            if rows.shape == (n_rows, ROW_COLUMNS) and rows.dtype == np.int32:
+                return rows
+            reason = f"holds {rows.shape} {rows.dtype} rows, expected ({n_rows}, {ROW_COLUMNS}) int32"
+    log(f"note: {cache} {reason}; rebuilding it")
+    return None
+
+
+def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool,
+                     wanted: dict) -> None:
+    """Write the (n, R) int32 row cache of an npz as a .npy file, atomically, then its record."""
     bar = tqdm(total=n_rows, unit="rows", desc=f"caching {os.path.basename(npz_path)}",
                disable=not progress)
-    with bar, _atomic_file(cache) as out:
-        np.lib.format.write_array_header_1_0(out, header)
+    with writing(cache):
+        remove_stale_temps(cache)
+        remove_stale_temps(provenance.record_path(cache))
+    writer = NpyWriter(cache, "<i4", (n_rows, ROW_COLUMNS))
+    with bar, provenance.recording(cache, wanted), writer as out:
+        written = 0
         for rows in read_npz_rows(npz_path):
-            _write_rows(out, rows)
+            out.write(written, rows)
+            written += rows.shape[0]
             bar.update(rows.shape[0])
 
 
-def open_rows(npz_path: str, progress: bool = True, log: Callable[[str], None] = print,
+def open_rows(npz_path: str, log: Callable[[str], None], progress: bool = True,
               why: str = "") -> Tuple[np.ndarray, Optional[str]]:
     """Packed rows of a processed / reordered npz, memory-mapped from its row cache.
 
     The loaders use this only for files that cannot be mapped in place (``open_npz_rows``). The
-    cache is built on first use (and whenever the npz is newer), with a note ``why`` to ``log`` when
-    one is given. If it cannot be written (for example a read-only data directory) the rows are
-    read into memory instead, with a note to ``log``.
+    cache is built on first use, with a note ``why`` to ``log`` when one is given, and rebuilt
+    (with a note) unless its provenance record says it was made from the npz as it is now. If it
+    cannot be written (for example a read-only data directory) the rows are read into memory
+    instead, with a note to ``log``.
 
     Returns:
         (rows, cache path or None): rows is (n, R) int32 [y, X_int(M), X_cat(T)].
     """
     n_rows = npz_row_count(npz_path)
     cache = row_cache_path(npz_path)
-    rows = _fresh_cache(cache, npz_path, n_rows)
+    wanted = derived_record([npz_path])
+    rows = _fresh_cache(cache, wanted, n_rows, log)
     if rows is None:
         if why:
             log(f"note: {why}; caching its rows in {cache} ({RECORD_BYTES} B per sample)")
         try:
-            _write_row_cache(npz_path, cache, n_rows, progress)
-        except OSError as err:
-            log(f"note: cannot write {cache} ({err}); reading {npz_path} into memory")
+            _write_row_cache(npz_path, cache, n_rows, progress, wanted)
+        except WriteError as err:
+            log(f"note: {err}; reading {npz_path} into memory")
             return _read_rows_into_memory(npz_path, n_rows), None
         rows = np.load(cache, mmap_mode="r")
     return rows, cache
@@ -341,64 +286,12 @@ def _read_rows_into_memory(npz_path: str, n_rows: int) -> np.ndarray:
 # Mapping uncompressed npz members in place
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StoredArray:
-    """Where the array of an uncompressed ("stored") npz member lies in its file, to map it."""
-
-    path: str
-    key: str
-    offset: int                     # first byte of the array data in the file
-    dtype: np.dtype
-    shape: Tuple[int, ...]
-    fortran_order: bool
-
-    def open(self) -> np.ndarray:
-        """The array, memory-mapped read-only (an empty array when it has no elements)."""
-        if 0 in self.shape:
-            return np.empty(self.shape, self.dtype)
-        mapped = np.memmap(self.path, self.dtype, "r", self.offset, self.shape,
-                           "F" if self.fortran_order else "C")
-        return mapped.view(np.ndarray)
-
-
-def _stored_array(path: str, stream, info: zipfile.ZipInfo, key: str) -> Optional[StoredArray]:
-    """Locate the array of npz member ``info`` in ``stream`` (the npz opened for reading).
-
-    The member data starts after its local file header (30 bytes + file name + extra field, the
-    lengths read from that header, not from the central directory), with the .npy header first.
-    None when the member cannot be mapped: compressed, encrypted, an unusual .npy version,
-    non-numeric values, or shorter than its header says.
-    """
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-        return None
-    stream.seek(info.header_offset)
-    local = stream.read(30)
-    if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        return None
-    name_length, extra_length = struct.unpack("<2H", local[26:30])
-    start = info.header_offset + 30 + name_length + extra_length
-    stream.seek(start)
-    try:
-        header = _read_npy_header(stream)
-    except ValueError:
-        return None
-    if header is None or header[2].kind not in "biuf":
-        return None
-    shape, fortran_order, dtype = header
-    offset = stream.tell()
-    end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end > start + info.compress_size or end > os.fstat(stream.fileno()).st_size:
-        return None
-    return StoredArray(path, key, offset, dtype, tuple(shape), bool(fortran_order))
-
-
 def map_npz_in_place(path: str) -> Optional[Tuple[StoredArray, StoredArray, StoredArray]]:
     """The (y, X_int, X_cat) arrays of a processed / reordered npz located for mapping in place,
-    after checking their shapes; None when one of them cannot be (see ``_stored_array``)."""
+    after checking their shapes; None when one of them cannot be (compressed, for example)."""
     npz_row_count(path)
-    with _open_npz(path) as archive, open(path, "rb") as stream:
-        found = tuple(_stored_array(path, stream, archive.getinfo(key + ".npy"), key)
-                      for key, _ in _NPZ_ARRAYS)
+    with NpzReader(path) as reader:
+        found = tuple(reader.stored(key) for key, _ in _NPZ_ARRAYS)
     return None if any(member is None for member in found) else found
 
 
@@ -429,7 +322,7 @@ class NpzColumns:
                      for member, array in zip(self.members, self._arrays))
 
 
-def open_npz_rows(npz_path: str, progress: bool = True, log: Callable[[str], None] = print
+def open_npz_rows(npz_path: str, log: Callable[[str], None], progress: bool = True
                   ) -> Tuple[object, Optional[str]]:
     """The rows of a processed / reordered npz for the loaders, without copying them.
 
@@ -443,14 +336,61 @@ def open_npz_rows(npz_path: str, progress: bool = True, log: Callable[[str], Non
     """
     members = map_npz_in_place(npz_path)
     if members is None:
-        return open_rows(npz_path, progress, log,
+        return open_rows(npz_path, log, progress,
                          why=f"{npz_path} is compressed or otherwise cannot be mapped in place")
     stale = row_cache_path(npz_path)
     if os.path.exists(stale):
         with contextlib.suppress(OSError):
             os.remove(stale)
+            provenance.forget(stale)
             log(f"note: removed {stale}, not needed any more ({npz_path} is mapped in place)")
     return NpzColumns(members), None
+
+
+def check_values(read: Callable[[int, int], Tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 start: int, stop: int, counts: np.ndarray, path: str) -> None:
+    """Check rows [start, stop) of a file from elsewhere before training reads them.
+
+    ``read(a, b)`` returns rows [a, b) as int32 labels (P,), dense (P, M) and sparse (P, T); they
+    are read in blocks and checked with one maximum per column: viewed as unsigned, a negative
+    value is larger than every bound. Raises DataError naming ``path`` and the row for a label
+    other than 0 or 1, a negative dense value (the model takes log(x + 1)) or a sparse id outside
+    [0, counts[t]) (the table size stored with the data).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    for first in range(start, stop, _CHUNK_ROWS):
+        labels, dense, sparse = read(first, min(stop, first + _CHUNK_ROWS))
+        if len(labels) and not (labels.view(np.uint32).max() <= 1
+                                and dense.view(np.uint32).max() < 2**31
+                                and np.all(sparse.view(np.uint32).max(axis=0) < counts)):
+            raise _bad_value(labels, dense, sparse, counts, f"{path}: row", first)
+
+
+def _bad_value(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray, counts: np.ndarray,
+               where: str, first: int) -> DataError:
+    """The error about the first bad value of a block that ``check_values`` refused."""
+    if labels.min() < 0 or labels.max() > 1:
+        row = int(np.flatnonzero((labels != 0) & (labels != 1))[0])
+        return DataError(f"{where} {first + row}: label {labels[row]}, expected 0 or 1")
+    if dense.min() < 0:
+        row, k = (int(i[0]) for i in np.nonzero(dense < 0))
+        return DataError(f"{where} {first + row}: dense feature I{k + 1} is {dense[row, k]}, "
+                         "expected >= 0")
+    row, t = (int(i[0]) for i in np.nonzero((sparse < 0) | (sparse >= counts)))
+    return DataError(f"{where} {first + row}: sparse feature C{t + 1} has id {sparse[row, t]}, "
+                     f"outside the {counts[t]} of its table (the count stored with the data)")
+
+
+def _check_from_elsewhere(rows: "PackedRows", part: int, path: str, start: int, stop: int,
+                          counts: np.ndarray) -> None:
+    """``check_values`` on the rows of split [start, stop) in part ``part`` of ``rows``, read
+    from ``path``, unless ``path`` carries a provenance record (then this version made it)."""
+    if provenance.read(path) is not None:
+        return
+    base, end = int(rows.offsets[part]), int(rows.offsets[part + 1])
+    first, last = max(start, base) - base, min(stop, end) - base
+    if first < last:
+        check_values(lambda a, b: rows.read_part(part, slice(a, b)), first, last, counts, path)
 
 
 def _split_rows(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -488,7 +428,7 @@ class PackedRows:
                             for path, array in zip(self._cache_paths, self._arrays)]
         return state
 
-    def _read(self, part: int, index) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_part(self, part: int, index) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows ``index`` (slice or positions) of one part as int32 (labels, dense, sparse)."""
         if self._arrays[part] is None:
             self._arrays[part] = np.load(self._cache_paths[part], mmap_mode="r")
@@ -504,7 +444,7 @@ class PackedRows:
         while start < stop:
             end = min(stop, int(self.offsets[part + 1]))
             base = int(self.offsets[part])
-            pieces.append(self._read(part, slice(start - base, end - base)))
+            pieces.append(self.read_part(part, slice(start - base, end - base)))
             start, part = end, part + 1
         if len(pieces) == 1:
             return pieces[0]
@@ -515,12 +455,12 @@ class PackedRows:
     def take_columns(self, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows at arbitrary ``positions`` (P,), as ``columns`` returns them."""
         if len(self._arrays) == 1:
-            return self._read(0, positions)
+            return self.read_part(0, positions)
         part = np.searchsorted(self.offsets, positions, side="right") - 1
         out = _split_rows(np.empty((positions.shape[0], ROW_COLUMNS), np.int32))
         for p in np.unique(part):
             mask = part == p
-            for target, values in zip(out, self._read(int(p), positions[mask] - self.offsets[p])):
+            for target, values in zip(out, self.read_part(int(p), positions[mask] - self.offsets[p])):
                 target[mask] = values
         return out
 
@@ -602,7 +542,7 @@ class CriteoBatches(Dataset):
 
 
 class CriteoDayStream:
-    """The Terabyte day-file streaming loader (§3.4): the split's days read in order, consecutive
+    """The Terabyte day-file streaming loader: the split's days read in order, consecutive
     B-sized batches that run across day boundaries, the last one partial. Single process."""
 
     def __init__(self, split: CriteoSplit, batch_size: int):
@@ -617,17 +557,23 @@ class CriteoDayStream:
 
 
 class CriteoBinDataset(Dataset):
-    """MLPerf binary file reader (§3.3): item k is batch k, read through a memory map.
+    """MLPerf binary file reader: item k is batch k, read through a memory map.
 
     Args:
         path: file of 160-byte records [y, X_int(M), X_cat(T)] as little-endian int32, no header.
         batch_size: B; the last batch is partial.
         max_ind_range: sparse ids are taken modulo it when > 0.
+        counts: (T,) table sizes stored with the data; when given, every record is checked once,
+            here (``check_values``), so a bad value is an error at open, never an IndexError in
+            the middle of training. Give it for files from elsewhere (without a provenance
+            record); the files ``write_criteo_bins`` writes hold checked values.
     Attributes:
-        num_samples: records in the file (the reference lacks it, §8 bug 28a).
+        num_samples: records in the file (the reference's class has no such attribute, though its
+            callers read one).
     """
 
-    def __init__(self, path: str, batch_size: int, max_ind_range: int = -1):
+    def __init__(self, path: str, batch_size: int, max_ind_range: int = -1,
+                 counts: Optional[np.ndarray] = None):
         try:
             size = os.path.getsize(path)
         except OSError:
@@ -640,6 +586,10 @@ class CriteoBinDataset(Dataset):
         self.max_ind_range = max_ind_range
         self.num_samples = size // RECORD_BYTES
         self._records: Optional[np.ndarray] = None
+        if counts is not None:
+            records = self.records()
+            check_values(lambda start, stop: _split_rows(records[start:stop]), 0,
+                         self.num_samples, counts, path)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_records": None}
@@ -664,22 +614,34 @@ class CriteoBinDataset(Dataset):
         return rows_to_batch(rows, self.max_ind_range)
 
 
+def bin_record(day_files: Sequence[str], split: str) -> dict:
+    """The provenance record of a binary file: train is made from days 0..D-2, test and val from
+    day D-1."""
+    return derived_record(day_files[:-1] if split == "train" else day_files[-1:])
+
+
 def write_criteo_bins(day_files: Sequence[str], outputs: Mapping[str, str],
                       progress: bool = True) -> None:
-    """Write MLPerf binary files (§3.3) from the reordered day files, each atomically.
+    """Write MLPerf binary files from the reordered day files, each atomically.
 
     Args:
         day_files: the D reordered npz files, in day order.
         outputs: split -> path for the files to write: "train" = days 0..D-2 concatenated,
-            "test" = the first ceil(n/2) rows of day D-1, "val" = its remaining rows.
+            "test" = the first ceil(n/2) rows of day D-1, "val" = its remaining rows. Each gets
+            a provenance record naming the day files it was made from (``bin_record``).
     """
     bar = tqdm(unit="rows", desc="writing binary files", disable=not progress)
     with bar, contextlib.ExitStack() as stack:
-        files = {split: stack.enter_context(_atomic_file(path)) for split, path in outputs.items()}
+        files = {}
+        for split, path in outputs.items():
+            with writing(path):
+                remove_stale_temps(path)
+            stack.enter_context(provenance.recording(path, bin_record(day_files, split)))
+            files[split] = stack.enter_context(AppendWriter(path))
         if "train" in files:
             for day_file in day_files[:-1]:
                 for rows in read_npz_rows(day_file):
-                    _write_rows(files["train"], rows)
+                    files["train"].append(rows.astype("<i4", copy=False))
                     bar.update(rows.shape[0])
         if "test" in files or "val" in files:
             n_test = math.ceil(npz_row_count(day_files[-1]) / 2)
@@ -688,18 +650,18 @@ def write_criteo_bins(day_files: Sequence[str], outputs: Mapping[str, str],
                 cut = min(max(n_test - written, 0), rows.shape[0])
                 for split, part in (("test", rows[:cut]), ("val", rows[cut:])):
                     if split in files:
-                        _write_rows(files[split], part)
+                        files[split].append(part.astype("<i4", copy=False))
                 written += rows.shape[0]
                 bar.update(rows.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------
-# Splits, as the reference defines them (§2.3)
+# Splits, as the reference defines them
 # --------------------------------------------------------------------------------------------------
 
 def reference_split(day_counts: np.ndarray, split: str, randomize: str,
                     rng: np.random.RandomState,
-                    log: Callable[[str], None] = print) -> Tuple[int, int, Optional[np.ndarray]]:
+                    log: Callable[[str], None]) -> Tuple[int, int, Optional[np.ndarray]]:
     """Rows of the processed (all-days) file forming ``split``, with the reference's draws.
 
     Train = days 0..D-2; the last day is split with ``array_split``: test = first ceil(n/2) rows,
@@ -731,21 +693,9 @@ def reference_split(day_counts: np.ndarray, split: str, randomize: str,
     return 0, first_test, (None if randomize == "none" else train)
 
 
-def _npz_array(path: str, key: str) -> np.ndarray:
-    """Array ``key`` of a small npz file, with DataErrors naming the file."""
-    with _open_npz(path) as archive:
-        if key + ".npy" not in archive.namelist():
-            raise DataError(f"{path}: no array '{key}'")
-        with archive.open(key + ".npy") as stream:
-            try:
-                return np.lib.format.read_array(stream)
-            except ValueError as err:
-                raise DataError(f"{path}: unreadable array '{key}' ({err})") from None
-
-
 def _day_counts(path: str, days: int) -> np.ndarray:
     """(D,) samples per day from ``<...>_day_count.npz`` (key ``total_per_file``)."""
-    counts = _npz_array(path, "total_per_file")
+    counts = load_npz_array(path, "total_per_file")
     if counts.shape != (days,):
         raise DataError(f"{path}: total_per_file has shape {counts.shape}, expected ({days},)")
     return counts.astype(np.int64)
@@ -753,16 +703,16 @@ def _day_counts(path: str, days: int) -> np.ndarray:
 
 def _feature_counts(path: str) -> np.ndarray:
     """(T,) distinct values per sparse feature (key ``counts``)."""
-    counts = _npz_array(path, "counts")
+    counts = load_npz_array(path, "counts")
     if counts.shape != (SPARSE_FEATURES,):
         raise DataError(f"{path}: counts has shape {counts.shape}, expected ({SPARSE_FEATURES},)")
     return counts.astype(np.int64)
 
 
-def _processed_file_split(cfg: CriteoLoaderConfig, paths, processed_file: str, split: str,
+def _processed_file_split(cfg: PreprocessConfig, paths, processed_file: str, split: str,
                           rng: np.random.RandomState, log: Callable[[str], None]) -> CriteoSplit:
     """A split of the all-days processed npz (the reference's non-memory-map CriteoDataset)."""
-    rows, cache = open_npz_rows(processed_file, cfg.progress, log)
+    rows, cache = open_npz_rows(processed_file, log, cfg.progress)
     counts = _feature_counts(processed_file)
     log(f"Sparse fea = {len(counts)}, Dense fea = {DENSE_FEATURES}")
     day_counts = _day_counts(paths.day_count_file(), paths.days)
@@ -771,10 +721,12 @@ def _processed_file_split(cfg: CriteoLoaderConfig, paths, processed_file: str, s
                         f"{paths.day_count_file()} counts {day_counts.sum()}")
     start, stop, order = reference_split(day_counts, split, cfg.randomize, rng, log)
     log("Split data according to indices...")
-    return CriteoSplit(PackedRows([rows], [cache]), start, stop, order, counts, cfg.max_ind_range)
+    packed = PackedRows([rows], [cache])
+    _check_from_elsewhere(packed, 0, processed_file, start, stop, counts)
+    return CriteoSplit(packed, start, stop, order, counts, cfg.max_ind_range)
 
 
-def _day_files_split(cfg: CriteoLoaderConfig, paths, split: str,
+def _day_files_split(cfg: PreprocessConfig, paths, split: str,
                      log: Callable[[str], None]) -> CriteoSplit:
     """A split of the reordered day files (the reference's memory-map CriteoDataset); no draws.
 
@@ -786,7 +738,7 @@ def _day_files_split(cfg: CriteoLoaderConfig, paths, split: str,
     days = range(paths.days - 1) if split == "train" else [paths.days - 1]
     arrays, caches = [], []
     for day in days:
-        rows, cache = open_npz_rows(paths.reordered_day(day), cfg.progress, log)
+        rows, cache = open_npz_rows(paths.reordered_day(day), log, cfg.progress)
         if len(rows) != day_counts[day]:
             raise DataError(f"{paths.reordered_day(day)}: {len(rows)} samples, but "
                             f"{paths.day_count_file()} counts {day_counts[day]} for day {day}")
@@ -796,53 +748,35 @@ def _day_files_split(cfg: CriteoLoaderConfig, paths, split: str,
     first_val = math.ceil(len(rows) / 2)
     start, stop = {"train": (0, len(rows)), "test": (0, first_val),
                    "val": (first_val, len(rows))}[split]
+    for part, day in enumerate(days):
+        _check_from_elsewhere(rows, part, paths.reordered_day(day), start, stop, counts)
     return CriteoSplit(rows, start, stop, None, counts, cfg.max_ind_range)
 
 
 # --------------------------------------------------------------------------------------------------
-# Preprocessing hook and loader selection (§2.4)
+# Preprocessing hook and loader selection
 # --------------------------------------------------------------------------------------------------
 
-def _data_utils():
-    """The preprocessing module, imported only when needed."""
-    import data_utils
-    return data_utils
+def _ensure_processed(cfg: PreprocessConfig, log: Callable[[str], None]) -> str:
+    """Run the preprocessing stages whose files cannot be reused (none draws when everything is
+    done); the processed file to read: --processed-data-file when given (the preprocessing also
+    writes that name, which the reference never did, so first and later runs read the same
+    file), else the preprocessing's own output name."""
+    return data_utils.preprocess_criteo(cfg, log)
 
 
-def _ensure_processed(cfg: CriteoLoaderConfig, rng: np.random.RandomState) -> str:
-    """Run the preprocessing (§3.2) unless its output is ready; the processed file to read.
-
-    That is --processed-data-file when it exists (the preprocessing also writes that name, fixing
-    §8 bug 21, so first and later runs read, and cache, the same file), else the preprocessing's
-    own output name.
-    """
-    data_utils = _data_utils()
-    preprocess_cfg = data_utils.PreprocessConfig(
-        data_set=cfg.data_set, raw_data_file=cfg.raw_data_file,
-        processed_data_file=cfg.processed_data_file, max_ind_range=cfg.max_ind_range,
-        sub_sample_rate=cfg.sub_sample_rate, randomize=cfg.randomize, memory_map=cfg.memory_map,
-        multiprocessing=cfg.dataset_multiprocessing, progress=cfg.progress)
-    if data_utils.processed_data_ready(preprocess_cfg):
-        output = data_utils.criteo_paths(cfg.data_set, cfg.raw_data_file).output_file()
-    else:
-        output = data_utils.preprocess_criteo(preprocess_cfg, rng)
-    if cfg.processed_data_file and os.path.exists(cfg.processed_data_file):
-        return cfg.processed_data_file
-    return output
+def load_criteo_split(cfg: PreprocessConfig, split: str, rng: np.random.RandomState,
+                      log: Callable[[str], None]) -> CriteoSplit:
+    """Build one split as the reference's ``CriteoDataset(split)`` does: preprocess if needed (from
+    its own stream, seeded with ``cfg.seed``), then read the processed file (drawing the
+    randomization from ``rng``) or, with memory-map, the reordered day files (no draws)."""
+    return _load_split(cfg, _ensure_processed(cfg, log), split, rng, log)
 
 
-def load_criteo_split(cfg: CriteoLoaderConfig, split: str, rng: np.random.RandomState,
-                      log: Callable[[str], None] = print) -> CriteoSplit:
-    """Build one split as the reference's ``CriteoDataset(split)`` does: preprocess if needed,
-    then read the processed file (drawing the randomization from ``rng``) or, with memory-map,
-    the reordered day files (no draws)."""
-    return _load_split(cfg, _ensure_processed(cfg, rng), split, rng, log)
-
-
-def _load_split(cfg: CriteoLoaderConfig, processed_file: str, split: str,
+def _load_split(cfg: PreprocessConfig, processed_file: str, split: str,
                 rng: np.random.RandomState, log: Callable[[str], None]) -> CriteoSplit:
     """One split of already preprocessed data (see ``load_criteo_split``)."""
-    paths = _data_utils().criteo_paths(cfg.data_set, cfg.raw_data_file)
+    paths = data_utils.criteo_paths(cfg.data_set, cfg.raw_data_file)
     if cfg.memory_map:
         return _day_files_split(cfg, paths, split, log)
     return _processed_file_split(cfg, paths, processed_file, split, rng, log)
@@ -850,19 +784,16 @@ def _load_split(cfg: CriteoLoaderConfig, processed_file: str, split: str,
 
 def _check_config(cfg: CriteoLoaderConfig) -> None:
     """Raise ConfigError for flag values the loaders cannot honour."""
+    data = cfg.preprocess
+    data_utils.check_config(data)
     checks = [
-        (cfg.data_set in ("kaggle", "terabyte"),
-         f"--data-set must be kaggle or terabyte, got {cfg.data_set!r}"),
-        (cfg.randomize in ("total", "day", "none"),
-         f"--data-randomize must be total, day or none, got {cfg.randomize!r}"),
-        (bool(cfg.raw_data_file), "--raw-data-file is required with --data-generation=dataset"),
         (cfg.batch_size >= 1, f"--mini-batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.test_batch_size != 0, "--test-mini-batch-size must not be 0"),
         (cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}"),
-        (not cfg.mlperf_bin_loader or (cfg.mlperf_logging and cfg.memory_map
-                                       and cfg.data_set == "terabyte"),
+        (not cfg.mlperf_bin_loader or (cfg.mlperf_logging and data.memory_map
+                                       and data.data_set == "terabyte"),
          "--mlperf-bin-loader needs --data-set=terabyte, --memory-map and --mlperf-logging"),
-        (not cfg.mlperf_bin_loader or bool(cfg.processed_data_file),
+        (not cfg.mlperf_bin_loader or bool(data.processed_data_file),
          "--mlperf-bin-loader needs --processed-data-file (the .bin files are named after it)"),
         (not cfg.mlperf_bin_shuffle or cfg.mlperf_bin_loader,
          "--mlperf-bin-shuffle needs --mlperf-bin-loader"),
@@ -887,57 +818,95 @@ def _torch_loader(dataset: Dataset, num_workers: int,
 
 
 def bin_file_paths(processed_data_file: str) -> Dict[str, str]:
-    """split -> ``<dir(processed)>/<stem(processed)>_<split>.bin`` (§2.4)."""
+    """split -> ``<dir(processed)>/<stem(processed)>_<split>.bin``, the reference's names."""
     stem = os.path.splitext(processed_data_file)[0]
     return {split: f"{stem}_{split}.bin" for split in SPLITS}
 
 
-def _bin_data(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
-              log: Callable[[str], None]) -> CriteoData:
-    """Datasets and loaders over the MLPerf binary files, written first if missing (§2.4)."""
-    files = bin_file_paths(cfg.processed_data_file)
-    counts_file = cfg.raw_data_file + "_fea_count.npz"
-    if not all(os.path.exists(p) for p in (files["train"], files["test"], counts_file)):
-        _ensure_processed(cfg, rng)
-        paths = _data_utils().criteo_paths(cfg.data_set, cfg.raw_data_file)
-        missing = {split: path for split, path in files.items() if not os.path.exists(path)}
-        log(f"Writing binary files {', '.join(missing.values())}")
-        write_criteo_bins([paths.reordered_day(d) for d in range(paths.days)], missing, cfg.progress)
+def _bin_data(cfg: CriteoLoaderConfig, log: Callable[[str], None]) -> CriteoData:
+    """Datasets and loaders over the MLPerf binary files, (re)written first unless their
+    provenance records say they were made from the reordered day files as they are now."""
+    data = cfg.preprocess
+    files = bin_file_paths(data.processed_data_file)
+    counts_file = data.raw_data_file + "_fea_count.npz"
+    paths = data_utils.criteo_paths(data.data_set, data.raw_data_file)
+    day_files = [paths.reordered_day(d) for d in range(paths.days)]
+    if _bins_alone(data, day_files, [files["train"], files["test"], counts_file]):
+        log(f"note: the raw data and the reordered day files are missing; using {files['train']} "
+            f"and {files['test']} as they are (what they were made from cannot be checked)")
+    else:
+        _ensure_processed(data, log)
+        _write_stale_bins(day_files, files, data.progress, log)
+    counts = _feature_counts(counts_file)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
-    train = CriteoBinDataset(files["train"], cfg.batch_size, cfg.max_ind_range)
-    test = CriteoBinDataset(files["test"], test_batch_size, cfg.max_ind_range)
+    train, test = (CriteoBinDataset(files[split], size, data.max_ind_range,
+                                    counts if _unchecked(files[split], days) else None)
+                   for split, size, days in (("train", cfg.batch_size, day_files[:-1]),
+                                             ("test", test_batch_size, day_files[-1:])))
     sampler = RandomSampler(train) if cfg.mlperf_bin_shuffle else None
     return CriteoData(train, _torch_loader(train, 0, sampler), test, _torch_loader(test, 0),
-                      _table_sizes(_feature_counts(counts_file), cfg.max_ind_range), DENSE_FEATURES)
+                      _table_sizes(counts, data.max_ind_range), DENSE_FEATURES)
+
+
+def _unchecked(path: str, sources: Sequence[str]) -> bool:
+    """Whether the values of ``path`` were never checked: it has no provenance record, or was
+    made from ``sources`` of which one has none (a binary file written from reference-made day
+    files)."""
+    return provenance.read(path) is None or any(
+        os.path.exists(source) and provenance.read(source) is None for source in sources)
+
+
+def _bins_alone(cfg: PreprocessConfig, day_files: Sequence[str], needed: Sequence[str]) -> bool:
+    """Whether the binary files (and counts) are all there is: no raw data, no day files."""
+    return (data_utils.missing_raw_data(cfg) is not None
+            and not all(os.path.exists(path) for path in day_files)
+            and all(os.path.exists(path) for path in needed))
+
+
+def _write_stale_bins(day_files: Sequence[str], files: Mapping[str, str], progress: bool,
+                      log: Callable[[str], None]) -> None:
+    """Write the binary files that are missing or were not made from ``day_files`` as they are."""
+    stale = {}
+    for split, path in files.items():
+        reason = (provenance.mismatch(path, bin_record(day_files, split))
+                  if os.path.exists(path) else None)
+        if reason:
+            log(f"note: {path} {reason}; writing it again")
+        if reason or not os.path.exists(path):
+            stale[split] = path
+    if stale:
+        log(f"Writing binary files {', '.join(stale.values())}")
+        write_criteo_bins(day_files, stale, progress)
 
 
 def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
-                                 log: Callable[[str], None] = print,
-                                 preprocess_rng: Optional[np.random.RandomState] = None) -> CriteoData:
-    """The reference's ``make_criteo_data_and_loaders`` (§2.4): train then test dataset, and loaders.
+                                 log: Callable[[str], None]) -> CriteoData:
+    """The reference's ``make_criteo_data_and_loaders``: train then test dataset, and loaders.
 
-    Preprocessing (when needed) draws from ``preprocess_rng`` (default: ``rng``). Given a fresh stream
-    with the run's seed, it draws exactly what the reference drew (preprocessing is the first
-    consumer of its stream), while ``rng`` is left the same whether or not preprocessing ran.
+    Preprocessing (when needed) draws from its own stream seeded with --numpy-rand-seed
+    (``cfg.preprocess.seed``): the reference's preprocessing was the first consumer of its global
+    stream, so these are the reference's draws, while ``rng`` (the datasets' randomization) is left
+    the same whether or not preprocessing ran.
 
     mlperf + memory-map + terabyte reads the MLPerf binary files (``--mlperf-bin-loader``) or streams
-    the day files (§3.4); everything else serves batches of a ``CriteoSplit`` through a torch
+    the day files; everything else serves batches of a ``CriteoSplit`` through a torch
     DataLoader with ``--num-workers`` / ``--test-num-workers`` workers.
     """
     _check_config(cfg)
-    preprocess_rng = rng if preprocess_rng is None else preprocess_rng
+    data = cfg.preprocess
     if cfg.mlperf_bin_loader:
-        return _bin_data(cfg, preprocess_rng, log)
-    processed_file = _ensure_processed(cfg, preprocess_rng)  # the reference's second check is a no-op
-    train = _load_split(cfg, processed_file, "train", rng, log)
-    test = _load_split(cfg, processed_file, "test", rng, log)
+        return _bin_data(cfg, log)
+    # the reference checks twice, once per dataset; the second check is a no-op
+    processed_file = _ensure_processed(data, log)
+    train = _load_split(data, processed_file, "train", rng, log)
+    test = _load_split(data, processed_file, "test", rng, log)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
     test_workers = cfg.test_num_workers if cfg.test_num_workers >= 0 else cfg.num_workers
-    if cfg.mlperf_logging and cfg.memory_map and cfg.data_set == "terabyte":
+    if cfg.mlperf_logging and data.memory_map and data.data_set == "terabyte":
         train_loader = CriteoDayStream(train, cfg.batch_size)
         test_loader = CriteoDayStream(test, test_batch_size)
     else:
         train_loader = _torch_loader(CriteoBatches(train, cfg.batch_size), cfg.num_workers)
         test_loader = _torch_loader(CriteoBatches(test, test_batch_size), test_workers)
     return CriteoData(train, train_loader, test, test_loader,
-                      _table_sizes(train.counts, cfg.max_ind_range), train.dense_dim)
+                      _table_sizes(train.counts, data.max_ind_range), train.dense_dim)

@@ -1,7 +1,8 @@
-"""Criteo preprocessing: raw text (spec §3.1) to the reference's npz files (spec §3.2).
+"""Criteo preprocessing: raw tab-separated text to the reference's npz files.
 
 Stages, each resumable (its outputs are written under a temporary name and renamed when
-complete, so a file with a final name is always whole):
+complete, so a file with a final name is always whole, and then get a provenance record; see
+"Reuse" below):
 
     1. split    day line ranges: Kaggle's ``train.txt`` is cut into 7 consecutive parts (N//7
                 lines, the first N%7 parts one longer); Terabyte has one file per day
@@ -38,37 +39,52 @@ Disk, per kept line: parsed days 160 B, processed days 160 B, concatenated outpu
 0 < --max-ind-range <= 2**31). The text part files of the reference (``<npzfile>_0`` .. ``_6``)
 are not written: days are read from their byte ranges of ``train.txt``.
 
-The NumPy random stream (the caller's ``rng``, seeded with --numpy-rand-seed) is drawn from in the
-reference's order: one uniform per raw line of each day when sub-sampling, then (memory-map,
-randomize total) one bucket draw per train sample, then one permutation per shuffled bucket. When
+The NumPy random stream (seeded with --numpy-rand-seed) is drawn from in the reference's order:
+one uniform per raw line of each day when sub-sampling, then (memory-map, randomize total) one
+bucket draw per train sample, then one permutation per shuffled bucket. When
 a run resumes, draws of stages that already completed are replayed, so a resumed run writes the
 same files as an uninterrupted one; when everything is complete nothing is drawn.
+
+Reuse: the reference reuses any file that has the right name. Here every file gets a provenance
+record (``<file>.provenance.json``, see provenance.py: the raw files' identity, the options that
+change the file, the format version), and a stage's file is reused only when its record matches
+this run; otherwise the stage is redone, with one note per stage saying why. Files without a
+record (made by the reference or an older version) are never reused, except an existing
+--processed-data-file (the user named it; the loaders check its values when they open it) and,
+when the raw data is missing, the final files (they are all there is). Raw values the model cannot
+take are errors naming the file and line: a label other than 0 or 1 (an empty label reads as 0,
+as in the reference), an empty line (the reference crashes on one; skipping it would move the
+day boundaries, which come from the line count), an empty file.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import concurrent.futures.process
+import contextlib
+import ctypes
 import dataclasses
-import io
 import multiprocessing
 import os
 import re
 import shutil
-import struct
+import signal
 import sys
-import uuid
-import warnings
-import zipfile
-import zlib
+import threading
+import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from tqdm import tqdm
 
+import provenance
+from atomic_io import atomic_open, atomic_path, remove_stale_temps
 from dlrm_common import ConfigError, DataError, DLRMError
+from npz_io import (Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows,
+                    save_npz, writing)
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -94,7 +110,7 @@ SPLIT_CHOICES = ("train", "test", "val", "none")
 
 @dataclass(frozen=True)
 class CriteoPaths:
-    """File names derived from (--data-set, --raw-data-file) as spec §2.3 gives them.
+    """File names derived from (--data-set, --raw-data-file), as the reference derives them.
 
     Attributes:
         d_path: directory of the raw file, with a trailing "/" ("./" for a bare file name).
@@ -137,7 +153,7 @@ class CriteoPaths:
 
 
 def criteo_paths(data_set: str, raw_data_file: str) -> CriteoPaths:
-    """Derive every file name of the pipeline from the data set and the raw file (spec §2.3).
+    """Derive every file name of the pipeline from the data set and the raw file.
 
     ``./input/train.txt`` (kaggle) gives day files ``./input/train_day_<i>...``; ``./input/day``
     (terabyte) gives ``./input/day_<i>...``.
@@ -157,10 +173,12 @@ def criteo_paths(data_set: str, raw_data_file: str) -> CriteoPaths:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What to preprocess and how (the reference's data flags, spec §1.1).
+    """What to preprocess and how (the reference's data flags).
 
     ``data_split`` is the reference's internal split argument; only "none" changes anything
-    (memory-map shuffle: every day, the last included, is shuffled across all days).
+    (memory-map shuffle: every day, the last included, is shuffled across all days). ``seed``
+    (--numpy-rand-seed) seeds the NumPy stream that sub-sampling and the memory-map shuffle draw
+    from.
     """
 
     data_set: str
@@ -173,12 +191,13 @@ class PreprocessConfig:
     multiprocessing: bool = False
     progress: bool = True
     data_split: str = "train"
+    seed: int = 123
 
 
-def _validate_config(cfg: PreprocessConfig) -> CriteoPaths:
+def check_config(cfg: PreprocessConfig) -> CriteoPaths:
     """Check flag values; return the derived paths. Raises ConfigError naming the flag."""
     if cfg.randomize not in RANDOMIZE_CHOICES:
-        raise ConfigError(f"--data-randomize must be one of total, day, none, got {cfg.randomize!r}")
+        raise ConfigError(f"--data-randomize must be total, day or none, got {cfg.randomize!r}")
     if not 0.0 <= cfg.sub_sample_rate <= 1.0:
         raise ConfigError(f"--data-sub-sample-rate must be in [0, 1], got {cfg.sub_sample_rate}")
     if cfg.data_split not in SPLIT_CHOICES:
@@ -189,7 +208,7 @@ def _validate_config(cfg: PreprocessConfig) -> CriteoPaths:
 def _raw_dtype(cfg: PreprocessConfig) -> np.dtype:
     """dtype of raw hashes in parsed days and dictionaries: int32 (as the reference) when
     --max-ind-range keeps them below 2**31, else uint32, which holds every 8-hex-digit hash
-    (the reference's int32 overflows, spec §8 bug 20)."""
+    (the reference stores int32, which overflows, or on NumPy 2 raises, for hashes >= 2**31)."""
     return np.dtype(np.int32 if 0 < cfg.max_ind_range <= 2**31 else np.uint32)
 
 
@@ -197,426 +216,6 @@ def _bar(progress: bool, total: Optional[int], desc: str, unit: str = "lines") -
     """A tqdm progress bar on stderr, or a disabled one."""
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress,
                 file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-# ------------------------------------------------------------------------------------------------
-# Streaming .npz I/O (uncompressed zip of .npy members)
-# ------------------------------------------------------------------------------------------------
-
-_NPY_HEADER_BYTES = 128
-_ZIP64_LIMIT = 0xFFFFFFFF
-_DOS_DATE_1980 = (0 << 9) | (1 << 5) | 1  # 1980-01-01, so identical runs give identical bytes
-
-
-def _gf2_times(matrix: Sequence[int], vector: int) -> int:
-    total, k = 0, 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[k]
-        vector >>= 1
-        k += 1
-    return total
-
-
-def _gf2_square(matrix: Sequence[int]) -> Tuple[int, ...]:
-    return tuple(_gf2_times(matrix, row) for row in matrix)
-
-
-def _zero_operators() -> Tuple[Tuple[int, ...], ...]:
-    """CRC-32 operators for appending 2**k zero bytes, k = 0..63."""
-    operator = (0xEDB88320,) + tuple(1 << k for k in range(31))  # one zero bit
-    for _ in range(3):
-        operator = _gf2_square(operator)  # 2, 4, 8 bits
-    operators = []
-    for _ in range(64):
-        operators.append(operator)
-        operator = _gf2_square(operator)
-    return tuple(operators)
-
-
-_CRC_ZERO_BYTES = _zero_operators()
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of A+B from crc32(A), crc32(B) and len(B), as zlib's crc32_combine."""
-    k = 0
-    while len2 > 0:
-        if len2 & 1:
-            crc1 = _gf2_times(_CRC_ZERO_BYTES[k], crc1)
-        len2 >>= 1
-        k += 1
-    return crc1 ^ crc2
-
-
-def _npy_header(dtype: np.dtype, shape: Tuple[int, ...], fortran: bool) -> bytes:
-    """A version-1.0 .npy header padded to exactly _NPY_HEADER_BYTES."""
-    text = f"{{'descr': {dtype.str!r}, 'fortran_order': {fortran}, 'shape': {shape!r}, }}"
-    text = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
-
-
-def _local_header(name: bytes, crc: int, size: int) -> bytes:
-    """Zip local file header of a stored (uncompressed) member with a zip64 size field."""
-    fixed = struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 45, 0, 0, 0, 0, _DOS_DATE_1980, crc,
-                        _ZIP64_LIMIT, _ZIP64_LIMIT, len(name), 20)
-    return fixed + name + struct.pack("<2H2Q", 1, 16, size, size)
-
-
-def _central_header(name: bytes, crc: int, size: int, offset: int) -> bytes:
-    fixed = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 45, 3, 45, 0, 0, 0, 0, _DOS_DATE_1980,
-                        crc, _ZIP64_LIMIT, _ZIP64_LIMIT, len(name), 28, 0, 0, 0, 0o644 << 16,
-                        _ZIP64_LIMIT)
-    return fixed + name + struct.pack("<2H3Q", 1, 24, size, size, offset)
-
-
-def _end_records(entries: int, cd_offset: int, cd_size: int) -> bytes:
-    """Zip64 end-of-central-directory record and locator, then the classic end record."""
-    eocd64_offset = cd_offset + cd_size
-    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
-                         cd_size, cd_offset)
-    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, eocd64_offset, 1)
-    classic = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, min(entries, 0xFFFF),
-                          min(entries, 0xFFFF), min(cd_size, _ZIP64_LIMIT),
-                          min(cd_offset, _ZIP64_LIMIT), 0)
-    return record + locator + classic
-
-
-def _create_temp(path: str) -> Tuple[int, str]:
-    """Open a new unique ``<path>.<random>.tmp`` for writing (mode 0666 less the umask)."""
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        written = os.pwrite(fd, view[: 1 << 30], offset)
-        view, offset = view[written:], offset + written
-
-
-def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
-    """Fill ``out`` (C-contiguous) with bytes read at ``offset``."""
-    view = memoryview(out).cast("B")
-    while len(view):
-        got = os.preadv(fd, [view[: 1 << 30]], offset)
-        if got == 0:
-            raise DataError(f"unexpected end of file while reading {out.nbytes} bytes at {offset}")
-        view, offset = view[got:], offset + got
-
-
-def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
-    """Copy bytes between (or within) files, in the kernel where it can."""
-    while nbytes > 0:
-        try:
-            done = os.copy_file_range(src_fd, dst_fd, min(nbytes, 1 << 30), src_offset, dst_offset)
-        except OSError:
-            done = 0
-        if done <= 0:  # not supported here, or overlapping ranges: copy through memory
-            chunk = os.pread(src_fd, min(nbytes, 64 << 20), src_offset)
-            _pwrite_all(dst_fd, chunk, dst_offset)
-            done = len(chunk)
-        src_offset, dst_offset, nbytes = src_offset + done, dst_offset + done, nbytes - done
-
-
-@dataclass(frozen=True)
-class _Member:
-    """One array of an npz written chunk by chunk.
-
-    Args:
-        key: npz key.
-        dtype: stored dtype.
-        width: 0 for a (n,) array, k for a 2-D one.
-        by_column: the array is (k, n) C-order (the reference's ``X_cat_t``) and chunks are given
-            as (k, b); otherwise it is (n,) or (n, k) and chunks are (b,) or (b, k).
-    """
-
-    key: str
-    dtype: np.dtype
-    width: int = 0
-    by_column: bool = False
-
-    @property
-    def segments(self) -> int:
-        """Contiguous runs of samples: k for by-column arrays, else 1."""
-        return self.width if self.by_column else 1
-
-    @property
-    def segment_row_bytes(self) -> int:
-        width = 1 if self.by_column else max(self.width, 1)
-        return np.dtype(self.dtype).itemsize * width
-
-    def header(self, n: int) -> bytes:
-        if self.width == 0:
-            shape = (n,)
-        else:
-            shape = (self.width, n) if self.by_column else (n, self.width)
-        return _npy_header(np.dtype(self.dtype), shape, False)
-
-
-@dataclass
-class _Segment:
-    """A reserved run of bytes of one member in the file being written."""
-
-    start: int
-    row_bytes: int
-    crc: int = 0
-
-
-class NpzStreamWriter:
-    """Write an uncompressed .npz chunk by chunk, without holding the arrays.
-
-    Every member gets space for ``max_rows`` rows (a by-column member one run per column);
-    chunks are appended to all members in lockstep; ``close()`` writes the .npy headers for the
-    rows actually written, moves data down over unused space, writes the zip directory and
-    renames the temporary file to ``path``. ``extras`` are small whole arrays stored last.
-    As a context manager the file appears only if the block exits without an exception.
-    """
-
-    def __init__(self, path: str, members: Sequence[_Member], max_rows: int,
-                 extras: Optional[Dict[str, np.ndarray]] = None):
-        self.path, self.members, self.max_rows = path, list(members), int(max_rows)
-        self.extras = dict(extras or {})
-        self.rows = 0
-        self._fd, self._tmp = _create_temp(path)
-        self._segments: List[List[_Segment]] = []
-        offset = 0
-        for member in self.members:
-            offset += len(_local_header(_member_name(member.key), 0, 0)) + _NPY_HEADER_BYTES
-            runs = []
-            for _ in range(member.segments):
-                runs.append(_Segment(offset, member.segment_row_bytes))
-                offset += self.max_rows * member.segment_row_bytes
-            self._segments.append(runs)
-
-    def __enter__(self) -> "NpzStreamWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def append(self, *arrays: np.ndarray) -> None:
-        """Append b rows: one array per member, in member order ((k, b) for by-column ones)."""
-        member = self.members[0]
-        count = arrays[0].shape[1] if member.by_column else len(arrays[0])
-        if self.rows + count > self.max_rows:
-            raise DataError(f"{self.path}: more than the {self.max_rows} rows reserved")
-        for member, runs, array in zip(self.members, self._segments, arrays):
-            data = np.ascontiguousarray(array, dtype=member.dtype)
-            parts = data if member.by_column else [data]
-            for run, part in zip(runs, parts):
-                _pwrite_all(self._fd, part, run.start + self.rows * run.row_bytes)
-                run.crc = zlib.crc32(memoryview(part).cast("B"), run.crc)
-        self.rows += count
-
-    def close(self) -> None:
-        entries, offset = [], 0
-        for member, runs in zip(self.members, self._segments):
-            name = _member_name(member.key)
-            header_at = offset + len(_local_header(name, 0, 0))
-            crc, position = zlib.crc32(member.header(self.rows)), header_at + _NPY_HEADER_BYTES
-            for run in runs:
-                nbytes = self.rows * run.row_bytes
-                if position != run.start:
-                    _copy_range(self._fd, run.start, self._fd, position, nbytes)
-                crc, position = crc32_combine(crc, run.crc, nbytes), position + nbytes
-            size = position - header_at
-            _pwrite_all(self._fd, _local_header(name, crc, size) + member.header(self.rows), offset)
-            entries.append((name, crc, size, offset))
-            offset = position
-        for key, array in self.extras.items():
-            entry, offset = self._write_small(key, array, offset)
-            entries.append(entry)
-        directory = b"".join(_central_header(*entry) for entry in entries)
-        ending = _end_records(len(entries), offset, len(directory))
-        _pwrite_all(self._fd, directory + ending, offset)
-        os.ftruncate(self._fd, offset + len(directory) + len(ending))
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self._tmp, self.path)
-
-    def _write_small(self, key: str, array: np.ndarray, offset: int):
-        buffer = io.BytesIO()
-        np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-        name, data = _member_name(key), buffer.getvalue()
-        crc = zlib.crc32(data)
-        header = _local_header(name, crc, len(data))
-        _pwrite_all(self._fd, header + data, offset)
-        return (name, crc, len(data), offset), offset + len(header) + len(data)
-
-    def copy_rows(self, source_fd: int, offsets: Sequence[int], crcs: Sequence[int],
-                  count: int) -> None:
-        """Append ``count`` rows copied from another file: for each member, its data starts at
-        ``offsets[m]`` there and has CRC ``crcs[m]`` (no by-column members)."""
-        if self.rows + count > self.max_rows:
-            raise DataError(f"{self.path}: more than the {self.max_rows} rows reserved")
-        for runs, source, crc in zip(self._segments, offsets, crcs):
-            run = runs[0]
-            nbytes = count * run.row_bytes
-            _copy_range(source_fd, source, self._fd, run.start + self.rows * run.row_bytes, nbytes)
-            run.crc = crc32_combine(run.crc, crc, nbytes)
-        self.rows += count
-
-    def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
-
-
-def _member_name(key: str) -> bytes:
-    return (key + ".npy").encode()
-
-
-@dataclass(frozen=True)
-class _StoredArray:
-    """An uncompressed .npy member: its header fields, where its data starts, the CRC of the
-    whole member (header included) and the member's size."""
-
-    shape: Tuple[int, ...]
-    fortran: bool
-    dtype: np.dtype
-    offset: int
-    crc: int
-    size: int
-
-    @property
-    def data_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-class NpzReader:
-    """Read row ranges of the arrays in an .npz without loading them whole.
-
-    Uncompressed members (ours, np.savez) are read in place with pread; compressed members (the
-    reference's np.savez_compressed files) are loaded whole on first use.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with zipfile.ZipFile(path) as archive:
-                infos = {info.filename[:-4]: info for info in archive.infolist()
-                         if info.filename.endswith(".npy")}
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{path}: cannot read as .npz ({exc})") from exc
-        self._fd = os.open(path, os.O_RDONLY)
-        self._stored: Dict[str, _StoredArray] = {}
-        self._header_crcs: Dict[str, int] = {}
-        self._loaded: Dict[str, np.ndarray] = {}
-        self._compressed = set()
-        for key, info in infos.items():
-            if info.compress_type == zipfile.ZIP_STORED:
-                self._stored[key] = self._read_header(key, info)
-            else:
-                self._compressed.add(key)
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    def __enter__(self) -> "NpzReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _read_header(self, key: str, info: zipfile.ZipInfo) -> _StoredArray:
-        local = os.pread(self._fd, 30, info.header_offset)
-        name_len, extra_len = struct.unpack("<2H", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        head = io.BytesIO(os.pread(self._fd, 65536 + 10, start))
-        version = np.lib.format.read_magic(head)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(head)
-        self._header_crcs[key] = zlib.crc32(head.getvalue()[: head.tell()])
-        return _StoredArray(tuple(shape), bool(fortran), np.dtype(dtype), start + head.tell(),
-                            info.CRC, info.file_size)
-
-    def stored(self, key: str) -> Optional[_StoredArray]:
-        """Layout of an uncompressed member (None for a compressed one)."""
-        return self._stored.get(key)
-
-    def data_crc(self, key: str) -> int:
-        """CRC-32 of an uncompressed member's data, without its .npy header."""
-        info = self._stored[key]
-        return info.crc ^ crc32_combine(self._header_crcs[key], 0, info.data_bytes)
-
-    def keys(self) -> List[str]:
-        return sorted(set(self._stored) | self._compressed)
-
-    def shape(self, key: str) -> Tuple[int, ...]:
-        if key in self._stored:
-            return self._stored[key].shape
-        return self._whole(key).shape
-
-    def _whole(self, key: str) -> np.ndarray:
-        if key not in self._loaded:
-            if key not in self._compressed and key not in self._stored:
-                raise DataError(f"{self.path}: no array {key!r} (has {', '.join(self.keys())})")
-            with np.load(self.path) as data:
-                self._loaded[key] = data[key]
-        return self._loaded[key]
-
-    def rows(self, key: str, start: int, stop: int, transposed: bool = False) -> np.ndarray:
-        """Rows [start, stop) as a C-contiguous (b,) or (b, k) array.
-
-        ``transposed``: the array is stored as (k, n) (samples along axis 1, as ``X_cat_t``).
-        """
-        if key not in self._stored:
-            whole = self._whole(key)
-            part = whole[:, start:stop].T if transposed else whole[start:stop]
-            return np.ascontiguousarray(part)
-        info = self._stored[key]
-        samples = info.shape[1] if transposed else info.shape[0]
-        if not 0 <= start <= stop <= samples:
-            raise ValueError(f"{self.path}: rows {start}:{stop} of {key} out of range 0:{samples}")
-        if len(info.shape) == 1:
-            return self._contiguous(info, start, stop, 1)
-        width = info.shape[0] if transposed else info.shape[1]
-        if info.fortran == transposed:  # samples are the slow axis on disk
-            return self._contiguous(info, start, stop, width).reshape(stop - start, width)
-        return self._strided(info, start, stop, width)
-
-    def _contiguous(self, info: _StoredArray, start: int, stop: int, width: int) -> np.ndarray:
-        out = np.empty((stop - start) * width, dtype=info.dtype)
-        _pread_into(self._fd, out, info.offset + start * width * info.dtype.itemsize)
-        return out
-
-    def _strided(self, info: _StoredArray, start: int, stop: int, width: int) -> np.ndarray:
-        total = info.shape[1] if info.shape[0] == width else info.shape[0]
-        out = np.empty((width, stop - start), dtype=info.dtype)
-        for k in range(width):
-            _pread_into(self._fd, out[k], info.offset + (k * total + start) * info.dtype.itemsize)
-        return np.ascontiguousarray(out.T)
-
-
-def _save_small_npz(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to a temporary name, then rename (for the small count and dictionary files)."""
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            np.savez(out, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _npz_rows(path: str, key: str = "y") -> int:
-    """Number of samples in a day file (length of its ``y``)."""
-    with NpzReader(path) as reader:
-        return int(reader.shape(key)[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -703,27 +302,38 @@ def _terabyte_ranges(raw: str, days: int, progress: bool) -> List[TextRange]:
     return ranges
 
 
-def _check_raw_files(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
-    """Raise DataError with a download hint when a raw file is missing."""
+def missing_raw_data(cfg: PreprocessConfig) -> Optional[DataError]:
+    """A DataError with a download hint naming the first raw file that is missing; None when
+    every raw file is there."""
+    return _missing_raw_data(cfg, criteo_paths(cfg.data_set, cfg.raw_data_file))
+
+
+def _missing_raw_data(cfg: PreprocessConfig, paths: CriteoPaths) -> Optional[DataError]:
     if cfg.data_set == "kaggle":
         if not os.path.isfile(cfg.raw_data_file):
-            raise DataError(f"{cfg.raw_data_file}: raw Criteo Kaggle data not found; {KAGGLE_HINT}")
-        return
+            return DataError(f"{cfg.raw_data_file}: raw Criteo Kaggle data not found; {KAGGLE_HINT}")
+        return None
     for i in range(paths.days):
         if not os.path.isfile(f"{cfg.raw_data_file}_{i}"):
-            raise DataError(f"{cfg.raw_data_file}_{i}: raw Criteo Terabyte day file not found; "
-                            f"{TERABYTE_HINT}")
+            return DataError(f"{cfg.raw_data_file}_{i}: raw Criteo Terabyte day file not found; "
+                             f"{TERABYTE_HINT}")
+    return None
 
 
 def _day_ranges(cfg: PreprocessConfig, paths: CriteoPaths) -> List[TextRange]:
     """Line ranges of every day, lines counted (the writers reserve space for them)."""
-    _check_raw_files(cfg, paths)
+    missing = _missing_raw_data(cfg, paths)
+    if missing is not None:
+        raise missing
+    for path in _raw_files(cfg, paths):
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the raw data file is empty")
     if cfg.data_set == "kaggle":
         return _kaggle_ranges(cfg.raw_data_file, paths.days, cfg.progress)
     return _terabyte_ranges(cfg.raw_data_file, paths.days, cfg.progress)
 
 
-def _iter_text_blocks(text: TextRange) -> Iterator[memoryview]:
+def _iter_text_blocks(text: TextRange) -> Iterator[bytes]:
     """Blocks of whole lines of about TEXT_BLOCK_BYTES."""
     carry = b""
     with open(text.path, "rb") as src:
@@ -737,7 +347,7 @@ def _iter_text_blocks(text: TextRange) -> Iterator[memoryview]:
                 carry = data
                 continue
             carry = data[cut:]
-            yield memoryview(data)[:cut]
+            yield data[:cut]
 
 
 _COLUMN_NAMES = [f"f{k}" for k in range(NUM_FIELDS)]
@@ -752,11 +362,26 @@ _INT_RE = re.compile(rb"[+-]?[0-9]+")
 _HEX_RE = re.compile(rb"[0-9a-fA-F]{1,8}")
 
 
-def _parse_text_block(path: str, first_line: int, block: memoryview) -> pa.Table:
+def _blank_line(block: bytes) -> int:
+    """0-based number of the first empty line of ``block`` (a line of its own carriage return
+    counts: pyarrow takes that for a line break too), -1 when there is none."""
+    if block[:1] in (b"\n", b"\r"):
+        return 0
+    found = [at for at in (block.find(b"\n\n"), block.find(b"\n\r")) if at >= 0]
+    return block.count(b"\n", 0, min(found) + 1) if found else -1
+
+
+def _parse_text_block(path: str, first_line: int, block: bytes) -> pa.Table:
     """Parse one block of raw lines with pyarrow; a malformed line raises DataError naming it.
 
-    (Any line break pyarrow sees that is not a newline, e.g. a stray carriage return, splits a
-    line into pieces with too few fields, so rows and lines correspond.)"""
+    An empty line is an error too: pyarrow would read it as a sample of zeros, and skipping it
+    would move the day boundaries, which the reference derives from the number of lines. (Any
+    line break pyarrow sees that is not a newline, e.g. a stray carriage return, splits a line
+    into pieces with too few fields, so rows and lines correspond.)"""
+    blank = _blank_line(block)
+    if blank >= 0:
+        raise DataError(f"{path}:{first_line + blank}: empty line (expected {NUM_FIELDS} "
+                        "tab-separated fields)")
     options = pa_csv.ReadOptions(column_names=_COLUMN_NAMES, use_threads=False,
                                  block_size=1 << 20)  # larger blocks parse slower
     try:
@@ -926,8 +551,13 @@ def _int_column(table: pa.Table, k: int) -> np.ndarray:
 
 def _block_from_table(path: str, first_line: int, table: pa.Table, uniforms: Optional[np.ndarray],
                       rate: float, modulo: int) -> _Block:
-    """Convert a parsed block: drop sub-sampled negatives, hex -> int, distinct-value codes."""
+    """Convert a parsed block: drop sub-sampled negatives, hex -> int, distinct-value codes.
+    A label other than 0 or 1 (an empty one reads as 0, as in the reference) raises DataError."""
     labels = _int_column(table, 0)
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if len(bad):
+        raise DataError(f"{path}:{first_line + int(bad[0])}: field 1 (label) must be 0 or 1, "
+                        f"got {labels[bad[0]]}")
     keep = None
     if uniforms is not None:
         keep = ~((labels == 0) & (uniforms < rate))
@@ -1092,27 +722,28 @@ class ColumnDictionary:
 
 
 def _save_dictionaries(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
-                       raw_dtype: np.dtype) -> np.ndarray:
+                       raw_dtype: np.dtype, record: dict) -> np.ndarray:
     """Write ``_fea_dict_<j>.npz`` (unique) and then ``_fea_count.npz`` (counts); return counts."""
     for j, dictionary in enumerate(dictionaries):
-        _save_small_npz(paths.fea_dict_file(j),
-                        unique=dictionary.values_in_id_order().astype(raw_dtype))
+        with provenance.recording(paths.fea_dict_file(j), record):
+            save_npz(paths.fea_dict_file(j),
+                     unique=dictionary.values_in_id_order().astype(raw_dtype))
     counts = np.array([len(d) for d in dictionaries], dtype=np.int32)
-    _save_small_npz(paths.fea_count_file(), counts=counts)
+    with provenance.recording(paths.fea_count_file(), record):
+        save_npz(paths.fea_count_file(), counts=counts)
     return counts
 
 
 def _load_dictionaries(paths: CriteoPaths) -> List[ColumnDictionary]:
     dictionaries = []
     for j in range(NUM_SPARSE):
-        with np.load(paths.fea_dict_file(j)) as data:
-            dictionaries.append(ColumnDictionary(data["unique"], paths.fea_dict_file(j)))
+        unique = load_npz_array(paths.fea_dict_file(j), "unique")
+        dictionaries.append(ColumnDictionary(unique, paths.fea_dict_file(j)))
     return dictionaries
 
 
-def _dictionaries_complete(paths: CriteoPaths) -> bool:
-    return os.path.exists(paths.fea_count_file()) and all(
-        os.path.exists(paths.fea_dict_file(j)) for j in range(NUM_SPARSE))
+def _dictionary_files(paths: CriteoPaths) -> List[str]:
+    return [paths.fea_dict_file(j) for j in range(NUM_SPARSE)] + [paths.fea_count_file()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1126,6 +757,7 @@ class _DayJob:
     ``text`` set: read the raw text (and write the parsed day when ``write_parsed``); otherwise
     read the parsed day file. ``write_processed``: map to ids and write the processed day.
     ``rng_state``: NumPy RandomState state at this day's first sub-sample draw (workers only).
+    ``record``: the provenance record of the files written.
     """
 
     day: int
@@ -1136,19 +768,20 @@ class _DayJob:
     raw_dtype: np.dtype
     sub_sample_rate: float
     max_ind_range: int
+    record: dict
     rng_state: Optional[tuple] = None
     dictionary_files: bool = False  # worker: load the finished dictionaries from their files
 
 
-def _parsed_members(raw_dtype: np.dtype) -> List[_Member]:
-    return [_Member("X_cat_t", raw_dtype, NUM_SPARSE, by_column=True),
-            _Member("X_int", np.dtype(np.int32), NUM_DENSE), _Member("y", np.dtype(np.int32))]
+def _parsed_members(raw_dtype: np.dtype) -> List[Member]:
+    return [Member("X_cat_t", raw_dtype, NUM_SPARSE, by_column=True),
+            Member("X_int", np.dtype(np.int32), NUM_DENSE), Member("y", np.dtype(np.int32))]
 
 
 
-_PROCESSED_MEMBERS = [_Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
-                      _Member("X_int", np.dtype(np.int32), NUM_DENSE),
-                      _Member("y", np.dtype(np.int32))]
+_PROCESSED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
+                      Member("X_int", np.dtype(np.int32), NUM_DENSE),
+                      Member("y", np.dtype(np.int32))]
 
 
 def _day_blocks(job: _DayJob, rng: Optional[np.random.RandomState]):
@@ -1163,27 +796,24 @@ def run_day(job: _DayJob, dictionaries: List[ColumnDictionary],
             rng: Optional[np.random.RandomState], on_rows: Callable[[int], None]) -> int:
     """Read one day, grow/use ``dictionaries``, write the files ``job`` asks for; return the
     number of rows kept."""
-    max_rows = job.text.lines if job.text is not None else _npz_rows(job.paths.parsed_day(job.day))
-    writers = []
+    max_rows = job.text.lines if job.text is not None else npz_rows(job.paths.parsed_day(job.day))
+    outputs = []
     if job.write_parsed:
-        writers.append(NpzStreamWriter(job.paths.parsed_day(job.day),
-                                       _parsed_members(job.raw_dtype), max_rows))
+        outputs.append((job.paths.parsed_day(job.day), _parsed_members(job.raw_dtype)))
     if job.write_processed:
-        writers.append(NpzStreamWriter(job.paths.processed_day(job.day), _PROCESSED_MEMBERS,
-                                       max_rows))
-    try:
-        kept = 0
+        outputs.append((job.paths.processed_day(job.day), _PROCESSED_MEMBERS))
+    kept = 0
+    with contextlib.ExitStack() as stack:
+        # entered last to first, so that they are completed (renamed) first to last
+        writers = []
+        for path, members in reversed(outputs):
+            stack.enter_context(provenance.recording(path, job.record))
+            writers.insert(0, stack.enter_context(NpzStreamWriter(path, members, max_rows)))
         for source_rows, block in _day_blocks(job, rng):
             _write_block(job, block, dictionaries, writers)
             kept += len(block.labels)
             on_rows(source_rows)
-        for writer in writers:
-            writer.close()
-        return kept
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
+    return kept
 
 
 def _write_block(job: _DayJob, block: _Block, dictionaries: List[ColumnDictionary],
@@ -1242,12 +872,13 @@ def _advance_uniforms(rng: np.random.RandomState, count: int) -> None:
 
 @dataclass
 class _DayPlan:
-    """Per-day decisions of the categorify stages."""
+    """Per-day decisions of the categorify stages, and the record their files get."""
 
     from_text: List[bool]
     write_parsed: List[bool]
     write_processed: List[bool]
     build_dictionaries: bool
+    record: dict
 
     @property
     def any_text(self) -> bool:
@@ -1258,22 +889,39 @@ class _DayPlan:
         return self.build_dictionaries or any(self.write_processed) or self.any_text
 
 
-def _plan_days(paths: CriteoPaths) -> _DayPlan:
-    """Which days must be read from text, which files are missing, whether dictionaries must be
-    built. A day is read from text when its parsed file is missing and either its processed file
-    or the dictionaries (which need every day's raw values) are missing."""
-    build = not _dictionaries_complete(paths)
-    parsed = [os.path.exists(paths.parsed_day(i)) for i in range(paths.days)]
-    processed = [os.path.exists(paths.processed_day(i)) for i in range(paths.days)]
+def _plan_days(paths: CriteoPaths, record: dict, log: Callable[[str], None]) -> _DayPlan:
+    """Which days must be read from text, which files must be (re)written, whether dictionaries
+    must be built; a file counts only if it was made as ``record`` says. A day is read from text
+    when its parsed file is missing and either its processed file or the dictionaries (which need
+    every day's raw values) are missing."""
+    build = not all(_reusable(_dictionary_files(paths), record, "the dictionaries", log))
+    parsed = _reusable([paths.parsed_day(i) for i in range(paths.days)], record,
+                       "the parsed days", log)
+    processed = _reusable([paths.processed_day(i) for i in range(paths.days)], record,
+                          "the processed days", log)
     from_text = [not p and (build or not q) for p, q in zip(parsed, processed)]
-    return _DayPlan(from_text, [not p for p in parsed], [not q for q in processed], build)
+    return _DayPlan(from_text, [not p for p in parsed], [not q for q in processed], build, record)
+
+
+def _reusable(files: Sequence[str], record: dict, stage: str,
+              log: Callable[[str], None]) -> List[bool]:
+    """Which of ``files`` exist and were made as ``record`` says; one note (the first reason) when
+    an existing one was not, so the stage is redone."""
+    usable, told = [], False
+    for path in files:
+        reason = provenance.mismatch(path, record) if os.path.exists(path) else None
+        usable.append(os.path.exists(path) and reason is None)
+        if reason and not told:
+            log(f"note: {path} {reason}; redoing {stage}")
+            told = True
+    return usable
 
 
 def _day_job(i: int, plan: _DayPlan, paths: CriteoPaths, cfg: PreprocessConfig,
              ranges: Optional[List[TextRange]], processed: bool) -> _DayJob:
     return _DayJob(i, paths, ranges[i] if plan.from_text[i] else None,
                    plan.from_text[i] and plan.write_parsed[i], processed and plan.write_processed[i],
-                   _raw_dtype(cfg), cfg.sub_sample_rate, cfg.max_ind_range)
+                   _raw_dtype(cfg), cfg.sub_sample_rate, cfg.max_ind_range, plan.record)
 
 
 def _categorify_sequential(cfg, paths, plan, ranges, rng) -> None:
@@ -1292,15 +940,63 @@ def _categorify_sequential(cfg, paths, plan, ranges, rng) -> None:
                 continue
             run_day(job, dictionaries, draws, bar.update)
     if plan.build_dictionaries:
-        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg))
+        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg), plan.record)
     else:
         _check_no_growth(paths, dictionaries, sizes)
 
 
-def _process_pool(jobs: int):
+def _process_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes that end when this process ends, however it ends (even SIGKILL), and
+    leave Ctrl-C to it."""
     workers = max(1, min(jobs, os.cpu_count() or 1))
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers,
-                                                  mp_context=multiprocessing.get_context("spawn"))
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker, initargs=(os.getpid(),))
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _start_worker(parent: int) -> None:
+    """Pool worker set-up: ignore Ctrl-C (the parent handles it and stops the workers) and die
+    with the parent. On Linux the kernel kills the worker when the parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread watches for the parent to change."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored_while_spawning() -> Iterator[None]:
+    """Ignore SIGINT around ``submit`` (which starts the workers): a new process inherits that,
+    so a Ctrl-C that comes while a worker is still starting up does not print its traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Kill the pool's workers now (on an error or Ctrl-C): shutting down would wait for the days
+    they are working on. The executor has no public call for this; its process table is used."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _categorify_parallel(cfg, paths, plan, ranges, rng) -> None:
@@ -1320,8 +1016,8 @@ def _categorify_parallel(cfg, paths, plan, ranges, rng) -> None:
         for _, distinct in results:
             for k in range(NUM_SPARSE):
                 dictionaries[k].encode_distinct(distinct[k])
-        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg))
-        plan = _plan_days(paths)  # every parsed day now exists
+        _save_dictionaries(paths, dictionaries, _raw_dtype(cfg), plan.record)
+        plan = _plan_days(paths, plan.record, log=lambda message: None)  # every parsed day exists
     elif plan.any_text and cfg.sub_sample_rate > 0:
         _parallel_text_with_dictionaries(cfg, paths, plan, ranges, rng)
         return
@@ -1346,45 +1042,52 @@ def _run_pool(cfg: PreprocessConfig, desc: str, jobs: List[_DayJob]):
     """Run day jobs in worker processes; results in job order."""
     if not jobs:
         return []
-    with _process_pool(len(jobs)) as pool, _bar(cfg.progress, len(jobs), desc, "days") as bar:
-        futures = [pool.submit(_worker_run_day, job) for job in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            future.result()
-            bar.update(1)
-        return [future.result() for future in futures]
+    pool = _process_pool(len(jobs))
+    try:
+        with _bar(cfg.progress, len(jobs), desc, "days") as bar:
+            with _ctrl_c_ignored_while_spawning():
+                futures = [pool.submit(_worker_run_day, job) for job in jobs]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                bar.update(1)
+    except concurrent.futures.process.BrokenProcessPool:
+        _stop_workers(pool)
+        raise DataError("a preprocessing worker process died (out of memory?); run without "
+                        "--dataset-multiprocessing to use less memory") from None
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+    return [future.result() for future in futures]
 
 
-def _write_day_counts(paths: CriteoPaths) -> np.ndarray:
-    """Stage 3: ``_day_count.npz`` with the rows kept per day (if absent); return the counts."""
-    counts = np.array([_npz_rows(_existing_day(paths, i)) for i in range(paths.days)],
+def _write_day_counts(paths: CriteoPaths, record: dict, log: Callable[[str], None]) -> np.ndarray:
+    """Stage 3: ``_day_count.npz`` with the rows kept per day (unless it was made as ``record``
+    says); return the counts. Every processed day is complete by now."""
+    counts = np.array([npz_rows(paths.processed_day(i)) for i in range(paths.days)],
                       dtype=np.int64)
-    if not os.path.exists(paths.day_count_file()):
-        _save_small_npz(paths.day_count_file(), total_per_file=counts)
+    if not _reusable([paths.day_count_file()], record, "the day counts", log)[0]:
+        with provenance.recording(paths.day_count_file(), record):
+            save_npz(paths.day_count_file(), total_per_file=counts)
     return counts
-
-
-def _existing_day(paths: CriteoPaths, i: int) -> str:
-    return paths.processed_day(i) if os.path.exists(paths.processed_day(i)) else paths.parsed_day(i)
 
 
 # ------------------------------------------------------------------------------------------------
 # Stage 6: concatenation
 # ------------------------------------------------------------------------------------------------
 
-def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool) -> None:
+def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool, record: dict) -> None:
     """Write ``<o_filename>.npz``: processed days one after another, plus ``counts``."""
-    with np.load(paths.fea_count_file()) as data:
-        counts = data["counts"].astype(np.int32)
+    counts = load_npz_array(paths.fea_count_file(), "counts").astype(np.int32)
     writer = NpzStreamWriter(paths.output_file(), _PROCESSED_MEMBERS, int(day_rows.sum()),
                              extras={"counts": counts})
-    with writer, _bar(progress, int(day_rows.sum()), "concatenate") as bar:
+    bar = _bar(progress, int(day_rows.sum()), "concatenate")
+    with provenance.recording(paths.output_file(), record), writer, bar:
         for i in range(paths.days):
             with NpzReader(paths.processed_day(i)) as reader:
                 rows = int(reader.shape("y")[0])
                 if _same_layout(reader, _PROCESSED_MEMBERS):
-                    keys = [member.key for member in _PROCESSED_MEMBERS]
-                    writer.copy_rows(reader.fd, [reader.stored(k).offset for k in keys],
-                                     [reader.data_crc(k) for k in keys], rows)
+                    writer.copy_members([reader.stored(m.key) for m in _PROCESSED_MEMBERS], rows)
                     bar.update(rows)
                     continue
                 for start in range(0, rows, ROWS_PER_CHUNK):
@@ -1393,31 +1096,37 @@ def _concatenate(paths: CriteoPaths, day_rows: np.ndarray, progress: bool) -> No
                     bar.update(stop - start)
 
 
-def _same_layout(reader: NpzReader, members: Sequence[_Member]) -> bool:
+def _same_layout(reader: NpzReader, members: Sequence[Member]) -> bool:
     """Whether every member is stored uncompressed, C-order, with the dtype and width wanted
     (so its bytes can be copied as they are)."""
     for member in members:
         info = reader.stored(member.key)
-        if info is None or info.fortran or info.dtype != np.dtype(member.dtype):
+        if info is None or info.fortran_order or info.dtype != np.dtype(member.dtype):
             return False
         if info.shape[1:] != ((member.width,) if member.width else ()):
             return False
     return True
 
 
-def _link_processed_name(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
-    """Make --processed-data-file name the output too (the reference never writes it, spec §8
-    bug 21): a hard link, or a copy where links are not possible."""
+def _link_processed_name(cfg: PreprocessConfig, paths: CriteoPaths, record: dict,
+                         log: Callable[[str], None]) -> str:
+    """Make --processed-data-file name the output too: a hard link, or a copy where links are not
+    possible; return the file to read. (The reference never writes that name, so its first run
+    trains on its own output name and later runs on --processed-data-file: two different files
+    if the names differ.)"""
     target, output = cfg.processed_data_file, paths.output_file()
-    if not target or os.path.exists(target) or os.path.abspath(target) == os.path.abspath(output):
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    tmp = f"{target}.tmp{os.getpid()}"
-    try:
-        os.link(output, tmp)
-    except OSError:
-        shutil.copyfile(output, tmp)
-    os.replace(tmp, target)
+    if not target or os.path.abspath(target) == os.path.abspath(output):
+        return output
+    if _reusable([target], record, "the link to the output", log)[0]:
+        return target
+    with provenance.recording(target, record), writing(target):
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        with atomic_path(target) as tmp:
+            try:
+                os.link(output, tmp)
+            except OSError:
+                shutil.copyfile(output, tmp)
+    return target
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1501,7 +1210,7 @@ def _pass1_destinations(assigner: BucketAssigner, rng, day: int, count: int, day
 
 
 def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
-                   replay: bool) -> None:
+                   replay: bool, record: dict) -> None:
     """Pass 1: distribute each processed day's rows into per-day intermediate files.
 
     With ``replay`` only the draws are made (the files already exist)."""
@@ -1513,66 +1222,31 @@ def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConf
             _pass1_destinations(assigner, rng, i, int(day_rows[i]), paths.days, cfg.randomize,
                                 split_none)
         return
-    outputs, temps = [], []
-    try:
-        _open_intermediates(paths, day_rows, outputs, temps)
+    with contextlib.ExitStack() as stack:
+        outputs = _open_intermediates(paths, day_rows, stack, record)
         with _bar(cfg.progress, int(day_rows.sum()), "shuffle pass 1") as bar:
             for i in range(paths.days):
                 _scatter_day(paths, i, assigner, rng, outputs, cfg, split_none, bar)
-        _close_intermediates(outputs)
-        for tmp, final in temps:
-            os.replace(tmp, final)
-    except BaseException:
-        _close_intermediates(outputs)
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-
-
-@dataclass
-class _NpyRows:
-    """An open .npy file whose rows are written in place with pwrite."""
-
-    fd: int
-    data_offset: int
-    dtype: np.dtype
-    row_bytes: int
-
-    def write(self, first: int, rows: np.ndarray) -> None:
-        data = np.ascontiguousarray(rows, dtype=self.dtype)
-        _pwrite_all(self.fd, data, self.data_offset + first * self.row_bytes)
 
 
 _INTERMEDIATE_PARTS = (("y", np.float64, 0), ("d", np.float64, NUM_DENSE),
                        ("s", np.int32, NUM_SPARSE))
 
 
-def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray, outputs: list,
-                        temps: list) -> None:
-    """Zero-filled .npy files per day (y float64 (n,), d float64 (n,13), s int32 (n,26)), under
-    temporary names; appends [_NpyRows] * 3 per day to ``outputs`` and (temporary, final name)
-    pairs to ``temps``."""
+def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray, stack: contextlib.ExitStack,
+                        record: dict) -> List[List[NpyWriter]]:
+    """Zero-filled .npy writers per day (y float64 (n,), d float64 (n,13), s int32 (n,26)),
+    entered on ``stack``: the files appear together (each then gets ``record``) when it closes
+    without an exception."""
+    outputs = []
     for j, rows in enumerate(day_rows):
-        arrays = []
-        outputs.append(arrays)
+        outputs.append([])
         for part, dtype, width in _INTERMEDIATE_PARTS:
-            final = paths.intermediate_day(j, part)
-            fd, tmp = _create_temp(final)
-            temps.append((tmp, final))
-            arrays.append(_NpyRows(fd, _NPY_HEADER_BYTES, np.dtype(dtype),
-                                   np.dtype(dtype).itemsize * max(width, 1)))
             shape = (int(rows), width) if width else (int(rows),)
-            _pwrite_all(fd, _npy_header(np.dtype(dtype), shape, False), 0)
-            os.ftruncate(fd, _NPY_HEADER_BYTES + int(rows) * arrays[-1].row_bytes)
-
-
-def _close_intermediates(outputs) -> None:
-    for arrays in outputs:
-        for array in arrays:
-            if array.fd >= 0:
-                os.close(array.fd)
-                array.fd = -1
+            path = paths.intermediate_day(j, part)
+            stack.enter_context(provenance.recording(path, record))
+            outputs[-1].append(stack.enter_context(NpyWriter(path, dtype, shape)))
+    return outputs
 
 
 def _scatter_day(paths, day, assigner, rng, outputs, cfg, split_none, bar) -> None:
@@ -1595,30 +1269,33 @@ def _scatter_day(paths, day, assigner, rng, outputs, cfg, split_none, bar) -> No
             bar.update(stop - start)
 
 
-_REORDERED_MEMBERS = [_Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
-                      _Member("X_int", np.dtype(np.float64), NUM_DENSE),
-                      _Member("y", np.dtype(np.float64))]
+_REORDERED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
+                      Member("X_int", np.dtype(np.float64), NUM_DENSE),
+                      Member("y", np.dtype(np.float64))]
 
 
 def _shuffle_pass2(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
-                   last_needed: int) -> None:
-    """Pass 2: permute each bucket (spec §3.2 step 7) into ``<npzfile>_<j>_reordered.npz``.
+                   plan: "_ShufflePlan") -> None:
+    """Pass 2: permute each bucket into ``<npzfile>_<j>_reordered.npz``.
 
-    Buckets whose file exists only replay their permutation draw (up to ``last_needed``)."""
+    Buckets whose file can be reused only replay their permutation draw (up to the last bucket
+    to write)."""
     split_none = cfg.data_split == "none"
     with _bar(cfg.progress, int(day_rows.sum()), "shuffle pass 2") as bar:
-        for j in range(last_needed + 1):
+        for j in range(plan.last_bucket + 1):
             rows = int(day_rows[j])
             order = None
             if _shuffled_bucket(j, paths.days, cfg.randomize, split_none):
                 order = rng.permutation(rows)
-            if not os.path.exists(paths.reordered_day(j)):
-                _write_reordered(paths, j, rows, order, bar)
+            if not plan.reordered[j]:
+                _write_reordered(paths, j, rows, order, bar, plan.record)
 
 
-def _write_reordered(paths: CriteoPaths, j: int, rows: int, order, bar) -> None:
+def _write_reordered(paths: CriteoPaths, j: int, rows: int, order, bar, record: dict) -> None:
     sources = [np.load(paths.intermediate_day(j, part), mmap_mode="r") for part in ("s", "d", "y")]
-    with NpzStreamWriter(paths.reordered_day(j), _REORDERED_MEMBERS, rows) as writer:
+    path = paths.reordered_day(j)
+    with provenance.recording(path, record), \
+            NpzStreamWriter(path, _REORDERED_MEMBERS, rows) as writer:
         for start in range(0, rows, ROWS_PER_CHUNK):
             stop = min(rows, start + ROWS_PER_CHUNK)
             take = order[start:stop] if order is not None else slice(start, stop)
@@ -1626,66 +1303,18 @@ def _write_reordered(paths: CriteoPaths, j: int, rows: int, order, bar) -> None:
             bar.update(stop - start)
 
 
-# ------------------------------------------------------------------------------------------------
-# Disk space
-# ------------------------------------------------------------------------------------------------
-
-def _estimate_disk_need(cfg: PreprocessConfig, paths: CriteoPaths, plan: _DayPlan,
-                        lines: List[int]) -> int:
-    """Bytes the remaining stages will write (upper bound: every line kept)."""
-    parsed_row = 4 + 4 * NUM_DENSE + _raw_dtype(cfg).itemsize * NUM_SPARSE
-    processed_row = 4 + 4 * NUM_DENSE + 4 * NUM_SPARSE
-    need = 0
-    for i, count in enumerate(lines):
-        writes_parsed = plan.from_text[i] and plan.write_parsed[i]
-        need += count * (parsed_row * writes_parsed + processed_row * plan.write_processed[i])
-    total = sum(lines)
-    if cfg.memory_map:
-        need += total * 2 * (8 + 8 * NUM_DENSE + 4 * NUM_SPARSE)
-    elif not os.path.exists(paths.output_file()):
-        need += total * processed_row
-    return need + (64 << 20)
-
-
-def _check_disk_space(cfg, paths, plan, lines: List[int]) -> None:
-    directory = os.path.abspath(paths.d_path)
-    need = _estimate_disk_need(cfg, paths, plan, lines)
-    free = shutil.disk_usage(directory).free
-    if need > free:
-        raise DataError(f"{directory}: not enough free disk space for preprocessing: need about "
-                        f"{need} bytes, {free} free")
-
-
-def _line_estimates(ranges: Optional[List[TextRange]], paths: CriteoPaths) -> List[int]:
-    """Lines per day: counted in the raw text, else rows of the existing day files."""
-    if ranges is not None:
-        return [text.lines for text in ranges]
-    return [_npz_rows(_existing_day(paths, i)) for i in range(paths.days)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Orchestration
-# ------------------------------------------------------------------------------------------------
-
-def processed_data_ready(cfg: PreprocessConfig) -> bool:
-    """The ready check of spec §2.3: memory-map -> every ``<npzfile>_<i>_reordered.npz`` exists;
-    otherwise --processed-data-file (or, when none is given, the concatenated output) exists."""
-    paths = criteo_paths(cfg.data_set, cfg.raw_data_file)
-    if cfg.memory_map:
-        return all(os.path.exists(paths.reordered_day(i)) for i in range(paths.days))
-    return os.path.exists(cfg.processed_data_file or paths.output_file())
-
-
-def _complete(cfg: PreprocessConfig, paths: CriteoPaths) -> bool:
-    if cfg.memory_map:
-        return all(os.path.exists(paths.reordered_day(i)) for i in range(paths.days))
-    return os.path.exists(paths.output_file())
-
-
 @dataclass
 class _ShufflePlan:
-    pass1: bool  # intermediates missing
-    last_bucket: int  # last bucket whose reordered file is missing (-1: none)
+    """Per-bucket decisions of the memory-map shuffle, and the record its files get."""
+
+    pass1: bool             # the intermediates must be written
+    reordered: List[bool]   # per bucket: its reordered file can be reused
+    record: dict
+
+    @property
+    def last_bucket(self) -> int:
+        """The last bucket whose reordered file must be written (-1: none)."""
+        return max((j for j, ok in enumerate(self.reordered) if not ok), default=-1)
 
     def draws_needed(self, cfg: PreprocessConfig, days: int) -> bool:
         """Whether a stage that draws from the RNG still has to run."""
@@ -1696,64 +1325,289 @@ class _ShufflePlan:
         return pass1_draws or pass2_draws
 
 
-def _plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths) -> _ShufflePlan:
+def _plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths, record: dict,
+                  log: Callable[[str], None]) -> _ShufflePlan:
     if not cfg.memory_map:
-        return _ShufflePlan(False, -1)
-    missing = [j for j in range(paths.days) if not os.path.exists(paths.reordered_day(j))]
-    pass1 = bool(missing) and not all(
-        os.path.exists(paths.intermediate_day(j, part))
-        for j in range(paths.days) for part in ("y", "d", "s"))
-    return _ShufflePlan(pass1, max(missing, default=-1))
+        return _ShufflePlan(False, [True] * paths.days, record)
+    reordered = _reusable([paths.reordered_day(j) for j in range(paths.days)], record,
+                          "the reordered days", log)
+    intermediates = [paths.intermediate_day(j, part)
+                     for j in range(paths.days) for part in ("y", "d", "s")]
+    pass1 = not all(reordered) and not all(_reusable(intermediates, record, "shuffle pass 1", log))
+    return _ShufflePlan(pass1, reordered, record)
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk space
+# ------------------------------------------------------------------------------------------------
+
+def _estimate_disk_need(cfg: PreprocessConfig, plan: _DayPlan, lines: List[int],
+                        output_done: bool) -> int:
+    """Bytes the remaining stages will write (upper bound: every line kept)."""
+    parsed_row = 4 + 4 * NUM_DENSE + _raw_dtype(cfg).itemsize * NUM_SPARSE
+    processed_row = 4 + 4 * NUM_DENSE + 4 * NUM_SPARSE
+    need = 0
+    for i, count in enumerate(lines):
+        writes_parsed = plan.from_text[i] and plan.write_parsed[i]
+        need += count * (parsed_row * writes_parsed + processed_row * plan.write_processed[i])
+    total = sum(lines)
+    if cfg.memory_map:
+        need += total * 2 * (8 + 8 * NUM_DENSE + 4 * NUM_SPARSE)
+    elif not output_done:
+        need += total * processed_row
+    return need + (64 << 20)
+
+
+def _check_disk_space(cfg, paths, plan, lines: List[int], output_done: bool) -> None:
+    directory = os.path.abspath(paths.d_path)
+    need = _estimate_disk_need(cfg, plan, lines, output_done)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise DataError(f"{directory}: not enough free disk space for preprocessing: need about "
+                        f"{need} bytes, {free} free")
+
+
+def _line_estimates(ranges: Optional[List[TextRange]], paths: CriteoPaths,
+                    plan: _DayPlan) -> List[int]:
+    """Lines per day: counted in the raw text, else rows of the reusable day files."""
+    if ranges is not None:
+        return [text.lines for text in ranges]
+    return [npz_rows(paths.parsed_day(i) if plan.write_processed[i] else paths.processed_day(i))
+            for i in range(paths.days)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance: what the files of this run must have been made from
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Records:
+    """The provenance records this run's files must carry (see provenance.py).
+
+    ``parse``: parsed and processed days, dictionaries, counts, the concatenated output and its
+    --processed-data-file name; ``shuffle``: the memory-map intermediates and reordered days.
+    """
+
+    parse: dict
+    shuffle: dict
+
+
+def _raw_files(cfg: PreprocessConfig, paths: CriteoPaths) -> List[str]:
+    if cfg.data_set == "kaggle":
+        return [cfg.raw_data_file]
+    return [f"{cfg.raw_data_file}_{i}" for i in range(paths.days)]
+
+
+def _records(cfg: PreprocessConfig, paths: CriteoPaths,
+             source: Optional[List[dict]] = None) -> _Records:
+    """The records of this run's files: ``source`` identifies the raw files (computed from them
+    when not given). Only options that change a stage's files are part of its record: the seed
+    only where that stage draws (sub-sampling; the shuffle unless randomize is none),
+    --data-randomize only in the shuffle's."""
+    if source is None:
+        source = [provenance.identity(path) for path in _raw_files(cfg, paths)]
+    parse = {"--data-set": cfg.data_set, "--max-ind-range": cfg.max_ind_range,
+             "--data-sub-sample-rate": cfg.sub_sample_rate,
+             "--numpy-rand-seed": cfg.seed if cfg.sub_sample_rate > 0 else None}
+    shuffle = dict(parse, **{"--data-randomize": cfg.randomize, "data split": cfg.data_split})
+    if cfg.randomize != "none":
+        shuffle["--numpy-rand-seed"] = cfg.seed
+    return _Records(provenance.expected(source, parse), provenance.expected(source, shuffle))
+
+
+def _stream(cfg: PreprocessConfig, rng: Optional[np.random.RandomState]) -> np.random.RandomState:
+    """The stream to draw from: a fresh one seeded with --numpy-rand-seed, or ``rng`` if it is
+    in that very state (the records name the seed, so the draws must follow from it)."""
+    seeded = np.random.RandomState(cfg.seed)
+    if rng is None:
+        return seeded
+    mine, theirs = seeded.get_state(), rng.get_state()
+    if not (np.array_equal(mine[1], theirs[1]) and mine[2:] == theirs[2:]):
+        raise ConfigError(f"the NumPy stream given to the preprocessing is not a fresh one seeded "
+                          f"with --numpy-rand-seed={cfg.seed}")
+    return rng
+
+
+def _final_files(cfg: PreprocessConfig, paths: CriteoPaths,
+                 records: _Records) -> List[Tuple[str, dict]]:
+    """What the loaders read, each with the record it must carry: memory-map: the reordered days
+    and both count files; otherwise the concatenated output and the day counts."""
+    if cfg.memory_map:
+        return ([(paths.reordered_day(i), records.shuffle) for i in range(paths.days)]
+                + [(paths.day_count_file(), records.parse), (paths.fea_count_file(), records.parse)])
+    return [(paths.output_file(), records.parse), (paths.day_count_file(), records.parse)]
+
+
+def _complete(cfg: PreprocessConfig, paths: CriteoPaths, records: _Records) -> bool:
+    return all(provenance.reusable(path, wanted)
+               for path, wanted in _final_files(cfg, paths, records))
+
+
+def _named_file_as_it_is(cfg: PreprocessConfig, log: Callable[[str], None]) -> Optional[str]:
+    """--processed-data-file when it exists without a provenance record (made by the reference or
+    an older version): used as it is, because the user named it (the loaders check its values
+    when they open it)."""
+    named = cfg.processed_data_file
+    if cfg.memory_map or not named or not os.path.exists(named) or provenance.read(named) is not None:
+        return None
+    log(f"note: using {named} as it is: it {provenance.NO_RECORD}, and you named it with "
+        "--processed-data-file; delete it to preprocess again")
+    return named
+
+
+def _without_raw_data(cfg: PreprocessConfig, paths: CriteoPaths, missing: DataError,
+                      log: Callable[[str], None]) -> str:
+    """The raw data is gone: the final files are used as they are if they all exist and those
+    with a record were made with this run's options; else ``missing`` is raised."""
+    records = _records(cfg, paths, source=[])
+    files = _final_files(cfg, paths, records)
+    named = cfg.processed_data_file
+    if not cfg.memory_map and named and os.path.exists(named):
+        files[0] = (named, records.parse)
+    if not all(os.path.exists(path) for path, _ in files):
+        raise missing
+    for path, wanted in files:
+        reason = provenance.mismatch(path, wanted, check_source=False)
+        if reason and reason != provenance.NO_RECORD:
+            raise DataError(f"{path} {reason}; the raw data to make it again is missing: {missing}")
+    read = paths.npzfile + "_*_reordered.npz" if cfg.memory_map else files[0][0]
+    log(f"note: the raw data is missing; using {read} as it is (what it was made from cannot be "
+        "checked)")
+    return paths.npzfile if cfg.memory_map else files[0][0]
+
+
+def _check_writable(directory: str, why: str) -> None:
+    """DataError naming ``directory`` unless a file can be created there."""
+    probe = os.path.join(directory, ".dlrm-write-test")
+    try:
+        remove_stale_temps(probe)
+        with atomic_open(probe):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise DataError(f"{directory}: cannot write there ({err.strerror or err}); {why}") from None
+
+
+def _pipeline_files(cfg: PreprocessConfig, paths: CriteoPaths) -> List[str]:
+    """Every file preprocessing may write."""
+    files = [paths.day_count_file(), paths.output_file(), cfg.processed_data_file or None]
+    files += _dictionary_files(paths)
+    for i in range(paths.days):
+        files += [paths.parsed_day(i), paths.processed_day(i), paths.reordered_day(i)]
+        files += [paths.intermediate_day(i, part) for part in ("y", "d", "s")]
+    return [path for path in files if path]
+
+
+def _prepare_directory(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+    """Fail at once (before any parsing) when the data directory, or the one of
+    --processed-data-file, cannot be written."""
+    _check_writable(os.path.abspath(paths.d_path), "preprocessing writes its files beside the "
+                                                    "raw data")
+    if cfg.processed_data_file and not cfg.memory_map:
+        directory = os.path.dirname(os.path.abspath(cfg.processed_data_file))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise DataError(f"{cfg.processed_data_file}: cannot write: {directory} is not a "
+                            "directory")
+        with writing(cfg.processed_data_file):
+            os.makedirs(directory, exist_ok=True)
+        _check_writable(directory, "the output is also written to --processed-data-file")
+
+
+def _remove_stale_temps(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
+    """Remove the temporary files an interrupted run left beside the files it was writing."""
+    for path in _pipeline_files(cfg, paths):
+        with writing(path):
+            remove_stale_temps(path)
+            remove_stale_temps(provenance.record_path(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------------
+
+def processed_data_ready(cfg: PreprocessConfig) -> bool:
+    """Whether ``preprocess_criteo(cfg, ...)`` would find everything done: the final files
+    were made from the raw data as it is now, with these options (or --processed-data-file exists
+    without a record, see ``preprocess_criteo``)."""
+    paths = check_config(cfg)
+    if _missing_raw_data(cfg, paths) is not None:
+        return False
+    named = cfg.processed_data_file
+    if not cfg.memory_map and named and os.path.exists(named) and provenance.read(named) is None:
+        return True
+    records = _records(cfg, paths)
+    ready = _complete(cfg, paths, records)
+    if ready and named and not cfg.memory_map:
+        return provenance.reusable(named, records.parse)
+    return ready
 
 
 def _replay_sub_sample_draws(cfg, paths, ranges, rng) -> None:
     """Draw the sub-sample uniforms of an already completed parse stage, so that later draws
-    match an uninterrupted run; needs the raw files to count lines."""
-    try:
-        ranges = ranges or _day_ranges(cfg, paths)
-    except DataError:
-        warnings.warn("raw files missing: cannot replay the sub-sampling draws, so the shuffle "
-                      "differs from an uninterrupted run", RuntimeWarning, stacklevel=3)
-        return
-    for text in ranges:
+    match an uninterrupted run (the raw files are there: their lines are counted)."""
+    for text in ranges or _day_ranges(cfg, paths):
         _advance_uniforms(rng, text.lines)
 
 
-def preprocess_criteo(cfg: PreprocessConfig, rng: np.random.RandomState) -> str:
-    """Run every stage of spec §3.2 that is not already complete; return the output path.
+def preprocess_criteo(cfg: PreprocessConfig, log: Callable[[str], None],
+                      rng: Optional[np.random.RandomState] = None) -> str:
+    """Run every preprocessing stage whose files cannot be reused; return the file to read.
 
-    Non-memmap: the concatenated ``<d_path><o_filename>.npz``; memmap: the ``npzfile`` stem (as
-    the reference's getCriteoAdData returns). Resumable; each stage's outputs appear atomically.
-    ``rng`` is the NumPy stream seeded with --numpy-rand-seed; see the module docstring for
-    what is drawn. Raises ConfigError for bad settings, DataError for missing or malformed data.
+    That is, without memory-map, --processed-data-file when given (made a name of the output),
+    else the concatenated ``<d_path><o_filename>.npz``; with memory-map, the ``npzfile`` stem (as
+    the reference's getCriteoAdData returns). Notes go to ``log``. The draws (see the module
+    docstring) come from a NumPy stream seeded with ``cfg.seed``, the same draws the reference
+    made from its global stream, which preprocessing was the first to use; ``rng``, when given,
+    is that stream (a test can then count the draws) and must still be as freshly seeded.
+
+    Reuse: a file is reused only when its provenance record (provenance.py) says it was made from
+    the raw files as they are now, with the options of this run that change it, in this format;
+    otherwise its stage is redone, with a note saying why. Files without a record (made by the
+    reference or an older version) are never reused, with two exceptions: an existing
+    --processed-data-file (the user named it), and the final files when the raw data is missing
+    (then they are all there is; those with a record must still match the options).
+    Resumable; each file appears atomically, its record after it. Raises ConfigError for bad
+    settings, DataError for missing, malformed or unwritable data.
     """
-    paths = _validate_config(cfg)
-    if _complete(cfg, paths):
-        _finish(cfg, paths)
-        return paths.npzfile if cfg.memory_map else paths.output_file()
-    plan, shuffle = _plan_days(paths), _plan_shuffle(cfg, paths)
+    paths = check_config(cfg)
+    rng = _stream(cfg, rng)
+    _remove_stale_temps(cfg, paths)
+    missing = _missing_raw_data(cfg, paths)
+    if missing is not None:
+        return _without_raw_data(cfg, paths, missing, log)
+    named = _named_file_as_it_is(cfg, log)
+    if named:
+        return named
+    records = _records(cfg, paths)
+    if _complete(cfg, paths, records):
+        return _finish(cfg, paths, records, log)
+    _prepare_directory(cfg, paths)
+    plan = _plan_days(paths, records.parse, log)
+    shuffle = _plan_shuffle(cfg, paths, records.shuffle, log)
     ranges = _day_ranges(cfg, paths) if plan.any_text else None
-    _check_disk_space(cfg, paths, plan, _line_estimates(ranges, paths))
+    output_done = provenance.reusable(paths.output_file(), records.parse)
+    _check_disk_space(cfg, paths, plan, _line_estimates(ranges, paths, plan), output_done)
     if plan.any_work:
         categorify = _categorify_parallel if cfg.multiprocessing else _categorify_sequential
         categorify(cfg, paths, plan, ranges, rng)
     if not plan.any_text and cfg.sub_sample_rate > 0 and shuffle.draws_needed(cfg, paths.days):
         _replay_sub_sample_draws(cfg, paths, ranges, rng)
-    day_rows = _write_day_counts(paths)
+    day_rows = _write_day_counts(paths, records.parse, log)
     if not cfg.memory_map:
-        if not os.path.exists(paths.output_file()):
-            _concatenate(paths, day_rows, cfg.progress)
-        _finish(cfg, paths)
-        return paths.output_file()
+        if not _reusable([paths.output_file()], records.parse, "the concatenation", log)[0]:
+            _concatenate(paths, day_rows, cfg.progress, records.parse)
+        return _finish(cfg, paths, records, log)
     if shuffle.pass1 or (cfg.randomize == "total" and shuffle.draws_needed(cfg, paths.days)):
-        _shuffle_pass1(paths, day_rows, cfg, rng, replay=not shuffle.pass1)
-    _shuffle_pass2(paths, day_rows, cfg, rng, shuffle.last_bucket)
+        _shuffle_pass1(paths, day_rows, cfg, rng, not shuffle.pass1, records.shuffle)
+    _shuffle_pass2(paths, day_rows, cfg, rng, shuffle)
     return paths.npzfile
 
 
-def _finish(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
-    if not cfg.memory_map:
-        _link_processed_name(cfg, paths)
+def _finish(cfg: PreprocessConfig, paths: CriteoPaths, records: _Records,
+            log: Callable[[str], None]) -> str:
+    if cfg.memory_map:
+        return paths.npzfile
+    return _link_processed_name(cfg, paths, records.parse, log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1768,12 +1622,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Preprocess the Criteo Kaggle/Terabyte raw data (spec §3.2).")
+    parser = _Parser(description="Preprocess the Criteo Kaggle/Terabyte raw data.")
     parser.add_argument("--data-set", default="kaggle", choices=["kaggle", "terabyte"])
     parser.add_argument("--raw-data-file", default="",
                         help="Kaggle: path of train.txt; Terabyte: day-file prefix (./input/day)")
     parser.add_argument("--processed-data-file", default="",
-                        help="also make the concatenated output available under this name")
+                        help="also make the concatenated output available under this name; an "
+                             "existing file there without a provenance record (made by the "
+                             "reference) is used as it is")
     parser.add_argument("--max-ind-range", type=int, default=-1,
                         help="if > 0, take categorical hashes modulo this (default -1: off)")
     parser.add_argument("--data-sub-sample-rate", type=float, default=0.0,
@@ -1794,18 +1650,26 @@ def config_from_args(ns: argparse.Namespace) -> PreprocessConfig:
         processed_data_file=ns.processed_data_file, max_ind_range=ns.max_ind_range,
         sub_sample_rate=ns.data_sub_sample_rate, randomize=ns.data_randomize,
         memory_map=ns.memory_map, multiprocessing=ns.dataset_multiprocessing,
-        progress=not ns.no_progress)
+        progress=not ns.no_progress, seed=ns.numpy_rand_seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Preprocess; print the output path. Errors: one ``error: ...`` line on stderr, exit 2."""
+    """Preprocess; print the output path (notes go to stderr). Errors: one ``error: ...`` line on
+    stderr, exit 2; Ctrl-C: ``error: interrupted``, exit 130."""
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
     try:
         ns = build_parser().parse_args(argv)
         cfg = config_from_args(ns)
-        output = preprocess_criteo(cfg, np.random.RandomState(ns.numpy_rand_seed))
+        output = preprocess_criteo(cfg, log)
     except (DLRMError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     print(output)
     return 0
 

@@ -3,12 +3,12 @@
 Every loader yields :class:`dlrm_common.Batch` objects, one whole mini-batch at a time (see that class
 for the layout). Dimension vocabulary: B batch, T tables, M dense features, N_t indices of table t.
 
-Random data (``--data-generation=random``) reproduces the reference's numbers exactly (spec §2.1,
-§7.3): every value is drawn from one NumPy legacy stream (``np.random.RandomState``), in the
-reference's order, and the stream is re-seeded whenever batch 0 is generated. Unlike the reference,
-the draws are made in large vectorised calls, not per sample.
+Random data (``--data-generation=random``) reproduces the reference's numbers exactly: every value
+is drawn from one NumPy legacy stream (``np.random.RandomState``), in the reference's order, and the
+stream is re-seeded whenever batch 0 is generated. Unlike the reference, the draws are made in large
+vectorised calls, not per sample.
 
-Run as a script, this file is the reference's trace-profiling tool (spec §2.2):
+Run as a script, this file is the reference's trace-profiling tool:
 ``python dlrm_data_pytorch.py --trace-file=... --dist-file=... --synthetic-file=...``.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RandomDataConfig:
-    """What the random and synthetic generators draw (spec §1.1 "Data", §2.1, §2.2).
+    """What the random and synthetic generators draw (the reference's data flags).
 
     Attributes:
         dense_dim: M, dense features per sample (the bottom MLP's input width).
@@ -49,7 +49,7 @@ class RandomDataConfig:
             and standard deviation.
         round_targets: targets rounded to 0/1.
         seed: the seed that batch 0 re-seeds the stream with.
-        generation: "random" or "synthetic" (trace-based indices, spec §2.2).
+        generation: "random" or "synthetic" (trace-based indices).
         trace_file: synthetic only: the distribution-file template (``j`` = table number).
         trace_padding: synthetic only: ``--data-trace-enable-padding``.
         fix_reference_bugs: test batches from their own stream (seed + 1) instead of the training
@@ -265,7 +265,7 @@ def _gaussian_tables(
 def generate_random_batch(rng: np.random.RandomState, n: int, cfg: RandomDataConfig) -> Batch:
     """Draw one batch of n samples exactly as the reference's ``generate_dist_input_batch``.
 
-    Draw order (spec §2.1, §7.3): dense ``rand(n, M)``; then per table, per sample, the bag size
+    Draw order (the reference's): dense ``rand(n, M)``; then per table, per sample, the bag size
     (``random(1)``, unless fixed) and the bag's indices; then targets ``rand(n, 1)``.
 
     Returns:
@@ -304,20 +304,21 @@ class RandomDataset(torch.utils.data.Dataset):
     """Random (or trace-based synthetic) batches; item i is the whole batch i.
 
     Generating batch 0 re-seeds ``rng`` with ``cfg.seed``, so every epoch sees the same data, as in
-    the reference (spec §2.1). Batches must be generated in order, since each continues the stream
+    the reference. Batches must be generated in order, since each continues the stream
     where the previous one stopped.
 
     Args:
         cfg: what to draw.
         rng: the stream to draw from (the reference's global NumPy stream).
-        warn: where the synthetic generator reports out-of-range trace indices.
+        log: where the synthetic generator reports out-of-range trace indices. Random generation
+            never logs, so by default (and only here) messages are dropped.
     """
 
     def __init__(self, cfg: RandomDataConfig, rng: np.random.RandomState,
-                 warn: Callable[[str], None] = print):
+                 log: Callable[[str], None] = lambda message: None):
         self.cfg = cfg
         self.rng = rng
-        self.warn = warn
+        self.log = log
         self._distributions = None
         if cfg.generation == "synthetic":
             self._distributions = self._read_distributions()
@@ -342,10 +343,7 @@ class RandomDataset(torch.utils.data.Dataset):
             return generate_random_batch(self.rng, n, cfg)
         from synthetic_trace import generate_synthetic_batch
 
-        return generate_synthetic_batch(
-            self.rng, n, cfg.dense_dim, cfg.table_sizes, cfg.num_indices_per_lookup, cfg.fixed,
-            self._distributions, cfg.trace_padding, cfg.round_targets, warn=self.warn,
-        )
+        return generate_synthetic_batch(self.rng, n, cfg, self._distributions, self.log)
 
 
 class BatchLoader:
@@ -367,7 +365,7 @@ class BatchLoader:
 
 
 def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomState,
-                                 warn: Callable[[str], None] = print):
+                                 log: Callable[[str], None]):
     """Train and test data for ``--data-generation=random`` or ``synthetic``.
 
     As in the reference, the test batches are the training batches: the same data set, drawn from
@@ -375,16 +373,17 @@ def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomSta
     the following training batches draw from, and the printed test accuracy is measured on the
     training data. With ``cfg.fix_reference_bugs`` the test set has its own stream, seeded with
     seed + 1: training numbers then do not depend on whether or how often you test.
+    ``log`` receives the synthetic generator's warnings about out-of-range trace addresses.
 
     Returns:
         (train_data, train_loader, test_data, test_loader).
     """
-    train_data = RandomDataset(cfg, rng, warn)
+    train_data = RandomDataset(cfg, rng, log)
     if cfg.fix_reference_bugs:
         test_cfg = RandomDataConfig(**{**cfg.__dict__, "seed": cfg.seed + 1})
-        test_data = RandomDataset(test_cfg, np.random.RandomState(test_cfg.seed), warn)
+        test_data = RandomDataset(test_cfg, np.random.RandomState(test_cfg.seed), log)
     else:
-        test_data = RandomDataset(cfg, rng, warn)
+        test_data = RandomDataset(cfg, rng, log)
     return train_data, BatchLoader(train_data), test_data, BatchLoader(test_data)
 
 

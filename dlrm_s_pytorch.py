@@ -249,7 +249,7 @@ class RunConfig:
 
     @property
     def random_data(self) -> bool:
-        return not hasattr(self.data, "data_set")
+        return not hasattr(self.data, "preprocess")
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
@@ -396,13 +396,15 @@ def _data_config(f: dict):
         validate_random_config(cfg)
         return cfg
     from criteo_data import CriteoLoaderConfig
+    from data_utils import PreprocessConfig
 
-    return CriteoLoaderConfig(
+    preprocess = PreprocessConfig(
         data_set=f["data_set"], raw_data_file=f["raw_data_file"], processed_data_file=f["processed_data_file"],
         max_ind_range=f["max_ind_range"], sub_sample_rate=f["data_sub_sample_rate"], randomize=f["data_randomize"],
-        memory_map=f["memory_map"], dataset_multiprocessing=f["dataset_multiprocessing"],
-        batch_size=f["batch_size"], test_batch_size=f["test_batch_size"], num_workers=f["num_workers"],
-        test_num_workers=f["test_num_workers"], mlperf_logging=f["mlperf_logging"],
+        memory_map=f["memory_map"], multiprocessing=f["dataset_multiprocessing"], seed=f["seed"])
+    return CriteoLoaderConfig(
+        preprocess=preprocess, batch_size=f["batch_size"], test_batch_size=f["test_batch_size"],
+        num_workers=f["num_workers"], test_num_workers=f["test_num_workers"], mlperf_logging=f["mlperf_logging"],
         mlperf_bin_loader=f["mlperf_bin_loader"], mlperf_bin_shuffle=f["mlperf_bin_shuffle"])
 
 
@@ -462,13 +464,14 @@ def make_data(cfg: RunConfig, rng: np.random.RandomState, log: Logger) -> Data:
     if cfg.random_data:
         from dlrm_data_pytorch import make_random_data_and_loaders
 
-        _, train_ld, _, test_ld = make_random_data_and_loaders(cfg.data, rng, warn=log)
+        _, train_ld, _, test_ld = make_random_data_and_loaders(cfg.data, rng, log.warn)
         return Data(train_ld, test_ld, cfg.data.table_sizes, cfg.data.dense_dim)
     from criteo_data import make_criteo_data_and_loaders
 
-    # Preprocessing gets its own stream with the run's seed: the same draws as the reference's (it
-    # was the first consumer there), and the training stream no longer depends on whether it ran.
-    data = make_criteo_data_and_loaders(cfg.data, rng, log=log, preprocess_rng=np.random.RandomState(cfg.system.seed))
+    # Preprocessing draws from its own stream seeded with the run's seed: the same draws as the
+    # reference's (it was the first consumer there), and the training stream does not depend on
+    # whether it ran.
+    data = make_criteo_data_and_loaders(cfg.data, rng, log=log)
     return Data(data.train_loader, data.test_loader, data.table_sizes, data.dense_dim)
 
 

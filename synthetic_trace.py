@@ -1,4 +1,4 @@
-"""Trace-based synthetic embedding indices and the trace-profiling tool (spec §2.2).
+"""Trace-based synthetic embedding indices and the trace-profiling tool.
 
 A *trace* is a sequence of line addresses (embedding rows). Profiling a trace measures the LRU
 stack distance of every access: 0 for the first access to an address (a "new reference"), else
@@ -19,10 +19,10 @@ Standalone use (``python dlrm_data_pytorch.py`` runs :func:`trace_main`)::
     python dlrm_data_pytorch.py --trace-file=./input/trace.log --dist-file=./input/dist.log \\
         --synthetic-file=./input/trace_synthetic.log
 
-Randomness: every draw comes from an explicit ``np.random.RandomState`` in the reference's order
-(spec §2.1, §2.2, §7.3): one uniform per generated access, and for a batch: dense ``rand(B, M)``,
-then per table and sample a bag-size ``random_sample(1)`` (unless fixed) followed by the bag's trace
-draws, then targets ``rand(B, 1)``.
+Randomness: every draw comes from an explicit ``np.random.RandomState`` in the reference's order:
+one uniform per generated access, and for a batch: dense ``rand(B, M)``, then per table and sample a
+bag-size ``random_sample(1)`` (unless fixed) followed by the bag's trace draws, then targets
+``rand(B, 1)``.
 
 Dimension vocabulary: B samples in a batch, M dense features, T tables, N_t indices of table t,
 U unique line addresses, K distinct stack distances, L trace length.
@@ -35,13 +35,17 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from atomic_io import atomic_open
 from dlrm_common import Batch, ConfigError, DataError, DLRMError, parse_bool
+
+if TYPE_CHECKING:
+    from dlrm_data_pytorch import RandomDataConfig
 
 _CDF_TOLERANCE = 1e-6  # how far the last cumulative probability may sit from 1.0
 _PROGRESS_CHUNK = 1 << 16  # accesses between progress-bar updates
@@ -151,15 +155,11 @@ def _read_text(path: str) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path.tmp<pid>`` and rename it over ``path``; DataError on failure."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
+    """Write ``data`` under a temporary name and rename it over ``path``; DataError on failure."""
     try:
-        with open(tmp_path, "wb") as handle:
+        with atomic_open(path) as handle:
             handle.write(data)
-        os.replace(tmp_path, path)
     except OSError as err:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
         raise DataError(f"{path}: cannot write ({err.strerror})") from None
 
 
@@ -187,7 +187,7 @@ def _format_line(values: Iterable) -> str:
 
 
 def read_distribution(path: str) -> TraceDistribution:
-    """Read a three-line distribution file (addresses / distances / cdf, spec §2.2).
+    """Read a three-line distribution file (addresses / distances / cdf).
 
     Raises DataError naming the file (and line) if it is missing, malformed or inconsistent.
     """
@@ -254,7 +254,7 @@ def distribution_paths(template: str, num_tables: int) -> List[str]:
     (basename) replaced by the table number, e.g. ``./input/dist_emb_j.log`` ->
     ``./input/dist_emb_0.log``, ``./input/dist_emb_1.log``, ...
 
-    The reference replaced every ``j`` in the whole path (spec §8 bug 19), so
+    The reference replaced every ``j`` in the whole path, so
     ``/home/joe/dist_emb_j.log`` pointed into ``/home/0oe/``. A name without ``j`` is used for
     every table.
     """
@@ -312,12 +312,12 @@ def _stack_distances(trace: Sequence[int], show_progress: bool) -> Tuple[list, n
 
 def profile_trace(trace: Sequence[int], enable_padding: bool = False, *,
                   show_progress: bool = False) -> TraceDistribution:
-    """Measure the stack-distance distribution of a trace (spec §2.2, standalone mode).
+    """Measure the stack-distance distribution of a trace (the reference's standalone mode).
 
     Args:
         trace: (L,) integer addresses, L >= 1.
         enable_padding: add ceil(L / largest distance) extra distance-0 accesses to the empirical
-            distribution (the reference crashed here, spec §8 bug 19; no padding when every
+            distribution (the reference crashed with this option; no padding when every
             access is new, where the reference would divide by zero).
         show_progress: tqdm bar on stderr.
 
@@ -341,7 +341,7 @@ def profile_trace(trace: Sequence[int], enable_padding: bool = False, *,
 
 
 class _LRUTraceGenerator:
-    """Replays sampled stack distances against an LRU stack (spec §2.2), one trace at a time.
+    """Replays sampled stack distances against an LRU stack, one trace at a time.
 
     The reference keeps the full address list and rotates it. Because a distance never exceeds
     the number of new references made so far, only the first L addresses can be reached in a
@@ -403,7 +403,7 @@ def generate_lru_trace(rng: np.random.RandomState, dist: TraceDistribution, leng
         dist: the distribution (new references are taken from ``dist.line_accesses`` in order).
         length: L, number of accesses.
         enable_padding: once the new references reach the largest distance, never draw
-            distance 0 again (spec §2.2).
+            distance 0 again (as the reference).
 
     Returns:
         (L,) addresses, int64 (uint64 for a uint64 distribution).
@@ -414,7 +414,7 @@ def generate_lru_trace(rng: np.random.RandomState, dist: TraceDistribution, leng
 
 
 def _bag_size(rng: np.random.RandomState, table_size: int, num_indices: int, fixed: bool) -> int:
-    """Bag size (spec §2.1): k if fixed, else round-half-even(max(1, r * min(s, k)))."""
+    """Bag size, as the reference: k if fixed, else round-half-even(max(1, r * min(s, k)))."""
     if fixed:
         return num_indices
     r = rng.random_sample(1)[0]
@@ -423,15 +423,15 @@ def _bag_size(rng: np.random.RandomState, table_size: int, num_indices: int, fix
 
 def _table_bags(rng: np.random.RandomState, generator: _LRUTraceGenerator, table: int,
                 table_size: int, batch_size: int, num_indices: int, fixed: bool,
-                warn: Callable[[str], None]) -> List[np.ndarray]:
+                log: Callable[[str], None]) -> List[np.ndarray]:
     """The B bags of one table: sorted unique trace addresses, taken modulo s if out of range."""
     bags = []
     for sample in range(batch_size):
         size = _bag_size(rng, table_size, num_indices, fixed)
         bag = np.unique(generator.trace(rng.rand(size)))
         if bag[0] < 0 or bag[-1] >= table_size:  # sorted: the ends are the extremes
-            warn(f"WARNING: table {table} sample {sample}: trace addresses outside "
-                 f"[0, {table_size}), taking them modulo {table_size}")
+            log(f"WARNING: table {table} sample {sample}: trace addresses outside "
+                f"[0, {table_size}), taking them modulo {table_size}")
             bag = np.mod(bag, table_size)
         bags.append(bag.astype(np.int64))
     return bags
@@ -449,44 +449,43 @@ def _check_batch_config(batch_size: int, dense_dim: int, table_sizes: Sequence[i
         raise ConfigError(f"{len(distributions)} trace distributions for {len(table_sizes)} tables")
 
 
-def generate_synthetic_batch(rng: np.random.RandomState, batch_size: int, dense_dim: int,
-                             table_sizes: Sequence[int], num_indices_per_lookup: int, fixed: bool,
-                             distributions: Sequence[TraceDistribution], enable_padding: bool,
-                             round_targets: bool, warn: Callable[[str], None] = print) -> Batch:
-    """One mini-batch of trace-based synthetic data (spec §2.1 draws, §2.2 indices).
+def generate_synthetic_batch(rng: np.random.RandomState, batch_size: int, cfg: "RandomDataConfig",
+                             distributions: Sequence[TraceDistribution],
+                             log: Callable[[str], None]) -> Batch:
+    """One mini-batch of trace-based synthetic data, drawn as the reference draws it.
 
     Draw order (the reference's): dense ``rand(B, M)``; for each table t, for each sample: bag
     size (``random_sample(1)`` unless ``fixed``) then one uniform per trace access; targets
     ``rand(B, 1)``. Each bag is ``unique`` of a fresh LRU trace from table t's distribution; a bag
-    with addresses outside [0, s_t) triggers one ``warn("WARNING: ...")`` and is taken modulo s_t.
+    with addresses outside [0, s_t) triggers one ``log("WARNING: ...")`` and is taken modulo s_t.
 
     Args:
         rng: the NumPy legacy stream (seeded by the caller with ``--numpy-rand-seed``).
-        batch_size: B.  dense_dim: M.  table_sizes: (T,) rows s_t of each table.
-        num_indices_per_lookup: k, the bag size (fixed) or its upper bound.
-        fixed: every bag has k accesses instead of a random count.
-        distributions: (T,) one distribution per table, read once by the caller
-            (the reference re-read the file for every sample, spec §8 bug 19).
-        enable_padding: see :func:`generate_lru_trace`.
-        round_targets: round the targets to 0/1.
-        warn: receives the out-of-range warnings.
+        batch_size: B.
+        cfg: what to draw: ``dense_dim`` (M), ``table_sizes`` (T rows s_t),
+            ``num_indices_per_lookup`` (k, the bag size when ``fixed``, else its upper bound),
+            ``trace_padding`` (see :func:`generate_lru_trace`) and ``round_targets`` (0/1 targets).
+        distributions: (T,) one distribution per table, read once by the caller (the reference
+            re-read the file for every sample).
+        log: receives the out-of-range warnings.
 
     Returns:
         Batch with dense_x (B, M) float32, offsets (T, B) int64, indices a list of T (N_t,) int64
         tensors, labels (B, 1) float32.
     """
-    _check_batch_config(batch_size, dense_dim, table_sizes, num_indices_per_lookup, distributions)
-    dense_x = rng.rand(batch_size, dense_dim).astype(np.float32)
-    offsets = np.zeros((len(table_sizes), batch_size), dtype=np.int64)
+    _check_batch_config(batch_size, cfg.dense_dim, cfg.table_sizes, cfg.num_indices_per_lookup,
+                        distributions)
+    dense_x = rng.rand(batch_size, cfg.dense_dim).astype(np.float32)
+    offsets = np.zeros((len(cfg.table_sizes), batch_size), dtype=np.int64)
     indices = []
-    for table, (size, dist) in enumerate(zip(table_sizes, distributions)):
-        generator = _LRUTraceGenerator(dist, enable_padding)
-        bags = _table_bags(rng, generator, table, size, batch_size, num_indices_per_lookup,
-                           fixed, warn)
+    for table, (size, dist) in enumerate(zip(cfg.table_sizes, distributions)):
+        generator = _LRUTraceGenerator(dist, cfg.trace_padding)
+        bags = _table_bags(rng, generator, table, size, batch_size, cfg.num_indices_per_lookup,
+                           cfg.fixed, log)
         offsets[table, 1:] = np.cumsum([len(bag) for bag in bags])[:-1]
         indices.append(torch.from_numpy(np.concatenate(bags)))
     labels = rng.rand(batch_size, 1).astype(np.float32)
-    if round_targets:
+    if cfg.round_targets:
         labels = np.round(labels)
     return Batch(torch.from_numpy(dense_x), torch.from_numpy(offsets), indices,
                  torch.from_numpy(labels))
@@ -504,7 +503,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def build_trace_parser() -> argparse.ArgumentParser:
-    """The standalone tool's flags (reference spellings and defaults, spec §2.2)."""
+    """The standalone tool's flags (the reference's spellings and defaults)."""
     parser = argparse.ArgumentParser(
         description="Profile a memory-access trace into a stack-distance distribution file, then "
                     "generate a synthetic LRU trace of the same length from it.",

@@ -23,7 +23,7 @@ from dlrm_data_pytorch import RandomDataConfig, generate_random_batch  # noqa: E
 
 
 def per_sample_batch(rng, n, cfg):
-    """The reference's algorithm (spec §2.1): NumPy calls per sample and per table."""
+    """The reference's algorithm: NumPy calls per sample and per table."""
     dense = rng.rand(n, cfg.dense_dim).astype(np.float32)
     offsets, indices = [], []
     for size in cfg.table_sizes:

@@ -1,7 +1,7 @@
 """Benchmark: milliseconds per training batch of the Kaggle-shaped Criteo loaders (criteo_data.py).
 
 Writes a processed Kaggle-like data set of ``--rows`` samples (random values, the real Kaggle table
-sizes of spec §2.3) in the preprocessing's formats: the all-days processed npz, the day and feature
+sizes) in the preprocessing's formats: the all-days processed npz, the day and feature
 counts and the seven reordered day files, twice: uncompressed as data_utils.py writes them (read in
 place) and compressed as the reference writes them (read through a row cache). Then, for each, in
 the in-memory mode (randomize total and none) and the memory-map mode, it builds the loaders with
@@ -28,6 +28,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import criteo_data  # noqa: E402
+from atomic_io import atomic_open  # noqa: E402
+from data_utils import PreprocessConfig  # noqa: E402
+from npz_io import save_npz  # noqa: E402
 
 KAGGLE_TABLE_SIZES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
                       3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105,
@@ -51,18 +54,16 @@ def write_fake_processed(data_dir: str, rows: int, compressed: bool,
     day_sizes = [rows // 7 + (1 if d < rows % 7 else 0) for d in range(7)]
     x_int = np.floor(np.exp(gen.normal(1.5, 1.5, size=(rows, 13)))).astype(np.int32)
     x_cat = np.floor(gen.random((rows, 26)) * counts).astype(np.float64 if compressed else np.int32)
-    save = np.savez_compressed if compressed else np.savez
     y = (gen.random(rows) < 0.25).astype(np.int32)
     stem = os.path.join(data_dir, "train")
-    np.savez_compressed(stem + "_day_count.npz", total_per_file=np.array(day_sizes))
-    np.savez_compressed(stem + "_fea_count.npz", counts=counts)
+    save_npz(stem + "_day_count.npz", compressed=True, total_per_file=np.array(day_sizes))
+    save_npz(stem + "_fea_count.npz", compressed=True, counts=counts)
     bounds = np.cumsum([0] + day_sizes)
     for day in range(7):
         part = slice(bounds[day], bounds[day + 1])
-        save(f"{stem}_day_{day}_reordered.npz", X_int=x_int[part].astype(np.float64),
-             X_cat=x_cat[part], y=y[part].astype(np.float64))
-    save(processed + ".tmp.npz", X_cat=x_cat, X_int=x_int, y=y, counts=counts)
-    os.replace(processed + ".tmp.npz", processed)
+        save_npz(f"{stem}_day_{day}_reordered.npz", compressed=compressed,
+                 X_int=x_int[part].astype(np.float64), X_cat=x_cat[part], y=y[part].astype(np.float64))
+    save_npz(processed, compressed=compressed, X_cat=x_cat, X_int=x_int, y=y, counts=counts)
     return {"raw": raw, "processed": processed}
 
 
@@ -134,6 +135,11 @@ def measure_per_sample(cfg, args) -> Dict[str, str]:
                 [time_batches(loader, batches) for _ in range(3)])
 
 
+def loader_config(data: PreprocessConfig, batch_size: int) -> criteo_data.CriteoLoaderConfig:
+    return criteo_data.CriteoLoaderConfig(preprocess=data, batch_size=batch_size,
+                                          test_batch_size=16384)
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     with open("/proc/cpuinfo") as info:
@@ -156,7 +162,8 @@ def write_results(path: str, args, rows: List[Dict[str, str]]) -> None:
              f"process (num_workers=0). Times are ms per batch over {args.batches} batches, median "
              f"and min-max over {args.repeats} repeats; the files sit in the page cache (just written). "
              "Build = first construction (writes the row caches of compressed files) / later "
-             "construction.", "",
+             "construction; both check every value once, as for any file without a provenance "
+             "record.", "",
              "| mode | access | ms/batch median | spread (min-max) | build cold / warm |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['access']} | {r['median']} | {r['spread']} | {r['build']} |"
@@ -167,10 +174,8 @@ def write_results(path: str, args, rows: List[Dict[str, str]]) -> None:
               "", f"The slowest median of the batch loaders is {worst:.3f} ms, so loading stays "
               f"under 10% of any training step longer than {10 * worst:.2f} ms. The last row (one "
               "sample at a time, then the reference's collate) is for context only."]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as out:
+    with atomic_open(path, "w") as out:
         out.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -190,16 +195,15 @@ def main(argv=None) -> int:
     for layout, compressed in (("in place", False), ("compressed, row cache", True)):
         data_dir = os.path.join(args.data_dir, "compressed" if compressed else "uncompressed")
         files = write_fake_processed(data_dir, args.rows, compressed)
-        base = dict(data_set="kaggle", raw_data_file=files["raw"],
-                    processed_data_file=files["processed"], batch_size=args.batch_size,
-                    test_batch_size=16384, progress=False)
-        in_place = in_place or base
+        data = dict(data_set="kaggle", raw_data_file=files["raw"],
+                    processed_data_file=files["processed"], progress=False)
+        in_place = in_place or data
         for name, extra in modes:
-            cfg = criteo_data.CriteoLoaderConfig(**base, **extra)
+            cfg = loader_config(PreprocessConfig(**data, **extra), args.batch_size)
             rows += measure_mode(f"{layout}: {name}", cfg, data_dir, args)
             print(rows[-2], rows[-1], sep="\n", flush=True)
-    rows.append(measure_per_sample(criteo_data.CriteoLoaderConfig(**in_place, randomize="total"),
-                                   args))
+    cfg = loader_config(PreprocessConfig(**in_place, randomize="total"), args.batch_size)
+    rows.append(measure_per_sample(cfg, args))
     print(rows[-1])
     write_results(args.results, args, rows)
     return 0

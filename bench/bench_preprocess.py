@@ -26,7 +26,6 @@ ROOT = os.path.dirname(HERE)
 _CHILD = r"""
 import json, sys, time
 sys.path[:0] = [{root!r}]
-import numpy as np
 import data_utils
 
 def high_water_kb():  # VmHWM: peak RSS of this process image (ru_maxrss survives exec)
@@ -37,7 +36,7 @@ base = high_water_kb()
 cfg = data_utils.PreprocessConfig("kaggle", {raw!r}, progress=False, multiprocessing={mp},
                                   memory_map={mm})
 start = time.perf_counter()
-data_utils.preprocess_criteo(cfg, np.random.RandomState(123))
+data_utils.preprocess_criteo(cfg, lambda message: None)
 seconds = time.perf_counter() - start
 print(json.dumps(dict(seconds=seconds, import_rss_kb=base, peak_rss_kb=high_water_kb())))
 """

@@ -5,7 +5,7 @@ Runs ``dlrm_s_pytorch.py`` as a user would, with ``--print-freq=1 --print-time``
 to end (data generation + forward/backward/update + printing); the printed ms/it is the compute
 part only (what the reference reports). Also times building the model (start to first line).
 
-    python bench/bench_random.py                     # 8 x 1M x 64, batch 2048, 100 lookups (spec §6.3)
+    python bench/bench_random.py                     # the reference's CPU benchmark: 8 x 1M x 64, batch 2048
     python bench/bench_random.py --iters 30 --repeats 3
     python bench/bench_random.py --kaggle-build      # time building the Kaggle-shaped model only
     python bench/bench_random.py --kaggle-step       # a Kaggle-model training step at batch 128

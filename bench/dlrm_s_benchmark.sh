@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The reference's CPU benchmark (spec §6.3) on random data: 8 tables of 1M rows, dim 64, batch 2048.
-# Prints the best ms/it of the run (the reference's script parsed a stale log format, spec §8 bug 28).
+# The reference's CPU benchmark on random data: 8 tables of 1M rows, dim 64, batch 2048.
+# Prints the best ms/it of the run (the reference's script parsed a stale log format).
 #   bash bench/dlrm_s_benchmark.sh ["--num-batches=100"]
 set -euo pipefail
 cd "$(dirname "$0")/.."

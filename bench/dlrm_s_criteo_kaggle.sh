@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Criteo Kaggle (spec §6.3): put train.txt in ./input/ first. Extra flags are passed through:
+# Criteo Kaggle: put train.txt in ./input/ first. Extra flags are passed through:
 #   bash bench/dlrm_s_criteo_kaggle.sh "--nepochs=2"
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Criteo Terabyte (spec §6.3): unzip day_0 ... day_23 into ./input/ first. Extra flags pass through.
+# Criteo Terabyte: unzip day_0 ... day_23 into ./input/ first. Extra flags pass through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dlrm_extra_option=${1:-""}

@@ -1,4 +1,4 @@
-"""Write realistic fake Criteo raw files (spec §3.1) for tests and benchmarks.
+"""Write realistic fake Criteo raw files for tests and benchmarks.
 
 Each line is ``label \\t I1..I13 \\t C1..C26 \\n``: a 0/1 label (about 25% positives), 13 integer
 counts (log-normal, some empty, a few negative in I2 as in the real data) and 26 categorical
@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import List, Tuple
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from atomic_io import atomic_open  # noqa: E402
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -106,12 +111,10 @@ def _assemble_lines(fields) -> bytes:
 def _write_lines(path: str, n_lines: int, cols: _FakeColumns, rng: np.random.Generator) -> None:
     """Write ``n_lines`` fake lines to ``path`` (atomically)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as out:
+    with atomic_open(path) as out:
         for start in range(0, n_lines, CHUNK_LINES):
             n = min(CHUNK_LINES, n_lines - start)
             out.write(_assemble_lines(_chunk_fields(n, cols, rng)))
-    os.replace(tmp, path)
 
 
 def write_fake_kaggle(path: str, n_lines: int, seed: int = 0) -> str:

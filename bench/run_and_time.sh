@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MLPerf Terabyte configuration (spec §6.3): binary files, AUC target 0.8025. Needs day_0 ...
+# The MLPerf Terabyte configuration: binary files, AUC target 0.8025. Needs day_0 ...
 # day_23 in ./input/; `pip install mlperf-logging` for the MLPerf events. Extra flags pass through.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -56,7 +56,7 @@ def train_config(c: dict, info: DistInfo, seed: int = 7) -> List[Dict[str, torch
     data = RandomDataset(RandomDataConfig(dense_dim=c["bottom"][0], table_sizes=c["tables"], batch_size=c["batch"],
                                           num_batches=STEPS, num_indices_per_lookup=c["bag"],
                                           fixed=c.get("fixed", False), round_targets=True, seed=seed),
-                         np.random.RandomState(seed), warn=Logger(info).warn)
+                         np.random.RandomState(seed), Logger(info).warn)
     states = []
     for j in range(STEPS):
         train_step(parts, tcfg, data[j], j)

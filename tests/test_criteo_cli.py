@@ -1,4 +1,5 @@
 """End to end: train from a raw Criteo Kaggle file through the command line."""
+import errno
 import os
 import sys
 
@@ -46,3 +47,33 @@ def test_missing_raw_file_is_one_line_error(run_main, tmp_path):
     code, _, err = run_main(*KAGGLE_MODEL, f"--raw-data-file={tmp_path}/train.txt")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "train.txt" in err
+
+
+def test_full_disk_while_preprocessing_is_one_line_error(run_main, raw_kaggle, tmp_path, monkeypatch):
+    import npz_io
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(npz_io, "_pwrite_all", full)
+    os.link(raw_kaggle, tmp_path / "train.txt")
+    code, _, err = run_main(*KAGGLE_MODEL, f"--raw-data-file={tmp_path / 'train.txt'}")
+    # (progress bars go to stderr before it)
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert err.endswith(f"error: {tmp_path / 'train_day_0.npz'}: cannot write (No space left on device)\n")
+
+
+def test_bad_id_in_a_file_from_elsewhere_is_one_line_error_before_training(run_main, tmp_path):
+    gen = np.random.default_rng(0)
+    n, counts = 700, np.full(26, 50, dtype=np.int32)
+    x_cat = gen.integers(0, 50, (n, 26))
+    x_cat[321, 7] = 50  # one past the end of table 8
+    named = tmp_path / "from_elsewhere.npz"
+    np.savez_compressed(named, X_cat=x_cat.astype(np.float64), X_int=gen.integers(0, 9, (n, 13)),
+                        y=gen.integers(0, 2, n), counts=counts)
+    np.savez_compressed(tmp_path / "train_day_count.npz", total_per_file=np.full(7, 100))
+    code, out, err = run_main(*KAGGLE_MODEL, f"--raw-data-file={tmp_path / 'train.txt'}",
+                              f"--processed-data-file={named}")
+    assert code == 2 and "Finished training" not in out and err.count("error:") == 1
+    assert err.endswith(f"error: {named}: row 321: sparse feature C8 has id 50, outside the 50 of "
+                        "its table (the count stored with the data)\n")

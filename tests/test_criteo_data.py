@@ -1,16 +1,15 @@
-"""Tests of criteo_data.py: the Criteo datasets and loaders (spec §2.3, §2.4, §3.3, §3.4).
+"""Tests of criteo_data.py: the Criteo datasets and loaders.
 
-Tiny processed datasets are written in tmp_path in the spec's formats. The expected batches come
+Tiny processed datasets are written in tmp_path in the reference's formats. The expected batches come
 from a plain implementation of the reference's semantics written here: per-sample indexing into
 Python lists, a per-row log transform and Python batching.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +17,9 @@ import pytest
 import torch
 
 import criteo_data as cd
+import data_utils as du
+import npz_io
+import provenance
 from dlrm_common import Batch, ConfigError, DataError
 
 KAGGLE_DAY_SIZES = [150, 170, 130, 160, 140, 155, 61]      # odd last day: test takes ceil(61/2)
@@ -26,7 +28,7 @@ COUNTS = np.array([13, 7, 300, 250, 5, 24, 40, 60, 3, 90, 55, 280, 31, 27, 149, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Writing data in the spec's formats (§3.2 steps 3-7) and a stand-in for data_utils
+# Writing data in the reference's formats, and a stand-in for the preprocessing
 # --------------------------------------------------------------------------------------------------
 
 def make_rows(day_sizes, seed=0):
@@ -41,8 +43,8 @@ def make_rows(day_sizes, seed=0):
     return x_int, x_cat, y
 
 
-def spec_paths(data_set, raw_data_file):
-    """File names of spec §2.3/§3.2, written out literally for the tests."""
+def reference_paths(data_set, raw_data_file):
+    """The reference's file names, written out literally for the tests."""
     d_path = os.path.dirname(raw_data_file) + "/"
     base = os.path.basename(raw_data_file)
     d_file = base.split(".")[0] if data_set == "kaggle" else base
@@ -65,7 +67,7 @@ def write_dataset(tmp_path, data_set, day_sizes, rows, compressed=True, x_cat_dt
     """
     x_int, x_cat, y = rows
     raw = str(tmp_path / ("train.txt" if data_set == "kaggle" else "day"))
-    paths = spec_paths(data_set, raw)
+    paths = reference_paths(data_set, raw)
     save = np.savez_compressed if compressed else np.savez
     np.savez_compressed(paths.day_count_file(), total_per_file=np.array(day_sizes))
     np.savez_compressed(paths.fea_count_file(), counts=COUNTS)
@@ -83,16 +85,21 @@ def without_notes(logs):
     return [line for line in logs if not line.startswith("note: ")]
 
 
+def quiet(message):
+    """A log that drops every message."""
+
+
+def already_processed(cfg, log, rng=None):
+    """What preprocess_criteo returns when every file is there: the file (or stem) to read."""
+    paths = du.criteo_paths(cfg.data_set, cfg.raw_data_file)
+    return paths.npzfile if cfg.memory_map else cfg.processed_data_file or paths.output_file()
+
+
 @pytest.fixture
 def fake_data_utils(monkeypatch):
-    """data_utils stand-in: spec file names; data always ready unless a test says otherwise."""
-    module = types.ModuleType("data_utils")
-    module.criteo_paths = spec_paths
-    module.PreprocessConfig = lambda **fields: SimpleNamespace(**fields)
-    module.processed_data_ready = lambda cfg: True
-    module.preprocess_criteo = lambda cfg, rng: pytest.fail("preprocessing was not expected")
-    monkeypatch.setitem(sys.modules, "data_utils", module)
-    return module
+    """Preprocessing stand-in: the data written by the test is ready as it is."""
+    monkeypatch.setattr(du, "preprocess_criteo", already_processed)
+    return monkeypatch
 
 
 @pytest.fixture
@@ -147,11 +154,14 @@ def assert_same_batches(actual, expected):
 
 
 def config(fixture, **overrides):
+    """A CriteoLoaderConfig; ``overrides`` may name fields of it or of its PreprocessConfig."""
     fields = dict(data_set="kaggle", raw_data_file=fixture.raw,
                   processed_data_file=fixture.processed, batch_size=32, test_batch_size=50,
                   randomize="none", progress=False)
     fields.update(overrides)
-    return cd.CriteoLoaderConfig(**fields)
+    loader_fields = {f.name for f in dataclasses.fields(cd.CriteoLoaderConfig)}
+    loader = {name: fields.pop(name) for name in list(fields) if name in loader_fields}
+    return cd.CriteoLoaderConfig(preprocess=du.PreprocessConfig(**fields), **loader)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +200,7 @@ def test_batches_and_draws_match_the_reference(kaggle, randomize):
 
 
 def test_val_split_is_the_second_half_of_the_last_day(kaggle):
-    split = cd.load_criteo_split(config(kaggle), "val", np.random.RandomState(0), lambda _: None)
+    split = cd.load_criteo_split(config(kaggle).preprocess, "val", np.random.RandomState(0), quiet)
     expected = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "val", "none", None)
     assert_same_batches([split.batch(0, len(split))], reference_batches(expected, len(expected)))
     assert len(split) == 30
@@ -227,26 +237,26 @@ def test_pickled_datasets_carry_no_row_data(kaggle):
 
 
 def test_row_cache_is_written_once_and_rebuilt_when_the_npz_changes(kaggle):
-    rows, cache = cd.open_rows(kaggle.processed, progress=False)
+    rows, cache = cd.open_rows(kaggle.processed, quiet, progress=False)
     assert cache == str(kaggle.tmp / "kaggleAdDisplayChallenge_processed.rows.npy")
     assert isinstance(rows, np.memmap)
     assert not [name for name in os.listdir(kaggle.tmp) if ".tmp" in name]
     stamp = os.stat(cache).st_mtime_ns
-    cd.open_rows(kaggle.processed, progress=False)
+    cd.open_rows(kaggle.processed, quiet, progress=False)
     assert os.stat(cache).st_mtime_ns == stamp                  # reused, not rewritten
     x_int, x_cat, y = make_rows([40], seed=9)
     np.savez(kaggle.processed, X_cat=x_cat, X_int=x_int, y=y, counts=COUNTS)
     os.utime(kaggle.processed, ns=(stamp + 10**9, stamp + 10**9))
-    rows, _ = cd.open_rows(kaggle.processed, progress=False)
+    rows, _ = cd.open_rows(kaggle.processed, quiet, progress=False)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
 
 
 def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, monkeypatch):
     def refuse(path):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(cd, "_atomic_file", refuse)
+    monkeypatch.setattr(npz_io, "atomic_path", refuse)
     notes = []
-    rows, cache = cd.open_rows(kaggle.processed, progress=False, log=notes.append)
+    rows, cache = cd.open_rows(kaggle.processed, notes.append, progress=False)
     x_int, x_cat, y = kaggle.rows
     assert cache is None and "cannot write" in notes[0]
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
@@ -255,21 +265,20 @@ def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, 
 def test_preprocessing_runs_first_and_its_output_is_used(kaggle, fake_data_utils):
     seen = []
 
-    def preprocess(cfg, rng):
-        seen.append((cfg.raw_data_file, cfg.randomize, cfg.memory_map))
-        rng.random_sample(3)                                   # preprocessing draws come first
+    def preprocess(cfg, log, rng=None):
+        seen.append((cfg.raw_data_file, cfg.randomize, cfg.memory_map, cfg.seed))
+        np.random.RandomState(cfg.seed).random_sample(3)       # its own stream, as the real one
         return kaggle.processed
 
-    fake_data_utils.processed_data_ready = lambda cfg: bool(seen)
-    fake_data_utils.preprocess_criteo = preprocess
+    fake_data_utils.setattr(du, "preprocess_criteo", preprocess)
     rng = np.random.RandomState(2)
-    cfg = config(kaggle, processed_data_file=str(kaggle.tmp / "missing.npz"), randomize="total")
+    cfg = config(kaggle, processed_data_file=str(kaggle.tmp / "missing.npz"), randomize="total",
+                 seed=5)
     data = cd.make_criteo_data_and_loaders(cfg, rng, lambda _: None)
-    ref_rng = np.random.RandomState(2)
-    ref_rng.random_sample(3)
+    ref_rng = np.random.RandomState(2)  # the datasets' draws do not depend on preprocessing's
     train = reference_samples(kaggle.rows, KAGGLE_DAY_SIZES, "train", "total", ref_rng)
     assert_same_batches(data.train_loader, reference_batches(train, 32))
-    assert seen == [(kaggle.raw, "total", False)]
+    assert seen == [(kaggle.raw, "total", False, 5)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +337,7 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     np.savez(path, y=y.astype(">f8"), X_cat=np.asfortranarray(x_cat.astype(np.int64)),
              X_int=np.asfortranarray(x_int.astype(np.float64)), counts=COUNTS)
     notes = []
-    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
     assert isinstance(rows, cd.NpzColumns) and cache is None and notes == []
     assert [m.fortran_order for m in rows.members] == [False, True, True]
     labels, dense, sparse = rows.read(slice(0, 37))
@@ -340,7 +349,7 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     assert row_caches(tmp_path) == []
 
     np.savez(str(tmp_path / "empty.npz"), X_int=x_int[:0], X_cat=x_cat[:0], y=y[:0])
-    empty, _ = cd.open_npz_rows(str(tmp_path / "empty.npz"), progress=False)
+    empty, _ = cd.open_npz_rows(str(tmp_path / "empty.npz"), quiet, progress=False)
     assert len(empty) == 0
     assert cd.PackedRows([empty, rows], [None, None]).slice(0, 2).shape == (2, 40)
 
@@ -350,15 +359,15 @@ def test_compressed_file_is_cached_once_and_a_stale_cache_of_a_mapped_file_remov
     path = str(tmp_path / "ref.npz")
     np.savez_compressed(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)
     notes = []
-    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
     assert cache == str(tmp_path / "ref.rows.npy") and isinstance(rows, np.memmap)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
-    cd.open_npz_rows(path, progress=False, log=notes.append)              # reuses the cache
+    cd.open_npz_rows(path, notes.append, progress=False)              # reuses the cache
     assert len(notes) == 1 and notes[0].startswith(f"note: {path} is compressed")
 
     np.savez(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)     # now uncompressed
     notes = []
-    rows, cache = cd.open_npz_rows(path, progress=False, log=notes.append)
+    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
     assert isinstance(rows, cd.NpzColumns) and cache is None
     assert row_caches(tmp_path) == [] and notes == [
         f"note: removed {tmp_path / 'ref.rows.npy'}, not needed any more "
@@ -372,7 +381,7 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     arrays[key][(20, 3) if arrays[key].ndim == 2 else 20] = value
     path = str(tmp_path / "bad.npz")
     np.savez(path, **arrays)
-    rows, _ = cd.open_npz_rows(path, progress=False)
+    rows, _ = cd.open_npz_rows(path, quiet, progress=False)
     packed = cd.PackedRows([rows], [None])
     packed.columns(0, 20)                                               # rows before it are fine
     message = rf"bad.npz: array '{key}' holds {shown}, which is not a 32-bit integer"
@@ -381,7 +390,7 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     with pytest.raises(DataError, match=message):
         packed.take_columns(np.array([3, 20]))
     with pytest.raises(DataError, match=message):                      # the row cache, as before
-        cd.open_rows(path, progress=False)
+        cd.open_rows(path, quiet, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,10 +470,10 @@ def terabyte_config(fixture, **overrides):
 
 
 def day_file_samples(fixture, days):
-    """§3.4: the selected reordered day files loaded whole and concatenated."""
+    """The reference's day-file loader: the selected reordered day files loaded whole, concatenated."""
     samples = []
     for day in days:
-        with np.load(spec_paths("terabyte", fixture.raw).reordered_day(day)) as data:
+        with np.load(reference_paths("terabyte", fixture.raw).reordered_day(day)) as data:
             samples += list(zip(data["X_int"], data["X_cat"], data["y"]))
     return samples
 
@@ -481,7 +490,7 @@ def test_terabyte_day_stream_concatenates_days(terabyte):
 
 
 def test_binary_files_round_trip(terabyte):
-    paths = spec_paths("terabyte", terabyte.raw)
+    paths = reference_paths("terabyte", terabyte.raw)
     outputs = {split: str(terabyte.tmp / f"rt_{split}.bin") for split in cd.SPLITS}
     cd.write_criteo_bins([paths.reordered_day(d) for d in range(24)], outputs, progress=False)
     x_int, x_cat, y = terabyte.rows
@@ -510,10 +519,82 @@ def test_binary_file_of_the_wrong_size_is_refused(tmp_path):
         cd.CriteoBinDataset(str(tmp_path / "nothing.bin"), batch_size=4)
 
 
+BAD_VALUES = [  # (column of a packed row, value, message after "row N: ")
+    (0, 2, "label 2, expected 0 or 1"),
+    (0, -1, "label -1, expected 0 or 1"),
+    (1 + 4, -3, r"dense feature I5 is -3, expected >= 0"),
+    (14 + 2, 300, "sparse feature C3 has id 300, outside the 300 of its table"),
+    (14 + 0, -1, "sparse feature C1 has id -1, outside the 13 of its table"),
+]
+
+
+@pytest.mark.parametrize("column, value, message", BAD_VALUES)
+def test_binary_file_from_elsewhere_is_checked_at_open(tmp_path, column, value, message):
+    x_int, x_cat, y = make_rows([3000], seed=4)
+    records = np.column_stack([y, x_int, x_cat]).astype("<i4")
+    records[2345, column] = value
+    path = tmp_path / "day_train.bin"
+    records.tofile(path)
+    with pytest.raises(DataError, match=f"^{path}: row 2345: {message}"):
+        cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS)
+    records[2345, column] = records[2344, column]
+    records.tofile(path)
+    assert cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS).num_samples == 3000
+
+
+def test_bin_files_alone_are_used_as_they_are_and_checked(tmp_path, terabyte):
+    cfg = terabyte_config(terabyte, mlperf_bin_loader=True)
+    cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+    for day in range(24):
+        os.remove(reference_paths("terabyte", terabyte.raw).reordered_day(day))
+    train_bin = str(terabyte.tmp / "terabyte_processed_train.bin")
+    os.remove(provenance.record_path(train_bin))  # as if the reference had written it
+    logs = []
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), logs.append)
+    assert logs == [f"note: the raw data and the reordered day files are missing; using "
+                    f"{train_bin} and {terabyte.tmp / 'terabyte_processed_test.bin'} as they are "
+                    "(what they were made from cannot be checked)"]
+    assert len(list(data.train_loader)) == len(data.train_loader)
+    records = np.fromfile(train_bin, dtype="<i4").reshape(-1, 40)
+    records[17, 0] = 5
+    records.tofile(train_bin)
+    with pytest.raises(DataError, match=f"{train_bin}: row 17: label 5, expected 0 or 1"):
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+
+
+def test_bin_files_made_from_day_files_from_elsewhere_are_checked(terabyte):
+    paths = reference_paths("terabyte", terabyte.raw)
+    x_int, x_cat, y = make_rows([20], seed=9)
+    x_cat[11, 25] = COUNTS[25]  # one past the end of the last table, in day 0
+    np.savez_compressed(paths.reordered_day(0), X_cat=x_cat.astype(np.float64),
+                        X_int=x_int.astype(np.float64), y=y.astype(np.float64))
+    train_bin = terabyte.tmp / "terabyte_processed_train.bin"
+    with pytest.raises(DataError, match=f"^{train_bin}: row 11: sparse feature C26 has id 142"):
+        cd.make_criteo_data_and_loaders(terabyte_config(terabyte, mlperf_bin_loader=True),
+                                        np.random.RandomState(0), quiet)
+
+
+def test_bin_files_are_rewritten_when_the_day_files_change(terabyte):
+    cfg = terabyte_config(terabyte, mlperf_bin_loader=True)
+    cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+    paths = reference_paths("terabyte", terabyte.raw)
+    x_int, x_cat, y = make_rows([37], seed=9)  # another last day
+    np.savez_compressed(paths.reordered_day(23), X_cat=x_cat.astype(np.float64),
+                        X_int=x_int.astype(np.float64), y=y.astype(np.float64))
+    logs = []
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), logs.append)
+    test_bin, val_bin = (terabyte.tmp / f"terabyte_processed_{split}.bin" for split in ("test", "val"))
+    assert [line.split(" was made from day_23_reordered.npz of ")[0] for line in logs] == [
+        f"note: {test_bin}", f"note: {val_bin}", f"Writing binary files {test_bin}, {val_bin}"]
+    # (train.bin, made from the other days, is as it was)
+    samples = list(zip(x_int, x_cat.astype(np.float64), y))[:19]
+    assert_same_batches(data.test_loader, reference_batches(samples, 10))
+
+
 def test_bin_loader_writes_missing_files_and_serves_batches(terabyte):
     cfg = terabyte_config(terabyte, mlperf_bin_loader=True, mlperf_bin_shuffle=True)
     data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), lambda _: None)
-    assert data.train_data.num_samples == sum(TERABYTE_DAY_SIZES[:-1])     # §8 bug 28a
+    assert data.train_data.num_samples == sum(TERABYTE_DAY_SIZES[:-1])  # the reference lacks it
     assert os.path.exists(str(terabyte.tmp / "terabyte_processed_val.bin"))
     expected = reference_batches(day_file_samples(terabyte, range(23)), 64)
     torch.manual_seed(0)                  # the reference's DataLoader over a RandomSampler
@@ -531,6 +612,34 @@ def test_bin_loader_writes_missing_files_and_serves_batches(terabyte):
 # --------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory_map", [False, True])
+@pytest.mark.parametrize("column, value, message", BAD_VALUES)
+def test_processed_files_from_elsewhere_are_checked_at_open(tmp_path, fake_data_utils, memory_map,
+                                                             column, value, message):
+    x_int, x_cat, y = make_rows(KAGGLE_DAY_SIZES, seed=3)
+    packed = np.column_stack([y, x_int, x_cat])
+    row = KAGGLE_DAY_SIZES[0] + 37  # day 1, row 37
+    packed[row, column] = value
+    rows = (packed[:, 1:14].astype(np.int32), packed[:, 14:], packed[:, 0].astype(np.int32))
+    raw, processed = write_dataset(tmp_path, "kaggle", KAGGLE_DAY_SIZES, rows)
+    where = f"{tmp_path / 'train_day_1_reordered.npz'}: row 37" if memory_map else \
+        f"{processed}: row {row}"
+    cfg = config(SimpleNamespace(raw=raw, processed=processed), memory_map=memory_map)
+    with pytest.raises(DataError, match=f"^{where}: {message}"):
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+
+
+def test_files_with_a_provenance_record_are_not_read_at_open(tmp_path, monkeypatch):
+    write_raw_kaggle(tmp_path / "train.txt", 7 * 20)
+    files = SimpleNamespace(raw=str(tmp_path / "train.txt"), processed=str(tmp_path / "k.npz"))
+    for memory_map in (False, True):
+        cfg = config(files, memory_map=memory_map)
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+        monkeypatch.setattr(cd, "check_values", lambda *args: pytest.fail("checked our file"))
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+        monkeypatch.undo()
+
 
 def test_missing_day_count_file_is_named(kaggle):
     os.remove(kaggle.tmp / "train_day_count.npz")
@@ -552,14 +661,14 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
     fractional[2, 3] = 1.5
     np.savez(tmp_path / "frac.npz", X_int=x_int, X_cat=fractional, y=y)
     with pytest.raises(DataError, match=r"frac.npz: array 'X_cat' holds 1.5, which is not a 32-bit"):
-        cd.open_rows(str(tmp_path / "frac.npz"), progress=False)
+        cd.open_rows(str(tmp_path / "frac.npz"), quiet, progress=False)
     np.savez(tmp_path / "shape.npz", X_int=x_int[:, :12], X_cat=x_cat, y=y)
     with pytest.raises(DataError, match=r"shape.npz: array 'X_int' has shape \(5, 12\), "
                                         r"expected \(5, 13\)"):
-        cd.open_rows(str(tmp_path / "shape.npz"), progress=False)
+        cd.open_rows(str(tmp_path / "shape.npz"), quiet, progress=False)
     np.savez(tmp_path / "nolabel.npz", X_int=x_int, X_cat=x_cat)
     with pytest.raises(DataError, match=r"nolabel.npz: no array 'y'"):
-        cd.open_rows(str(tmp_path / "nolabel.npz"), progress=False)
+        cd.open_rows(str(tmp_path / "nolabel.npz"), quiet, progress=False)
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".npy") or ".tmp" in name]
 
 
@@ -572,7 +681,7 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
 ])
 def test_bad_flags_are_refused(kaggle, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        cd.make_criteo_data_and_loaders(config(kaggle, **overrides), np.random.RandomState(0))
+        cd.make_criteo_data_and_loaders(config(kaggle, **overrides), np.random.RandomState(0), quiet)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +689,7 @@ def test_bad_flags_are_refused(kaggle, overrides, message):
 # --------------------------------------------------------------------------------------------------
 
 def write_raw_kaggle(path, lines, seed=0):
-    """A tiny train.txt (spec §3.1) and its plain reading: (labels, dense, raw hash values)."""
+    """A tiny raw train.txt and its plain reading: (labels, dense, raw hash values)."""
     gen = np.random.default_rng(seed)
     labels = gen.integers(0, 2, size=lines)
     dense = gen.integers(-3, 60, size=(lines, 13))
@@ -597,7 +706,7 @@ def write_raw_kaggle(path, lines, seed=0):
 
 
 def first_seen_ids(values):
-    """Per column, ids 0.. in order of first appearance (spec §3.2 step 4)."""
+    """Per column, ids 0.. in order of first appearance (the reference's dictionaries)."""
     ids = np.empty_like(values)
     for col in range(values.shape[1]):
         table = {}
@@ -611,9 +720,8 @@ def test_end_to_end_from_raw_text(tmp_path, memory_map):
     pytest.importorskip("data_utils")
     lines = 7 * 30 + 4                                   # day sizes 31, 31, 31, 31, 30, 30, 30
     labels, dense, hashes = write_raw_kaggle(tmp_path / "train.txt", lines)
-    cfg = cd.CriteoLoaderConfig(
-        raw_data_file=str(tmp_path / "train.txt"), processed_data_file=str(tmp_path / "k.npz"),
-        randomize="none", memory_map=memory_map, batch_size=16, test_batch_size=7, progress=False)
+    files = SimpleNamespace(raw=str(tmp_path / "train.txt"), processed=str(tmp_path / "k.npz"))
+    cfg = config(files, memory_map=memory_map, batch_size=16, test_batch_size=7)
     rng = np.random.RandomState(123)
     data = cd.make_criteo_data_and_loaders(cfg, rng, lambda _: None)
     samples = list(zip(dense, first_seen_ids(hashes).astype(np.float64), labels))

@@ -133,7 +133,7 @@ def test_test_batches_are_the_training_batches_and_move_the_stream():
     cfg = RandomDataConfig(dense_dim=3, table_sizes=(50, 4, 9), data_size=10, batch_size=4, seed=5,
                            num_indices_per_lookup=5)
     rng = np.random.RandomState(77)  # the run's stream: already used by the model's draws
-    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng)
+    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng, lambda _: None)
     it = iter(train_ld)
     got = [next(it), next(it)]  # training batches 0 and 1
     tests = list(test_ld)  # a test pass
@@ -156,7 +156,7 @@ def test_fixed_test_set_is_not_the_training_set_and_does_not_shift_it():
     """With --fix-reference-bugs the test set has its own stream (seed + 1)."""
     cfg = RandomDataConfig(dense_dim=2, table_sizes=(50,), data_size=4, batch_size=2, seed=5, fix_reference_bugs=True)
     rng = np.random.RandomState(5)
-    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng)
+    _, train_ld, _, test_ld = make_random_data_and_loaders(cfg, rng, lambda _: None)
     train0 = next(iter(train_ld))
     test0 = next(iter(test_ld))
     assert not torch.equal(train0.dense_x, test0.dense_x)

@@ -1,12 +1,11 @@
-"""Tests of the Criteo preprocessing (data_utils.py, spec §3.2) against a plain, line-by-line
+"""Tests of the Criteo preprocessing (data_utils.py) against a plain, line-by-line
 re-statement of the reference pipeline written here, on small generated raw files."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,111 +17,18 @@ for _path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(_path))
 
 import data_utils as du  # noqa: E402
+import npz_io  # noqa: E402
 from dlrm_common import ConfigError, DataError  # noqa: E402
 from make_fake_criteo import write_fake_kaggle, write_fake_terabyte  # noqa: E402
+from plain_criteo import (assert_matches_plain, interrupted_run, kaggle_cfg,  # noqa: E402
+                          plain_pipeline, plain_shuffle, plain_split, read_lines, run)
 
 KAGGLE_LINES = 2000
 
 
 # ------------------------------------------------------------------------------------------------
-# The plain implementation of spec §3.2 (Python loops, dicts; obviously correct, slow)
-# ------------------------------------------------------------------------------------------------
-
-def plain_split(lines, days):
-    """Kaggle split: N//days lines per part, the first N%days parts one line longer."""
-    n = len(lines)
-    sizes = [n // days + (1 if i < n % days else 0) for i in range(days)]
-    out, start = [], 0
-    for size in sizes:
-        out.append(lines[start:start + size])
-        start += size
-    return out
-
-
-def plain_parse(day_lines, rate, max_ind, rng):
-    """Steps 2: per day (y, dense, cats) lists, drawing one uniform per line when sub-sampling."""
-    days = []
-    for lines in day_lines:
-        draws = rng.uniform(low=0.0, high=1.0, size=len(lines)) if rate else None
-        ys, dense, cats = [], [], []
-        for k, line in enumerate(lines):
-            fields = ["0" if f in ("", "\n") else f for f in line.split("\t")]
-            label = int(fields[0])
-            if rate and label == 0 and draws[k] < rate:
-                continue
-            ys.append(label)
-            dense.append([int(f) for f in fields[1:14]])
-            cats.append([int(f, 16) % max_ind if max_ind > 0 else int(f, 16) for f in fields[14:]])
-        days.append((ys, dense, cats))
-    return days
-
-
-def plain_pipeline(day_lines, rate=0.0, max_ind=-1, seed=7):
-    """Steps 2-6: parsed days, dictionaries, processed days; and the RNG afterwards."""
-    rng = np.random.RandomState(seed)
-    parsed = plain_parse(day_lines, rate, max_ind, rng)
-    dictionaries = [dict() for _ in range(26)]
-    for _, _, cats in parsed:
-        for row in cats:
-            for j, value in enumerate(row):
-                dictionaries[j].setdefault(value, len(dictionaries[j]))
-    processed = []
-    for ys, dense, cats in parsed:
-        x_cat = np.array([[dictionaries[j][v] for j, v in enumerate(row)] for row in cats],
-                         dtype=np.int64).reshape(-1, 26)
-        x_int = np.maximum(np.array(dense, dtype=np.int64).reshape(-1, 13), 0)
-        processed.append((x_cat, x_int, np.array(ys, dtype=np.int64)))
-    return parsed, dictionaries, processed, rng
-
-
-def plain_shuffle(processed, randomize, split_none, rng):
-    """Step 7, one sample at a time: pass 1 buckets, pass 2 permutations."""
-    days = len(processed)
-    counts = [len(y) for _, _, y in processed]
-    inter = [(np.zeros(n), np.zeros((n, 13)), np.zeros((n, 26))) for n in counts]
-    fill = [0] * days
-    for i, (x_cat, x_int, y) in enumerate(processed):
-        for k in range(counts[i]):
-            if randomize == "total" and (split_none or i < days - 1):
-                choices = days if split_none else days - 1
-                bucket = rng.randint(0, choices)
-                while fill[bucket] >= counts[bucket]:
-                    bucket = rng.randint(0, choices)
-            elif randomize == "total":
-                bucket = days - 1
-            else:
-                bucket = i
-            ys, ds, ss = inter[bucket]
-            ys[fill[bucket]], ds[fill[bucket]], ss[fill[bucket]] = y[k], x_int[k], x_cat[k]
-            fill[bucket] += 1
-    reordered = []
-    for j, (ys, ds, ss) in enumerate(inter):
-        if randomize in ("day", "total") and (split_none or j < days - 1):
-            order = rng.permutation(counts[j])
-            ys, ds, ss = ys[order], ds[order], ss[order]
-        reordered.append((ss, ds, ys))
-    return inter, reordered
-
-
-# ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-
-def read_lines(path):
-    with open(path, "r", newline="") as src:
-        return src.readlines()
-
-
-def kaggle_cfg(raw, **changes):
-    values = dict(data_set="kaggle", raw_data_file=str(raw), progress=False)
-    values.update(changes)
-    return du.PreprocessConfig(**values)
-
-
-def run(cfg, seed=7):
-    rng = np.random.RandomState(seed)
-    return du.preprocess_criteo(cfg, rng), rng
-
 
 def npz_files(directory):
     """name -> bytes of every npz/npy file in a directory."""
@@ -143,34 +49,11 @@ def kaggle_dir(tmp_path, kaggle_raw):
     return tmp_path
 
 
-def assert_matches_plain(paths, parsed, dictionaries, processed):
-    for i, (ys, dense, cats) in enumerate(parsed):
-        with np.load(paths.parsed_day(i)) as day:
-            assert day["X_cat_t"].shape == (26, len(ys))
-            np.testing.assert_array_equal(day["X_cat_t"].T, np.array(cats).reshape(-1, 26))
-            np.testing.assert_array_equal(day["X_int"], np.array(dense).reshape(-1, 13))
-            np.testing.assert_array_equal(day["y"], ys)
-            assert day["X_int"].dtype == np.int32 and day["y"].dtype == np.int32
-        with np.load(paths.processed_day(i)) as day:
-            x_cat, x_int, y = processed[i]
-            np.testing.assert_array_equal(day["X_cat"], x_cat)
-            np.testing.assert_array_equal(day["X_int"], x_int)
-            np.testing.assert_array_equal(day["y"], y)
-    for j in range(26):
-        with np.load(paths.fea_dict_file(j)) as data:
-            np.testing.assert_array_equal(data["unique"], list(dictionaries[j]))
-    with np.load(paths.fea_count_file()) as data:
-        assert data["counts"].dtype == np.int32
-        np.testing.assert_array_equal(data["counts"], [len(d) for d in dictionaries])
-    with np.load(paths.day_count_file()) as data:
-        np.testing.assert_array_equal(data["total_per_file"], [len(p[0]) for p in parsed])
-
-
 # ------------------------------------------------------------------------------------------------
 # Paths, configuration
 # ------------------------------------------------------------------------------------------------
 
-def test_paths_follow_spec_examples():
+def test_paths_follow_the_reference_examples():
     kaggle = du.criteo_paths("kaggle", "./input/train.txt")
     assert (kaggle.d_path, kaggle.d_file, kaggle.npzfile, kaggle.days) == (
         "./input/", "train", "./input/train_day", 7)
@@ -193,53 +76,7 @@ def test_paths_follow_spec_examples():
 def test_bad_config_names_the_flag(changes, flag):
     cfg = kaggle_cfg("x/train.txt", **changes)
     with pytest.raises(ConfigError, match=flag):
-        du.preprocess_criteo(cfg, np.random.RandomState(0))
-
-
-# ------------------------------------------------------------------------------------------------
-# Streaming npz I/O
-# ------------------------------------------------------------------------------------------------
-
-def test_crc32_combine_matches_zlib():
-    gen = np.random.default_rng(0)
-    for la, lb in [(0, 0), (0, 5), (9, 0), (1, 1), (128, 1000), (77, 1 << 20)]:
-        a, b = gen.bytes(la), gen.bytes(lb)
-        assert du.crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
-
-
-@pytest.mark.parametrize("written", [10, 7, 0])
-def test_npz_stream_writer_round_trip(tmp_path, written):
-    """Chunks appended, fewer rows than reserved allowed; np.load and zipfile see a valid npz."""
-    gen = np.random.default_rng(1)
-    cols = gen.integers(0, 2**32, size=(26, written), dtype=np.uint32)
-    rows = gen.integers(-5, 5, size=(written, 13)).astype(np.int32)
-    labels = gen.integers(0, 2, size=written).astype(np.int32)
-    path = tmp_path / "a.npz"
-    members = [du._Member("X_cat_t", np.dtype(np.uint32), 26, by_column=True),
-               du._Member("X_int", np.dtype(np.int32), 13), du._Member("y", np.dtype(np.int32))]
-    with du.NpzStreamWriter(str(path), members, 10, extras={"counts": np.arange(3)}) as writer:
-        for start in range(0, written, 3):
-            writer.append(cols[:, start:start + 3], rows[start:start + 3], labels[start:start + 3])
-    assert zipfile.ZipFile(path).testzip() is None
-    with np.load(path) as data:
-        np.testing.assert_array_equal(data["X_cat_t"], cols)
-        np.testing.assert_array_equal(data["X_int"], rows)
-        np.testing.assert_array_equal(data["y"], labels)
-        np.testing.assert_array_equal(data["counts"], np.arange(3))
-    with du.NpzReader(str(path)) as reader:
-        stop = min(5, written)
-        np.testing.assert_array_equal(reader.rows("X_cat_t", 0, stop, transposed=True),
-                                      cols[:, :stop].T)
-        np.testing.assert_array_equal(reader.rows("X_int", 0, stop), rows[:stop])
-    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]  # no temporary left
-
-
-def test_npz_reader_reads_compressed_reference_files(tmp_path):
-    x_cat_t = np.arange(26 * 5, dtype=np.int32).reshape(26, 5)
-    np.savez_compressed(tmp_path / "r.npz", X_cat_t=x_cat_t, y=np.arange(5))
-    with du.NpzReader(str(tmp_path / "r.npz")) as reader:
-        np.testing.assert_array_equal(reader.rows("X_cat_t", 1, 4, transposed=True), x_cat_t[:, 1:4].T)
-        assert reader.shape("y") == (5,)
+        du.preprocess_criteo(cfg, lambda message: None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,21 +217,10 @@ def test_interrupted_parse_resumes_to_identical_files(tmp_path, kaggle_raw, monk
         (tmp_path / name).mkdir()
         shutil.copy(kaggle_raw, tmp_path / name / "train.txt")
     run(kaggle_cfg(tmp_path / "once" / "train.txt", sub_sample_rate=0.4))
-
-    real_run_day = du.run_day
-
-    def failing_run_day(job, *args):
-        if job.day == 4:
-            raise KeyboardInterrupt("interrupted")
-        return real_run_day(job, *args)
-
-    monkeypatch.setattr(du, "run_day", failing_run_day)
-    with pytest.raises(KeyboardInterrupt):
-        run(kaggle_cfg(tmp_path / "twice" / "train.txt", sub_sample_rate=0.4))
+    interrupted_run(kaggle_cfg(tmp_path / "twice" / "train.txt", sub_sample_rate=0.4), monkeypatch)
     left = npz_files(tmp_path / "twice")
     assert "train_day_3_processed.npz" in left and "train_day_4.npz" not in left
     assert not list((tmp_path / "twice").glob("*.tmp"))
-    monkeypatch.setattr(du, "run_day", real_run_day)
     run(kaggle_cfg(tmp_path / "twice" / "train.txt", sub_sample_rate=0.4))
     assert npz_files(tmp_path / "once") == npz_files(tmp_path / "twice")
 
@@ -441,30 +267,43 @@ def test_complete_run_draws_nothing_and_processed_name_is_written(kaggle_dir):
     cfg = kaggle_cfg(raw, processed_data_file=str(named))
     assert not du.processed_data_ready(cfg)
     output, _ = run(cfg)
-    assert named.read_bytes() == Path(output).read_bytes()  # spec §8 bug 21: the name is written
+    assert named.read_bytes() == Path(output).read_bytes()  # the reference never wrote this name
     assert du.processed_data_ready(cfg)
     _, rng = run(cfg)
     assert rng.random_sample() == np.random.RandomState(7).random_sample()
 
 
-def test_reference_made_processed_days_are_concatenated(tmp_path):
-    """Files in the reference's format (compressed, X_cat float64) are read as they are."""
-    paths = du.criteo_paths("kaggle", str(tmp_path / "train.txt"))
+def write_reference_days(paths):
+    """Processed days, dictionaries and counts in the reference's format (compressed, X_cat
+    float64), holding other data than the raw file, and without provenance records."""
     gen = np.random.default_rng(2)
-    days = []
     for i in range(7):
         n = 5 + i
-        day = (gen.integers(0, 9, (n, 26)).astype(np.float64), gen.integers(0, 9, (n, 13)).astype(np.int32),
-               gen.integers(0, 2, n).astype(np.int32))
-        np.savez_compressed(paths.processed_day(i), X_cat=day[0], X_int=day[1], y=day[2])
-        days.append(day)
+        np.savez_compressed(paths.processed_day(i), X_cat=gen.integers(0, 9, (n, 26)).astype(np.float64),
+                            X_int=gen.integers(0, 9, (n, 13)).astype(np.int32),
+                            y=gen.integers(0, 2, n).astype(np.int32))
     np.savez_compressed(paths.fea_count_file(), counts=np.full(26, 9, dtype=np.int32))
     for j in range(26):
         np.savez_compressed(paths.fea_dict_file(j), unique=np.arange(9, dtype=np.int32))
-    output, _ = run(kaggle_cfg(tmp_path / "train.txt"))
-    with np.load(output) as data:
-        for k, key in enumerate(("X_cat", "X_int", "y")):
-            np.testing.assert_array_equal(data[key], np.concatenate([d[k] for d in days]))
+
+
+def test_intermediate_files_without_provenance_are_never_reused(kaggle_dir, tmp_path):
+    raw = kaggle_dir / "train.txt"
+    paths = du.criteo_paths("kaggle", str(raw))
+    write_reference_days(paths)
+    logs = []
+    run(kaggle_cfg(raw), log=logs.append)
+    parsed, dictionaries, processed, _ = plain_pipeline(plain_split(read_lines(raw), 7))
+    assert_matches_plain(paths, parsed, dictionaries, processed)  # made from train.txt
+    assert f"note: {paths.fea_dict_file(0)} has no provenance record (made by the reference or " \
+           "by an older version); redoing the dictionaries" in logs
+    assert any(line.startswith(f"note: {paths.processed_day(0)} has no provenance") for line in logs)
+
+    (tmp_path / "alone").mkdir()  # without the raw file they cannot be trusted, nor redone
+    alone = du.criteo_paths("kaggle", str(tmp_path / "alone" / "train.txt"))
+    write_reference_days(alone)
+    with pytest.raises(DataError, match="train.txt: raw Criteo Kaggle data not found"):
+        run(kaggle_cfg(tmp_path / "alone" / "train.txt"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,6 +342,38 @@ def test_terabyte_error_names_the_day_file(tmp_path):
         run(du.PreprocessConfig("terabyte", str(tmp_path / "day"), progress=False))
 
 
+@pytest.mark.parametrize("label", ["2", "-1", "10"])
+def test_label_other_than_0_or_1_names_the_line(kaggle_dir, label):
+    raw = kaggle_dir / "train.txt"
+    _corrupt(raw, 1234, 0, label)
+    with pytest.raises(DataError, match=f"^{raw}:1234: field 1 \\(label\\) must be 0 or 1, "
+                                        f"got {label}$"):
+        run(kaggle_cfg(raw, sub_sample_rate=0.5))
+
+
+@pytest.mark.parametrize("line", [1, 700, KAGGLE_LINES + 1])
+@pytest.mark.parametrize("empty", ["\n", "\r\n"])
+def test_empty_line_is_an_error_naming_it(kaggle_dir, line, empty):
+    """The reference crashes on an empty line; skipping it would move the day boundaries."""
+    raw = kaggle_dir / "train.txt"
+    lines = read_lines(raw)
+    lines.insert(line - 1, empty)
+    raw.write_text("".join(lines), newline="")
+    with pytest.raises(DataError, match=f"^{raw}:{line}: empty line \\(expected 40 "
+                                        "tab-separated fields\\)$"):
+        run(kaggle_cfg(raw))
+
+
+def test_empty_raw_file_is_an_error(tmp_path):
+    (tmp_path / "train.txt").write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'train.txt'}: the raw data file is empty$"):
+        run(kaggle_cfg(tmp_path / "train.txt"))
+    write_fake_terabyte(str(tmp_path / "day"), 24, 3, seed=1)
+    (tmp_path / "day_5").write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'day_5'}: the raw data file is empty$"):
+        run(du.PreprocessConfig("terabyte", str(tmp_path / "day"), progress=False))
+
+
 def test_missing_raw_files_give_download_hints(tmp_path):
     with pytest.raises(DataError, match="train.txt: .*not found.*Criteo Display Advertising "
                                         r"Challenge.*https://ailab.criteo.com/ressources/"):
@@ -518,6 +389,37 @@ def test_not_enough_disk_space(kaggle_dir, monkeypatch):
     with pytest.raises(DataError, match=f"{kaggle_dir}: not enough free disk space .*need about "
                                         r"\d+ bytes, 1000 free"):
         run(kaggle_cfg(kaggle_dir / "train.txt"))
+
+
+def test_a_full_disk_is_an_error_naming_the_file(kaggle_dir, monkeypatch):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(npz_io, "_pwrite_all", full)
+    with pytest.raises(DataError, match=f"^{kaggle_dir / 'train_day_0.npz'}: cannot write "
+                                        r"\(No space left on device\)$"):
+        run(kaggle_cfg(kaggle_dir / "train.txt"))
+    assert sorted(os.listdir(kaggle_dir)) == ["train.txt"]  # no temporary file, no record
+
+
+def test_read_only_data_directory_fails_before_parsing(kaggle_dir, monkeypatch):
+    def refuse(path, mode="wb"):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(du, "atomic_open", refuse)
+    monkeypatch.setattr(du, "_day_ranges", lambda *args: pytest.fail("the raw data was read"))
+    with pytest.raises(DataError, match=f"^{kaggle_dir}: cannot write there \\(Read-only file "
+                                        r"system\); preprocessing writes its files beside the raw "
+                                        "data$"):
+        run(kaggle_cfg(kaggle_dir / "train.txt"))
+
+
+def test_processed_name_that_cannot_be_written_is_an_error_naming_it(kaggle_dir):
+    (kaggle_dir / "a_file").write_text("not a directory")
+    named = kaggle_dir / "a_file" / "processed.npz"
+    with pytest.raises(DataError, match=f"^{named}: cannot write: {kaggle_dir / 'a_file'} is not "
+                                        "a directory$"):
+        run(kaggle_cfg(kaggle_dir / "train.txt", processed_data_file=str(named)))
 
 
 # ------------------------------------------------------------------------------------------------

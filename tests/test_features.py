@@ -60,31 +60,6 @@ def test_decay_without_warmup_runs(run_main):
     assert out.count("Finished training it") == 3
 
 
-def test_grad_accumulation_equals_one_big_batch():
-    """With --fix-reference-bugs two accumulated half batches step like one full batch."""
-    cfg = dlrm_train.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1, fix_reference_bugs=True)
-    dense, labels = torch.rand(4, 4), torch.rand(4, 1)
-    offsets, indices = torch.tensor([[0, 1, 2, 3]] * 3), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 0, 1, 0]])
-
-    def parts_for(model):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        return dlrm_train.RunParts(model=model, loss_fn=dlrm_model.make_loss("mse"), optimizer=opt,
-                             scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), train_loader=None,
-                             test_loader=None, nbatches=2, nbatches_test=0, device=torch.device("cpu"),
-                             log=dlrm_train.Logger())
-
-    big = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
-    small = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
-    dlrm_train.train_step(parts_for(big), dlrm_train.TrainConfig(), Batch(dense, offsets, indices, labels), 0)
-    p = parts_for(small)
-    halves = [Batch(dense[s], offsets[:, :2], indices[:, s], labels[s]) for s in (slice(0, 2), slice(2, 4))]
-    dlrm_train.train_step(p, cfg, halves[0], 0)
-    assert all(torch.equal(a, b) for a, b in zip(small.bot_l.parameters(), dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1)).bot_l.parameters()))
-    dlrm_train.train_step(p, cfg, halves[1], 1)
-    for a, b in zip(big.parameters(), small.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7)
-
-
 def test_synthetic_data_from_the_command_line(run_main, tmp_path):
     """--data-generation=synthetic is reachable (not in the reference)."""
     for t in range(3):

@@ -108,6 +108,25 @@ def test_gradient_accumulation_keeps_only_the_stepping_batch_unless_fixed():
         assert torch.equal(a.detach(), b.detach())
 
 
+def test_fixed_gradient_accumulation_equals_one_big_batch():
+    """With --fix-reference-bugs two accumulated half batches (each loss scaled by 1/2) step like one
+    full batch."""
+    cfg = dlrm_train.TrainConfig(grad_accum_iter=2, mlperf_logging=True, learning_rate=0.1, fix_reference_bugs=True)
+    dense, labels = torch.rand(4, 4), torch.rand(4, 1)
+    offsets, indices = torch.tensor([[0, 1, 2, 3]] * 3), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 0, 1, 0]])
+    big = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    small = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    dlrm_train.train_step(_accumulation_parts(big), dlrm_train.TrainConfig(), Batch(dense, offsets, indices, labels), 0)
+    parts = _accumulation_parts(small)
+    halves = [Batch(dense[s], offsets[:, :2], indices[:, s], labels[s]) for s in (slice(0, 2), slice(2, 4))]
+    dlrm_train.train_step(parts, cfg, halves[0], 0)
+    untouched = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(1))
+    assert all(torch.equal(a, b) for a, b in zip(small.bot_l.parameters(), untouched.bot_l.parameters()))
+    dlrm_train.train_step(parts, cfg, halves[1], 1)
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7)
+
+
 def test_resuming_from_the_first_epoch_skips_its_batches_in_every_epoch_unless_fixed(run_main, tmp_path):
     """The reference skips the saved batch count in every later epoch too."""
     path = str(tmp_path / "m.pt")

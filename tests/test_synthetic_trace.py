@@ -1,7 +1,7 @@
 """Tests for synthetic_trace.py: trace profiling, distribution/trace files, LRU generation and
-trace-based synthetic batches (spec §2.1, §2.2, §8 bug 19).
+trace-based synthetic batches.
 
-The generators are compared with plain step-by-step versions written here from the spec: a full
+The generators are compared with plain step-by-step versions written here from the reference's description: a full
 address list that is rotated, one ``rand(1)`` per access, linear scans instead of bisection.
 """
 from __future__ import annotations
@@ -17,11 +17,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dlrm_common import ConfigError, DataError  # noqa: E402
+from dlrm_data_pytorch import RandomDataConfig  # noqa: E402
 from synthetic_trace import (  # noqa: E402
     TraceDistribution, distribution_paths, generate_lru_trace, generate_synthetic_batch,
     profile_trace, read_distribution, read_trace, trace_main, write_distribution, write_trace)
 
-# The reference's shipped example files (spec §2.2).
+# The reference's shipped example files.
 EXAMPLE_DIST_TEXT = "1, 2, 3, 4, 5, 6\n0, 1, 3, 4, 5\n0.55, 0.64, 0.82, 0.91, 1.0\n"
 EXAMPLE_TRACE_TEXT = "1, 2, 3, 4, 5, 3, 4, 1, 1, 6, 3"
 EXAMPLE_TRACE = [1, 2, 3, 4, 5, 3, 4, 1, 1, 6, 3]
@@ -34,7 +35,7 @@ EXAMPLE_DIST = TraceDistribution([1, 2, 3, 4, 5, 6], [0, 1, 3, 4, 5],
 
 
 def plain_profile(trace, padding=False):
-    """Stack walk of spec §2.2: distance = stack length - position, then move to the top."""
+    """The reference's stack walk: distance = stack length - position, then move to the top."""
     stack, new_lines, distances = [], [], []
     for address in trace:
         if address in stack:
@@ -69,7 +70,7 @@ def plain_distance(rng, distances, cdf, new_refs, padding):
 
 
 def plain_lru(rng, dist, length, padding=False):
-    """Full address list, rotated as spec §2.2 describes; one rand(1) per access."""
+    """Full address list, rotated as the reference does; one rand(1) per access."""
     addresses = dist.line_accesses.tolist()
     distances, cdf = dist.distances.tolist(), dist.cdf.tolist()
     out, new_refs = [], 0
@@ -85,8 +86,15 @@ def plain_lru(rng, dist, length, padding=False):
     return out
 
 
+def batch_config(dense_dim, table_sizes, k, fixed, padding, round_targets):
+    """The RandomDataConfig that generate_synthetic_batch reads these settings from."""
+    return RandomDataConfig(dense_dim=dense_dim, table_sizes=tuple(table_sizes),
+                            num_indices_per_lookup=k, fixed=fixed, trace_padding=padding,
+                            round_targets=round_targets, generation="synthetic")
+
+
 def plain_batch(rng, batch_size, dense_dim, table_sizes, k, fixed, dists, padding, round_targets):
-    """Spec §2.1 / §2.2 draw order, sample by sample. Returns arrays and the warning count."""
+    """The reference's draw order, sample by sample. Returns arrays and the warning count."""
     dense = rng.rand(batch_size, dense_dim).astype(np.float32)
     offsets, indices, warnings = [], [], 0
     for size, dist in zip(table_sizes, dists):
@@ -137,7 +145,7 @@ def test_profile_example_trace_by_hand():
 
 
 def test_profile_padding_fixes_reference_crash():
-    # spec §8 bug 19: padding appends ceil(11 / 5) = 3 zero distances -> 9 of 14 are new
+    # the reference crashed with padding; it appends ceil(11 / 5) = 3 zero distances -> 9 of 14 new
     dist = profile_trace(EXAMPLE_TRACE, enable_padding=True)
     assert dist.distances.tolist() == [0, 1, 3, 4, 5]
     assert dist.cdf.tolist() == [9 / 14, 10 / 14, 12 / 14, 13 / 14, 1.0]
@@ -246,10 +254,10 @@ def test_missing_and_bad_trace_files(tmp_path):
         write_trace(str(tmp_path / "nodir" / "x.log"), [1])
 
 
-def test_distribution_paths_bug19():
+def test_distribution_paths_replace_the_last_j_of_the_file_name():
     assert distribution_paths("./input/dist_emb_j.log", 3) == [
         "./input/dist_emb_0.log", "./input/dist_emb_1.log", "./input/dist_emb_2.log"]
-    # spec §8 bug 19: the reference also replaced the j of "joe"
+    # the reference also replaced the j of "joe"
     assert distribution_paths("/home/joe/dist_emb_j.log", 2) == [
         "/home/joe/dist_emb_0.log", "/home/joe/dist_emb_1.log"]
     assert distribution_paths("jj.log", 2) == ["j0.log", "j1.log"]
@@ -299,7 +307,8 @@ def test_synthetic_batch_matches_plain(fixed, padding, round_targets):
     args = (5, 3, table_sizes, 4, fixed, dists, padding, round_targets)
     warnings = []
     rng, plain_rng = np.random.RandomState(17), np.random.RandomState(17)
-    batch = generate_synthetic_batch(rng, *args, warn=warnings.append)
+    cfg = batch_config(3, table_sizes, 4, fixed, padding, round_targets)
+    batch = generate_synthetic_batch(rng, 5, cfg, dists, warnings.append)
     dense, offsets, indices, labels, plain_warnings = plain_batch(plain_rng, *args)
     assert same_state(rng, plain_rng)
     assert batch.dense_x.dtype == torch.float32 and batch.dense_x.shape == (5, 3)
@@ -319,8 +328,9 @@ def test_synthetic_batch_matches_plain(fixed, padding, round_targets):
 def test_synthetic_batch_negative_addresses_modulo():
     dist = TraceDistribution([-3, 12, -1], [0, 1], [0.5, 1.0])
     warnings = []
-    batch = generate_synthetic_batch(np.random.RandomState(2), 3, 1, [5], 3, True, [dist],
-                                     False, False, warn=warnings.append)
+    batch = generate_synthetic_batch(np.random.RandomState(2), 3,
+                                     batch_config(1, [5], 3, True, False, False), [dist],
+                                     warnings.append)
     plain = plain_batch(np.random.RandomState(2), 3, 1, [5], 3, True, [dist], False, False)
     assert np.array_equal(batch.indices[0].numpy(), plain[2][0])
     assert set(batch.indices[0].tolist()) <= {2, 4}  # -3 % 5, 12 % 5, -1 % 5
@@ -329,8 +339,9 @@ def test_synthetic_batch_negative_addresses_modulo():
 
 def test_synthetic_batch_config_errors():
     with pytest.raises(ConfigError, match="1 trace distributions for 2 tables"):
-        generate_synthetic_batch(np.random.RandomState(0), 2, 3, [4, 4], 2, False,
-                                 [EXAMPLE_DIST], False, False)
+        generate_synthetic_batch(np.random.RandomState(0), 2,
+                                 batch_config(3, [4, 4], 2, False, False, False), [EXAMPLE_DIST],
+                                 lambda _: None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Preprocessing ends cleanly: pool workers die with their parent, Ctrl-C is one line and exit 130."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import data_utils as du  # noqa: E402
+from make_fake_criteo import write_fake_kaggle  # noqa: E402
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie nobody reaped has ended too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def read_lines(stream, count: int, timeout: float):
+    """``count`` lines from a pipe, or fewer if ``timeout`` seconds pass (a stuck child)."""
+    lines, deadline = [], time.monotonic() + timeout
+    while len(lines) < count and time.monotonic() < deadline:
+        if select.select([stream], [], [], deadline - time.monotonic())[0]:
+            lines.append(stream.readline())
+    return lines
+
+
+def test_pool_workers_die_with_their_parent(tmp_path):
+    (tmp_path / "sleeper.py").write_text(textwrap.dedent("""
+        import os, time
+        def announce_and_sleep():
+            print(os.getpid(), flush=True)
+            time.sleep(600)
+    """))
+    parent = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]
+        os.cpu_count = lambda: 2
+        import data_utils, sleeper
+        pool = data_utils._process_pool(2)
+        # the first job blocks its worker, so the second one runs in the other worker
+        jobs = [pool.submit(sleeper.announce_and_sleep) for _ in range(2)]
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    workers = []
+    try:
+        workers = [int(line) for line in read_lines(proc.stdout, 2, timeout=120)]
+        assert len(set(workers)) == 2 and not any(gone(pid) for pid in workers)
+        proc.kill()  # SIGKILL: no clean-up code of the parent runs
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(pid) for pid in workers)
+    finally:
+        proc.kill()
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    write_fake_kaggle(str(tmp_path / "train.txt"), 300, seed=2)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(du, "run_day", interrupted)
+    assert du.main([f"--raw-data-file={tmp_path / 'train.txt'}", "--no-progress"]) == 130
+    assert capsys.readouterr() == ("", "error: interrupted\n")
+    assert sorted(os.listdir(tmp_path)) == ["train.txt"]  # no temporary file left
+
+
+def test_ctrl_c_with_worker_processes(tmp_path):
+    """A real SIGINT to the whole process group (as a terminal sends it) while the workers run:
+    the workers leave it to the parent, which stops them and reports one line."""
+    write_fake_kaggle(str(tmp_path / "train.txt"), 700, seed=2)
+    script = textwrap.dedent(f"""
+        import concurrent.futures, os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import data_utils
+        real_as_completed = concurrent.futures.as_completed
+
+        def ctrl_c_then_wait(futures):
+            os.killpg(os.getpgid(0), signal.SIGINT)
+            return real_as_completed(futures)
+
+        concurrent.futures.as_completed = ctrl_c_then_wait
+        raise SystemExit(data_utils.main(sys.argv[1:]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script, f"--raw-data-file={tmp_path}/train.txt",
+                             "--dataset-multiprocessing", "--no-progress"],
+                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n")
+    rerun = du.preprocess_criteo(du.PreprocessConfig("kaggle", str(tmp_path / "train.txt"),
+                                                     progress=False), lambda message: None)
+    assert os.path.exists(rerun)  # what the killed workers left does not stop the next run
