@@ -294,3 +294,39 @@ def check_position(payload: Dict[str, Any], nbatches: int, path: str) -> None:
     if it > nbatches:
         raise CheckpointError(f"{path}: saved after batch {it} of {saved_nb}, but this run has {nbatches} "
                               "batches per epoch (check --data-size, --num-batches and --mini-batch-size)")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What this run is, for checking and reporting a checkpoint against it."""
+
+    optimizer: str
+    nepochs: int
+    nbatches: int
+    nbatches_test: int
+    show_auc: bool = False
+
+
+def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], scheduler, info: DistInfo,
+            log, run: Expected, inference_only: bool = False) -> Resume:
+    """Load ``path``: the weights, and when training also the optimizer, the schedule and the position
+    to continue from. Prints the reference's lines about the file; returns where to resume."""
+    device = next(model.parameters()).device
+    payload = load_checkpoint(path, map_location=device)
+    log(f"Loading saved model {path}")
+    load_weights(model, payload["state_dict"], path, info)
+    epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
+    log(f"Saved at: epoch = {epoch}/{payload.get('nepochs', run.nepochs)}, "
+        f"batch = {it}/{payload.get('nbatches', run.nbatches)}, ntbatch = {payload.get('nbatches_test', run.nbatches_test)}")
+    log(f"Training state: loss = {as_float(payload.get('train_loss')):.6f}")
+    acc, auc = as_float(payload.get("test_acc")), payload.get("test_auc")
+    shown_auc = f", auc = {as_float(auc):.3f}" if run.show_auc and auc is not None else ""
+    log(f"Testing state: accuracy = {acc * 100:3.3f} %{shown_auc}")
+    resume = Resume(best_acc=acc, best_auc=as_float(auc))
+    if inference_only:
+        return resume
+    check_position(payload, run.nbatches, path)
+    restore_optimizer(payload, optimizer, run.optimizer, model, model.cfg.num_tables, info, path, log.warn)
+    if "lr_scheduler_state_dict" in payload:
+        scheduler.load_state_dict(payload["lr_scheduler_state_dict"])
+    return Resume(epoch=epoch, batch=it, best_acc=acc, best_auc=as_float(auc))

@@ -240,6 +240,11 @@ def table_weights(tables: nn.Module) -> List[torch.Tensor]:
     return [t.weight for t in tables]
 
 
+def table_bytes(tables: nn.Module) -> int:
+    """Bytes the tables hold: their parameters and buffers (packed quantized tables included)."""
+    return sum(t.numel() * t.element_size() for t in list(tables.parameters()) + list(tables.buffers()))
+
+
 def with_per_table_layout(model: "DLRM") -> "DLRM":
     """``model`` itself, or, when its tables are fused, a shallow copy whose tables are per-table
     ``nn.EmbeddingBag`` views of the same weights (what ONNX export traces). Nothing is copied."""

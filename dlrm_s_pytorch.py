@@ -14,28 +14,30 @@ checkpoints in ``checkpoint``; the model's names are re-exported here for older 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
 import sys
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from checkpoint import (Resume, as_float, check_position, load_checkpoint, load_weights,
-                        restore_optimizer)
+from checkpoint import Expected, restore
 from dlrm_common import Batch, ConfigError, DLRMError, parse_bool
 from dlrm_model import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfig, QuantizedTables,  # noqa: F401
-                        draw_table, fit_to_data, make_loss, quantize_for_inference, top_mlp_input_width,
-                        with_per_table_layout)
-from dlrm_train import (OPTIMIZERS, Logger, RunParts, TrainConfig, TrainState, evaluate, format_arch, format_batch,
-                        format_parameters, make_optimizer, make_scheduler, optimizer_groups, train)
-from extend_distributed import DistInfo, init_distributed, shutdown_distributed
+                        draw_table, fit_to_data, make_loss, quantize_for_inference, table_bytes,
+                        top_mlp_input_width, with_per_table_layout)
+from dlrm_train import (OPTIMIZERS, Logger, RunParts, TrainConfig, TrainState, evaluate_once, format_arch, format_batch,
+                        format_parameters, graph_output, make_optimizer, make_scheduler, optimizer_groups, train)
+from extend_distributed import (DistInfo, announce_failure, current_info, init_distributed, is_collective_failure,
+                                peer_failure, shutdown_distributed)
 from mlperf_logger import MISSING_PACKAGE_WARNING, make_mlperf_logger
+from preflight import BatchShape, check_memory as check_memory_fits, human
+from run_metrics import MetricsFile, format_summary
+from run_outputs import OutputConfig, check_outputs, draw_compute_graph as draw_graph, make_writer, profiling
 
 # =============================================================================================
 # Flags: the reference's names and defaults; dest= gives each a clear name inside.
@@ -163,7 +165,11 @@ def _training_flags(t) -> None:
     t.add_argument("--mlperf-grad-accum-iter", dest="grad_accum_iter", type=int, default=1, help="mlperf: batches per optimizer step")
     t.add_argument("--use-gpu", dest="use_gpu", action="store_true", help="train on CUDA when available")
     t.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1, help="distributed local rank")
-    t.add_argument("--dist-backend", dest="dist_backend", default="", help="gloo, nccl, mpi or ccl")
+    t.add_argument("--dist-backend", dest="dist_backend", choices=["", "gloo", "nccl", "mpi", "ccl"], default="",
+                   help="torch.distributed backend; empty: nccl for GPUs, else gloo")
+    t.add_argument("--dist-init-timeout", dest="dist_init_timeout", type=float, default=300.0,
+                   help="not in the reference: seconds a process waits for the others to join (and for any "
+                        "collective) before it gives up with an error")
     t.add_argument("--fix-reference-bugs", dest="fix_reference_bugs", action="store_true",
                    help="not in the reference: fix its bugs that change numbers (README, 'Differences'): random "
                         "test data from its own stream, gaussian bags without repeats, the learning-rate plateau "
@@ -191,11 +197,23 @@ def _output_flags(o) -> None:
     o.add_argument("--print-wall-time", dest="print_wall_time", action="store_true", help="append (HH:MM) to training lines")
     o.add_argument("--debug-mode", dest="debug_mode", action="store_true", help="print architecture, data and parameters")
     o.add_argument("--enable-profiling", dest="enable_profiling", action="store_true", help="torch.profiler trace and tables")
-    o.add_argument("--plot-compute-graph", dest="plot_compute_graph", action="store_true", help="draw the graph (needs torchviz)")
-    o.add_argument("--tensor-board-filename", dest="tensor_board_filename", default="run_kaggle_pt", help="TensorBoard directory (if installed)")
-    o.add_argument("--save-model", dest="save_model", default="", help="checkpoint path, written at improving tests")
+    o.add_argument("--plot-compute-graph", dest="plot_compute_graph", action="store_true",
+                   help="after the run, draw the training graph (the inference graph with --inference-only) with "
+                        "torchviz: Graphviz source dlrm_s_pytorch_graph.gv, and a PDF when Graphviz's dot is installed")
+    o.add_argument("--tensor-board-filename", dest="tensor_board_filename", default="run_kaggle_pt",
+                   help="TensorBoard directory, one subdirectory per run (if tensorboard is installed)")
+    o.add_argument("--save-model", dest="save_model", default="",
+                   help="checkpoint path, written at each test that improves the best result; without tests, "
+                        "the final model is written at the end")
     o.add_argument("--load-model", dest="load_model", default="", help="checkpoint to resume from or evaluate")
-    o.add_argument("--save-onnx", dest="save_onnx", action="store_true", help="export dlrm_s_pytorch.onnx")
+    o.add_argument("--save-onnx", dest="save_onnx", action="store_true", help="export the model to ONNX (--onnx-file)")
+    o.add_argument("--onnx-file", dest="onnx_file", default="dlrm_s_pytorch.onnx", help="where --save-onnx writes")
+    o.add_argument("--metrics-file", dest="metrics_file", default="",
+                   help="not in the reference: write one JSON line per printed line and per test (iteration, "
+                        "epoch, loss, lr, ms/it, samples/s, accuracy, auc)")
+    o.add_argument("--progress", dest="progress", action="store_true",
+                   help="not in the reference: a progress bar with ETA over each epoch and test pass, on stderr "
+                        "(only when the output is a terminal; the log lines stay as they are)")
 
 
 # =============================================================================================
@@ -213,18 +231,7 @@ class SystemConfig:
     dist_backend: str = ""
     debug_mode: bool = False
     print_precision: int = 5
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """What the run writes besides its log lines."""
-
-    save_model: str = ""
-    load_model: str = ""
-    save_onnx: bool = False
-    enable_profiling: bool = False
-    tensor_board_filename: str = "run_kaggle_pt"
-    mlperf_events: bool = False
+    dist_init_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -264,11 +271,13 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         model=_model_config(flags), data=_data_config(flags), train=_train_config(flags),
         system=SystemConfig(seed=flags["seed"], use_gpu=flags["use_gpu"], local_rank=flags["local_rank"],
                             dist_backend=flags["dist_backend"], debug_mode=flags["debug_mode"],
-                            print_precision=flags["print_precision"]),
+                            print_precision=flags["print_precision"], dist_init_timeout=flags["dist_init_timeout"]),
         output=OutputConfig(save_model=flags["save_model"], load_model=flags["load_model"],
-                            save_onnx=flags["save_onnx"], enable_profiling=flags["enable_profiling"],
+                            save_onnx=flags["save_onnx"], onnx_file=flags["onnx_file"],
+                            enable_profiling=flags["enable_profiling"],
                             tensor_board_filename=flags["tensor_board_filename"],
-                            mlperf_events=flags["mlperf_logging"]),
+                            mlperf_events=flags["mlperf_logging"], plot_compute_graph=flags["plot_compute_graph"],
+                            metrics_file=flags["metrics_file"]),
         inference=InferenceConfig(inference_only=flags["inference_only"], quantize_mlp_bits=flags["quantize_mlp_bits"],
                                   quantize_emb_bits=flags["quantize_emb_bits"]),
         flags=tuple(flags.items()),
@@ -301,13 +310,27 @@ def _check_flags(f: dict) -> None:
                           "add --round-targets=true for random or synthetic data")
     if f["data_generation"] == "internal":
         raise ConfigError("--data-generation=internal needs Meta-internal loaders, which are not available")
-    if f["plot_compute_graph"]:
-        raise ConfigError("--plot-compute-graph needs torchviz, which this version does not use; "
-                          "use --enable-profiling for a trace instead")
+    _check_ranges(f)
     if f["save_onnx"]:
         from onnx_export import require_onnx
 
         require_onnx()
+
+
+def _check_ranges(f: dict) -> None:
+    """Values the reference accepted and then crashed on, or silently used wrongly."""
+    if not 0 <= f["seed"] < 2**32:
+        raise ConfigError(f"--numpy-rand-seed must be in [0, 2**32) (NumPy's range), got {f['seed']}")
+    if f["rand_data_dist"] == "gaussian" and f["rand_data_min"] > f["rand_data_max"]:
+        raise ConfigError(f"--rand-data-min={f['rand_data_min']:g} is above --rand-data-max={f['rand_data_max']:g}")
+    if f["qr_flag"] and f["qr_collisions"] < 1:
+        raise ConfigError(f"--qr-collisions must be at least 1, got {f['qr_collisions']}")
+    if f["qr_flag"] and f["md_flag"]:
+        raise ConfigError("--qr-flag and --md-flag cannot be combined (a table is one or the other)")
+    if f["dist_init_timeout"] <= 0:
+        raise ConfigError(f"--dist-init-timeout must be positive, got {f['dist_init_timeout']:g}")
+    if f["num_workers"] < 0 or f["test_num_workers"] < -1:
+        raise ConfigError("--num-workers must not be negative, nor --test-num-workers below -1 (-1: --num-workers)")
 
 
 def _check_architecture(f: dict) -> None:
@@ -378,7 +401,7 @@ def _train_config(f: dict) -> TrainConfig:
         mlperf_acc_threshold=f["mlperf_acc_threshold"], mlperf_auc_threshold=f["mlperf_auc_threshold"],
         testing=f["data_generation"] in ("dataset", "random", "synthetic"),
         fix_reference_bugs=f["fix_reference_bugs"], mixed_precision=f["mixed_precision"],
-        debug_groups=f["debug_mode"] and not f["fix_reference_bugs"])
+        debug_groups=f["debug_mode"] and not f["fix_reference_bugs"], progress=f["progress"])
 
 
 def _data_config(f: dict):
@@ -406,6 +429,11 @@ def _data_config(f: dict):
         preprocess=preprocess, batch_size=f["batch_size"], test_batch_size=f["test_batch_size"],
         num_workers=f["num_workers"], test_num_workers=f["test_num_workers"], mlperf_logging=f["mlperf_logging"],
         mlperf_bin_loader=f["mlperf_bin_loader"], mlperf_bin_shuffle=f["mlperf_bin_shuffle"])
+
+
+# =============================================================================================
+# Checks that need the running process: world size, device, memory
+# =============================================================================================
 
 
 FUSED_MIN_VALUES = 1 << 20
@@ -444,6 +472,31 @@ def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
                        ("--quantize-mlp-with-bit", i.quantize_mlp_bits != 32)):
         if used:
             raise ConfigError(f"{flag} is not supported in a multi-process run (world size {info.world_size})")
+
+
+def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
+    """Flags that are accepted but change nothing here, each said once (the reference ignored them
+    silently)."""
+    out, inference = [], cfg.inference
+    if inference.inference_only and not cfg.output.load_model:
+        out.append("warning: --inference-only without --load-model evaluates a freshly drawn model")
+    if not inference.inference_only and (inference.quantize_emb_bits != 32 or inference.quantize_mlp_bits != 32):
+        out.append("warning: --quantize-emb-with-bit and --quantize-mlp-with-bit apply with --inference-only "
+                   "only; this run trains in float32")
+    if cfg.system.use_gpu and not torch.cuda.is_available():
+        out.append("warning: --use-gpu, but CUDA is not available: running on the CPU")
+    if cfg.system.dist_backend and info.world_size == 1:
+        out.append(f"warning: --dist-backend={cfg.system.dist_backend} has no effect in a single process")
+    return out
+
+
+def check_memory(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> None:
+    """Refuse, before building anything, a model and batch that do not fit in this machine's memory."""
+    bag = 1 if not cfg.random_data else cfg.data.num_indices_per_lookup
+    shape = BatchShape(cfg.train.batch_size, bag, cfg.data.test_batch_size if not cfg.random_data else 0)
+    optimizer = None if cfg.inference.inference_only else cfg.train.optimizer
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if info.world_size > 1 else 1
+    check_memory_fits(model_cfg, optimizer, shape, device, processes_here=local, world_size=info.world_size)
 
 
 # =============================================================================================
@@ -518,63 +571,6 @@ def build_parts(cfg: RunConfig, model: DLRM, data: Data, nbatches: int, device: 
                     save_model=cfg.output.save_model, info=info, num_tables=len(data.table_sizes))
 
 
-def restore(cfg: RunConfig, parts: RunParts) -> Resume:
-    """Load ``--load-model``: the weights, and when training also the optimizer, the schedule and
-    the position to continue from. Prints the reference's lines about the file."""
-    path, log = cfg.output.load_model, parts.log
-    payload = load_checkpoint(path, map_location=parts.device)
-    log(f"Loading saved model {path}")
-    load_weights(parts.model, payload["state_dict"], path, parts.info)
-    epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
-    log(f"Saved at: epoch = {epoch}/{payload.get('nepochs', cfg.train.nepochs)}, "
-        f"batch = {it}/{payload.get('nbatches', parts.nbatches)}, "
-        f"ntbatch = {payload.get('nbatches_test', parts.nbatches_test)}")
-    log(f"Training state: loss = {as_float(payload.get('train_loss')):.6f}")
-    acc, auc = as_float(payload.get("test_acc")), payload.get("test_auc")
-    shown_auc = f", auc = {as_float(auc):.3f}" if cfg.train.mlperf_logging and auc is not None else ""
-    log(f"Testing state: accuracy = {acc * 100:3.3f} %{shown_auc}")
-    resume = Resume(best_acc=acc, best_auc=as_float(auc))
-    if cfg.inference.inference_only:
-        return resume
-    check_position(payload, parts.nbatches, path)
-    restore_optimizer(payload, parts.optimizer, cfg.train.optimizer, parts.model, parts.num_tables, parts.info,
-                      path, log.warn)
-    if "lr_scheduler_state_dict" in payload:
-        parts.scheduler.load_state_dict(payload["lr_scheduler_state_dict"])
-    return replace(resume, epoch=epoch, batch=it)
-
-
-def _make_writer(name: str):
-    """A TensorBoard SummaryWriter when tensorboard is installed, else None (never required)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=os.path.join(".", name))
-
-
-@contextmanager
-def _profiling(enabled: bool, use_cuda: bool):
-    """torch.profiler around the run; afterwards the reference's three files: key averages by input
-    shape and in total, and a Chrome trace."""
-    if not enabled:
-        yield
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
-    with profile(activities=activities, record_shapes=True) as prof:
-        yield
-    stamp = str(datetime.datetime.now()).replace(" ", "_")
-    base = f"dlrm_s_pytorch{stamp}"
-    sort_key = "self_cuda_time_total" if use_cuda else "self_cpu_time_total"
-    with open(f"{base}_shape.prof", "w") as f:
-        f.write(prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key))
-    with open(f"{base}_total.prof", "w") as f:
-        f.write(prof.key_averages().table(sort_by=sort_key))
-    prof.export_chrome_trace(f"{base}.json")
-
-
 def _log_lines(log: Logger, lines: Sequence[str]) -> None:
     for line in lines:
         log(line)
@@ -587,66 +583,125 @@ def _log_lines(log: Logger, lines: Sequence[str]) -> None:
 
 def run(cfg: RunConfig) -> None:
     """The whole benchmark, in the reference's order."""
+    started = time.time()
+    check_outputs(cfg.output)  # before any data is read or table built
     mlperf = make_mlperf_logger(cfg.output.mlperf_events)
     mlperf.event("cache_clear", True)
     mlperf.start("init_start")
     rng = np.random.RandomState(cfg.system.seed)  # the reference's global NumPy stream, as an object
     torch.manual_seed(cfg.system.seed)
     torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out: torch warns otherwise
-    info = DistInfo() if cfg.system.debug_mode else init_distributed(
-        cfg.system.local_rank, cfg.system.use_gpu, cfg.system.dist_backend)
-    log = Logger(info)
+    info, log = start_processes(cfg)
     mlperf.rank = info.rank  # events from rank 0 only
     if mlperf.missing_package:
         log.warn(MISSING_PACKAGE_WARNING)
-    if not cfg.system.debug_mode:
-        log(f"world size: {info.world_size}, current rank: {info.rank}, local rank: {info.local_rank}")
     device = setup_device(cfg.system, log, info)
     mlperf.end("init_stop")
     mlperf.start("run_start")
     data = make_data(cfg, rng, log)
     if cfg.train.mlperf_logging:
         log("command line args: " + json.dumps(dict(cfg.flags)))
-    model_cfg = cfg.model if cfg.random_data else fit_to_data(cfg.model, data.table_sizes, data.dense_dim)
-    nbatches = cfg.train.num_batches if cfg.train.num_batches > 0 else len(data.train_loader)
-    if cfg.system.debug_mode:
-        _log_lines(log, format_arch(model_cfg, data.dense_dim) + ["data (inputs and targets):"])
-        _log_lines(log, debug_batches(data.train_loader, nbatches))
-    check_distributed(cfg, info, len(data.table_sizes))
-    model_cfg = replace(model_cfg, embedding_backend=embedding_backend(cfg, model_cfg, info, device))
-    model = DLRM(model_cfg, rng, info, log=log.warn).to(device)
-    if cfg.system.debug_mode:
-        _log_lines(log, ["initial parameters (weights and bias):"] + format_parameters(model, cfg.system.print_precision))
-    parts = build_parts(cfg, model, data, nbatches, device, log, info)
-    state = TrainState()
-    if cfg.output.load_model:
-        state.resume = restore(cfg, parts)
-        state.best_acc, state.best_auc = state.resume.best_acc, state.resume.best_auc
-    if cfg.inference.inference_only:
-        parts.model = quantize_for_inference(model, cfg.inference.quantize_emb_bits, cfg.inference.quantize_mlp_bits)
-    log("time/loss/accuracy (if enabled):")
+    model = build_model(cfg, data, rng, info, device, log)
+    parts, state = prepare_run(cfg, model, data, device, log, info)
     t = cfg.train
     mlperf.submission_info(t.batch_size, cfg.system.seed, t.learning_rate, t.lr_num_warmup_steps,
                            t.lr_decay_start_step, t.lr_num_decay_steps)
     parts.mlperf = mlperf
-    parts.writer = _make_writer(cfg.output.tensor_board_filename) if info.is_main else None
+    execute(cfg, parts, state)
+    finish(cfg, parts, state, model, data, started)
+
+
+def _say(text: str) -> None:
+    """A line on stderr from every process (before a rank-aware printer exists)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def start_processes(cfg: RunConfig) -> Tuple[DistInfo, Logger]:
+    """This process's place in the run (none in debug mode, as in the reference) and its printer."""
+    info = DistInfo() if cfg.system.debug_mode else init_distributed(
+        cfg.system.local_rank, cfg.system.use_gpu, cfg.system.dist_backend, cfg.system.dist_init_timeout,
+        log=_say)
+    log = Logger(info)
+    if not cfg.system.debug_mode:
+        log(f"world size: {info.world_size}, current rank: {info.rank}, local rank: {info.local_rank}")
+    for warning in flag_warnings(cfg, info):
+        log.warn(warning)
+    return info, log
+
+
+def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: DistInfo, device: torch.device,
+                log: Logger) -> DLRM:
+    """The model for the data's tables, drawn after the debug-mode data print, as in the reference."""
+    model_cfg = cfg.model if cfg.random_data else fit_to_data(cfg.model, data.table_sizes, data.dense_dim)
+    if cfg.system.debug_mode:
+        _log_lines(log, format_arch(model_cfg, data.dense_dim) + ["data (inputs and targets):"])
+        _log_lines(log, debug_batches(data.train_loader, nbatches_of(cfg, data)))
+    check_distributed(cfg, info, len(data.table_sizes))
+    model_cfg = replace(model_cfg, embedding_backend=embedding_backend(cfg, model_cfg, info, device))
+    check_memory(cfg, model_cfg, info, device)
+    model = DLRM(model_cfg, rng, info, log=log.warn).to(device)
+    if cfg.system.debug_mode:
+        _log_lines(log, ["initial parameters (weights and bias):"] + format_parameters(model, cfg.system.print_precision))
+    return model
+
+
+def nbatches_of(cfg: RunConfig, data: Data) -> int:
+    return cfg.train.num_batches if cfg.train.num_batches > 0 else len(data.train_loader)
+
+
+def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, log: Logger,
+                info: DistInfo) -> Tuple[RunParts, TrainState]:
+    """The optimizer, a loaded checkpoint, inference quantization and the side channels."""
+    parts = build_parts(cfg, model, data, nbatches_of(cfg, data), device, log, info)
+    state = TrainState()
+    if cfg.output.load_model:
+        state.resume = restore(cfg.output.load_model, parts.model, parts.optimizer, parts.scheduler, parts.info,
+                               parts.log, Expected(cfg.train.optimizer, cfg.train.nepochs, parts.nbatches,
+                                                   parts.nbatches_test, cfg.train.mlperf_logging),
+                               inference_only=cfg.inference.inference_only)
+        state.best_acc, state.best_auc = state.resume.best_acc, state.resume.best_auc
+    if cfg.inference.inference_only:
+        before = table_bytes(model.emb_l)
+        parts.model = quantize_for_inference(model, cfg.inference.quantize_emb_bits, cfg.inference.quantize_mlp_bits)
+        if cfg.inference.quantize_emb_bits != 32:
+            log.note(f"quantized the tables to {cfg.inference.quantize_emb_bits} bits per value: "
+                     f"{human(before)} -> {human(table_bytes(model.emb_l))}")
+    log("time/loss/accuracy (if enabled):")
+    if info.is_main:
+        parts.writer = make_writer(cfg.output.tensor_board_filename, log.note)
+        parts.metrics = MetricsFile(cfg.output.metrics_file) if cfg.output.metrics_file else None
+    return parts, state
+
+
+def execute(cfg: RunConfig, parts: RunParts, state: TrainState) -> None:
+    """Train (or evaluate once, with ``--inference-only``), under the profiler if asked for."""
     try:
-        with _profiling(cfg.output.enable_profiling, device.type == "cuda"):
+        with profiling(cfg.output.enable_profiling, parts.device.type == "cuda", parts.log.note):
             if cfg.inference.inference_only:
-                log("Testing for inference only")
-                evaluate(parts, t, state, log_iter=0)
+                parts.log("Testing for inference only")
+                evaluate_once(parts, cfg.train, state)
             else:
-                train(parts, t, state)
+                train(parts, cfg.train, state)
     finally:
-        if parts.writer is not None:
-            parts.writer.close()
+        for channel in (parts.writer, parts.metrics):
+            if channel is not None:
+                channel.close()
+
+
+def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data: Data, started: float) -> None:
+    """After the run: debug-mode parameters, the compute graph, ONNX export and the summary line."""
+    log = parts.log
     if cfg.system.debug_mode:
         _log_lines(log, ["updated parameters (weights and bias):"] + format_parameters(model, cfg.system.print_precision))
+    sample = state.first_batch if state.first_batch is not None else next(iter(data.train_loader))
+    if cfg.output.plot_compute_graph and parts.info.is_main:
+        draw_graph(graph_output(parts, cfg.train, sample, cfg.inference.inference_only), parts.model, log.note)
     if cfg.output.save_onnx:
         from onnx_export import export_onnx
 
-        sample = state.first_batch if state.first_batch is not None else next(iter(data.train_loader))
-        export_onnx(with_per_table_layout(model), sample, "dlrm_s_pytorch.onnx", log)
+        export_onnx(with_per_table_layout(model), sample, cfg.output.onnx_file, log)
+    log.note(format_summary(time.time() - started, state.trained_samples, state.trained_time, state.best,
+                            state.saved_to))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -655,9 +710,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = config_from_args(build_parser().parse_args(argv))
         try:
             run(cfg)
-        except BaseException:
-            shutdown_distributed(wait=False)
-            raise
+        except BaseException as exc:
+            raise _as_run_error(exc)
         shutdown_distributed()
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -668,6 +722,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _as_run_error(exc: BaseException) -> BaseException:
+    """In a multi-process run: a failing rank tells the others (so they can name it) and leaves
+    without waiting for them; a rank whose collective broke because another rank stopped says so in
+    one line instead of a backend traceback."""
+    info = current_info()
+    if info.world_size > 1:
+        if isinstance(exc, DLRMError):
+            announce_failure(info)
+        elif is_collective_failure(exc):
+            exc = peer_failure(info, exc)
+    shutdown_distributed(wait=False)
+    return exc
 
 
 if __name__ == "__main__":

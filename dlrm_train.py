@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from dlrm_common import Batch, ConfigError
 from dlrm_model import ModelConfig, table_dims
 from extend_distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
 from mlperf_logger import MLPerfLogger
+from run_metrics import BestResult, MetricsFile, progress_bar
 
 OPTIMIZERS = ("sgd", "adagrad", "rwsadagrad")
 
@@ -34,12 +35,16 @@ OPTIMIZERS = ("sgd", "adagrad", "rwsadagrad")
 
 
 class Logger:
-    """Prints on the main rank only, flushing every line; warnings go to stderr, each text once.
+    """Prints on the main rank only, flushing every line.
+
+    Standard output carries the reference's lines only; what this version adds (warnings, notes,
+    the summary) goes to standard error, so a log of stdout compares line for line with the
+    reference's. While a progress bar is shown (:meth:`above`), lines print above it, unchanged.
 
     Args:
         info: where this process stands (only rank 0 prints).
         stream: where lines go (default: ``sys.stdout`` at the time of printing).
-        err_stream: where warnings go (default: ``sys.stderr`` at the time of printing).
+        err_stream: where warnings and notes go (default: ``sys.stderr`` at the time of printing).
     """
 
     def __init__(self, info: DistInfo = DistInfo(), stream: Optional[TextIO] = None,
@@ -48,21 +53,34 @@ class Logger:
         self.stream = stream
         self.err_stream = err_stream
         self._warned: set = set()
-        self.write: Optional[Callable[[str], None]] = None  # set while a progress bar is shown
+        self._emit: Callable[[str], None] = self._print
 
     def __call__(self, text: object = "") -> None:
-        if not self.enabled:
-            return
-        if self.write is not None:
-            self.write(str(text))
-        else:
-            print(text, file=self.stream or sys.stdout, flush=True)
+        if self.enabled:
+            self._emit(str(text))
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def note(self, text: str) -> None:
+        """Print ``text`` on stderr (not one of the reference's lines)."""
+        if self.enabled:
+            print(text, file=self.err_stream or sys.stderr, flush=True)
 
     def warn(self, text: str) -> None:
         """Print ``text`` on stderr the first time it is given (repeats are dropped)."""
-        if self.enabled and text not in self._warned:
+        if text not in self._warned:
             self._warned.add(text)
-            print(text, file=self.err_stream or sys.stderr, flush=True)
+            self.note(text)
+
+    @contextmanager
+    def above(self, bar) -> Iterator[None]:
+        """While the block runs, print lines above ``bar`` (a ``run_metrics.ProgressBar``)."""
+        self._emit = bar.wrap(self._print)
+        try:
+            yield
+        finally:
+            self._emit = self._print
 
 
 def format_train_line(step: int, nbatches: int, epoch: int, ms_per_it: float, loss: float,
@@ -139,6 +157,7 @@ class TrainConfig:
         mixed_precision: "none" or "bf16" (autocast around the forward).
         debug_groups: the reference's three parameter groups of ``--debug-mode`` (tables, bottom
             MLP, top MLP; learned pooling weights left out).
+        progress: show a progress bar over each epoch and test pass (on a terminal).
     """
 
     batch_size: int = 1
@@ -163,6 +182,7 @@ class TrainConfig:
     fix_reference_bugs: bool = False
     mixed_precision: str = "none"
     debug_groups: bool = False
+    progress: bool = False
 
 
 def optimizer_groups(model: nn.Module, debug_groups: bool) -> list:
@@ -211,6 +231,12 @@ class TrainState:
     total_samples: int = 0
     total_loss: Optional[torch.Tensor] = None
     first_batch: Optional[Batch] = None
+    last_lr: Optional[float] = None
+    trained_samples: int = 0
+    trained_time: float = 0.0
+    best: Optional[BestResult] = None
+    saved_to: Optional[str] = None
+    last_loss: float = 0.0
 
 
 @dataclass
@@ -233,6 +259,7 @@ class RunParts:
     save_model: str = ""
     info: DistInfo = DistInfo()
     num_tables: int = 0
+    metrics: Optional[MetricsFile] = None
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -259,6 +286,24 @@ def predict(parts: RunParts, batch: Batch, mixed_precision: str) -> torch.Tensor
                 else nullcontext())
     with autocast:
         return parts.model(dense_x, batch.offsets, batch.indices)
+
+
+@contextmanager
+def _bar(parts: RunParts, cfg: TrainConfig, total: int, desc: str):
+    """A progress bar over ``total`` batches when ``cfg.progress`` (on a terminal, main rank); the
+    run's lines print above it, unchanged."""
+    enabled = None if cfg.progress and parts.log.enabled else False  # None: only on a terminal
+    with progress_bar(total, desc, enabled) as bar:
+        with parts.log.above(bar):
+            yield bar
+
+
+def graph_output(parts: RunParts, cfg: TrainConfig, batch: Batch, inference: bool) -> torch.Tensor:
+    """What ``--plot-compute-graph`` draws: the loss of ``batch`` (the training graph), or with
+    ``inference`` its predictions (the inference graph). Nothing is updated."""
+    batch = to_device(batch, parts.device)
+    probs = predict(parts, batch, cfg.mixed_precision)
+    return probs if inference else parts.loss_fn(probs, local_rows(batch.labels, parts.info))
 
 
 def _sync(device: torch.device) -> float:
@@ -294,8 +339,9 @@ def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int
     the reference never kept) and returns the metrics plus ``is_best``."""
     correct, samples, scores, targets = 0, 0, [], []
     parts.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _bar(parts, cfg, parts.nbatches_test, "test") as bar:
         for batch in _test_batches(parts, cfg):
+            bar.update()
             if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
                 continue  # as in training: every rank needs rows of the batch
             batch = to_device(batch, parts.device)
@@ -305,7 +351,7 @@ def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int
                 if cfg.mlperf_logging:
                     scores.append(probs.detach().cpu().numpy())
                     targets.append(labels.detach().cpu().numpy())
-                else:
+                else:  # host synchronisation: the count is a Python int (the reference's too)
                     correct += int((torch.round(probs) == labels).sum().item())
                     samples += labels.shape[0]
     parts.model.train()
@@ -314,6 +360,12 @@ def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int
     else:
         metrics = _accuracy_metrics(parts, correct, samples, state, log_iter)
     return metrics
+
+
+def evaluate_once(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
+    """``--inference-only``: one pass over the test batches, recorded like a test."""
+    metrics = evaluate(parts, cfg, state, log_iter=0)
+    _record_test(parts, cfg, state, {**metrics, "is_best": True}, 0, 0)
 
 
 def _accuracy_metrics(parts: RunParts, correct: int, samples: int, state: TrainState,
@@ -411,28 +463,37 @@ def _should_skip(state: TrainState, cfg: TrainConfig, j: int, k: int) -> bool:
 def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int) -> None:
     """One pass over the training loader. Losses are accumulated on the device; only the lines
     that print read them back."""
-    for j, batch in enumerate(parts.train_loader):
-        if j >= parts.nbatches:
-            break
-        if state.first_batch is None:
-            state.first_batch = batch
-        if _should_skip(state, cfg, j, k):
-            continue
-        if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
-            parts.log(f"Warning: Skiping the batch {j} with size {batch.labels.shape[0]}")
-            continue
-        batch = to_device(batch, parts.device)
-        t1 = _sync(parts.device)
-        loss = train_step(parts, cfg, batch, j)
-        t2 = _sync(parts.device)
-        n = local_rows(batch.labels, parts.info).shape[0]
-        state.total_loss = loss * n if state.total_loss is None else state.total_loss + loss * n
-        state.total_time += t2 - t1
-        state.total_iter += 1
-        state.total_samples += n
-        _report_and_test(parts, cfg, state, j, k)
-        if state.stop:
-            return
+    with _bar(parts, cfg, parts.nbatches, f"epoch {k}") as bar:
+        for j, batch in enumerate(parts.train_loader):
+            if j >= parts.nbatches:
+                break
+            bar.update()
+            if state.first_batch is None:
+                state.first_batch = batch
+            if _should_skip(state, cfg, j, k):
+                continue
+            if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
+                parts.log(f"Warning: Skiping the batch {j} with size {batch.labels.shape[0]}")
+                continue
+            _timed_step(parts, cfg, state, to_device(batch, parts.device), j)
+            _report_and_test(parts, cfg, state, j, k)
+            if state.stop:
+                return
+
+
+def _timed_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, j: int) -> None:
+    """One training step, its loss and time added to the running totals."""
+    state.last_lr = parts.optimizer.param_groups[0]["lr"]  # the rate this step uses
+    t1 = _sync(parts.device)
+    loss = train_step(parts, cfg, batch, j)
+    t2 = _sync(parts.device)
+    n = local_rows(batch.labels, parts.info).shape[0]
+    state.total_loss = loss * n if state.total_loss is None else state.total_loss + loss * n
+    state.total_time += t2 - t1
+    state.total_iter += 1
+    state.total_samples += n
+    state.trained_time += t2 - t1
+    state.trained_samples += n * parts.info.world_size
 
 
 def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: int, k: int) -> None:
@@ -443,12 +504,18 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     if not (should_print or should_test):
         return
     log_iter = nb * k + j + 1
-    ms = 1000.0 * state.total_time / state.total_iter if cfg.print_time and state.total_iter else -1.0
+    measured_ms = 1000.0 * state.total_time / max(state.total_iter, 1)
+    samples_per_s = state.total_samples * parts.info.world_size / state.total_time if state.total_time else None
     loss = _mean_loss(state, parts.info)  # host synchronisation: this line prints
+    state.last_loss = loss
     state.total_time, state.total_iter, state.total_samples, state.total_loss = 0.0, 0, 0, None
     wall = time.strftime("%H:%M") if cfg.print_wall_time else None
-    parts.log(format_train_line(j + 1, nb, k, ms, loss, wall))
+    parts.log(format_train_line(j + 1, nb, k, measured_ms if cfg.print_time else -1.0, loss, wall))
     _scalar(parts.writer, "Train/Loss", loss, log_iter)
+    _scalar(parts.writer, "Train/LR", state.last_lr, log_iter)
+    if parts.metrics is not None and parts.info.is_main:
+        parts.metrics.write(log_iter, k, loss=loss, lr=state.last_lr, ms_per_it=measured_ms,
+                            samples_per_s=samples_per_s)
     if should_test:
         _test_and_save(parts, cfg, state, loss, j, k, log_iter)
 
@@ -460,15 +527,43 @@ def _test_and_save(parts: RunParts, cfg: TrainConfig, state: TrainState, loss: f
     parts.mlperf.start("eval_start", epoch_num=(j + 1) / nb + k + 1)
     metrics = evaluate(parts, cfg, state, log_iter)
     parts.mlperf.end("eval_stop", epoch_num=(j + 1) / nb + k + 1)
+    _record_test(parts, cfg, state, metrics, log_iter, k)
     if metrics["is_best"] and parts.save_model:
         parts.log(f"Saving model to {parts.save_model}")
-        at = Position(nepochs=cfg.nepochs, nbatches=nb, nbatches_test=parts.nbatches_test, epoch=k, iter=j + 1,
-                      train_loss=loss, test_acc=metrics["accuracy"], test_auc=metrics.get("roc_auc"))
-        payload = checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
-                                     parts.num_tables, parts.info, at)  # every rank takes part
-        if parts.info.is_main:
-            save_checkpoint(parts.save_model, payload)
+        save_position(parts, cfg, state, Position(
+            nepochs=cfg.nepochs, nbatches=nb, nbatches_test=parts.nbatches_test, epoch=k, iter=j + 1,
+            train_loss=loss, test_acc=metrics["accuracy"], test_auc=metrics.get("roc_auc")))
     _check_thresholds(parts, cfg, state)
+
+
+def _record_test(parts: RunParts, cfg: TrainConfig, state: TrainState, metrics: Dict[str, float], log_iter: int,
+                 k: int) -> None:
+    """The metrics file's test record, and where the best result so far was reached."""
+    auc = metrics.get("roc_auc")
+    if parts.metrics is not None and parts.info.is_main:
+        parts.metrics.write(log_iter, k, accuracy=metrics["accuracy"], auc=auc)
+    if metrics["is_best"] or state.best is None:
+        target, value = ("auc", auc) if cfg.mlperf_logging else ("accuracy", metrics["accuracy"])
+        if state.best is None or value > state.best.value:
+            state.best = BestResult(target, float(value), log_iter, k)
+
+
+def save_position(parts: RunParts, cfg: TrainConfig, state: TrainState, at: Position) -> None:
+    """Write ``--save-model`` at ``at`` (every rank takes part: tables are gathered on rank 0)."""
+    payload = checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
+                                 parts.num_tables, parts.info, at)
+    if parts.info.is_main:
+        save_checkpoint(parts.save_model, payload)
+    state.saved_to = parts.save_model
+
+
+def save_final(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch: int) -> None:
+    """``--save-model`` without any test: the model at the end of the run (the reference saves only
+    at improving tests, so such a run wrote nothing)."""
+    parts.log.note(f"Saving the final model to {parts.save_model} (no test ran to choose a best one)")
+    save_position(parts, cfg, state, Position(
+        nepochs=cfg.nepochs, nbatches=parts.nbatches, nbatches_test=parts.nbatches_test, epoch=epoch,
+        iter=parts.nbatches, train_loss=state.last_loss, test_acc=0.0))
 
 
 def _mean_loss(state: TrainState, info: DistInfo) -> float:
@@ -494,7 +589,14 @@ def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> N
 
 
 def train(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
-    """Every epoch from the resumed one on, until done or an MLPerf threshold stops the run."""
+    """Every epoch from the resumed one on, until done or an MLPerf threshold stops the run; then,
+    with ``--save-model`` and no test, the final model."""
+    _train_epochs(parts, cfg, state)
+    if parts.save_model and state.best is None and state.trained_samples:
+        save_final(parts, cfg, state, cfg.nepochs - 1)
+
+
+def _train_epochs(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
     for k in range(state.resume.epoch, cfg.nepochs):
         parts.mlperf.start("block_start", first_epoch_num=k + 1, epoch_count=1)
         parts.mlperf.start("epoch_start", epoch_num=k + 1)

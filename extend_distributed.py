@@ -11,14 +11,15 @@ table's output for its contiguous slice of the batch, on which it runs the MLPs 
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as torch_dist
 
-from dlrm_common import ConfigError
+from dlrm_common import ConfigError, DLRMError
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "RANK")
@@ -63,15 +64,19 @@ def world_size_from_env() -> int:
     return _env_int(_SIZE_VARS, 1)
 
 
-def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str = "") -> DistInfo:
+def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str = "", timeout_s: float = 300.0,
+                     log: Optional[Callable[[str], None]] = None) -> DistInfo:
     """Set up this process's place in the run.
 
     A launch with a world size of 1 (or none) needs no process group. Otherwise the process group
     is created with ``backend`` (default: nccl for GPUs, else gloo), ``MASTER_ADDR`` defaulting to
-    127.0.0.1 and ``MASTER_PORT`` to 29500.
+    127.0.0.1 and ``MASTER_PORT`` to 29500. Started by hand (not by torchrun), a process says at
+    once where it waits for the others; it gives up after ``timeout_s`` seconds, which also bounds
+    every collective.
 
     Raises:
         ConfigError: malformed launcher variables, or an unusable backend.
+        DistributedError: the other processes did not join in time.
     """
     size = world_size_from_env()
     rank = _env_int(_RANK_VARS, 0)
@@ -80,16 +85,71 @@ def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str =
     if size <= 1:
         return DistInfo(rank=rank, world_size=1, local_rank=max(local_rank, 0), backend=None)
     backend = backend or ("nccl" if use_gpu and torch.cuda.is_available() else "gloo")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    address = f"{os.environ.setdefault('MASTER_ADDR', '127.0.0.1')}:{os.environ.setdefault('MASTER_PORT', '29500')}"
     if use_gpu and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    if log is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
+        log(f"rank {rank}: waiting for all {size} processes at {address} (backend {backend}; giving up after "
+            f"{timeout_s:g} s, --dist-init-timeout)")
     _import_group_capturing_modules()
     try:
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=size)
+        torch_dist.init_process_group(backend=backend, rank=rank, world_size=size,
+                                      timeout=datetime.timedelta(seconds=timeout_s))
+    except (torch_dist.DistStoreError, TimeoutError) as exc:
+        raise DistributedError(f"rank {rank}: the other processes of the {size} did not join at {address} "
+                               f"within {timeout_s:g} s ({_first_line(exc)}); start every rank with the same "
+                               "MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun") from None
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({_first_line(exc)})") from None
     return DistInfo(rank=rank, world_size=size, local_rank=local_rank, backend=backend)
+
+
+class DistributedError(DLRMError):
+    """A multi-process run cannot go on: a peer never joined, failed or vanished."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_FAILED_KEY = "dlrm_failed_rank"
+
+
+def announce_failure(info: DistInfo) -> None:
+    """Tell the other ranks, through the rendezvous store, that this rank is failing (best effort)."""
+    try:
+        torch_dist.distributed_c10d._get_default_store().set(_FAILED_KEY, str(info.rank))
+    except Exception:  # the store may already be gone; the others then report a lost connection
+        pass
+
+
+def current_info() -> DistInfo:
+    """This process's place, read back from torch.distributed (a single process when none)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
+                    local_rank=_env_int(_LOCAL_RANK_VARS, 0), backend=torch_dist.get_backend())
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True for the errors a collective raises when a peer has gone (torch's DistError, or gloo's and
+    nccl's RuntimeErrors, which name the backend or the lost connection)."""
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(mark in text for mark in ("gloo", "NCCL", "nccl", "Connection"))
+
+
+def peer_failure(info: DistInfo, exc: BaseException) -> DistributedError:
+    """The one-line error of a rank whose collective failed because another rank stopped."""
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=2))
+        failed = store.get(_FAILED_KEY).decode()
+        return DistributedError(f"rank {info.rank}: stopping because rank {failed} failed")
+    except Exception:
+        return DistributedError(f"rank {info.rank}: stopping because another rank stopped ({_first_line(exc)})")
 
 
 def _import_group_capturing_modules() -> None:

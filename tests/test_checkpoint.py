@@ -130,3 +130,68 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(str(path))["state_dict"]["a"], torch.ones(1))
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+# --- checkpoints with surprising contents ---------------------------------------------------------
+
+RUN = ["--mini-batch-size=4", "--data-size=40", "--loss-function=bce", "--round-targets=true", "--test-freq=5"]
+
+
+def _saved(run_main, tmp_path, *extra):
+    path = str(tmp_path / "m.pt")
+    code, _, err = run_main(*RUN, *extra, f"--save-model={path}")
+    assert code == 0, err
+    return path
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [("sgd", "adagrad"), ("adagrad", "rwsadagrad"),
+                                                      ("rwsadagrad", "sgd")])
+def test_another_optimizer_starts_fresh_with_a_warning(run_main, tmp_path, saved_with, resumed_with):
+    path = _saved(run_main, tmp_path, f"--optimizer={saved_with}")
+    code, out, err = run_main(*RUN, f"--optimizer={resumed_with}", f"--load-model={path}")
+    assert code == 0, err
+    assert f"holds {saved_with} optimizer state and this run uses --optimizer={resumed_with}" in err
+
+
+def test_a_reference_file_without_the_optimizer_name_is_recognised(run_main, tmp_path):
+    path = _saved(run_main, tmp_path, "--optimizer=adagrad")
+    payload = load_checkpoint(path)
+    del payload["optimizer"]  # the reference does not save it
+    save_checkpoint(path, payload)
+    code, out, err = run_main(*RUN, "--optimizer=rwsadagrad", f"--load-model={path}")
+    assert code == 0 and "holds adagrad optimizer state" in err
+    code, out, err = run_main(*RUN, "--optimizer=adagrad", f"--load-model={path}")
+    assert code == 0 and "optimizer state" not in err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epoch", "three", "entry 'epoch' is a str, not a number"),
+    ("test_acc", [0.5], "entry 'test_acc' is a list, not a number"),
+    ("opt_state_dict", 7, "entry 'opt_state_dict' is a int, not a dict"),
+    ("opt_state_dict", {"state": {}}, "entry 'opt_state_dict' lacks 'state' and 'param_groups'"),
+    ("state_dict", {"bot_l.0.weight": 3.0}, "state_dict entry 'bot_l.0.weight' is a float, not a tensor"),
+])
+def test_entries_of_the_wrong_type_are_one_line_errors(run_main, tmp_path, key, value, message):
+    path = _saved(run_main, tmp_path)
+    payload = load_checkpoint(path)
+    payload[key] = value
+    torch.save(payload, path)
+    code, _, err = run_main(*RUN, f"--load-model={path}")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_position_beyond_this_data_set_is_refused(run_main, tmp_path):
+    path = _saved(run_main, tmp_path)  # 10 batches per epoch
+    payload = load_checkpoint(path)
+    payload["iter"] = 5
+    save_checkpoint(path, payload)
+    code, _, err = run_main(*RUN[:1], "--data-size=12", *RUN[2:], f"--load-model={path}")  # 3 batches
+    assert code == 2 and "saved after batch 5 of 10, but this run has 3 batches per epoch" in err
+
+
+def test_a_mismatch_names_the_key_and_both_shapes(run_main, tmp_path):
+    path = _saved(run_main, tmp_path)
+    code, _, err = run_main(*RUN, "--arch-embedding-size=4-5-2", f"--load-model={path}")
+    assert code == 2 and "emb_l.1.weight is (3, 2) in the checkpoint and (5, 2) in this model" in err
+    code, _, err = run_main(*RUN, "--arch-embedding-size=4-3-2-2", f"--load-model={path}")
+    assert code == 2 and "it has no emb_l.3.weight" in err

@@ -97,6 +97,17 @@ def test_no_backend_thread_outlives_the_shutdown():
     assert len(lines) == 3 and all(line.endswith(": []") for line in lines), lines
 
 
+def test_a_failing_rank_says_so_once_and_the_others_name_it(monkeypatch):
+    monkeypatch.setenv("DLRM_TEST_FAILING_RANK", "1")
+    code, out, err = _run(ARGS[:3] + ["--print-freq=1"], 2, script="tests/rank_failure.py")
+    assert code != 0
+    assert err.count("error: a rank-local problem (injected by the test)") == 1
+    others = re.findall(r"error: rank 0: .*", err)  # rank 0 names rank 1, unless torchrun stopped it first
+    assert others in ([], ["error: rank 0: stopping because rank 1 failed"]), others
+    for frame in ("dlrm_s_pytorch.py\", line", "dlrm_train.py\", line", "extend_distributed.py\", line"):
+        assert frame not in err  # no traceback from our processes
+
+
 def test_checkpoints_move_between_one_and_several_processes(tmp_path):
     path = tmp_path / "single.pt"
     code, full, err = _run(ARGS + ["--optimizer=adagrad", "--fix-reference-bugs", f"--save-model={path}"])

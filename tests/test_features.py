@@ -138,15 +138,28 @@ def test_tensorboard_scalars(run_main, monkeypatch):
 
     class Recorder:
         def add_scalar(self, tag, value, step):
-            written.append((tag, step))
+            written.append((tag, step, value))
 
         def close(self):
-            written.append(("closed", None))
+            written.append(("closed", None, None))
 
-    monkeypatch.setattr(entry, "_make_writer", lambda name: Recorder())
-    code, _, err = run_main(*SMALL, "--test-freq=3")
+    monkeypatch.setattr(entry, "make_writer", lambda name, log: Recorder())
+    code, _, err = run_main(*SMALL, "--test-freq=3", "--lr-num-warmup-steps=2")
     assert code == 0, err
-    assert written == [("Train/Loss", 1), ("Train/Loss", 2), ("Train/Loss", 3), ("Test/Acc", 3), ("closed", None)]
+    assert [w[:2] for w in written] == [("Train/Loss", 1), ("Train/LR", 1), ("Train/Loss", 2), ("Train/LR", 2),
+                                        ("Train/Loss", 3), ("Train/LR", 3), ("Test/Acc", 3), ("closed", None)]
+    assert [w[2] for w in written if w[0] == "Train/LR"] == [0.005, 0.01, 0.01]  # the rate of each step
+
+
+def test_tensorboard_runs_get_their_own_directories(tmp_path, monkeypatch):
+    pytest.importorskip("torch.utils.tensorboard")
+    import run_outputs
+
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    for _ in range(2):
+        run_outputs.make_writer("runs", lines.append).close()
+    assert len({line for line in lines}) == 2 and len(os.listdir(tmp_path / "runs")) == 2
 
 
 @pytest.mark.parametrize("bits", ["8", "16"])
@@ -228,11 +241,6 @@ def test_debug_mode_leaves_learned_pooling_weights_untrained_as_the_reference(ru
 def test_fixed_debug_mode_trains_learned_pooling_weights(run_main, monkeypatch):
     model = _debug_model(run_main, monkeypatch, "--fix-reference-bugs")
     assert any(not torch.equal(w, torch.ones_like(w)) for w in model.v_W_l)  # they moved
-
-
-def test_plot_compute_graph_is_refused_before_training(run_main):
-    code, out, err = run_main(*SMALL, "--plot-compute-graph")
-    assert code == 2 and "torchviz" in err and "Finished" not in out
 
 
 def test_onnx_export_after_bf16_training_is_float32(run_main, tmp_path, monkeypatch):

@@ -73,7 +73,7 @@ def test_evaluation_is_limited_by_num_batches_unless_fixed():
     model.register_forward_hook(lambda module, args, out: evaluated.append(out.shape[0]))
     parts = dlrm_train.RunParts(model=model, loss_fn=dlrm_model.make_loss("mse"), optimizer=None, scheduler=None,
                                 train_loader=None, test_loader=Counting(RandomDataset(cfg, np.random.RandomState(1))),
-                                nbatches=2, nbatches_test=5, device=torch.device("cpu"), log=lambda *_: None)
+                                nbatches=2, nbatches_test=5, device=torch.device("cpu"), log=dlrm_train.Logger())
     for cfg_train, fetched, used in ((dlrm_train.TrainConfig(num_batches=2), 3, 2),  # fetches one more, as the reference
                                      (dlrm_train.TrainConfig(num_batches=2, fix_reference_bugs=True), 5, 5),
                                      (dlrm_train.TrainConfig(num_batches=0), 5, 5)):

@@ -1,0 +1,122 @@
+"""What a run writes besides its log lines, and the checks that it can write them.
+
+:func:`check_outputs` runs at start-up, before any data is read or any table is built: every path a
+run will write (checkpoint, ONNX file, metrics file, profiler traces, the compute graph, TensorBoard)
+is checked to be a writable file location, so a mistyped path costs seconds, not the training time.
+The rest are the optional side channels: TensorBoard (one subdirectory per run), the profiler's
+files and the compute graph.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from atomic_io import temp_name
+from dlrm_common import ConfigError
+
+PROFILE_PREFIX = "dlrm_s_pytorch"
+GRAPH_STEM = "dlrm_s_pytorch_graph"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What the run writes besides its log lines (paths as given on the command line)."""
+
+    save_model: str = ""
+    load_model: str = ""
+    save_onnx: bool = False
+    onnx_file: str = "dlrm_s_pytorch.onnx"
+    enable_profiling: bool = False
+    tensor_board_filename: str = "run_kaggle_pt"
+    mlperf_events: bool = False
+    plot_compute_graph: bool = False
+    metrics_file: str = ""
+
+
+def _written_paths(cfg: OutputConfig) -> List[Tuple[str, str]]:
+    """(flag, path) of every file the run will create."""
+    paths = [("--save-model", cfg.save_model), ("--metrics-file", cfg.metrics_file)]
+    if cfg.save_onnx:
+        paths.append(("--onnx-file", cfg.onnx_file))
+    if cfg.enable_profiling:
+        paths.append(("--enable-profiling", f"{PROFILE_PREFIX}_trace.json"))
+    if cfg.plot_compute_graph:
+        paths.append(("--plot-compute-graph", f"{GRAPH_STEM}.gv"))
+    return [(flag, path) for flag, path in paths if path]
+
+
+def check_outputs(cfg: OutputConfig) -> None:
+    """Raise ConfigError, naming the flag and the path, for any output the run could not write, and
+    for a ``--load-model`` file that does not exist."""
+    if cfg.load_model and not os.path.isfile(cfg.load_model):
+        raise ConfigError(f"--load-model={cfg.load_model}: checkpoint file not found")
+    for flag, path in _written_paths(cfg):
+        check_writable_file(flag, path)
+
+
+def check_writable_file(flag: str, path: str) -> None:
+    """``path`` names a file (not a directory) in an existing directory this process can write to:
+    checked by creating and removing a temporary file there."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}={path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise ConfigError(f"{flag}={path}: {parent} {what}")
+    probe = temp_name(path)
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag}={path}: cannot write in {parent} ({exc.strerror or exc})") from None
+
+
+def make_writer(directory: str, log: Callable[[str], None]):
+    """A TensorBoard SummaryWriter in a new subdirectory of ``directory`` (so runs do not merge),
+    when tensorboard is installed; else None (it is never required)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f") + f"-{os.getpid()}"
+    path = os.path.join(".", directory, run)
+    log(f"TensorBoard: writing to {path}")
+    return SummaryWriter(log_dir=path)
+
+
+@contextmanager
+def profiling(enabled: bool, use_cuda: bool, log: Callable[[str], None]):
+    """torch.profiler around the run; afterwards the reference's three files: key averages by input
+    shape and in total, and a Chrome trace, named ``dlrm_s_pytorch<time>...``."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        yield
+    stamp = str(datetime.datetime.now()).replace(" ", "_")
+    base = f"{PROFILE_PREFIX}{stamp}"
+    sort_key = "self_cuda_time_total" if use_cuda else "self_cpu_time_total"
+    names = [f"{base}_shape.prof", f"{base}_total.prof", f"{base}.json"]
+    with open(names[0], "w") as f:
+        f.write(prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key))
+    with open(names[1], "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort_key))
+    prof.export_chrome_trace(names[2])
+    log("profiler: wrote " + ", ".join(names))
+
+
+def draw_compute_graph(output: torch.Tensor, model: torch.nn.Module, log: Callable[[str], None]) -> List[str]:
+    """The autograd graph of ``output`` (a loss or the predictions) as ``dlrm_s_pytorch_graph.gv``,
+    and a PDF when Graphviz's ``dot`` is installed. Never raises: problems are one line in ``log``."""
+    from compute_graph import write_compute_graph
+
+    return write_compute_graph(output, dict(model.named_parameters()), GRAPH_STEM, log)
