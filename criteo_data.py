@@ -757,12 +757,13 @@ def _day_files_split(cfg: PreprocessConfig, paths, split: str,
 # Preprocessing hook and loader selection
 # --------------------------------------------------------------------------------------------------
 
-def _ensure_processed(cfg: PreprocessConfig, log: Callable[[str], None]) -> str:
+def _ensure_processed(cfg: PreprocessConfig, log: Callable[[str], None],
+                      rng: Optional[np.random.RandomState] = None) -> str:
     """Run the preprocessing stages whose files cannot be reused (none draws when everything is
     done); the processed file to read: --processed-data-file when given (the preprocessing also
     writes that name, which the reference never did, so first and later runs read the same
     file), else the preprocessing's own output name."""
-    return data_utils.preprocess_criteo(cfg, log)
+    return data_utils.preprocess_criteo(cfg, log, rng)
 
 
 def load_criteo_split(cfg: PreprocessConfig, split: str, rng: np.random.RandomState,
@@ -880,13 +881,17 @@ def _write_stale_bins(day_files: Sequence[str], files: Mapping[str, str], progre
 
 
 def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomState,
-                                 log: Callable[[str], None]) -> CriteoData:
+                                 log: Callable[[str], None],
+                                 preprocess_rng: Optional[np.random.RandomState] = None) -> CriteoData:
     """The reference's ``make_criteo_data_and_loaders``: train then test dataset, and loaders.
 
-    Preprocessing (when needed) draws from its own stream seeded with --numpy-rand-seed
+    Preprocessing (when needed) draws from a stream seeded with --numpy-rand-seed
     (``cfg.preprocess.seed``): the reference's preprocessing was the first consumer of its global
-    stream, so these are the reference's draws, while ``rng`` (the datasets' randomization) is left
-    the same whether or not preprocessing ran.
+    stream, so these are the reference's draws. ``preprocess_rng`` is that stream when given (it
+    must be freshly seeded); passing the run's own ``rng`` continues it after the preprocessing
+    draws, as the reference's one global stream does (so a run that preprocesses differs from later
+    runs). By default it is a separate stream, and ``rng`` (the datasets' randomization and later
+    the model) is the same whether or not preprocessing ran.
 
     mlperf + memory-map + terabyte reads the MLPerf binary files (``--mlperf-bin-loader``) or streams
     the day files; everything else serves batches of a ``CriteoSplit`` through a torch
@@ -897,7 +902,7 @@ def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomS
     if cfg.mlperf_bin_loader:
         return _bin_data(cfg, log)
     # the reference checks twice, once per dataset; the second check is a no-op
-    processed_file = _ensure_processed(data, log)
+    processed_file = _ensure_processed(data, log, preprocess_rng)
     train = _load_split(data, processed_file, "train", rng, log)
     test = _load_split(data, processed_file, "test", rng, log)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size

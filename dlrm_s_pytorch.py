@@ -252,7 +252,7 @@ class RunConfig:
     system: SystemConfig
     output: OutputConfig
     inference: InferenceConfig
-    flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value, for the --mlperf-logging args line
+    flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value by its reference name, for the args line
 
     @property
     def random_data(self) -> bool:
@@ -280,8 +280,22 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
                             metrics_file=flags["metrics_file"]),
         inference=InferenceConfig(inference_only=flags["inference_only"], quantize_mlp_bits=flags["quantize_mlp_bits"],
                                   quantize_emb_bits=flags["quantize_emb_bits"]),
-        flags=tuple(flags.items()),
+        flags=tuple(reference_flag_values(flags).items()),
     )
+
+
+def reference_flag_values(flags: dict) -> dict:
+    """Every flag's value under the reference's attribute name (``arch_sparse_feature_size``...), dash
+    lists written as typed: what the reference's ``--mlperf-logging`` args line holds."""
+    out = {}
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest not in flags:
+            continue
+        value = flags[action.dest]
+        if isinstance(value, tuple):
+            value = "-".join(str(v) for v in value)
+        out[action.option_strings[0].lstrip("-").replace("-", "_")] = value
+    return out
 
 
 def _positive(name: str, value: int) -> None:
@@ -521,10 +535,11 @@ def make_data(cfg: RunConfig, rng: np.random.RandomState, log: Logger) -> Data:
         return Data(train_ld, test_ld, cfg.data.table_sizes, cfg.data.dense_dim)
     from criteo_data import make_criteo_data_and_loaders
 
-    # Preprocessing draws from its own stream seeded with the run's seed: the same draws as the
-    # reference's (it was the first consumer there), and the training stream does not depend on
-    # whether it ran.
-    data = make_criteo_data_and_loaders(cfg.data, rng, log=log)
+    # Preprocessing is the first to draw, as in the reference, whose one global stream then goes on
+    # to the loaders and the model: a run that preprocesses trains differently from later runs.
+    # --fix-reference-bugs gives preprocessing a stream of its own, so every run trains alike.
+    own_stream = cfg.train.fix_reference_bugs
+    data = make_criteo_data_and_loaders(cfg.data, rng, log=log, preprocess_rng=None if own_stream else rng)
     return Data(data.train_loader, data.test_loader, data.table_sizes, data.dense_dim)
 
 

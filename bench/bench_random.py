@@ -54,7 +54,7 @@ def run_once(extra, iters):
 
 def _kaggle_config():
     sys.path.insert(0, ROOT)
-    import dlrm_s_pytorch as dlrm
+    import dlrm_model as dlrm
 
     return dlrm, dlrm.ModelConfig(embedding_dim=16, table_sizes=tuple(KAGGLE_SIZES), bottom_mlp=(13, 512, 256, 64, 16),
                                   top_mlp=(dlrm.top_mlp_input_width("dot", False, 26, 16), 512, 256, 1))
@@ -94,8 +94,9 @@ def interleaved(iters):
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import dlrm_s_pytorch as dlrm
+    import dlrm_model as dlrm
     from bench_datagen import per_sample_batch
+    from dlrm_common import Batch
     from dlrm_data_pytorch import RandomDataConfig, generate_random_batch
 
     sizes = (1000000,) * 8
@@ -112,7 +113,7 @@ def interleaved(iters):
 
     def reference_style():
         dense, offsets, indices, labels = per_sample_batch(rng, 2048, data)
-        return dlrm.Batch(torch.from_numpy(dense), torch.tensor(offsets), [torch.from_numpy(i) for i in indices],
+        return Batch(torch.from_numpy(dense), torch.tensor(offsets), [torch.from_numpy(i) for i in indices],
                           torch.from_numpy(labels))
 
     times = {ours: [], reference_style: []}
