@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(p.add_argument_group("training"))
     _evaluation_flags(p.add_argument_group("evaluation"))
     _output_flags(p.add_argument_group("output"))
+    for action in p._actions:  # name values after the flag users type, not the attribute inside
+        if action.option_strings and action.metavar is None and action.choices is None and action.nargs != 0:
+            action.metavar = action.option_strings[0].lstrip("-").upper().replace("-", "_")
     return p
 
 
