@@ -12,7 +12,7 @@ import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 

@@ -56,8 +56,7 @@ def test_fused_is_refused_where_it_does_not_apply(run_main, flags, why):
 
 
 def test_auto_fuses_large_tables_only():
-    import numpy as np
-    from dlrm_s_pytorch import RunConfig, build_parser, config_from_args, embedding_backend
+    from dlrm_s_pytorch import build_parser, config_from_args, embedding_backend
     from extend_distributed import DistInfo
 
     def chosen(*argv):

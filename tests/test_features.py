@@ -14,7 +14,6 @@ import torch
 import dlrm_model
 import dlrm_s_pytorch as entry
 import dlrm_train
-from dlrm_common import Batch
 from conftest import tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

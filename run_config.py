@@ -1,0 +1,121 @@
+"""What a run is: its configuration, read once from the flags, and the checks of that configuration
+that need the running process (world size, device, memory).
+
+The entry script's ``config_from_args`` builds :class:`RunConfig`; every other part of the program
+takes the smallest sub-config it needs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+
+from dlrm_common import ConfigError
+from dlrm_model import ModelConfig
+from dlrm_train import TrainConfig
+from extend_distributed import DistInfo
+from preflight import BatchShape, check_memory as check_memory_fits
+from run_outputs import OutputConfig
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """Where and how the run executes."""
+
+    seed: int = 123
+    use_gpu: bool = False
+    local_rank: int = -1
+    dist_backend: str = ""
+    debug_mode: bool = False
+    print_precision: int = 5
+    dist_init_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    inference_only: bool = False
+    quantize_mlp_bits: int = 32
+    quantize_emb_bits: int = 32
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, read once from the flags. ``model`` holds the flags' table sizes; a
+    Criteo data set replaces them with its own (:func:`dlrm_model.fit_to_data`)."""
+
+    model: ModelConfig
+    data: object  # RandomDataConfig or CriteoLoaderConfig
+    train: TrainConfig
+    system: SystemConfig
+    output: OutputConfig
+    inference: InferenceConfig
+    flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value by its reference name, for the args line
+
+    @property
+    def random_data(self) -> bool:
+        return not hasattr(self.data, "preprocess")
+
+
+FUSED_MIN_VALUES = 1 << 20
+"""``--embedding-backend=auto`` fuses tables holding at least this many values: below it a step is a
+few microseconds either way, and the fused kernel's one-off build (about 30 s) would not pay."""
+
+
+def embedding_backend(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> str:
+    """"plain" or "fused" for ``--embedding-backend``; ConfigError if "fused" cannot apply here."""
+    t = cfg.train
+    blockers = [why for why, present in (
+        ("--optimizer is not sgd", t.optimizer != "sgd" and not cfg.inference.inference_only),
+        ("several processes", info.world_size > 1), ("--qr-flag", model_cfg.qr_flag), ("--md-flag", model_cfg.md_flag),
+        ("gradient accumulation", t.mlperf_logging and t.grad_accum_iter > 1), ("a GPU", device.type != "cpu"),
+    ) if present]
+    requested = model_cfg.embedding_backend
+    if requested == "fused" and blockers:
+        raise ConfigError(f"--embedding-backend=fused does not apply with {', '.join(blockers)} (use plain or auto)")
+    if requested != "auto":
+        return requested
+    values = sum(model_cfg.table_sizes) * model_cfg.embedding_dim
+    return "fused" if not blockers and values >= FUSED_MIN_VALUES else "plain"
+
+
+def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
+    """Raise ConfigError for what a multi-process run does not support."""
+    if info.world_size == 1:
+        return
+    if num_tables < info.world_size:
+        raise ConfigError(f"only ({num_tables}) sparse features for ({info.world_size}) devices, "
+                          "table partitions will fail")
+    m, i = cfg.model, cfg.inference
+    for flag, used in (("--weighted-pooling", m.weighted_pooling is not None), ("--qr-flag", m.qr_flag),
+                       ("--md-flag", m.md_flag), ("--save-onnx", cfg.output.save_onnx),
+                       ("--quantize-emb-with-bit", i.quantize_emb_bits != 32),
+                       ("--quantize-mlp-with-bit", i.quantize_mlp_bits != 32)):
+        if used:
+            raise ConfigError(f"{flag} is not supported in a multi-process run (world size {info.world_size})")
+
+
+def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
+    """Flags that are accepted but change nothing here, each said once (the reference ignored them
+    silently)."""
+    out, inference = [], cfg.inference
+    if inference.inference_only and not cfg.output.load_model:
+        out.append("warning: --inference-only without --load-model evaluates a freshly drawn model")
+    if not inference.inference_only and (inference.quantize_emb_bits != 32 or inference.quantize_mlp_bits != 32):
+        out.append("warning: --quantize-emb-with-bit and --quantize-mlp-with-bit apply with --inference-only "
+                   "only; this run trains in float32")
+    if cfg.system.use_gpu and not torch.cuda.is_available():
+        out.append("warning: --use-gpu, but CUDA is not available: running on the CPU")
+    if cfg.system.dist_backend and info.world_size == 1:
+        out.append(f"warning: --dist-backend={cfg.system.dist_backend} has no effect in a single process")
+    return out
+
+
+def check_memory(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> None:
+    """Refuse, before building anything, a model and batch that do not fit in this machine's memory."""
+    bag = 1 if not cfg.random_data else cfg.data.num_indices_per_lookup
+    shape = BatchShape(cfg.train.batch_size, bag, cfg.data.test_batch_size if not cfg.random_data else 0)
+    optimizer = None if cfg.inference.inference_only else cfg.train.optimizer
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if info.world_size > 1 else 1
+    check_memory_fits(model_cfg, optimizer, shape, device, processes_here=local, world_size=info.world_size)
