@@ -75,12 +75,16 @@ class BenchConfig:
     note: str = ""
 
 
+KAGGLE_MODEL_FLAGS = (
+    f"--arch-embedding-size={_dashes(KAGGLE_TABLE_SIZES)}", "--arch-sparse-feature-size=16",
+    "--arch-mlp-bot=13-512-256-64-16", "--arch-mlp-top=512-256-1", "--arch-interaction-op=dot",
+    "--num-indices-per-lookup=1", "--num-indices-per-lookup-fixed=true")
+"""The Kaggle-shaped model and the shape of its random data (one index per bag)."""
+
+
 def _kaggle_flags(batch: int) -> Tuple[str, ...]:
-    return ("--data-generation=random", f"--arch-embedding-size={_dashes(KAGGLE_TABLE_SIZES)}",
-            "--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16", "--arch-mlp-top=512-256-1",
-            "--arch-interaction-op=dot", "--num-indices-per-lookup=1", "--num-indices-per-lookup-fixed=true",
-            "--loss-function=bce", "--round-targets=true", "--learning-rate=0.1", f"--mini-batch-size={batch}",
-            "--numpy-rand-seed=727")
+    return ("--data-generation=random", *KAGGLE_MODEL_FLAGS, "--loss-function=bce", "--round-targets=true",
+            "--learning-rate=0.1", f"--mini-batch-size={batch}", "--numpy-rand-seed=727")
 
 
 CONFIGS: Dict[str, BenchConfig] = {c.name: c for c in (
