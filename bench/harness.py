@@ -333,11 +333,14 @@ class Run:
                 "peak_rss_mib": self.peak_rss_mib, "returncode": self.returncode}
 
 
-def run_cli(script: str, flags: Sequence[str], echo: bool = False) -> Run:
+def run_cli(script: str, flags: Sequence[str], echo: bool = False, threads: int = 0) -> Run:
     """Run ``script`` with ``flags`` in its own directory, timestamping training lines as they arrive.
-    Peak RSS is the child's ``ru_maxrss`` (from ``wait4``)."""
+    ``threads`` > 0 sets the child's OpenMP/MKL threads. Peak RSS is the child's ``ru_maxrss``
+    (from ``wait4``)."""
     cmd = [sys.executable, os.path.abspath(script), *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     run = Run()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(script)), stdout=subprocess.PIPE,
@@ -469,7 +472,8 @@ def machine_markdown(machine: Dict[str, object]) -> List[str]:
     return [
         f"Machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, SIMD "
         f"{', '.join(machine['simd']) or 'none listed'}; torch {machine['torch']} ({machine['torch_threads']} "
-        f"threads); load average {machine['loadavg_start'][0]:.2f} at the start, {load[0]:.2f} at the end.",
+        f"threads, children too); load average {machine['loadavg_start'][0]:.2f} at the start, "
+        f"{load[0]:.2f} at the end.",
         f"Measured here: fp32 GEMM peak {_num(g['fp32']['peak_gflops'])} GFLOP/s (`torch.mm` "
         f"{g['fp32']['peak_shape']}, best of several), bf16 {_num(g['bf16']['peak_gflops'])} GFLOP/s "
         f"({g['bf16']['peak_shape']}); copy bandwidth {_num(bw['copy_GBps'])} GB/s (read + write of "
@@ -552,13 +556,13 @@ def _variants(args) -> List[Variant]:
 
 
 def run_rounds(config: BenchConfig, variants: Sequence[Variant], num_batches: int, warmup: int, rounds: int,
-               echo: bool) -> Dict[str, List[Run]]:
+               echo: bool, threads: int) -> Dict[str, List[Run]]:
     """``rounds`` runs of every variant, interleaved: A B, then B A, ... Raises if a run fails."""
     runs: Dict[str, List[Run]] = {v.key: [] for v in variants}
     for r in range(rounds):
         for v in (variants if r % 2 == 0 else list(reversed(variants))):
             flags = run_flags(config, v, num_batches)
-            run = run_cli(v.script, flags, echo=echo)
+            run = run_cli(v.script, flags, echo=echo, threads=threads)
             if run.returncode != 0 or len(run.ms) <= max(warmup, 1):
                 raise RuntimeError(f"{config.name} {v.key}: exit {run.returncode}, {len(run.ms)} training lines: "
                                    f"{' '.join(flags)}\n" + "\n".join(run.tail))
@@ -574,7 +578,7 @@ def bench_config(config: BenchConfig, variants: Sequence[Variant], args,
     """Interleaved rounds of every variant on one configuration; the JSON entry for it."""
     num_batches = args.num_batches or config.num_batches
     warmup = config.warmup if args.warmup is None else args.warmup
-    runs = run_rounds(config, variants, num_batches, warmup, args.rounds, args.echo)
+    runs = run_rounds(config, variants, num_batches, warmup, args.rounds, args.echo, args.threads)
     entry = {"note": config.note, "flags": list(config.flags), "num_batches": num_batches, "warmup": warmup,
              "rounds": args.rounds, "variants": {}}
     for v in variants:
@@ -600,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="runs of each variant, interleaved (default: 3)")
     p.add_argument("--num-batches", type=int, default=0, help="iterations per run (default: the config's)")
     p.add_argument("--warmup", type=int, default=None, help="lines dropped per run (default: the config's)")
+    p.add_argument("--threads", type=int, default=0, help="OpenMP/MKL threads of the children and of the "
+                   "machine measurement (default: torch's default)")
     p.add_argument("--quick", action="store_true", help="1 round, short machine measurement (for tests)")
     p.add_argument("--machine-json", default=None, help="reuse the machine measurement of an earlier JSON")
     p.add_argument("--echo", action="store_true", help="print the children's output as it arrives")
@@ -626,6 +632,20 @@ def join_flag_sets(argv: Sequence[str]) -> List[str]:
     return out
 
 
+def _machine(args) -> Dict[str, object]:
+    """The machine measurement: made now (with ``--threads`` threads), or read from ``--machine-json``."""
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.machine_json:
+        return measure_machine(args.quick)
+    with open(args.machine_json) as f:
+        machine = json.load(f)["machine"]
+    machine["loadavg_start"] = list(os.getloadavg())
+    return machine
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(join_flag_sets(argv))
@@ -636,16 +656,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
-        print(f"error: unknown configuration(s) {', '.join(unknown)} (known: {', '.join(CONFIGS)})", file=sys.stderr)
+        print(f"error: unknown configuration(s) {', '.join(unknown)} (known: {', '.join(CONFIGS)})",
+              file=sys.stderr)
         return 2
     if args.quick:
         args.rounds = 1
-    if args.machine_json:
-        with open(args.machine_json) as f:
-            machine = json.load(f)["machine"]
-        machine["loadavg_start"] = list(os.getloadavg())
-    else:
-        machine = measure_machine(args.quick)
+    machine = _machine(args)
     variants = _variants(args)
     report = {"command": ["bench/harness.py", *argv],
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, "configs": {}}
