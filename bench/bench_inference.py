@@ -5,8 +5,9 @@ Kaggle-shaped model: 26 tables with Kaggle's sizes, D=16, bottom 13-512-256-64-1
 one index per bag), draws random batches of its shape with the reference's generator, and for
 every batch size and variant reports:
 
-- samples/s: samples / wall time over the timed iterations (one forward each, batches cycled from a
-  small pool);
+- samples/s: samples / time over the timed iterations (one forward each, batches cycled from a
+  small pool); per batch size the variants take turns in ``--rounds`` rounds, so that a busy moment
+  of a shared machine does not land on one variant only;
 - p50 / p99 latency of one batch's forward (p99 of few iterations is close to their maximum; the
   table gives the count);
 - model memory: bytes of every tensor in the state dict (parameters, buffers, packed tables, int8
@@ -136,26 +137,43 @@ def time_point(model: nn.Module, batches: Sequence[tuple], args, cuda: bool) -> 
 
 
 def compare(pred: torch.Tensor, reference: torch.Tensor) -> Dict[str, float]:
+    """max and mean |pred - reference| and the share of equal rounded predictions."""
     diff = (pred - reference).abs()
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "agreement": float((torch.round(pred) == torch.round(reference)).float().mean())}
 
 
-def bench_variant(name: str, model: nn.Module, pools: Dict[int, List[tuple]], reference: Dict[int, torch.Tensor],
-                  args, cuda: bool) -> List[Dict[str, object]]:
+def sweep(models: Dict[str, nn.Module], pools: Dict[int, List[tuple]], args, cuda: bool) -> List[Dict[str, object]]:
+    """Per batch size, ``args.rounds`` rounds over the variants (the order rotating each round), each
+    point timed for its share of the budget, so that every variant sees the machine's slow and
+    fast moments alike; then each variant's predictions against fp32's on the same batches."""
     rows = []
-    memory = model_bytes(model)
+    names = list(models)
+    share = argparse.Namespace(warmup=args.warmup, iters=max(1, args.iters // args.rounds),
+                               min_iters=-(-args.min_iters // args.rounds), time_budget=args.time_budget / args.rounds)
     for n, batches in pools.items():
-        times = time_point(model, batches, args, cuda)
-        row = {"variant": name, "batch": n, "iters": len(times), "model_bytes": memory,
-               "samples_per_s": n * len(times) / (sum(times) / 1000),
-               "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
-               "times_ms": times}
-        row.update(compare(predict(model, batches), reference[n]))
-        rows.append(row)
-        print(f"{name:>9} batch {n:>6}: {row['samples_per_s']:>12,.0f} samples/s, p50 {row['p50_ms']:.3f} ms, "
-              f"p99 {row['p99_ms']:.3f} ms ({len(times)} iters)", flush=True)
+        times: Dict[str, List[float]] = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name] += time_point(models[name], batches, share, cuda)
+        reference = predict(models["fp32"], batches) if "fp32" in models else None
+        for name in names:
+            t = times[name]
+            row = {"variant": name, "batch": n, "iters": len(t), "model_bytes": model_bytes(models[name]),
+                   "samples_per_s": n * len(t) / (sum(t) / 1000), "p50_ms": float(np.percentile(t, 50)),
+                   "p99_ms": float(np.percentile(t, 99)), "times_ms": t}
+            if reference is not None:
+                row.update(compare(predict(models[name], batches), reference))
+            rows.append(row)
+            print(f"{name:>9} batch {n:>6}: {row['samples_per_s']:>12,.0f} samples/s, p50 {row['p50_ms']:.3f} ms, "
+                  f"p99 {row['p99_ms']:.3f} ms ({len(t)} iters)", flush=True)
     return rows
+
+
+def _change_cells(row: Dict[str, object]) -> List[str]:
+    if "agreement" not in row:
+        return ["–", "–", "–"]  # fp32 was not run
+    return [f"{row['max_abs_diff']:.2e}", f"{row['mean_abs_diff']:.2e}", f"{100 * row['agreement']:.2f}%"]
 
 
 def to_markdown(report: Dict[str, object]) -> str:
@@ -165,13 +183,13 @@ def to_markdown(report: Dict[str, object]) -> str:
              f"({m['torch_threads']} threads), device {report['device']}; load average "
              f"{m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end.",
              f"Model flags: `{' '.join(report['model_flags']) or '(the CLI defaults)'}`; batches cycled from "
-             f"{report['args']['pool']} per batch size; p99 over the 'iters' timed forwards.", "",
+             f"{report['args']['pool']} per batch size; variants interleaved in {report['args']['rounds']} rounds "
+             "per batch size; p99 over the 'iters' timed forwards.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in sorted(report["rows"], key=lambda r: (r["batch"], list(VARIANTS).index(r["variant"]))):
         lines.append("| " + " | ".join([
             r["variant"], str(r["batch"]), f"{r['samples_per_s']:,.0f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-            str(r["iters"]), _num(r["model_bytes"] / 2**20), f"{r['max_abs_diff']:.2e}",
-            f"{r['mean_abs_diff']:.2e}", f"{100 * r['agreement']:.2f}%"]) + " |")
+            str(r["iters"]), _num(r["model_bytes"] / 2**20), *_change_cells(r)]) + " |")
     lines += [f"Skipped: {s}" for s in report["skipped"]]
     return "\n".join(lines)
 
@@ -186,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-iters", type=int, default=10, help="fewest timed forwards per point (default: 10)")
     p.add_argument("--time-budget", type=float, default=3.0, help="seconds of timed forwards per point "
                    "(default: 3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the variants per batch size, each "
+                   "taking 1/rounds of the budget and iterations (default: 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--pool", type=int, default=4, help="distinct batches per batch size (default: 4)")
     p.add_argument("--quick", action="store_true", help="the CLI's tiny default model and short points (tests)")
     p.add_argument("--json", default=None, help="write rows and per-iteration times as JSON")
@@ -209,18 +230,17 @@ def run(args, flags: Sequence[str]) -> Dict[str, object]:
     model.eval()
     pools = {n: make_batches(cfg.data, n, args.pool, cfg.system.seed + 1, device)
              for n in (int(x) for x in args.batch_sizes.split(","))}
-    reference = {n: predict(model, b) for n, b in pools.items()}
     report = {"machine": cpu_description(), "device": str(device), "model_flags": list(flags), "args": vars(args),
               "rows": [], "skipped": []}
+    models = {}
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise DLRMError(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
         if cuda and name != "fp32":
             report["skipped"].append(f"{name}: quantized inference is CPU-only (FBGEMM kernels), not run on CUDA")
             continue
-        variant = make_variant(model, name)
-        report["rows"] += bench_variant(name, variant, pools, reference, args, cuda)
-        del variant
+        models[name] = make_variant(model, name)
+    report["rows"] = sweep(models, pools, args, cuda)
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     return report
 
@@ -228,7 +248,9 @@ def run(args, flags: Sequence[str]) -> Dict[str, object]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.quick:
-        args.warmup, args.iters, args.min_iters, args.time_budget, args.pool = 1, 5, 2, 0.2, 2
+        args.warmup, args.iters, args.min_iters, args.time_budget, args.pool, args.rounds = 1, 6, 2, 0.2, 2, 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         report = run(args, model_flags(rest, args.quick))
     except DLRMError as exc:

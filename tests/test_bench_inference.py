@@ -27,7 +27,7 @@ def test_quick_sweep_table(tmp_path, capsys):
     rows = {(r["variant"], r["batch"]): r for r in report["rows"]}
     assert set(rows) == {(v, n) for v in bench_inference.VARIANTS for n in (1, 4)}
     for (variant, n), r in rows.items():
-        assert 2 <= r["iters"] == len(r["times_ms"]) <= 5
+        assert 2 <= r["iters"] == len(r["times_ms"]) <= 6
         assert r["samples_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
         assert 0.0 <= r["mean_abs_diff"] <= r["max_abs_diff"] < 0.05
         assert 0.0 <= r["agreement"] <= 1.0
