@@ -25,6 +25,7 @@ the JSON.
         --a "--embedding-backend=plain" --b "--embedding-backend=fused" \\
         --json /tmp/ab.json --markdown /tmp/ab.md
     python bench/harness.py --configs kaggle-128 --script-b /other/checkout/dlrm_s_pytorch.py
+    python bench/harness.py --configs cpu-benchmark --threads 1 ...   # one thread per process: steadier on a shared VM
     python bench/harness.py --quick --configs tiny   # a few seconds; what the tests run
 
 Configurations (``--list`` prints their flags): cpu-benchmark, kaggle-128, kaggle-2048,
