@@ -1,45 +1,57 @@
 """Opt-in faster numerics for DLRM's dense part (``--fast-numerics``): the MLPs and the dot interaction.
 
-Nothing here is used unless asked for; the default path stays plain PyTorch, bit for bit.
-:func:`accelerate_mlps` swaps, in place, the containers of ``model.bot_l``/``model.top_l`` for
-:class:`FastMLP` and their ``nn.Linear`` layers for :class:`FastLinear`, and (``interaction=True``)
-the dot interaction for :class:`FastDotInteraction`. The Linear layers keep their own ``weight`` and
-``bias`` Parameter objects, so ``state_dict`` keys (``bot_l.N.weight``, ...), parameter order and
-any optimizer already built are unchanged; parameters stay float32. :func:`restore_mlps` undoes it
-(for ONNX export and dynamic quantization, which look for plain ``nn.Linear``).
+Nothing here runs unless asked for; the default path stays plain PyTorch, bit for bit.
+:func:`accelerate_mlps` swaps, in place, ``model.bot_l``/``model.top_l`` for :class:`FastMLP`
+containers holding :class:`FastLinear` layers, and a :class:`dlrm_model.DotInteraction` for a
+:class:`FastDotInteraction`. Every FastLinear holds the original ``weight`` and ``bias`` Parameter
+objects, so ``state_dict`` keys (``bot_l.N.weight``, ``top_l.N.bias``, ...), parameter order and an
+optimizer built before the swap are unchanged; parameters and gradients stay float32.
+:func:`restore_mlps` undoes the swap (for ONNX export and dynamic quantization, which look for plain
+``nn.Linear``).
 
 Dimension vocabulary: B batch, T tables, D embedding dimension, F = T + 1 interaction features,
 P interaction pairs, N_in / N_out a Linear layer's widths.
 
-What is faster, and why (measured on the 2-core AMD EPYC VM, AVX2/FMA only; see
-``bench/RESULTS.md``):
+What it changes (measured on the 2-core AMD EPYC VM, which reports AVX2/FMA and no AVX-512; see
+``bench/RESULTS.md``; FMA peak measured at ~180 GFLOP/s on 2 threads):
 
-* Linear + activation run as one autograd node (:class:`LinearAct`): the activation is applied in
-  place on the GEMM's output (or as a oneDNN post-op), its backward uses the saved output, and the
-  weight gradient is computed as ``g^T x`` directly (no transposed copy of it).
-* The dot interaction (:class:`FastDotInteraction`) is one node: one ``bmm`` forward, one ``bmm``
-  backward (with the symmetrised pair gradient), pairs read with ``index_select`` and written
-  back with ``index_copy_`` instead of advanced indexing and its accumulating backward.
-* GEMM backend (``gemm``): "mkl" (``torch.addmm``/``mm``, what ``nn.Linear`` runs), or "onednn"
-  (``torch.ops.mkldnn._linear_pointwise`` for the forward and the input gradient; the weight
-  gradient stays on MKL, where oneDNN measured slower). "auto" picks oneDNN where the CPU has
-  AVX-512 (where MKL on AMD keeps to its AVX2 code) and MKL otherwise (on AVX2 the two measured
-  within noise of each other).
+* Linear + activation as one autograd node (:class:`LinearAct`) for B >= ``AUTO_MIN_BATCH``: the
+  forward and the input gradient on oneDNN (``torch.ops.mkldnn._linear_pointwise``, the activation
+  as its post-op) where that measured faster than MKL, the weight gradient ``g^T x`` on MKL.
+  Below that batch (the Kaggle model's 128) torch's own ops run, as ``nn.Linear`` would, because a
+  Python autograd node costs more there than it saves. ``gemm="mkl"``/``"onednn"`` force one
+  backend on every layer (for comparisons). No prepacked weights: oneDNN on plain weights measured
+  as fast as with a cached transposed copy, so there is nothing to refresh after optimizer steps.
+* The dot interaction as one node, by a small C++ kernel (``csrc/dot_interaction.cpp``, built on
+  first use like ``fused_embedding``'s, ~25 s, then cached; pure-torch fallback :class:`DotPairs`):
+  torch's ``bmm`` spends microseconds of call overhead per sample on F x D products, and the
+  reference formulation adds a concatenation, an advanced-index gather and its accumulating
+  backward. Forward + backward at B=2048, F=9, D=64: ~25 ms -> ~5 ms on 1 thread.
 * Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (``--mixed-precision=bf16``),
-  ``bf16_gemms`` decides: "auto" runs the MLP and interaction GEMMs in bfloat16, as autocast
-  would, only where the CPU has native bf16 (AVX512-BF16 or AMX); elsewhere bf16 GEMMs are
-  emulated and measured about 7x slower than float32, so they run in float32 (more accurate, and
-  faster). :func:`describe` says which was chosen, in one line for the run's log.
+  ``bf16_gemms`` decides: "auto" runs the MLP GEMMs in bfloat16, as autocast would, only where the
+  CPU has native bf16 (AVX512-BF16 or AMX). Elsewhere torch's bf16 GEMMs are emulated (measured
+  1-17 GFLOP/s here, against ~110 for float32), so they run in float32: faster and more accurate.
+  The interaction always runs in float32. :func:`describe` gives the one line to log.
 
-Accuracy: float32 results differ from ``nn.Linear``'s only by the GEMMs' summation order (a few
-ulps; the tests bound them with ``rtol=1.3e-6``-level tolerances). Over 200 SGD steps of a scaled
-CPU-benchmark model the per-step losses of the accelerated and the plain model stayed within
-DRIFT_MEASURED of each other (relative); ``tests/test_fast_numerics.py`` allows DRIFT_TOLERANCE.
+Dense part (bottom MLP + interaction + top MLP, forward, backward, SGD step), 2 threads, interleaved:
+CPU benchmark shapes (B=2048) 1.18-1.22x faster (94 -> 115 GFLOP/s); Kaggle shapes (B=128)
+1.09-1.10x; under bf16 autocast 12-20x faster than the plain path's emulated bf16.
+
+Accuracy: float32 throughout. A layer's outputs and gradients differ from ``nn.Linear``'s only by
+the GEMMs' summation order (and oneDNN's own sigmoid/tanh): within rtol=1e-5 plus 1e-5 of the
+tensor's largest magnitude in the tests. Training drift: over 200 SGD steps (lr 0.1) of a
+scaled-down CPU benchmark model, per-step losses of the accelerated model stayed within 2.4e-5
+(relative) of the plain model's with the defaults and within 8.0e-5 with ``gemm="onednn"``
+(18 runs: 3 seeds, mse and bce); the tests allow 5e-4.
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
+import time
 from contextlib import nullcontext
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -58,12 +70,36 @@ def has_native_bf16() -> bool:
 
 
 def resolve_gemm(gemm: str) -> str:
-    """"mkl" or "onednn" for ``gemm`` ("auto": oneDNN where the CPU has AVX-512)."""
+    """``gemm`` checked: "auto" (per shape, see :func:`onednn_forward`), "mkl" or "onednn"; "mkl"
+    when torch has no oneDNN."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
-    if gemm == "auto":
-        return "onednn" if torch.cpu._is_avx512_supported() and torch.backends.mkldnn.is_available() else "mkl"
-    return gemm
+    return gemm if torch.backends.mkldnn.is_available() else "mkl"
+
+
+AUTO_MIN_BATCH = 256
+"""With ``gemm="auto"``, batches below this run on torch's own Linear ops: at B=128 (the Kaggle
+model) the custom autograd node's Python overhead (~50 us a layer) cost more than fusing saved,
+and oneDNN lost to MKL on every layer."""
+
+
+def onednn_forward(gemm: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether act(x W^T + b) runs on oneDNN. "auto": float32, B >= 256 and N_out >= 64. Measured
+    (1 and 2 threads, interleaved): at B=2048 oneDNN's forward was 10-25% faster than MKL's at
+    (N_in, N_out) = (100|512|1024, 1024) and about equal at (512, 512); at B=128 it lost on every
+    Kaggle layer (30-70 us more per call), and for N_out = 1 it is no better."""
+    if x.dtype != torch.float32 or gemm == "mkl":
+        return False
+    return gemm == "onednn" or (x.shape[0] >= AUTO_MIN_BATCH and weight.shape[0] >= 64)
+
+
+def onednn_input_grad(gemm: str, grad: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether d x = g W runs on oneDNN. "auto": float32, B >= 256 and N_in, N_out >= 256 (oneDNN
+    was 10-25% faster at (512, 512) and (1024, 1024), slower at (512, 64) and for N_out = 1, equal at
+    (100, 1024)). The weight gradient always runs on MKL (oneDNN was slower there)."""
+    if grad.dtype != torch.float32 or gemm == "mkl":
+        return False
+    return gemm == "onednn" or (grad.shape[0] >= AUTO_MIN_BATCH and min(weight.shape) >= 256)
 
 
 def resolve_bf16(bf16_gemms: str) -> bool:
@@ -81,7 +117,7 @@ def resolve_bf16(bf16_gemms: str) -> bool:
 def _forward_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str,
                   gemm: str) -> torch.Tensor:
     """act(x W^T + b), (B, N_out)."""
-    if gemm == "onednn" and x.dtype == torch.float32:
+    if onednn_forward(gemm, x, weight):
         return _linear_pointwise(x, weight, bias, act, [], "")
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     if act == "relu":
@@ -107,10 +143,10 @@ def _activation_backward(grad: torch.Tensor, out: torch.Tensor, act: str) -> tor
 class LinearAct(torch.autograd.Function):
     """``act(x W^T + b)`` with its backward, as one autograd node.
 
-    ``act`` is "none", "relu", "sigmoid" or "tanh"; ``gemm`` "mkl" or "onednn" (resolved). All
-    tensors share one dtype (float32, or bfloat16 under bf16 autocast on native-bf16 CPUs); the
-    caller casts. Saved for backward: x, W and the output (which the next layer saves as its input,
-    so nothing is copied).
+    ``act`` is "none", "relu", "sigmoid" or "tanh"; ``gemm`` "auto", "mkl" or "onednn" (see
+    :func:`onednn_forward`, :func:`onednn_input_grad`). All tensors share one dtype (float32, or
+    bfloat16 under bf16 autocast on native-bf16 CPUs); the caller casts. Saved for backward: x, W
+    and the output (which the next layer saves as its input, so nothing is copied).
 
     Shape:
         - x: (B, N_in); weight: (N_out, N_in); bias: (N_out,) or None.
@@ -131,7 +167,7 @@ class LinearAct(torch.autograd.Function):
         grad = _activation_backward(grad_out, out, ctx.act)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            if ctx.gemm == "onednn" and grad.dtype == torch.float32:
+            if onednn_input_grad(ctx.gemm, grad, weight):
                 grad_x = _linear_pointwise(grad, weight.t(), None, "none", [], "")  # g W, (B, N_in)
             else:
                 grad_x = grad.mm(weight)
@@ -142,35 +178,44 @@ class LinearAct(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _in_bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+def _plain_linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
+    """act(x W^T + b) by torch's own ops and autograd nodes (the activation in place on the fresh
+    GEMM output): below ``AUTO_MIN_BATCH`` rows a Python autograd node costs more than it saves."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    if act == "relu":
+        return y.relu_()
+    if act == "sigmoid":
+        return y.sigmoid_()
+    if act == "tanh":
+        return y.tanh_()
+    return y
 
 
-def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str = "none",
-               gemm: str = "mkl", bf16: bool = False) -> torch.Tensor:
-    """``act(x W^T + b)`` for x of any leading shape (..., N_in). Outside autocast everything is
-    float32. Under bf16 autocast: bfloat16 GEMMs if ``bf16``, else float32 ones (autocast is
-    switched off for the call and the inputs cast up)."""
-    dtype = torch.bfloat16 if (bf16 and _in_bf16_autocast()) else torch.float32
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext():
-        b = bias.to(dtype) if bias is not None else None
-        out = LinearAct.apply(x2.to(dtype), weight.to(dtype), b, act, gemm)
-    return out.reshape(*lead, out.shape[-1]) if x.dim() != 2 else out
+def _gemm_dtype(bf16: bool) -> torch.dtype:
+    """bfloat16 under bf16 autocast when ``bf16``; else float32."""
+    if bf16 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
 
 
 class FastLinear(nn.Linear):
     """An ``nn.Linear`` whose forward and backward GEMMs run through :class:`LinearAct`.
 
     Same parameters, names and init as ``nn.Linear`` (build it with :meth:`from_linear` to share an
-    existing layer's Parameters). ``gemm`` and ``bf16`` as in :func:`linear_act`.
+    existing layer's Parameters). Outside autocast everything is float32. Under bf16 autocast the
+    GEMMs run in bfloat16 if ``bf16`` (as autocast would), else in float32 (autocast is switched
+    off for the call and the input cast up; the output is then float32).
+
+    Args (of :meth:`from_linear`):
+        linear: the layer whose Parameters to hold.
+        gemm: "auto", "mkl" or "onednn" (see :func:`onednn_forward`). Default: "auto".
+        bf16_gemms: "auto" (bf16 where the CPU has native bf16), "yes" or "no". Default: "auto".
 
     Shape:
         - Input: (..., N_in). Output: (..., N_out).
     """
 
-    gemm: str = "mkl"
+    gemm: str = "auto"
     bf16: bool = False
 
     @classmethod
@@ -191,8 +236,29 @@ class FastLinear(nn.Linear):
         layer.bias = self.bias
         return layer
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gemm={self.gemm}, bf16={self.bf16}"
+
+    def run(self, x: torch.Tensor, act: str, dtype: torch.dtype) -> torch.Tensor:
+        """act(x W^T + b) in ``dtype``, autocast already off (what :class:`FastMLP` calls)."""
+        weight, bias = self.weight, self.bias
+        if dtype != torch.float32:
+            weight, bias = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if self.gemm == "auto" and (x.dim() != 2 or x.shape[0] < AUTO_MIN_BATCH):
+            return _plain_linear_act(x, weight, bias, act)
+        if x.dim() == 2:
+            return LinearAct.apply(x, weight, bias, act, self.gemm)
+        out = LinearAct.apply(x.reshape(-1, x.shape[-1]), weight, bias, act, self.gemm)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
     def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
-        return linear_act(x, self.weight, self.bias, act, self.gemm, self.bf16)
+        if not torch.is_autocast_enabled("cpu"):
+            return self.run(x, act, torch.float32)
+        dtype = _gemm_dtype(self.bf16)
+        with torch.autocast("cpu", enabled=False):
+            return self.run(x, act, dtype)
 
 
 class FastMLP(nn.Sequential):
@@ -224,10 +290,18 @@ class FastMLP(nn.Sequential):
                 i += 1
         return plan
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         for module, act in self._plan:
-            x = module(x, act) if act is not None else module(x)
+            x = module.run(x, act or "none", dtype) if isinstance(module, FastLinear) else module(x)
         return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled("cpu"):
+            return self._run(x, torch.float32)
+        first = next((m for m, _ in self._plan if isinstance(m, FastLinear)), None)
+        dtype = _gemm_dtype(first is not None and first.bf16)
+        with torch.autocast("cpu", enabled=False):
+            return self._run(x, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +309,84 @@ class FastMLP(nn.Sequential):
 # ---------------------------------------------------------------------------------------------
 
 
+EXTENSIONS_DIR_ENV = "DLRM_EXTENSIONS_DIR"
+INTERACTION_BACKEND_ENV = "DLRM_FAST_INTERACTION_BACKEND"
+
+
+def extension_build_dir() -> str:
+    """Where the compiled interaction kernel is cached: one folder per Python, torch version and
+    CPU capability (the build uses the capability's vector instructions)."""
+    root = os.environ.get(EXTENSIONS_DIR_ENV) or os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "dlrm_extensions")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    return os.path.join(root, tag, f"dot_interaction_{torch.backends.cpu.get_cpu_capability().lower()}")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension() -> Tuple[object, str, float]:
+    """(the ``csrc/dot_interaction.cpp`` module or None, why not, seconds taken); one try per process."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "dot_interaction.cpp")
+    vector = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
+    start = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir = extension_build_dir()
+        os.makedirs(build_dir, exist_ok=True)
+        module = cpp_extension.load(name="dlrm_dot_interaction", sources=[source],
+                                    extra_cflags=["-O3", "-fopenmp"] + vector, extra_ldflags=["-fopenmp"],
+                                    build_directory=build_dir, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a failed build: all mean "use the torch path"
+        reason = str(error).strip().splitlines()
+        return None, f"{type(error).__name__}: {reason[-1] if reason else ''}", time.perf_counter() - start
+    return module, "", time.perf_counter() - start
+
+
+def extension_status() -> Tuple[bool, str, float]:
+    """Build or load the interaction kernel if not done yet: (available, why not, seconds taken)."""
+    module, reason, seconds = _load_extension()
+    return module is not None, reason, seconds
+
+
+def resolve_interaction_backend(backend: str) -> str:
+    """"cpp" or "torch" for ``backend`` ("auto": the kernel where it builds). The environment
+    variable ``DLRM_FAST_INTERACTION_BACKEND`` overrides the argument."""
+    backend = os.environ.get(INTERACTION_BACKEND_ENV) or backend
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"interaction backend must be one of auto, cpp, torch, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    available, reason, _ = extension_status()
+    if not available and backend == "cpp":
+        raise RuntimeError(f"the dot interaction kernel did not build: {reason}")
+    return "cpp" if available else "torch"
+
+
+class DotPairsKernel(torch.autograd.Function):
+    """``[x, <v_i, v_j> for the pairs]`` by the C++ kernel (float32 CPU), as one autograd node.
+
+    Shape:
+        - rows, cols: (P,) int64; features: F tensors (B, D), the first one x.
+        - Output: (B, D + P).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
+        features = tuple(f if f.stride(-1) == 1 else f.contiguous() for f in features)
+        ctx.save_for_backward(rows, cols, *features)
+        return _load_extension()[0].dot_forward(list(features), rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, cols, *features = ctx.saved_tensors
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        grads = _load_extension()[0].dot_backward(grad_out, features, rows, cols)
+        return (None, None) + tuple(grads)
+
+
 class DotPairs(torch.autograd.Function):
-    """``[x, <v_i, v_j> for the pairs]`` for v = [x, e_1..e_T], as one autograd node.
+    """``[x, <v_i, v_j> for the pairs]`` for v = [x, e_1..e_T], as one autograd node (pure torch).
 
     Forward: one ``bmm`` (B, F, F), the pairs read with ``index_select`` at ``flat = i * F + j``.
     Backward: the pair gradients written into a zero (B, F, F) with ``index_copy_`` (each pair
@@ -269,36 +419,44 @@ class DotPairs(torch.autograd.Function):
 
 
 class FastDotInteraction(DotInteraction):
-    """:class:`dlrm_model.DotInteraction` (same pairs, order and width) computed by :class:`DotPairs`.
-    No parameters; its buffers are not persistent, so ``state_dict`` is unchanged.
+    """:class:`dlrm_model.DotInteraction` (same pairs, order and width) as one autograd node: the C++
+    kernel :class:`DotPairsKernel` (``backend`` "cpp"), or :class:`DotPairs` ("torch"); "auto" uses
+    the kernel where it builds. Always float32 (under bf16 autocast too: it is cheap, and exact
+    products keep the top MLP's input accurate). No parameters; its buffers are not persistent, so
+    ``state_dict`` is unchanged.
 
     Shape:
         - dense: (B, D); embedded: list of T tensors (B, D).
-        - Output: (B, D + P).
+        - Output: (B, D + P), float32.
     """
 
-    def __init__(self, num_features: int, self_interaction: bool = False, bf16_gemms: str = "auto"):
+    def __init__(self, num_features: int, self_interaction: bool = False, backend: str = "auto"):
         super().__init__(num_features, self_interaction)
         self.num_features = num_features
         self.self_interaction = self_interaction
         self.register_buffer("flat", self.rows * num_features + self.cols, persistent=False)
-        self.bf16 = resolve_bf16(bf16_gemms)
+        self.backend = resolve_interaction_backend(backend)
 
     @classmethod
-    def from_interaction(cls, layer: DotInteraction, bf16_gemms: str = "auto") -> "FastDotInteraction":
+    def from_interaction(cls, layer: DotInteraction, backend: str = "auto") -> "FastDotInteraction":
         num_features = int(layer.rows.max()) + 1 if layer.rows.numel() else 1
         itself = bool((layer.rows == layer.cols).any())
-        return cls(num_features, itself, bf16_gemms).to(layer.rows.device)
+        return cls(num_features, itself, backend).to(layer.rows.device)
 
     def to_interaction(self) -> DotInteraction:
         return DotInteraction(self.num_features, self.self_interaction).to(self.rows.device)
 
+    def extra_repr(self) -> str:
+        return f"features={self.num_features}, self_interaction={self.self_interaction}, backend={self.backend}"
+
     def forward(self, dense: torch.Tensor, embedded: List[torch.Tensor]) -> torch.Tensor:
-        if not torch.is_autocast_enabled("cpu"):
+        autocast = torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if autocast else nullcontext():
+            if autocast or dense.dtype != torch.float32:
+                dense, embedded = dense.float(), [e.float() for e in embedded]
+            if self.backend == "cpp" and dense.device.type == "cpu":
+                return DotPairsKernel.apply(self.rows, self.cols, dense, *embedded)
             return DotPairs.apply(self.flat, dense, *embedded)
-        dtype = torch.bfloat16 if (self.bf16 and _in_bf16_autocast()) else torch.float32
-        with torch.autocast("cpu", enabled=False):
-            return DotPairs.apply(self.flat, dense.to(dtype), *(e.to(dtype) for e in embedded))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,21 +470,28 @@ def _fast_mlp(mlp: nn.Sequential, gemm: str, bf16_gemms: str) -> FastMLP:
 
 
 def accelerate_mlps(model: nn.Module, gemm: str = "auto", bf16_gemms: str = "auto",
-                    interaction: bool = True) -> nn.Module:
+                    interaction: bool = True, interaction_backend: str = "auto") -> nn.Module:
     """Make ``model``'s dense part fast, in place, and return ``model``.
 
     ``model.bot_l`` and ``model.top_l`` become :class:`FastMLP` with :class:`FastLinear` layers that
     hold the same Parameter objects; with ``interaction`` a :class:`dlrm_model.DotInteraction`
     becomes a :class:`FastDotInteraction`. Keys, parameter order and optimizers are unchanged.
-    Idempotent. Call it after the model is built (and loaded, if loading replaces modules) and
-    before training; the optimizer may be built before or after.
+    Idempotent. Call it after the model is built and before training; the optimizer may be built
+    before or after, and weights may be loaded before or after (the keys are the same).
+
+    Raises:
+        ValueError: the MLPs' parameters are not on the CPU (the GEMM choices and the interaction
+            kernel are CPU-only; GPU runs keep the plain path).
     """
+    devices = {p.device.type for name in ("bot_l", "top_l") for p in getattr(model, name).parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"--fast-numerics runs on the CPU only; the MLPs are on {', '.join(sorted(devices))}")
     for name in ("bot_l", "top_l"):
         mlp = getattr(model, name)
         if not isinstance(mlp, FastMLP):
             setattr(model, name, _fast_mlp(mlp, gemm, bf16_gemms))
     if interaction and type(getattr(model, "interaction", None)) is DotInteraction:
-        model.interaction = FastDotInteraction.from_interaction(model.interaction, bf16_gemms)
+        model.interaction = FastDotInteraction.from_interaction(model.interaction, interaction_backend)
     return model
 
 
@@ -342,10 +507,12 @@ def restore_mlps(model: nn.Module) -> nn.Module:
     return model
 
 
-def describe(gemm: str = "auto", bf16_gemms: str = "auto") -> str:
-    """One line for the run's log: which GEMMs ``--fast-numerics`` runs on this CPU."""
-    bf16 = resolve_bf16(bf16_gemms)
-    under = ("bfloat16 GEMMs" if bf16 else
-             "float32 GEMMs (this CPU has no native bf16; its emulated bf16 GEMMs are slower)")
-    return (f"fast numerics: {resolve_gemm(gemm)} GEMMs, fused activations and dot interaction; "
-            f"under --mixed-precision=bf16 the MLPs and interaction run {under}")
+def describe(gemm: str = "auto", bf16_gemms: str = "auto", interaction_backend: str = "auto") -> str:
+    """One line for the run's log: what ``--fast-numerics`` runs on this CPU."""
+    under = ("bfloat16 GEMMs, as autocast would" if resolve_bf16(bf16_gemms) else
+             "float32 GEMMs (this CPU has no native bf16; emulated bf16 GEMMs are many times slower)")
+    kernel = resolve_interaction_backend(interaction_backend)
+    gemms = {"auto": "oneDNN or MKL GEMMs by shape", "mkl": "MKL GEMMs", "onednn": "oneDNN GEMMs"}[resolve_gemm(gemm)]
+    return (f"fast numerics: {gemms} with fused activations, dot interaction by its "
+            f"{'C++ kernel' if kernel == 'cpp' else 'torch fallback'}; under --mixed-precision=bf16 the MLPs "
+            f"run {under}")

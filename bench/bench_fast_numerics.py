@@ -7,9 +7,11 @@ pooled embeddings, which are leaf tensors here) and ``torch.optim.SGD.step()`` o
 ``zero_grad``. With ``--precision bf16`` the forward runs under ``torch.autocast("cpu", bfloat16)``
 as ``--mixed-precision=bf16`` does.
 
-Variants (``--variants``): ``exact`` (``nn.Linear``, ``DotInteraction``), ``mkl`` and ``onednn``
-(:func:`fast_numerics.accelerate_mlps` with that GEMM backend), ``mkl-noint`` (fast MLPs, plain
-interaction), ``compiled`` (``torch.compile`` of the exact dense part; its compile time is printed).
+Variants (``--variants``): ``exact`` (``nn.Linear``, ``DotInteraction``), ``fast``
+(:func:`fast_numerics.accelerate_mlps` with its defaults), ``mkl`` and ``onednn`` (that GEMM backend
+for every layer), ``fast-torchint`` (the interaction's pure-torch path instead of its C++ kernel),
+``fast-noint`` (fast MLPs, plain interaction), ``compiled`` (``torch.compile`` of the exact dense
+part; its compile time is printed).
 
 ``--whole-step`` instead times whole training steps of the CPU benchmark model (8 tables of 1M
 rows, D=64, 100 lookups per bag), built with :class:`dlrm_model.DLRM`: ``plain`` (per-table
@@ -81,10 +83,14 @@ def dense_variants(c: dict, names: Sequence[str], log: Callable[[str], None]) ->
     for name in names:
         model = copy.deepcopy(base)
         run = model
-        if name in ("mkl", "onednn"):
+        if name == "fast":
+            fn.accelerate_mlps(model)
+        elif name in ("mkl", "onednn"):
             fn.accelerate_mlps(model, gemm=name)
-        elif name == "mkl-noint":
-            fn.accelerate_mlps(model, gemm="mkl", interaction=False)
+        elif name == "fast-torchint":
+            fn.accelerate_mlps(model, interaction_backend="torch")
+        elif name == "fast-noint":
+            fn.accelerate_mlps(model, interaction=False)
         elif name == "compiled":
             run = torch.compile(model)
         elif name != "exact":
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=0, help="timed iterations (default: per config)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default="", help="comma-separated (default: exact,mkl,onednn; "
+    p.add_argument("--variants", default="", help="comma-separated (default: exact,fast; "
                    "with --whole-step plain,fused,fused+fast)")
     p.add_argument("--whole-step", action="store_true", help="time whole training steps of the CPU benchmark model")
     args = p.parse_args(argv)
@@ -215,7 +221,7 @@ def main(argv=None) -> int:
         report(wall, cpu, 0.0, f"whole step, cpu, {args.precision}", log)
         return 0
     c = CONFIGS[args.config]
-    names = [v for v in (args.variants or "exact,mkl,onednn").split(",") if v]
+    names = [v for v in (args.variants or "exact,fast").split(",") if v]
     steps = dense_variants(c, names, log)
     wall, cpu = interleave(steps, args.iters or c["iters"], args.warmup, bf16, log)
     report(wall, cpu, dense_flops(c), f"{args.config} B={c['batch']} {args.precision} {args.threads}t", log)
