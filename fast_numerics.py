@@ -61,7 +61,10 @@ from dlrm_model import DotInteraction
 GEMMS = ("auto", "mkl", "onednn")
 BF16_GEMMS = ("auto", "yes", "no")
 _ACTIVATIONS = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
-_linear_pointwise = torch.ops.mkldnn._linear_pointwise
+try:
+    _linear_pointwise = torch.ops.mkldnn._linear_pointwise  # oneDNN linear with a fused activation
+except (AttributeError, RuntimeError):  # a torch built without oneDNN
+    _linear_pointwise = None
 
 
 def has_native_bf16() -> bool:
@@ -74,7 +77,7 @@ def resolve_gemm(gemm: str) -> str:
     when torch has no oneDNN."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
-    return gemm if torch.backends.mkldnn.is_available() else "mkl"
+    return gemm if _linear_pointwise is not None and torch.backends.mkldnn.is_available() else "mkl"
 
 
 AUTO_MIN_BATCH = 256
@@ -84,11 +87,11 @@ and oneDNN lost to MKL on every layer."""
 
 
 def onednn_forward(gemm: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether act(x W^T + b) runs on oneDNN. "auto": float32, B >= 256 and N_out >= 64. Measured
+    """Whether act(x W^T + b) runs on oneDNN. "auto": float32 on the CPU, B >= 256 and N_out >= 64. Measured
     (1 and 2 threads, interleaved): at B=2048 oneDNN's forward was 10-25% faster than MKL's at
     (N_in, N_out) = (100|512|1024, 1024) and about equal at (512, 512); at B=128 it lost on every
     Kaggle layer (30-70 us more per call), and for N_out = 1 it is no better."""
-    if x.dtype != torch.float32 or gemm == "mkl":
+    if gemm == "mkl" or x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     return gemm == "onednn" or (x.shape[0] >= AUTO_MIN_BATCH and weight.shape[0] >= 64)
 
@@ -97,7 +100,7 @@ def onednn_input_grad(gemm: str, grad: torch.Tensor, weight: torch.Tensor) -> bo
     """Whether d x = g W runs on oneDNN. "auto": float32, B >= 256 and N_in, N_out >= 256 (oneDNN
     was 10-25% faster at (512, 512) and (1024, 1024), slower at (512, 64) and for N_out = 1, equal at
     (100, 1024)). The weight gradient always runs on MKL (oneDNN was slower there)."""
-    if grad.dtype != torch.float32 or gemm == "mkl":
+    if gemm == "mkl" or grad.dtype != torch.float32 or grad.device.type != "cpu":
         return False
     return gemm == "onednn" or (grad.shape[0] >= AUTO_MIN_BATCH and min(weight.shape) >= 256)
 
@@ -476,8 +479,9 @@ def accelerate_mlps(model: nn.Module, gemm: str = "auto", bf16_gemms: str = "aut
     ``model.bot_l`` and ``model.top_l`` become :class:`FastMLP` with :class:`FastLinear` layers that
     hold the same Parameter objects; with ``interaction`` a :class:`dlrm_model.DotInteraction`
     becomes a :class:`FastDotInteraction`. Keys, parameter order and optimizers are unchanged.
-    Idempotent. Call it after the model is built and before training; the optimizer may be built
-    before or after, and weights may be loaded before or after (the keys are the same).
+    Idempotent. Call it after the model is built (and moved to its device) and before training;
+    the optimizer may be built before or after, and weights may be loaded before or after (the keys
+    are the same). Call :func:`restore_mlps` before ONNX export or dynamic quantization.
 
     Raises:
         ValueError: the MLPs' parameters are not on the CPU (the GEMM choices and the interaction

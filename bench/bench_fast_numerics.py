@@ -72,7 +72,7 @@ def dense_flops(c: dict) -> float:
     return 6.0 * c["batch"] * macs
 
 
-def dense_variants(c: dict, names: Sequence[str], log: Callable[[str], None]) -> Dict[str, Callable]:
+def dense_variants(c: dict, names: Sequence[str]) -> Dict[str, Callable]:
     """A step function per variant; every model starts from the same weights."""
     base = DensePart(c["bottom"], c["top"], c["tables"], np.random.RandomState(0))
     gen = torch.Generator().manual_seed(0)
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         return 0
     c = CONFIGS[args.config]
     names = [v for v in (args.variants or "exact,fast").split(",") if v]
-    steps = dense_variants(c, names, log)
+    steps = dense_variants(c, names)
     wall, cpu = interleave(steps, args.iters or c["iters"], args.warmup, bf16, log)
     report(wall, cpu, dense_flops(c), f"{args.config} B={c['batch']} {args.precision} {args.threads}t", log)
     return 0
