@@ -513,8 +513,12 @@ def restore_mlps(model: nn.Module) -> nn.Module:
 
 def describe(gemm: str = "auto", bf16_gemms: str = "auto", interaction_backend: str = "auto") -> str:
     """One line for the run's log: what ``--fast-numerics`` runs on this CPU."""
-    under = ("bfloat16 GEMMs, as autocast would" if resolve_bf16(bf16_gemms) else
-             "float32 GEMMs (this CPU has no native bf16; emulated bf16 GEMMs are many times slower)")
+    if resolve_bf16(bf16_gemms):
+        under = "bfloat16 GEMMs, as autocast would"
+    elif has_native_bf16():
+        under = "float32 GEMMs (as asked)"
+    else:
+        under = "float32 GEMMs (this CPU has no native bf16; emulated bf16 GEMMs are many times slower)"
     kernel = resolve_interaction_backend(interaction_backend)
     gemms = {"auto": "oneDNN or MKL GEMMs by shape", "mkl": "MKL GEMMs", "onednn": "oneDNN GEMMs"}[resolve_gemm(gemm)]
     return (f"fast numerics: {gemms} with fused activations, dot interaction by its "
