@@ -407,8 +407,9 @@ class DotInteraction(nn.Module):
         pairs = [(i, j) for i in range(num_features) for j in range(i + extra)]  # row by row
         # Position i * F + j of each pair in the flattened (F, F) products: one index_select picks
         # them all (cheaper than two-index gathering, and its backward is a plain index_add).
-        flat = torch.tensor([i * num_features + j for i, j in pairs], dtype=torch.long)
-        self.register_buffer("pair_index", flat, persistent=False)
+        self.register_buffer("rows", torch.tensor([i for i, _ in pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("cols", torch.tensor([j for _, j in pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("pair_index", self.rows * num_features + self.cols, persistent=False)
 
     def output_width(self, dim: int) -> int:
         return dim + self.pair_index.numel()

@@ -124,6 +124,10 @@ def _model_flags(m) -> None:
                         "reference's step); 'fused' looks all tables up at once and applies SGD inside backward "
                         "(same numbers, bit for bit; SGD, one process, plain tables, no gradient accumulation); "
                         "'auto' picks fused where it applies and the tables hold at least 1M values")
+    m.add_argument("--fast-numerics", dest="fast_numerics", action="store_true",
+                   help="not in the reference: the MLPs' GEMMs through the fastest kernels here (oneDNN or MKL by "
+                        "shape) with fused activations, and a fused dot interaction; float32 throughout, but "
+                        "summed in another order, so the numbers change slightly (CPU only)")
     m.add_argument("--mixed-precision", dest="mixed_precision", choices=["none", "bf16"], default="none",
                    help="not in the reference: run the forward under bfloat16 autocast (faster on CPUs with "
                         "AVX512-BF16/AMX; changes the numbers; tables, updates and the loss stay float32)")
@@ -352,6 +356,8 @@ def _check_inference(f: dict) -> None:
         raise ConfigError(f"--quantize-mlp-with-bit must be 8, 16 or 32, got {f['quantize_mlp_bits']}")
     if f["quantize_emb_bits"] not in (4, 8, 32):
         raise ConfigError(f"--quantize-emb-with-bit must be 4, 8 or 32, got {f['quantize_emb_bits']}")
+    if f["fast_numerics"] and f["use_gpu"]:
+        raise ConfigError("--fast-numerics is for CPUs; it cannot be combined with --use-gpu")
     if f["quantize_emb_bits"] != 32 and (f["qr_flag"] or f["md_flag"] or f["use_gpu"]):
         raise ConfigError("--quantize-emb-with-bit works on CPU with plain tables only "
                           "(not with --qr-flag, --md-flag or --use-gpu)")
@@ -382,7 +388,8 @@ def _train_config(f: dict) -> TrainConfig:
         mlperf_acc_threshold=f["mlperf_acc_threshold"], mlperf_auc_threshold=f["mlperf_auc_threshold"],
         testing=f["data_generation"] in ("dataset", "random", "synthetic"),
         fix_reference_bugs=f["fix_reference_bugs"], mixed_precision=f["mixed_precision"],
-        debug_groups=f["debug_mode"] and not f["fix_reference_bugs"], progress=f["progress"])
+        debug_groups=f["debug_mode"] and not f["fix_reference_bugs"], progress=f["progress"],
+        fast_numerics=f["fast_numerics"])
 
 
 def _data_config(f: dict):
@@ -554,6 +561,11 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
     model_cfg = replace(model_cfg, embedding_backend=embedding_backend(cfg, model_cfg, info, device))
     check_memory(cfg, model_cfg, info, device)
     model = DLRM(model_cfg, rng, info, log=log.warn).to(device)
+    if cfg.train.fast_numerics:
+        from fast_numerics import accelerate_mlps, describe
+
+        accelerate_mlps(model)
+        log.note(describe())
     if cfg.system.debug_mode:
         _log_lines(log, ["initial parameters (weights and bias):"] + format_parameters(model, cfg.system.print_precision))
     return model
@@ -575,6 +587,10 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
                                inference_only=cfg.inference.inference_only)
         state.best_acc, state.best_auc = state.resume.best_acc, state.resume.best_auc
     if cfg.inference.inference_only:
+        if cfg.train.fast_numerics and cfg.inference.quantize_mlp_bits != 32:
+            from fast_numerics import restore_mlps
+
+            restore_mlps(model)  # dynamic quantization replaces plain Linear layers
         before = table_bytes(model.emb_l)
         parts.model = quantize_for_inference(model, cfg.inference.quantize_emb_bits, cfg.inference.quantize_mlp_bits)
         if cfg.inference.quantize_emb_bits != 32:
@@ -613,6 +629,10 @@ def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data
     if cfg.output.save_onnx:
         from onnx_export import export_onnx
 
+        if cfg.train.fast_numerics:
+            from fast_numerics import restore_mlps
+
+            restore_mlps(model)  # export the plain layers, which ONNX knows
         export_onnx(with_per_table_layout(model), sample, cfg.output.onnx_file, log)
     log.note(format_summary(time.time() - started, state.trained_samples, state.trained_time, state.best,
                             state.saved_to))

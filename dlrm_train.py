@@ -158,6 +158,7 @@ class TrainConfig:
         debug_groups: the reference's three parameter groups of ``--debug-mode`` (tables, bottom
             MLP, top MLP; learned pooling weights left out).
         progress: show a progress bar over each epoch and test pass (on a terminal).
+        fast_numerics: the model's MLPs and interaction run on ``fast_numerics``' kernels.
     """
 
     batch_size: int = 1
@@ -183,6 +184,7 @@ class TrainConfig:
     mixed_precision: str = "none"
     debug_groups: bool = False
     progress: bool = False
+    fast_numerics: bool = False
 
 
 def optimizer_groups(model: nn.Module, debug_groups: bool) -> list:

@@ -107,9 +107,18 @@ def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
                    "only; this run trains in float32")
     if cfg.system.use_gpu and not torch.cuda.is_available():
         out.append("warning: --use-gpu, but CUDA is not available: running on the CPU")
+    if cfg.train.mixed_precision == "bf16" and not cfg.train.fast_numerics and not _native_bf16() \
+            and not (cfg.system.use_gpu and torch.cuda.is_available()):
+        out.append("warning: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): under "
+                   "--mixed-precision=bf16 its GEMMs are emulated and many times slower than float32 "
+                   "(add --fast-numerics to keep them in float32)")
     if cfg.system.dist_backend and info.world_size == 1:
         out.append(f"warning: --dist-backend={cfg.system.dist_backend} has no effect in a single process")
     return out
+
+
+def _native_bf16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def check_memory(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> None:

@@ -249,3 +249,29 @@ def test_onnx_export_after_bf16_training_is_float32(run_main, tmp_path, monkeypa
     code, out, err = run_main(*SMALL, "--save-onnx", "--mixed-precision=bf16")
     assert code == 0, err
     assert "checked with onnxruntime" in out
+
+
+def test_fast_numerics_from_the_command_line_stays_close_to_the_exact_run(run_main):
+    args = ["--mini-batch-size=256", "--data-size=2048", "--arch-mlp-bot=64-64-16", "--arch-sparse-feature-size=16",
+            "--arch-embedding-size=500-300-200-100", "--arch-mlp-top=128-128-1", "--loss-function=bce",
+            "--round-targets=true", "--learning-rate=0.1"]
+    code, exact, err = run_main(*args)
+    assert code == 0, err
+    code, fast, err = run_main(*args, "--fast-numerics")
+    assert code == 0, err
+    assert "fast numerics:" in err
+    a, b = ([float(x) for x in re.findall(r"loss (\d\.\d+)", out)] for out in (exact, fast))
+    assert len(a) == len(b) == 8 and np.allclose(a, b, rtol=5e-4, atol=0)  # fast_numerics.DRIFT_RTOL
+
+
+def test_fast_numerics_is_for_cpus(run_main):
+    code, _, err = run_main(*SMALL, "--fast-numerics", "--use-gpu")
+    assert code == 2 and "--fast-numerics is for CPUs" in err
+
+
+def test_emulated_bf16_is_said_once(run_main):
+    import fast_numerics
+
+    code, _, err = run_main(*SMALL, "--mixed-precision=bf16")
+    assert code == 0, err
+    assert (err.count("no native bfloat16") == 1) != fast_numerics.has_native_bf16()
