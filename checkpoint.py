@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from atomic_io import atomic_path
-from dlrm_common import CheckpointError
+from dlrm_common import CheckpointError, WriteError
 from extend_distributed import DistInfo, gather_objects
 
 # ---------------------------------------------------------------------------------------------
@@ -55,9 +55,17 @@ def _numpy_scalar_globals() -> list:
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename, so a crash never leaves
     a half-written checkpoint under the real name."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        raise WriteError(f"{path}: cannot write the checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -25,6 +25,10 @@ class DataError(DLRMError, ValueError):
     """Input data that is missing, malformed or inconsistent. The message names the file (and line)."""
 
 
+class WriteError(DLRMError, OSError):
+    """A file that could not be written (a full disk, a vanished directory). The message names it."""
+
+
 class CheckpointError(DLRMError, ValueError):
     """A checkpoint file that is missing, corrupt or holds something other than a DLRM checkpoint."""
 

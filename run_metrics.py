@@ -18,7 +18,7 @@ from typing import Callable, IO, Optional
 
 from tqdm import tqdm
 
-from dlrm_common import ConfigError
+from dlrm_common import ConfigError, WriteError
 
 METRICS_FIELDS = ("iteration", "epoch", "loss", "lr", "ms_per_it", "samples_per_s", "accuracy", "auc")
 
@@ -65,8 +65,11 @@ class MetricsFile:
         values = (loss, lr, ms_per_it, samples_per_s, accuracy, auc)
         record = {"iteration": int(iteration), "epoch": int(epoch)}
         record.update(zip(METRICS_FIELDS[2:], (_finite_or_none(v) for v in values)))
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise WriteError(f"metrics file {self.path}: cannot write ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         if self._file is not None:

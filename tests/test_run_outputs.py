@@ -217,3 +217,46 @@ def test_a_rank_without_partners_says_what_it_waits_for_and_gives_up():
     assert lines[0] == ("rank 0: waiting for all 2 processes at 127.0.0.1:29981 (backend gloo; giving up after "
                         "3 s, --dist-init-timeout)")
     assert len(lines) == 2 and lines[1].startswith("error: rank 0: the other processes of the 2 did not join")
+
+
+# --- a write that fails mid-run is one line naming the file -------------------------------------------
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_error(run_main, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    path = tmp_path / "m.pt"
+    code, out, err = run_main(*TESTED, f"--save-model={path}")
+    assert code == 2 and "Saving model to" in out
+    assert err.strip().splitlines()[-1] == f"error: {path}: cannot write the checkpoint (No space left on device)"
+    assert not [name for name in os.listdir(tmp_path) if name != "c.pt"]  # no temporary left behind
+
+
+def test_a_metrics_file_that_stops_taking_writes_is_one_line_error(run_main, tmp_path, monkeypatch):
+    import errno
+
+    real_init = run_metrics.MetricsFile.__init__
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    def init(self, path, append=False):
+        real_init(self, path, append)
+        self._file.close()
+        self._file = Full()
+
+    monkeypatch.setattr(run_metrics.MetricsFile, "__init__", init)
+    path = tmp_path / "m.jsonl"
+    code, _, err = run_main(*SMALL, f"--metrics-file={path}")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: metrics file {path}: cannot write (No space left on device)")
