@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
+import fast_draw
 from dlrm_common import ConfigError
 from extend_distributed import ButterflyShuffle, DistInfo, shard
 
@@ -131,31 +132,23 @@ def make_mlp(widths: Sequence[int], rng: np.random.RandomState, activation: str 
     return nn.Sequential(*layers)
 
 
-def draw_table(rng: np.random.RandomState, rows: int, dim: int, chunk_values: int = 1 << 16) -> torch.Tensor:
+def draw_table(rng: np.random.RandomState, rows: int, dim: int) -> torch.Tensor:
     """(rows, dim) float32 weights ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng``."""
     weight = torch.empty(rows, dim, dtype=torch.float32)
-    draw_table_into(rng, weight, chunk_values)
+    draw_table_into(rng, weight)
     return weight
 
 
-@torch.no_grad()
-def draw_table_into(rng: np.random.RandomState, weight: torch.Tensor, chunk_values: int = 1 << 16) -> None:
+def draw_table_into(rng: np.random.RandomState, weight: torch.Tensor) -> None:
     """Fill the (rows, dim) float32 CPU tensor ``weight`` with uniform(-sqrt(1/rows), sqrt(1/rows))
-    draws from ``rng``, in row chunks: the same stream as one big draw, without the float64 copy of
-    the whole table (8 bytes a value) that one big draw needs."""
-    rows, dim = weight.shape
-    out = weight.detach().numpy()
-    bound = np.sqrt(1 / rows)
-    step = max(1, chunk_values // max(dim, 1))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        out[start:stop] = rng.uniform(low=-bound, high=bound, size=(stop - start, dim))
+    draws from ``rng``: the values and the stream of one big draw cast to float32, without its
+    float64 copy of the whole table (8 bytes a value)."""
+    fast_draw.uniform_into(rng, weight, -np.sqrt(1 / weight.shape[0]), np.sqrt(1 / weight.shape[0]))
 
 
-def _skip_draws(rng: np.random.RandomState, count: int, chunk: int = 1 << 20) -> None:
+def _skip_draws(rng: np.random.RandomState, count: int) -> None:
     """Advance ``rng`` by ``count`` uniform draws without keeping them (another rank's table)."""
-    for start in range(0, count, chunk):
-        rng.random_sample(min(chunk, count - start))
+    fast_draw.skip(rng, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +322,10 @@ def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = 
     draws them, from torch's RNG on U(sqrt(1/n), 1), unless ``cfg.fix_reference_bugs`` (then
     symmetric, from ``rng``). In a multi-process run only this rank's shard is kept.
     """
+    large = sum(cfg.table_sizes) * cfg.embedding_dim >= fast_draw.KERNEL_MIN_VALUES
+    note = fast_draw.fallback_note() if large and log is not None else None
+    if note:
+        log(note)
     if info.world_size > 1:
         return _sharded_tables(cfg, rng, info)
     if cfg.embedding_backend == "fused":

@@ -46,16 +46,14 @@ scaled-down CPU benchmark model, per-step losses of the accelerated model stayed
 """
 from __future__ import annotations
 
-import functools
 import os
-import sys
-import time
 from contextlib import nullcontext
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+import native_build
 from dlrm_model import DotInteraction
 
 GEMMS = ("auto", "mkl", "onednn")
@@ -312,38 +310,16 @@ class FastMLP(nn.Sequential):
 # ---------------------------------------------------------------------------------------------
 
 
-EXTENSIONS_DIR_ENV = "DLRM_EXTENSIONS_DIR"
 INTERACTION_BACKEND_ENV = "DLRM_FAST_INTERACTION_BACKEND"
 
 
-def extension_build_dir() -> str:
-    """Where the compiled interaction kernel is cached: one folder per Python, torch version and
-    CPU capability (the build uses the capability's vector instructions)."""
-    root = os.environ.get(EXTENSIONS_DIR_ENV) or os.environ.get("TORCH_EXTENSIONS_DIR")
-    if not root:
-        root = os.path.join(os.path.expanduser("~"), ".cache", "dlrm_extensions")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    return os.path.join(root, tag, f"dot_interaction_{torch.backends.cpu.get_cpu_capability().lower()}")
-
-
-@functools.lru_cache(maxsize=None)
 def _load_extension() -> Tuple[object, str, float]:
-    """(the ``csrc/dot_interaction.cpp`` module or None, why not, seconds taken); one try per process."""
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "dot_interaction.cpp")
-    vector = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
-    start = time.perf_counter()
-    try:
-        from torch.utils import cpp_extension
-
-        build_dir = extension_build_dir()
-        os.makedirs(build_dir, exist_ok=True)
-        module = cpp_extension.load(name="dlrm_dot_interaction", sources=[source],
-                                    extra_cflags=["-O3", "-fopenmp"] + vector, extra_ldflags=["-fopenmp"],
-                                    build_directory=build_dir, verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: all mean "use the torch path"
-        reason = str(error).strip().splitlines()
-        return None, f"{type(error).__name__}: {reason[-1] if reason else ''}", time.perf_counter() - start
-    return module, "", time.perf_counter() - start
+    """(the ``csrc/dot_interaction.cpp`` module or None, why not, seconds taken); one try per process.
+    The build uses the CPU capability's vector instructions, so each capability has its own folder."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    vector = ("-mavx2", "-mfma") if capability in ("AVX2", "AVX512") else ()
+    return native_build.load("dlrm_dot_interaction", "dot_interaction.cpp", f"dot_interaction_{capability.lower()}",
+                             ("-O3", "-fopenmp") + vector, ("-fopenmp",))
 
 
 def extension_status() -> Tuple[bool, str, float]:

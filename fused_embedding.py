@@ -47,16 +47,15 @@ import functools
 import logging
 import math
 import os
-import sys
-import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import native_build
+
 BACKEND_ENV = "DLRM_FUSED_EMBEDDING_BACKEND"
-EXTENSIONS_DIR_ENV = "DLRM_EXTENSIONS_DIR"
 SUPPORTED_OPTIMIZERS = ("sgd",)
 """Optimizers whose update the fused path performs itself (names as ``--optimizer`` spells them)."""
 
@@ -77,37 +76,10 @@ def _default_log(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def extension_build_dir() -> str:
-    """Where the compiled extension is cached (one folder per Python and torch version)."""
-    root = os.environ.get(EXTENSIONS_DIR_ENV) or os.environ.get("TORCH_EXTENSIONS_DIR")
-    if not root:
-        root = os.path.join(os.path.expanduser("~"), ".cache", "dlrm_extensions")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    return os.path.join(root, tag, "fused_embedding")
-
-
-@functools.lru_cache(maxsize=None)
 def _load_extension() -> Tuple[object, str, float]:
-    """(the extension module or None, why not, seconds it took). Cached: one attempt per process."""
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_embedding.cpp")
-    start = time.perf_counter()
-    try:
-        from torch.utils import cpp_extension
-
-        build_dir = extension_build_dir()
-        os.makedirs(build_dir, exist_ok=True)
-        module = cpp_extension.load(
-            name="dlrm_fused_embedding",
-            sources=[source],
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=build_dir,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja, a failed build: all mean "use the torch path"
-        reason = str(error).strip().splitlines()
-        return None, f"{type(error).__name__}: {reason[-1] if reason else ''}", time.perf_counter() - start
-    return module, "", time.perf_counter() - start
+    """(the ``csrc/fused_embedding.cpp`` module or None, why not, seconds taken); one try per process."""
+    return native_build.load("dlrm_fused_embedding", "fused_embedding.cpp", "fused_embedding",
+                             ("-O3", "-fopenmp", "-ffp-contract=off"), ("-fopenmp",))
 
 
 def extension_status() -> Tuple[bool, str, float]:

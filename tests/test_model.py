@@ -90,13 +90,6 @@ def test_qr_model_draws_as_the_reference(fix):
     assert np.array_equal(model.bot_l[0].weight.detach().numpy(), bottom)
 
 
-def test_large_table_drawn_in_chunks_equals_one_draw():
-    r = np.random.RandomState(3)
-    weight = dlrm.draw_table(r, 1001, 3, chunk_values=64)
-    direct = np.random.RandomState(3).uniform(-np.sqrt(1 / 1001), np.sqrt(1 / 1001), (1001, 3)).astype(np.float32)
-    assert np.array_equal(weight.numpy(), direct)
-
-
 def test_state_dict_keys_match_reference():
     model = dlrm.DLRM(tiny_model_config(weighted_pooling="learned"), np.random.RandomState(1))
     keys = set(model.state_dict())
