@@ -175,37 +175,57 @@ def _offsets_from_counts(counts: np.ndarray) -> np.ndarray:
     return offsets
 
 
+_POOL_MIN_DRAWS = 1 << 16
+"""Below this many index draws a batch's tables are computed on one thread: a thread pool costs more."""
+
+
 def _uniform_tables(
     stream: _DoubleStream, pos: int, n: int, cfg: RandomDataConfig
 ) -> Tuple[List[np.ndarray], List[np.ndarray], int]:
     """Uniform-distribution bags of every table, reading the stream from ``pos``.
 
     First every table's bags are located in the stream (in order: each table starts where the
-    previous one ended); then the tables' indices are computed from those fixed draws on two
-    threads (NumPy releases the GIL; the results do not depend on the threads).
+    previous one ended); then the tables' indices are computed from those fixed draws, on two
+    threads for large batches (NumPy releases the GIL; the results do not depend on the threads).
+    Fixed-size bags sit at known places, so all tables are computed in one pass.
 
     Returns (offsets per table, indices per table, position after the last draw).
     """
+    if cfg.fixed:
+        return _fixed_uniform_tables(stream, pos, n, cfg)
     k = cfg.num_indices_per_lookup
     located = []
     for size in cfg.table_sizes:
-        cap = k if cfg.fixed else min(size, k)
-        u = stream.ensure(pos + n * (cap + (0 if cfg.fixed else 1)))
-        if cfg.fixed:
-            first = pos + np.arange(n, dtype=np.int64) * k
-            lengths = np.full(n, k, dtype=np.int64)
-        else:
-            starts = _bag_starts(u, pos, n, cap)
-            lengths = np.round(np.maximum(1.0, u[starts] * cap)).astype(np.int64)
-            first = starts + 1
+        cap = min(size, k)
+        u = stream.ensure(pos + n * (cap + 1))
+        starts = _bag_starts(u, pos, n, cap)
+        lengths = np.round(np.maximum(1.0, u[starts] * cap)).astype(np.int64)
+        first = starts + 1
         located.append((u, first, lengths, size))
         pos = int(first[-1] + lengths[-1])
-    if len(located) > 1:
+    if len(located) > 1 and sum(int(a[2].sum()) for a in located) >= _POOL_MIN_DRAWS:
         with ThreadPoolExecutor(max_workers=2) as pool:
             tables = list(pool.map(lambda args: _table_bags(*args), located))
     else:
         tables = [_table_bags(*args) for args in located]
     return [t[0] for t in tables], [t[1] for t in tables], pos
+
+
+def _fixed_uniform_tables(
+    stream: _DoubleStream, pos: int, n: int, cfg: RandomDataConfig
+) -> Tuple[List[np.ndarray], List[np.ndarray], int]:
+    """:func:`_uniform_tables` for bags of exactly k draws: table t's bag i is the k draws at
+    ``pos + (t * n + i) * k``, so the (T * n, k) block of draws is mapped and deduplicated at once."""
+    k, num_tables = cfg.num_indices_per_lookup, len(cfg.table_sizes)
+    stop = pos + num_tables * n * k
+    draws = stream.ensure(stop)[pos:stop].reshape(num_tables * n, k)
+    scale = np.repeat(np.asarray(cfg.table_sizes, dtype=np.float64) - 1, n)[:, None]  # size - 1, per bag
+    values = np.round(draws * scale).astype(np.int64)
+    bag_indices, counts = _unique_rows(values, np.full(num_tables * n, k, dtype=np.int64))
+    counts = counts.reshape(num_tables, n)
+    ends = np.cumsum(counts.sum(axis=1))
+    indices = np.split(bag_indices, ends[:-1]) if num_tables else []
+    return [_offsets_from_counts(c) for c in counts], indices, stop
 
 
 def _table_bags(u: np.ndarray, first: np.ndarray, lengths: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import dlrm_s_pytorch as dlrm
+from checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +83,26 @@ def test_bad_input_from_a_real_process_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_a_real_process_exits_with_every_file_complete(tmp_path):
+    """The command line skips the interpreter's teardown at exit: every line of the files a run
+    writes must still reach them (the MLPerf log through logging's own flush at exit)."""
+    mlperf_log = os.path.join(ROOT, "dlrm.log")
+    before = os.path.getsize(mlperf_log) if os.path.exists(mlperf_log) else 0
+    metrics = tmp_path / "m.jsonl"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), "--mini-batch-size=8",
+                           "--num-batches=6", "--print-freq=1", "--test-freq=3", "--round-targets=true",
+                           "--mlperf-logging", f"--metrics-file={metrics}", f"--save-model={tmp_path / 'c.pt'}"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("Finished training it") == 6 and proc.stderr.rstrip().splitlines()[-1].startswith(
+        "summary: ")
+    assert len(metrics.read_text().splitlines()) == 6 + 2  # six training lines and two tests
+    with open(mlperf_log) as f:
+        f.seek(before)
+        assert '"key": "block_stop"' in f.read().splitlines()[-1]  # the run's last event
+    assert "state_dict" in load_checkpoint(str(tmp_path / "c.pt"))
 
 
 def test_help_groups_the_flags(run_main):

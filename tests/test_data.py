@@ -54,6 +54,7 @@ CASES = [
     dict(dense_dim=4, table_sizes=(4, 3, 2), num_indices_per_lookup=10),
     dict(dense_dim=3, table_sizes=(1000, 5, 1, 77), num_indices_per_lookup=7),
     dict(dense_dim=3, table_sizes=(1000, 5, 77), num_indices_per_lookup=7, fixed=True),
+    dict(dense_dim=13, table_sizes=(1460, 1, 10131227, 3), num_indices_per_lookup=1, fixed=True, round_targets=True),
     dict(dense_dim=5, table_sizes=(100000, 20), num_indices_per_lookup=100, round_targets=True),
     dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, distribution="gaussian",
          rand_min=0, rand_max=49, rand_sigma=10),
@@ -82,6 +83,21 @@ def test_fast_generator_equals_plain_one(case, n):
             assert fast.dtype == torch.int64 and np.array_equal(fast.numpy(), plain)
         assert np.array_equal(batch.labels.numpy(), targets)
         assert _same_state(fast_rng, plain_rng)
+
+
+def test_large_batches_computed_on_two_threads_equal_the_plain_draws():
+    """Enough draws that the tables are computed on a thread pool: the values do not change."""
+    import dlrm_data_pytorch
+
+    cfg = RandomDataConfig(dense_dim=2, table_sizes=(100000, 3000, 7), num_indices_per_lookup=100)
+    n = 800
+    assert n * 50 * 2 > dlrm_data_pytorch._POOL_MIN_DRAWS  # about 50 draws a bag on the two big tables
+    fast_rng, plain_rng = np.random.RandomState(5), np.random.RandomState(5)
+    batch = generate_random_batch(fast_rng, n, cfg)
+    dense, offsets, indices, targets = plain_batch(plain_rng, n, cfg)
+    assert np.array_equal(batch.offsets.numpy(), offsets) and np.array_equal(batch.labels.numpy(), targets)
+    assert all(np.array_equal(f.numpy(), p) for f, p in zip(batch.indices, indices))
+    assert _same_state(fast_rng, plain_rng)
 
 
 def _bags(batch, t=0):
