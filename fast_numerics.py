@@ -121,13 +121,7 @@ def _forward_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if onednn_forward(gemm, x, weight):
         return _linear_pointwise(x, weight, bias, act, [], "")
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-    if act == "relu":
-        return y.relu_()
-    if act == "sigmoid":
-        return y.sigmoid_()
-    if act == "tanh":
-        return y.tanh_()
-    return y
+    return _activate_(y, act)
 
 
 def _activation_backward(grad: torch.Tensor, out: torch.Tensor, act: str) -> torch.Tensor:
@@ -182,7 +176,11 @@ class LinearAct(torch.autograd.Function):
 def _plain_linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
     """act(x W^T + b) by torch's own ops and autograd nodes (the activation in place on the fresh
     GEMM output): below ``AUTO_MIN_BATCH`` rows a Python autograd node costs more than it saves."""
-    y = torch.nn.functional.linear(x, weight, bias)
+    return _activate_(torch.nn.functional.linear(x, weight, bias), act)
+
+
+def _activate_(y: torch.Tensor, act: str) -> torch.Tensor:
+    """``act`` applied in place to a fresh GEMM output ("none": ``y`` as it is)."""
     if act == "relu":
         return y.relu_()
     if act == "sigmoid":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -51,7 +50,7 @@ from dlrm_common import DLRMError  # noqa: E402
 from dlrm_data_pytorch import RandomDataConfig, generate_random_batch  # noqa: E402
 from dlrm_model import DLRM, quantize_for_inference  # noqa: E402
 from dlrm_s_pytorch import build_parser as build_cli_parser, config_from_args  # noqa: E402
-from harness import KAGGLE_MODEL_FLAGS, _num, cpu_description  # noqa: E402
+from harness import KAGGLE_MODEL_FLAGS, _num, cpu_description, write_report  # noqa: E402
 
 VARIANTS = {"fp32": (32, 32), "int8-mlp": (32, 8), "emb-8bit": (8, 32), "emb-4bit": (4, 32)}
 """Variant name -> (quantize_emb_bits, quantize_mlp_bits)."""
@@ -256,12 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DLRMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = to_markdown(report)
-    print(text)
-    for path, content in ((args.json, json.dumps(report, indent=1)), (args.markdown, text + "\n")):
-        if path:
-            with open(path, "w") as f:
-                f.write(content)
+    write_report(report, to_markdown(report), args.json, args.markdown)
     return 0
 
 

@@ -528,6 +528,19 @@ def config_markdown(name: str, entry: Dict[str, object]) -> List[str]:
     return lines + [""]
 
 
+def write_report(report: Dict[str, object], markdown: str, json_path: Optional[str],
+                 markdown_path: Optional[str]) -> None:
+    """Print the Markdown table; write the report as JSON and the table, where paths are given,
+    each through a temporary name (a killed benchmark leaves no half-written file)."""
+    from atomic_io import atomic_open
+
+    print(markdown)
+    for path, content in ((json_path, json.dumps(report, indent=1)), (markdown_path, markdown + "\n")):
+        if path:
+            with atomic_open(path, "w") as f:
+                f.write(content)
+
+
 def to_markdown(report: Dict[str, object]) -> str:
     lines = ["## Harness results", "", *machine_markdown(report["machine"]), "",
              "Columns: ms/it = printed compute per iteration (forward, backward, optimizer), pooled over runs "
@@ -669,12 +682,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in names:
         report["configs"][name] = bench_config(CONFIGS[name], variants, args, machine)
     machine["loadavg_end"] = list(os.getloadavg())
-    text = to_markdown(report)
-    print(text)
-    for path, content in ((args.json, json.dumps(report, indent=1)), (args.markdown, text + "\n")):
-        if path:
-            with open(path, "w") as f:
-                f.write(content)
+    write_report(report, to_markdown(report), args.json, args.markdown)
     return 0
 
 
