@@ -18,7 +18,9 @@ import glob
 import os
 import uuid
 from contextlib import contextmanager
-from typing import IO, Iterator, List
+from typing import IO, Iterator, List, Tuple, Type
+
+from dlrm_common import WriteError, first_line
 
 TEMP_SUFFIX = ".tmp"
 
@@ -50,6 +52,22 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
+
+
+@contextmanager
+def writing(path: str, label: str = "", what: str = "",
+            errors: Tuple[Type[BaseException], ...] = (OSError,)) -> Iterator[None]:
+    """Report an ``OSError`` (or one of ``errors``) raised in the block as a one-line
+    :class:`WriteError`: ``"<label or path>: cannot write[ <what>] (<reason>)"``.
+
+    Wrap only the writes themselves, so that a failure to read an input is not reported as one
+    to write ``path``.
+    """
+    try:
+        yield
+    except errors as err:
+        object_ = f" {what}" if what else ""
+        raise WriteError(f"{label or path}: cannot write{object_} ({first_line(err)})") from None
 
 
 def remove_stale_temps(path: str) -> List[str]:

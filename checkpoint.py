@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from atomic_io import atomic_path
-from dlrm_common import CheckpointError, WriteError
+from atomic_io import atomic_path, writing
+from dlrm_common import CheckpointError, first_line
 from extend_distributed import DistInfo, gather_objects
 
 # ---------------------------------------------------------------------------------------------
@@ -55,17 +55,11 @@ def _numpy_scalar_globals() -> list:
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename, so a crash never leaves
     a half-written checkpoint under the real name."""
-    try:
+    # torch.save reports a full disk as a RuntimeError
+    with writing(path, what="the checkpoint", errors=(OSError, RuntimeError)):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        raise WriteError(f"{path}: cannot write the checkpoint ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -92,8 +86,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
                                   "checkpoint never does (only tensors and numbers are allowed)") from None
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save file)") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
     check_structure(payload, path)
     return payload
 

@@ -49,11 +49,10 @@ from tqdm import tqdm
 
 import data_utils
 import provenance
-from atomic_io import remove_stale_temps
+from atomic_io import remove_stale_temps, writing
 from data_utils import PreprocessConfig
-from dlrm_common import Batch, ConfigError, DataError
-from npz_io import (AppendWriter, NpyWriter, NpzReader, StoredArray, WriteError, load_npz_array,
-                    writing)
+from dlrm_common import Batch, ConfigError, DataError, WriteError
+from npz_io import AppendWriter, NpyWriter, NpzReader, StoredArray, load_npz_array
 
 DENSE_FEATURES = 13
 SPARSE_FEATURES = 26

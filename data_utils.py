@@ -81,10 +81,9 @@ import pyarrow.csv as pa_csv
 from tqdm import tqdm
 
 import provenance
-from atomic_io import atomic_open, atomic_path, remove_stale_temps
+from atomic_io import atomic_open, atomic_path, remove_stale_temps, writing
 from dlrm_common import ConfigError, DataError, DLRMError
-from npz_io import (Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows,
-                    save_npz, writing)
+from npz_io import Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows, save_npz
 
 NUM_DENSE = 13
 NUM_SPARSE = 26

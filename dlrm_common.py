@@ -25,8 +25,16 @@ class DataError(DLRMError, ValueError):
     """Input data that is missing, malformed or inconsistent. The message names the file (and line)."""
 
 
-class WriteError(DLRMError, OSError):
-    """A file that could not be written (a full disk, a vanished directory). The message names it."""
+class WriteError(DataError, OSError):
+    """A file that could not be written (a full disk, a read-only or vanished directory). The
+    message names it. Raised by :func:`atomic_io.writing`; an ``OSError`` too, as what it reports."""
+
+
+def first_line(exc: BaseException) -> str:
+    """What an exception says, in one line: an ``OSError``'s ``strerror``, else the first line of
+    its text, else its type's name."""
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class CheckpointError(DLRMError, ValueError):

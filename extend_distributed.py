@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as torch_dist
 
-from dlrm_common import ConfigError, DLRMError
+from dlrm_common import ConfigError, DLRMError, first_line
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "RANK")
@@ -97,20 +97,15 @@ def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str =
                                       timeout=datetime.timedelta(seconds=timeout_s))
     except (torch_dist.DistStoreError, TimeoutError) as exc:
         raise DistributedError(f"rank {rank}: the other processes of the {size} did not join at {address} "
-                               f"within {timeout_s:g} s ({_first_line(exc)}); start every rank with the same "
+                               f"within {timeout_s:g} s ({first_line(exc)}); start every rank with the same "
                                "MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun") from None
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({_first_line(exc)})") from None
+        raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({first_line(exc)})") from None
     return DistInfo(rank=rank, world_size=size, local_rank=local_rank, backend=backend)
 
 
 class DistributedError(DLRMError):
     """A multi-process run cannot go on: a peer never joined, failed or vanished."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 _FAILED_KEY = "dlrm_failed_rank"
@@ -149,7 +144,7 @@ def peer_failure(info: DistInfo, exc: BaseException) -> DistributedError:
         failed = store.get(_FAILED_KEY).decode()
         return DistributedError(f"rank {info.rank}: stopping because rank {failed} failed")
     except Exception:
-        return DistributedError(f"rank {info.rank}: stopping because another rank stopped ({_first_line(exc)})")
+        return DistributedError(f"rank {info.rank}: stopping because another rank stopped ({first_line(exc)})")
 
 
 def _import_group_capturing_modules() -> None:

@@ -28,30 +28,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from atomic_io import atomic_open, atomic_path
+from atomic_io import atomic_open, atomic_path, writing
 from dlrm_common import DataError
 
 NPY_HEADER_BYTES = 128
 _ZIP64_LIMIT = 0xFFFFFFFF
 _DOS_DATE_1980 = (0 << 9) | (1 << 5) | 1  # 1980-01-01, so identical runs give identical bytes
 _LOCAL_HEADER_BYTES = 30
-
-
-class WriteError(DataError):
-    """A file could not be written (full disk, read-only directory, ...). Names the file."""
-
-
-@contextlib.contextmanager
-def writing(path: str) -> Iterator[None]:
-    """Report an ``OSError`` raised in the block as a ``WriteError`` naming ``path``.
-
-    Wrap only the writes themselves, so that a failure to read an input is not reported as one
-    to write ``path``.
-    """
-    try:
-        yield
-    except OSError as err:
-        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from atomic_io import atomic_path
-from dlrm_common import Batch, ConfigError, WriteError
+from atomic_io import atomic_path, writing
+from dlrm_common import Batch, ConfigError
 
 
 def require_onnx() -> None:
@@ -60,16 +60,13 @@ def export_onnx(model: nn.Module, batch: Batch, path: str, log: Callable[[str], 
     args, names, axes = _inputs(batch)
     module = model if isinstance(batch.indices, torch.Tensor) else _ListInputs(model)
     log(f"X_onnx.shape {tuple(batch.dense_x.shape)}")
-    try:
-        with atomic_path(path, suffix=".onnx") as tmp:
-            with warnings.catch_warnings():  # the TorchScript exporter (opset 11, as the reference) is deliberate
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.filterwarnings("ignore", message="Exporting aten::index operator")
-                torch.onnx.export(module, args, tmp, input_names=names, output_names=["pred"], dynamic_axes=axes,
-                                  opset_version=11, dynamo=False)
-            onnx.checker.check_model(onnx.load(tmp))
-    except OSError as exc:
-        raise WriteError(f"--onnx-file={path}: cannot write ({exc.strerror or exc})") from None
+    with writing(path, label=f"--onnx-file={path}"), atomic_path(path, suffix=".onnx") as tmp:
+        with warnings.catch_warnings():  # the TorchScript exporter (opset 11, as the reference) is deliberate
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+            torch.onnx.export(module, args, tmp, input_names=names, output_names=["pred"], dynamic_axes=axes,
+                              opset_version=11, dynamo=False)
+        onnx.checker.check_model(onnx.load(tmp))
     _compare_with_runtime(module, args, names, path, log)
 
 

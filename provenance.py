@@ -29,8 +29,7 @@ import os
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from atomic_io import atomic_open
-from npz_io import writing
+from atomic_io import atomic_open, writing
 
 FORMAT_VERSION = 1
 SUFFIX = ".provenance.json"

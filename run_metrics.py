@@ -18,7 +18,8 @@ from typing import Callable, IO, Optional
 
 from tqdm import tqdm
 
-from dlrm_common import ConfigError, WriteError
+from atomic_io import writing
+from dlrm_common import ConfigError
 
 METRICS_FIELDS = ("iteration", "epoch", "loss", "lr", "ms_per_it", "samples_per_s", "accuracy", "auc")
 
@@ -65,11 +66,9 @@ class MetricsFile:
         values = (loss, lr, ms_per_it, samples_per_s, accuracy, auc)
         record = {"iteration": int(iteration), "epoch": int(epoch)}
         record.update(zip(METRICS_FIELDS[2:], (_finite_or_none(v) for v in values)))
-        try:
+        with writing(self.path, label=f"metrics file {self.path}"):
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
-        except OSError as exc:
-            raise WriteError(f"metrics file {self.path}: cannot write ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         if self._file is not None:

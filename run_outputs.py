@@ -16,8 +16,8 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from atomic_io import atomic_open, atomic_path, temp_name
-from dlrm_common import ConfigError, WriteError
+from atomic_io import atomic_open, atomic_path, temp_name, writing
+from dlrm_common import ConfigError
 
 PROFILE_PREFIX = "dlrm_s_pytorch"
 GRAPH_STEM = "dlrm_s_pytorch_graph"
@@ -106,16 +106,12 @@ def profiling(enabled: bool, use_cuda: bool, log: Callable[[str], None]):
     base = f"{PROFILE_PREFIX}{stamp}"
     sort_key = "self_cuda_time_total" if use_cuda else "self_cpu_time_total"
     names = [f"{base}_shape.prof", f"{base}_total.prof", f"{base}.json"]
-    name = names[0]
-    try:
-        for name, table in zip(names, (prof.key_averages(group_by_input_shape=True), prof.key_averages())):
-            with atomic_open(name, "w") as f:
-                f.write(table.table(sort_by=sort_key))
-        name = names[2]
-        with atomic_path(name, suffix=".json") as tmp:
+    for name, table in zip(names, (prof.key_averages(group_by_input_shape=True), prof.key_averages())):
+        with writing(name, label="--enable-profiling", what=os.path.abspath(name)), atomic_open(name, "w") as f:
+            f.write(table.table(sort_by=sort_key))
+    with writing(names[2], label="--enable-profiling", what=os.path.abspath(names[2])):
+        with atomic_path(names[2], suffix=".json") as tmp:
             prof.export_chrome_trace(tmp)
-    except OSError as exc:
-        raise WriteError(f"--enable-profiling: cannot write {os.path.abspath(name)} ({exc.strerror or exc})") from None
     log("profiler: wrote " + ", ".join(names))
 
 
