@@ -498,7 +498,9 @@ class DLRM(nn.Module):
         with record_function("DLRM interaction forward"):
             z = self.interaction(x, embedded)  # (B, W)
         with record_function("DLRM top nlp forward"):
-            p = self.top_l(z).float()  # (B, 1); float32 also when run under bf16 autocast
+            p = self.top_l(z)  # (B, 1)
+            if p.dtype in (torch.bfloat16, torch.float16):
+                p = p.float()  # float32 under bf16 autocast; float64 stays float64
         threshold = self.cfg.loss_threshold
         if 0.0 < threshold < 1.0:
             p = torch.clamp(p, min=threshold, max=1.0 - threshold)

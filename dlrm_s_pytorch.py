@@ -198,6 +198,9 @@ def _evaluation_flags(e) -> None:
     e.add_argument("--test-mini-batch-size", dest="test_batch_size", type=int, default=-1, help="test batch size; -1: the training one")
     e.add_argument("--test-num-workers", dest="test_num_workers", type=int, default=-1, help="test loader workers; -1: --num-workers")
     e.add_argument("--mlperf-logging", dest="mlperf_logging", action="store_true", help="scikit-learn metrics and MLPerf events")
+    e.add_argument("--mlperf-log-file", dest="mlperf_log_file", default="",
+                   help="not in the reference: where --mlperf-logging writes its events (default: dlrm.log next to "
+                        "mlperf_logger.py, as in the reference)")
     e.add_argument("--mlperf-acc-threshold", dest="mlperf_acc_threshold", type=float, default=0.0, help="stop when test accuracy exceeds this")
     e.add_argument("--mlperf-auc-threshold", dest="mlperf_auc_threshold", type=float, default=0.0, help="stop when test AUC exceeds this")
 
@@ -250,7 +253,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
                             save_onnx=flags["save_onnx"], onnx_file=flags["onnx_file"],
                             enable_profiling=flags["enable_profiling"],
                             tensor_board_filename=flags["tensor_board_filename"],
-                            mlperf_events=flags["mlperf_logging"], plot_compute_graph=flags["plot_compute_graph"],
+                            mlperf_events=flags["mlperf_logging"], mlperf_log_file=flags["mlperf_log_file"],
+                            plot_compute_graph=flags["plot_compute_graph"],
                             metrics_file=flags["metrics_file"]),
         inference=InferenceConfig(inference_only=flags["inference_only"], quantize_mlp_bits=flags["quantize_mlp_bits"],
                                   quantize_emb_bits=flags["quantize_emb_bits"]),
@@ -509,7 +513,7 @@ def run(cfg: RunConfig) -> None:
     """The whole benchmark, in the reference's order."""
     started = time.time()
     check_outputs(cfg.output)  # before any data is read or table built
-    mlperf = make_mlperf_logger(cfg.output.mlperf_events)
+    mlperf = make_mlperf_logger(cfg.output.mlperf_events, log_file=cfg.output.mlperf_log_file or None)
     mlperf.event("cache_clear", True)
     mlperf.start("init_start")
     rng = np.random.RandomState(cfg.system.seed)  # the reference's global NumPy stream, as an object

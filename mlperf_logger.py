@@ -7,9 +7,12 @@ reference.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Optional
 
+DEFAULT_LOG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dlrm.log")  # where the reference writes
 MISSING_PACKAGE_WARNING = ("warning: mlperf-logging is not installed, so no MLPerf events are written "
                            "(pip install mlperf-logging)")
 
@@ -70,6 +73,26 @@ def make_mlperf_logger(enabled: bool, rank: int = 0, log_file: Optional[str] = N
         from mlperf_logging import mllog
     except ImportError:
         return MLPerfLogger(missing_package=True)
-    path = log_file or os.path.join(os.path.dirname(os.path.abspath(__file__)), "dlrm.log")
-    mllog.config(filename=path)
+    path = log_file or DEFAULT_LOG_FILE
+    _route_events(mllog, path)
     return MLPerfLogger(mllog, rank)
+
+
+def _route_events(mllog, path: str) -> None:
+    """Send this run's events to standard output and to ``path`` only.
+
+    ``mllog.config(filename=...)`` adds a file handler to its shared logger at every call, and that
+    logger keeps the ``sys.stdout`` of the moment it was imported; a second run in one process would
+    write its events to the first run's file too. This run's handlers replace the last run's instead.
+    """
+    logger = logging.getLogger("dlrm.mlperf")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path)):
+        handler.setLevel(logging.INFO)
+        logger.addHandler(handler)
+    if mllog.get_mllogger().logger is not logger:
+        mllog.config(logger=logger)

@@ -1,10 +1,14 @@
 """Several small configurations trained for a few steps, for the multi-process tests.
 
-``train_configs(info)`` trains every configuration of ``CONFIGS`` with the product's own parts
-(``dlrm_model.DLRM``, ``dlrm_train.train_step``, ``checkpoint.full_state_dict``) and returns, per
+``train_configs(info, dtype)`` trains every configuration of ``CONFIGS`` with the product's own
+parts (``dlrm_model.DLRM``, ``dlrm_train.train_step``, ``checkpoint.full_state_dict``) and returns, per
 configuration, every parameter in the single-process layout after every step. The test calls it in
-one process; run under torchrun (``python -m torch.distributed.run ... tests/dist_steps.py OUT``),
+one process; run under torchrun (``python -m torch.distributed.run ... tests/dist_steps.py OUT DTYPE``),
 every rank trains its shard and rank 0 writes the same lists to OUT.
+
+``dtype`` is ``float32`` (what a run computes) or ``float64``: the same code paths with the model,
+the dense features and the labels converted to float64 after the usual float32 draws, so the initial
+parameters are the same numbers in both.
 """
 from __future__ import annotations
 
@@ -44,9 +48,17 @@ def _model_config(c: dict) -> ModelConfig:
                        interaction_itself=c.get("itself", False))
 
 
-def train_config(c: dict, info: DistInfo, seed: int = 7) -> List[Dict[str, torch.Tensor]]:
+def longest_sum(c: dict) -> int:
+    """The most terms any one float sum of a step adds: a batch's rows (weight gradients), a layer's
+    inputs (GEMMs), a bag's rows (pooling) or the interaction's vectors (dot products)."""
+    widths = (*c["bottom"], *c["top"], c["dim"], len(c["tables"]) + 1)
+    return max(c["batch"], c["bag"] * c["batch"], *widths)
+
+
+def train_config(c: dict, info: DistInfo, seed: int = 7,
+                 dtype: torch.dtype = torch.float32) -> List[Dict[str, torch.Tensor]]:
     """Every parameter (single-process layout, complete on rank 0) after each of STEPS steps."""
-    model = DLRM(_model_config(c), np.random.RandomState(seed), info)
+    model = DLRM(_model_config(c), np.random.RandomState(seed), info).to(dtype)
     optimizer = make_optimizer(c["optimizer"], list(model.parameters()), c["lr"])
     tcfg = TrainConfig(learning_rate=c["lr"], optimizer=c["optimizer"], loss_function=c["loss"])
     parts = RunParts(model=model, loss_fn=make_loss(c["loss"]), optimizer=optimizer,
@@ -59,21 +71,23 @@ def train_config(c: dict, info: DistInfo, seed: int = 7) -> List[Dict[str, torch
                          np.random.RandomState(seed), Logger(info).warn)
     states = []
     for j in range(STEPS):
-        train_step(parts, tcfg, data[j], j)
+        batch = data[j]
+        batch = batch._replace(dense_x=batch.dense_x.to(dtype), labels=batch.labels.to(dtype))
+        train_step(parts, tcfg, batch, j)
         states.append({k: v.clone() for k, v in full_state_dict(model, info).items()})
     return states
 
 
-def train_configs(info: DistInfo) -> List[List[Dict[str, torch.Tensor]]]:
+def train_configs(info: DistInfo, dtype: torch.dtype = torch.float32) -> List[List[Dict[str, torch.Tensor]]]:
     torch.sparse.check_sparse_tensor_invariants.disable()  # the explicit opt-out a run makes (torch warns otherwise)
-    return [train_config(c, info) for c in CONFIGS]
+    return [train_config(c, info, dtype=dtype) for c in CONFIGS]
 
 
-def main(out: str) -> int:
+def main(out: str, dtype: str = "float32") -> int:
     torch.manual_seed(0)
     info = init_distributed()
     try:
-        results = train_configs(info)
+        results = train_configs(info, getattr(torch, dtype))
         if info.is_main:
             torch.save(results, out)
     finally:
@@ -82,4 +96,4 @@ def main(out: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1]))
+    raise SystemExit(main(*sys.argv[1:]))

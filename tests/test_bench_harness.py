@@ -74,6 +74,7 @@ def test_flag_sets_may_start_with_dashes():
     assert harness.join_flag_sets(argv) == ["--a=--embedding-backend=plain", "--b=--x=1 --y", "--quick"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"
     code = harness.main(["--quick", "--configs", "tiny", "--a", "--embedding-backend=plain",

@@ -10,6 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -36,6 +38,7 @@ def read_lines(stream, count: int, timeout: float):
     return lines
 
 
+@pytest.mark.slow
 def test_pool_workers_die_with_their_parent(tmp_path):
     (tmp_path / "sleeper.py").write_text(textwrap.dedent("""
         import os, time
@@ -85,6 +88,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path)) == ["train.txt"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_worker_processes(tmp_path):
     """A real SIGINT to the whole process group (as a terminal sends it) while the workers run:
     the workers leave it to the parent, which stops them and reports one line."""

@@ -144,6 +144,7 @@ def test_terabyte_layout(tmp_path):
                          processed)
 
 
+@pytest.mark.slow
 def test_multiprocessing_gives_the_same_files(tmp_path, kaggle_raw):
     for name, parallel in (("seq", False), ("par", True)):
         (tmp_path / name).mkdir()

@@ -17,6 +17,7 @@ RUNS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", RUNS)
 def test_fused_run_prints_and_trains_what_the_plain_run_does(run_main, tmp_path, argv):
     results = {}

@@ -305,6 +305,7 @@ def drift_run(loss_name: str, gemm: str, steps: int):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name,gemm", [("mse", "auto"), ("bce", "auto"), ("mse", "onednn")])
 def test_drift_against_plain_model(one_thread, loss_name, gemm):
     plain, fast = drift_run(loss_name, gemm, steps=200)

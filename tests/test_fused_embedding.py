@@ -203,6 +203,7 @@ def test_frozen_table_is_not_updated(backend):
     assert not torch.equal(fused.table_weight(1), weights[1])
 
 
+@pytest.mark.slow
 def test_default_cpu_capability_rounds_like_torch():
     # torch's baseline kernels (ATEN_CPU_CAPABILITY=default) round w + alpha*v in two steps, its
     # AVX2/AVX-512 kernels in one; the module measures which and the kernel must follow.

@@ -127,6 +127,7 @@ def test_main_bad_input_is_one_error_line(tmp_path, capsys, content, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_runs_as_a_script(tmp_path):
     import subprocess
     import sys
