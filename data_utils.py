@@ -1506,6 +1506,8 @@ def _records(cfg: PreprocessConfig, paths: CriteoPaths,
     shuffle = dict(parse, **{"--data-randomize": cfg.randomize, "data split": cfg.data_split})
     if cfg.randomize != "none":
         shuffle["--numpy-rand-seed"] = cfg.seed
+    if cfg.randomize == "total":  # files of versions that drew pass 1 in another order are redone
+        shuffle["bucket draws"] = "per day, then re-draws"
     return _Records(provenance.expected(source, parse), provenance.expected(source, shuffle))
 
 

@@ -241,6 +241,29 @@ def test_memory_map_shuffle_matches_plain(kaggle_dir, randomize, split):
             assert sorted(map(tuple, reordered[j][0])) == sorted(map(tuple, processed[j][0]))
 
 
+def test_shuffle_files_of_the_earlier_draw_order_are_redone(kaggle_dir):
+    import json
+
+    import provenance
+
+    raw = kaggle_dir / "train.txt"
+    cfg = kaggle_cfg(raw, memory_map=True, randomize="total")
+    run(cfg)
+    paths = du.criteo_paths("kaggle", str(raw))
+    before = npz_files(kaggle_dir)
+    for j in range(7):  # as an earlier version recorded them: without the draw order
+        for path in [paths.reordered_day(j)] + [paths.intermediate_day(j, part) for part in "yds"]:
+            with open(provenance.record_path(path)) as src:
+                record = json.load(src)
+            del record["options"]["bucket draws"]
+            with open(provenance.record_path(path), "w") as out:
+                json.dump(record, out)
+    notes = []
+    run(cfg, log=notes.append)
+    assert any("bucket draws=None" in note and "redoing" in note for note in notes)
+    assert npz_files(kaggle_dir) == before
+
+
 # ------------------------------------------------------------------------------------------------
 # Resuming
 # ------------------------------------------------------------------------------------------------
