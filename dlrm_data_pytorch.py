@@ -448,6 +448,33 @@ def validate_random_config(cfg: RandomDataConfig) -> None:
         raise ConfigError(f"--data-size must be at least 1, got {cfg.data_size}")
     if cfg.rand_sigma < 0:
         raise ConfigError(f"--rand-data-sigma must not be negative, got {cfg.rand_sigma}")
+    if cfg.distribution == "gaussian" and cfg.generation == "random":
+        _check_gaussian_reach(cfg)
+
+
+_LARGEST_NORMAL = math.sqrt(208 * math.log(2))
+"""The largest |value| (about 12.007) NumPy's legacy normal generator can return: its polar method
+scales a coordinate x by sqrt(-2 ln(r) / r), r = x**2 + y**2 >= 2**-104 (53-bit uniforms)."""
+
+
+def _check_gaussian_reach(cfg: RandomDataConfig) -> None:
+    """Raise ConfigError when gaussian draws can give an index outside a table.
+
+    Indices are the draws clipped to [min, max] and truncated, so they run from trunc(clip(mu - z s))
+    to trunc(clip(mu + z s)), z being the largest normal value the generator can return. The
+    reference failed with a traceback when one was drawn; a run whose draws cannot leave the table
+    (a wide clip range but a narrow gaussian) is left alone."""
+    mu, reach = _gaussian_mu(cfg), _LARGEST_NORMAL * cfg.rand_sigma
+    lowest, highest = (int(min(max(v, cfg.rand_min), cfg.rand_max)) for v in (mu - reach, mu + reach))
+    rows = min(cfg.table_sizes, default=0)
+    if highest >= rows and cfg.table_sizes:
+        table = cfg.table_sizes.index(rows)
+        raise ConfigError(f"--rand-data-max={cfg.rand_max:g} lets gaussian indices reach {highest}, but table "
+                          f"{table} has {rows} rows (indices 0..{rows - 1}): lower --rand-data-max "
+                          f"(or --rand-data-mu / --rand-data-sigma)")
+    if lowest < 0:
+        raise ConfigError(f"--rand-data-min={cfg.rand_min:g} lets gaussian indices reach {lowest}: "
+                          f"indices must not be negative")
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
