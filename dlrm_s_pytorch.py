@@ -155,7 +155,7 @@ def _data_flags(d) -> None:
     d.add_argument("--data-sub-sample-rate", dest="data_sub_sample_rate", type=float, default=0.0, help="drop negatives with this probability")
     d.add_argument("--num-indices-per-lookup", dest="num_indices_per_lookup", type=int, default=10, help="random data: largest bag size")
     d.add_argument("--num-indices-per-lookup-fixed", dest="num_indices_per_lookup_fixed", type=BOOL, default=False, help="random data: every bag has exactly that size")
-    d.add_argument("--num-workers", dest="num_workers", type=int, default=0, help="Criteo loader workers")
+    d.add_argument("--num-workers", dest="num_workers", type=int, default=0, help="loader workers (random data: their batches, drawn in this process)")
     d.add_argument("--memory-map", dest="memory_map", action="store_true", help="Criteo: day files, memory-mapped")
     d.add_argument("--dataset-multiprocessing", dest="dataset_multiprocessing", action="store_true", help="Criteo: preprocess days in parallel")
     d.add_argument("--mlperf-bin-loader", dest="mlperf_bin_loader", action="store_true", help="Terabyte: MLPerf binary files")
