@@ -72,6 +72,31 @@ def test_worker_streams_match_a_torch_dataloader(workers):
     assert np.array_equal(before[1], after[1]) and before[2:] == after[2:]  # workers leave it alone
 
 
+def _train_with_a_test_pass(train, test):
+    """Batches in the order a run with a test after three training batches meets them, two epochs."""
+    seen = []
+    for _ in range(2):
+        batches = iter(train)
+        seen += [next(batches) for _ in range(3)]
+        seen += list(test)  # the test loader's own iterator, while the training one is open
+        seen += list(batches)
+    return seen
+
+
+def test_a_test_pass_between_training_batches_matches_torch_dataloaders():
+    cfg = RandomDataConfig(dense_dim=2, table_sizes=(30, 5), data_size=14, batch_size=2, seed=SEED)
+    plain = [torch.utils.data.DataLoader(GlobalNumpyBatches(cfg), batch_size=None, num_workers=2) for _ in "ab"]
+    torch.manual_seed(4)
+    expected = _train_with_a_test_pass(*plain)
+    _, train_ld, _, test_ld = make_random_data_and_loaders(
+        RandomDataConfig(**{**cfg.__dict__, "num_workers": 2}), np.random.RandomState(0), lambda _: None)
+    torch.manual_seed(4)
+    got = _train_with_a_test_pass(train_ld, test_ld)
+    assert len(got) == len(expected) == 28
+    for a, b in zip(got, expected):
+        _same(a, b)
+
+
 def test_without_workers_the_loader_still_takes_one_torch_draw_per_iterator():
     cfg = RandomDataConfig(dense_dim=2, table_sizes=(5,), data_size=4, batch_size=2)
     torch.manual_seed(3)
