@@ -26,8 +26,8 @@ def _plain_indices(cfg, draws=20000, seed=0):
     (["--rand-data-max=7.5", "--arch-embedding-size=9-7"], "reach 7, but table 1 has 7 rows"),
     (["--rand-data-min=-1"], "--rand-data-min=-1 lets gaussian indices reach -1"),
 ])
-def test_a_clip_range_past_a_table_is_one_error_before_training(run_main, argv, message):
-    code, out, err = run_main(*SMALL, *argv)
+def test_a_clip_range_past_a_table_is_one_error_before_training(run_main, tmp_path, argv, message):
+    code, out, err = run_main(*SMALL, *argv, f"--tensor-board-filename={tmp_path / 'tb'}")
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert "Finished training" not in out
@@ -56,7 +56,8 @@ def test_ranges_the_draws_cannot_leave_are_accepted_and_stay_in_the_tables(flags
             assert 0 <= int(indices.min()) and int(indices.max()) < rows
 
 
-def test_a_narrow_gaussian_with_a_wide_clip_range_trains(run_main):
-    code, out, err = run_main(*SMALL, "--rand-data-max=30", "--rand-data-mu=0.5", "--rand-data-sigma=0.1")
+def test_a_narrow_gaussian_with_a_wide_clip_range_trains(run_main, tmp_path):
+    code, out, err = run_main(*SMALL, "--rand-data-max=30", "--rand-data-mu=0.5", "--rand-data-sigma=0.1",
+                              f"--tensor-board-filename={tmp_path / 'tb'}")
     assert code == 0, err
     assert out.count("Finished training") == 3

@@ -143,7 +143,8 @@ def test_skipping_torch_init_leaves_torch_where_the_reference_construction_does(
 LOSS_LINE = "Finished training it {}/16 of epoch 0, -1.00 ms/it, loss {}"
 
 
-def test_two_workers_print_the_reference_loss(run_main):
-    code, out, err = run_main("--mini-batch-size=4", "--data-size=64", "--print-freq=4", "--num-workers=2")
+def test_two_workers_print_the_reference_loss(run_main, tmp_path):
+    code, out, err = run_main("--mini-batch-size=4", "--data-size=64", "--print-freq=4", "--num-workers=2",
+                              f"--tensor-board-filename={tmp_path / 'tb'}")
     assert code == 0, err
     assert LOSS_LINE.format(4, "0.190378") in out.splitlines()  # the reference's first printed loss
