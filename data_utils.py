@@ -40,8 +40,9 @@ Disk, per kept line: parsed days 160 B, processed days 160 B, concatenated outpu
 are not written: days are read from their byte ranges of ``train.txt``.
 
 The NumPy random stream (seeded with --numpy-rand-seed) is drawn from in the reference's order:
-one uniform per raw line of each day when sub-sampling, then (memory-map, randomize total) one
-bucket draw per train sample, then one permutation per shuffled bucket. When
+one uniform per raw line of each day when sub-sampling, then (memory-map, randomize total) each
+day's bucket draws (one per row, the last day's too, then the re-draws of rows whose bucket was
+full), then one permutation per shuffled bucket. When
 a run resumes, draws of stages that already completed are replayed, so a resumed run writes the
 same files as an uninterrupted one; when everything is complete nothing is drawn.
 
@@ -1143,14 +1144,26 @@ def occurrence_rank(values: np.ndarray) -> np.ndarray:
     return rank
 
 
-class BucketAssigner:
-    """Destination buckets of pass 1 (randomize total), drawn as the reference does one sample at
-    a time: ``rng.randint(0, choices)``, drawn again while that bucket is full.
+def _copy_stream(rng: np.random.RandomState) -> np.random.RandomState:
+    """A second RandomState at ``rng``'s position."""
+    copy = np.random.RandomState()
+    copy.set_state(rng.get_state())
+    return copy
 
-    Draws come in chunks of exactly the number of samples still to place, so the stream is
-    consumed as by the per-sample loop: every drawn value is used either by a sample or by a
-    re-draw. Within a chunk the draws are applied vectorised up to the next moment a bucket
-    fills, then re-checked, so at most one extra pass per bucket.
+
+def _skip_randint(rng: np.random.RandomState, high: int, count: int) -> None:
+    """Move ``rng`` past ``count`` draws of ``randint(0, high)`` (drawn in chunks and dropped)."""
+    for start in range(0, count, ROWS_PER_CHUNK):
+        rng.randint(0, high, size=min(ROWS_PER_CHUNK, count - start))
+
+
+class BucketAssigner:
+    """Destination buckets of pass 1 (randomize total), drawn as the reference draws them.
+
+    For each day the reference draws every row's bucket at once, ``randint(0, choices, rows)``, and
+    then walks the rows: a row whose bucket is full draws again, one ``randint(0, choices)`` at a time
+    until it finds room, and those re-draws follow the day's bulk draw in the stream. :meth:`day`
+    reproduces that without the per-row loop (see :class:`_DayDraws`).
     """
 
     def __init__(self, capacities: np.ndarray, choices: int):
@@ -1164,35 +1177,108 @@ class BucketAssigner:
         self.fill[bucket] += count
         return positions
 
-    def draw(self, rng: np.random.RandomState, count: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(bucket, position in bucket) for ``count`` samples, in sample order."""
+    def day(self, rng: np.random.RandomState, count: int) -> "_DayDraws":
+        """The draws of a day of ``count`` rows that starts at ``rng``'s position."""
+        return _DayDraws(self, rng, count)
+
+
+class _Redraws:
+    """The values after a day's bulk draw, which rows with a full bucket draw again from.
+
+    They are read ahead from a copy of the stream; :meth:`finish` moves the stream itself past the
+    ones used."""
+
+    def __init__(self, rng: np.random.RandomState, choices: int):
+        self.rng = rng
+        self.choices = choices
+        self._ahead = _copy_stream(rng)
+        self._values = np.empty(0, dtype=np.int64)  # read ahead, not used yet
+        self.used = 0
+
+    def first_open(self, count: int, full: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The next ``count`` values that are not full buckets, and for each how many values
+        (from the first unused one) are used up to and including it."""
+        if full[: self.choices].all():
+            raise DataError("memory-map shuffle: every bucket is full (inconsistent day counts)")
+        size = count
+        while True:
+            if len(self._values) < size:
+                more = self._ahead.randint(0, self.choices, size=size - len(self._values))
+                self._values = np.concatenate([self._values, more])
+            open_at = np.flatnonzero(~full[self._values[:size]])
+            if len(open_at) >= count:
+                return self._values[open_at[:count]], open_at[:count] + 1
+            size *= 2
+
+    def use(self, count: int) -> None:
+        self._values = self._values[count:]
+        self.used += count
+
+    def finish(self) -> None:
+        _skip_randint(self.rng, self.choices, self.used)
+
+
+class _DayDraws:
+    """One day's buckets, drawn as the reference draws them, ``place(n)`` rows at a time.
+
+    The day's bulk draw is read from a copy of the stream, in chunks; the stream itself is moved
+    past it at once, to where the re-draws come from. Rows are then placed in windows over which
+    the set of full buckets does not change: every row whose bulk value is a full bucket takes the
+    next re-draw that is not, and the window ends at the first row that finds its bucket filled by
+    the rows before it (each bucket fills once, so there are at most as many windows as buckets).
+    """
+
+    def __init__(self, assigner: BucketAssigner, rng: np.random.RandomState, count: int):
+        self.assigner = assigner
+        self.bulk = _copy_stream(rng)
+        _skip_randint(rng, assigner.choices, count)
+        self.redraws = _Redraws(rng, assigner.choices)
+
+    def place(self, count: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(bucket, position in bucket) of the next ``count`` rows, in row order."""
+        candidates = self.bulk.randint(0, self.assigner.choices, size=count)
         bucket = np.empty(count, dtype=np.int64)
         position = np.empty(count, dtype=np.int64)
-        placed = 0
-        while placed < count:
-            if np.all(self.fill[: self.choices] >= self.capacity[: self.choices]):
-                raise DataError("memory-map shuffle: every bucket is full (inconsistent day counts)")
-            candidates = rng.randint(0, self.choices, size=count - placed)
-            placed = self._apply(candidates, bucket, position, placed)
+        done = 0
+        while done < count:
+            done += self._place_window(candidates[done:], bucket[done:], position[done:])
         return bucket, position
 
-    def _apply(self, candidates, bucket, position, placed) -> int:
-        start = 0
-        while start < len(candidates):
-            rest = candidates[start:]
-            accepted = np.flatnonzero(self.fill[rest] < self.capacity[rest])
-            chosen = rest[accepted]
-            rank = occurrence_rank(chosen)
-            over = np.flatnonzero(self.fill[chosen] + rank >= self.capacity[chosen])
-            take = int(over[0]) if len(over) else len(chosen)
-            stop = int(accepted[take]) if len(over) else len(rest)
-            chosen, rank = chosen[:take], rank[:take]
-            bucket[placed: placed + take] = chosen
-            position[placed: placed + take] = self.fill[chosen] + rank
-            self.fill += np.bincount(chosen, minlength=len(self.fill))
-            placed += take
-            start += stop
-        return placed
+    def _place_window(self, candidates: np.ndarray, bucket: np.ndarray, position: np.ndarray) -> int:
+        """Place the leading rows of ``candidates`` while no bucket fills; returns how many."""
+        fill, capacity = self.assigner.fill, self.assigner.capacity
+        full = fill >= capacity
+        chosen = candidates.copy()
+        redrawn = np.flatnonzero(full[candidates])
+        if len(redrawn):
+            chosen[redrawn], used = self.redraws.first_open(len(redrawn), full)
+        at = fill[chosen] + occurrence_rank(chosen)
+        over = np.flatnonzero(at >= capacity[chosen])
+        take = int(over[0]) if len(over) else len(chosen)  # at least 1: row 0's bucket has room
+        bucket[:take], position[:take] = chosen[:take], at[:take]
+        fill += np.bincount(chosen[:take], minlength=len(fill))
+        redrawn_taken = int(np.searchsorted(redrawn, take))
+        if redrawn_taken:
+            self.redraws.use(int(used[redrawn_taken - 1]))
+        return take
+
+    def finish(self) -> None:
+        """Leave the stream after the day's last re-draw, where the next day's draws begin."""
+        self.redraws.finish()
+
+
+class _StayPut:
+    """The rows of a day that keep one bucket: no draws."""
+
+    def __init__(self, assigner: BucketAssigner, target: int):
+        self.assigner = assigner
+        self.target = target
+
+    def place(self, count: int) -> Tuple[np.ndarray, np.ndarray]:
+        return np.full(count, self.target, dtype=np.int64), self.assigner.place_in(self.target, count)
+
+    def finish(self) -> None:
+        pass
 
 
 def _shuffled_bucket(j: int, days: int, randomize: str, split_none: bool) -> bool:
@@ -1200,12 +1286,17 @@ def _shuffled_bucket(j: int, days: int, randomize: str, split_none: bool) -> boo
     return randomize in ("day", "total") and (split_none or j < days - 1)
 
 
-def _pass1_destinations(assigner: BucketAssigner, rng, day: int, count: int, days: int,
-                        randomize: str, split_none: bool):
+def _day_placer(assigner: BucketAssigner, rng, day: int, count: int, days: int, randomize: str,
+                split_none: bool):
+    """Where the ``count`` rows of ``day`` go in pass 1 (an object with ``place(n)`` and ``finish()``).
+
+    With randomize total the reference draws every day's buckets, the last day's too, although
+    those rows stay in the last bucket unless split is none."""
     if randomize == "total" and (split_none or day < days - 1):
-        return assigner.draw(rng, count)
-    target = days - 1 if randomize == "total" else day
-    return np.full(count, target, dtype=np.int64), assigner.place_in(target, count)
+        return assigner.day(rng, count)
+    if randomize == "total":
+        _skip_randint(rng, assigner.choices, count)  # drawn, never used
+    return _StayPut(assigner, days - 1 if randomize == "total" else day)
 
 
 def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
@@ -1218,8 +1309,11 @@ def _shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConf
     assigner = BucketAssigner(day_rows, choices)
     if replay:
         for i in range(paths.days):
-            _pass1_destinations(assigner, rng, i, int(day_rows[i]), paths.days, cfg.randomize,
-                                split_none)
+            rows = int(day_rows[i])
+            placer = _day_placer(assigner, rng, i, rows, paths.days, cfg.randomize, split_none)
+            for start in range(0, rows, ROWS_PER_CHUNK):
+                placer.place(min(ROWS_PER_CHUNK, rows - start))
+            placer.finish()
         return
     with contextlib.ExitStack() as stack:
         outputs = _open_intermediates(paths, day_rows, stack, record)
@@ -1251,10 +1345,10 @@ def _open_intermediates(paths: CriteoPaths, day_rows: np.ndarray, stack: context
 def _scatter_day(paths, day, assigner, rng, outputs, cfg, split_none, bar) -> None:
     with NpzReader(paths.processed_day(day)) as reader:
         rows = int(reader.shape("y")[0])
+        placer = _day_placer(assigner, rng, day, rows, paths.days, cfg.randomize, split_none)
         for start in range(0, rows, ROWS_PER_CHUNK):
             stop = min(rows, start + ROWS_PER_CHUNK)
-            bucket, position = _pass1_destinations(assigner, rng, day, stop - start, paths.days,
-                                                   cfg.randomize, split_none)
+            bucket, position = placer.place(stop - start)
             chunk = (reader.rows("y", start, stop), reader.rows("X_int", start, stop),
                      reader.rows("X_cat", start, stop))
             order = np.argsort(bucket, kind="stable")
@@ -1266,6 +1360,7 @@ def _scatter_day(paths, day, assigner, rng, outputs, cfg, split_none, bar) -> No
                     for target, values in zip(outputs[j], chunk):
                         target.write(first, values[rows_j])
             bar.update(stop - start)
+        placer.finish()
 
 
 _REORDERED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
@@ -1411,6 +1506,8 @@ def _records(cfg: PreprocessConfig, paths: CriteoPaths,
     shuffle = dict(parse, **{"--data-randomize": cfg.randomize, "data split": cfg.data_split})
     if cfg.randomize != "none":
         shuffle["--numpy-rand-seed"] = cfg.seed
+    if cfg.randomize == "total":  # files of versions that drew pass 1 in another order are redone
+        shuffle["bucket draws"] = "per day, then re-draws"
     return _Records(provenance.expected(source, parse), provenance.expected(source, shuffle))
 
 

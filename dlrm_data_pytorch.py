@@ -6,7 +6,9 @@ for the layout). Dimension vocabulary: B batch, T tables, M dense features, N_t 
 Random data (``--data-generation=random``) reproduces the reference's numbers exactly: every value
 is drawn from one NumPy legacy stream (``np.random.RandomState``), in the reference's order, and the
 stream is re-seeded whenever batch 0 is generated. Unlike the reference, the draws are made in large
-vectorised calls, not per sample.
+vectorised calls, not per sample. With ``--num-workers`` W >= 1 the reference drew its batches in W
+loader worker processes, each with a NumPy stream of its own; :class:`BatchLoader` reproduces those
+streams in this process (see there).
 
 Run as a script, this file is the reference's trace-profiling tool:
 ``python dlrm_data_pytorch.py --trace-file=... --dist-file=... --synthetic-file=...``.
@@ -29,6 +31,7 @@ __all__ = [
     "BatchLoader",
     "generate_random_batch",
     "make_random_data_and_loaders",
+    "worker_numpy_seed",
 ]
 
 
@@ -52,8 +55,11 @@ class RandomDataConfig:
         generation: "random" or "synthetic" (trace-based indices).
         trace_file: synthetic only: the distribution-file template (``j`` = table number).
         trace_padding: synthetic only: ``--data-trace-enable-padding``.
+        num_workers: the reference's loader workers (``--num-workers``): batch i is drawn from
+            worker i mod W's stream (see :class:`BatchLoader`); 0 draws every batch from one stream.
         fix_reference_bugs: test batches from their own stream (seed + 1) instead of the training
-            stream, and gaussian bags deduplicated after truncation to integers.
+            stream, gaussian bags deduplicated after truncation to integers, and the data the same for
+            any ``num_workers`` (one stream, as with none).
     """
 
     dense_dim: int
@@ -73,6 +79,7 @@ class RandomDataConfig:
     generation: str = "random"
     trace_file: str = "./input/dist_emb_j.log"
     trace_padding: bool = False
+    num_workers: int = 0
     fix_reference_bugs: bool = False
 
     @property
@@ -353,35 +360,58 @@ class RandomDataset(torch.utils.data.Dataset):
         return self.cfg.batches
 
     def __getitem__(self, i: int) -> Batch:
+        return self.draw(i, self.rng)
+
+    def draw(self, i: int, rng: np.random.RandomState) -> Batch:
+        """Batch i drawn from ``rng`` (re-seeded first when i is 0)."""
         if not 0 <= i < len(self):
             raise IndexError(f"batch {i} out of range [0, {len(self)})")
         cfg = self.cfg
         if i == 0:
-            self.rng.seed(cfg.seed)
+            rng.seed(cfg.seed)
         n = min(cfg.batch_size, cfg.total_samples - i * cfg.batch_size)
         if self._distributions is None:
-            return generate_random_batch(self.rng, n, cfg)
+            return generate_random_batch(rng, n, cfg)
         from synthetic_trace import generate_synthetic_batch
 
-        return generate_synthetic_batch(self.rng, n, cfg, self._distributions, self.log)
+        return generate_synthetic_batch(rng, n, cfg, self._distributions, self.log)
+
+
+def worker_numpy_seed(base_seed: int, worker_id: int) -> List[int]:
+    """The seed torch's DataLoader gives NumPy's global generator in worker ``worker_id``, for an
+    iterator whose base seed is ``base_seed`` (torch's own derivation, called, not copied)."""
+    from torch.utils.data._utils.worker import _generate_state
+
+    return _generate_state(base_seed, worker_id)
 
 
 class BatchLoader:
-    """Iterates a batch-granular dataset in order, in this process; ``len()`` is its batch count.
+    """Iterates a :class:`RandomDataset` in order, in this process; ``len()`` is its batch count.
 
-    Random batches must be drawn in order from one stream, so they are generated here rather than
-    in DataLoader workers. (Generating the next batch on a background thread was measured and
-    rejected: on a 2-core machine it slowed the training step by more than it saved.)
+    Every ``iter()`` first takes one int64 draw from torch's global generator, as a torch DataLoader
+    iterator takes its base seed, so torch's stream moves as in the reference. With no workers every
+    batch comes from the dataset's stream. With W workers the reference's batch i was drawn in worker
+    i mod W, a fresh process per iterator whose NumPy stream torch seeds from the base seed and the
+    worker's number; that stream goes on from batch to batch of that worker, and batch 0 re-seeds
+    worker 0's. This loader keeps the W streams itself, so the batches are the reference's without
+    processes, and, as there, the dataset's own stream is not touched.
+    (Generating the next batch on a background thread was measured and rejected: on a 2-core
+    machine it slowed the training step by more than it saved.)
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset):
+    def __init__(self, dataset: RandomDataset, num_workers: int = 0):
         self.dataset = dataset
+        self.num_workers = num_workers
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[Batch]:
-        return (self.dataset[i] for i in range(len(self.dataset)))
+        base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        if self.num_workers == 0:
+            return (self.dataset[i] for i in range(len(self.dataset)))
+        streams = [np.random.RandomState(worker_numpy_seed(base_seed, w)) for w in range(self.num_workers)]
+        return (self.dataset.draw(i, streams[i % self.num_workers]) for i in range(len(self.dataset)))
 
 
 def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomState,
@@ -392,8 +422,8 @@ def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomSta
     the same stream (``rng``) and re-seeded at test batch 0. So a test pass moves the stream that
     the following training batches draw from, and the printed test accuracy is measured on the
     training data. With ``cfg.fix_reference_bugs`` the test set has its own stream, seeded with
-    seed + 1: training numbers then do not depend on whether or how often you test.
-    ``log`` receives the synthetic generator's warnings about out-of-range trace addresses.
+    seed + 1: training numbers then do not depend on whether or how often you test, nor on
+    ``cfg.num_workers``. ``log`` receives the synthetic generator's warnings about out-of-range trace addresses.
 
     Returns:
         (train_data, train_loader, test_data, test_loader).
@@ -404,7 +434,8 @@ def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomSta
         test_data = RandomDataset(test_cfg, np.random.RandomState(test_cfg.seed), log)
     else:
         test_data = RandomDataset(cfg, rng, log)
-    return train_data, BatchLoader(train_data), test_data, BatchLoader(test_data)
+    workers = 0 if cfg.fix_reference_bugs else cfg.num_workers
+    return train_data, BatchLoader(train_data, workers), test_data, BatchLoader(test_data, workers)
 
 
 def validate_random_config(cfg: RandomDataConfig) -> None:
@@ -417,6 +448,33 @@ def validate_random_config(cfg: RandomDataConfig) -> None:
         raise ConfigError(f"--data-size must be at least 1, got {cfg.data_size}")
     if cfg.rand_sigma < 0:
         raise ConfigError(f"--rand-data-sigma must not be negative, got {cfg.rand_sigma}")
+    if cfg.distribution == "gaussian" and cfg.generation == "random":
+        _check_gaussian_reach(cfg)
+
+
+_LARGEST_NORMAL = math.sqrt(208 * math.log(2))
+"""The largest |value| (about 12.007) NumPy's legacy normal generator can return: its polar method
+scales a coordinate x by sqrt(-2 ln(r) / r), r = x**2 + y**2 >= 2**-104 (53-bit uniforms)."""
+
+
+def _check_gaussian_reach(cfg: RandomDataConfig) -> None:
+    """Raise ConfigError when gaussian draws can give an index outside a table.
+
+    Indices are the draws clipped to [min, max] and truncated, so they run from trunc(clip(mu - z s))
+    to trunc(clip(mu + z s)), z being the largest normal value the generator can return. The
+    reference failed with a traceback when one was drawn; a run whose draws cannot leave the table
+    (a wide clip range but a narrow gaussian) is left alone."""
+    mu, reach = _gaussian_mu(cfg), _LARGEST_NORMAL * cfg.rand_sigma
+    lowest, highest = (int(min(max(v, cfg.rand_min), cfg.rand_max)) for v in (mu - reach, mu + reach))
+    rows = min(cfg.table_sizes, default=0)
+    if highest >= rows and cfg.table_sizes:
+        table = cfg.table_sizes.index(rows)
+        raise ConfigError(f"--rand-data-max={cfg.rand_max:g} lets gaussian indices reach {highest}, but table "
+                          f"{table} has {rows} rows (indices 0..{rows - 1}): lower --rand-data-max "
+                          f"(or --rand-data-mu / --rand-data-sigma)")
+    if lowest < 0:
+        raise ConfigError(f"--rand-data-min={cfg.rand_min:g} lets gaussian indices reach {lowest}: "
+                          f"indices must not be negative")
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:

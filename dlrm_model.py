@@ -358,6 +358,49 @@ def _qr_table(cfg: ModelConfig, rng: np.random.RandomState, rows: int, dim: int)
     return table
 
 
+_SKIP_CHUNK = 1 << 20
+"""Values per torch draw when moving torch's generator past a large initialisation."""
+
+
+def _skip_torch_uniform(count: int, chunk: int) -> None:
+    """Move torch's global generator past ``count`` float32 ``uniform_`` draws (one 32-bit draw
+    each), through a buffer of at most ``chunk`` values."""
+    buffer = torch.empty(min(count, chunk))
+    while count > 0:
+        step = min(count, chunk)
+        buffer[:step].uniform_()
+        count -= step
+
+
+def _skip_torch_normal(numel: int, chunk: int) -> None:
+    """Move torch's global generator past ``normal_`` on a float32 tensor of ``numel`` values.
+
+    torch fills 16 or more values from one uniform draw each and, when ``numel`` is not a multiple
+    of 16, draws the last 16 again; fewer than 16 take another path, so those are simply drawn."""
+    if numel < 16 or numel <= chunk:
+        torch.empty(numel).normal_()
+        return
+    _skip_torch_uniform(numel + (16 if numel % 16 else 0), chunk)
+
+
+def skip_reference_torch_init(cfg: ModelConfig, chunk: int = _SKIP_CHUNK) -> None:
+    """Move torch's global generator as the reference's model construction did, after this model
+    was built: the reference built each plain table and Linear with torch's default initialisation
+    (normal tables; kaiming-uniform weights, uniform biases) and then overwrote it with NumPy draws.
+
+    Our tables read torch's generator themselves when QR or mixed-dimension tables are on (they
+    draw from it); otherwise nothing of this model did, so the tables' draws are skipped here too.
+    What reads the generator afterwards (the base seed of the reference's loader workers) then
+    sees the reference's state."""
+    if not (cfg.qr_flag or cfg.md_flag):
+        for rows in cfg.table_sizes:
+            _skip_torch_normal(rows * cfg.embedding_dim, chunk)
+    for widths in (cfg.bottom_mlp, cfg.top_mlp):
+        for n_in, n_out in zip(widths[:-1], widths[1:]):
+            _skip_torch_uniform(n_out * n_in, chunk)
+            _skip_torch_uniform(n_out, chunk)
+
+
 def table_dims(cfg: ModelConfig) -> List[int]:
     """Each table's dimension: D; with ``--md-flag`` the power rule's dims for tables above
     ``--md-threshold`` (smaller tables keep D; the reference crashed on them); with QR ``concat``,

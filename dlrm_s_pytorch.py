@@ -31,8 +31,8 @@ from checkpoint import Expected, restore
 from dlrm_common import ConfigError, DLRMError, parse_bool
 # The model's names are re-exported for importers of this script (older code, notebooks).
 from dlrm_model import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfig, QuantizedTables,  # noqa: F401
-                        draw_table, fit_to_data, make_loss, quantize_for_inference, table_bytes,
-                        top_mlp_input_width, with_per_table_layout)
+                        draw_table, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
+                        table_bytes, top_mlp_input_width, with_per_table_layout)
 from dlrm_train import (OPTIMIZERS, Logger, RunParts, TrainConfig, TrainState, evaluate_once, format_arch, format_batch,
                         format_parameters, graph_output, make_optimizer, make_scheduler, optimizer_groups, train)
 from extend_distributed import (DistInfo, announce_failure, current_info, init_distributed, is_collective_failure,
@@ -155,7 +155,7 @@ def _data_flags(d) -> None:
     d.add_argument("--data-sub-sample-rate", dest="data_sub_sample_rate", type=float, default=0.0, help="drop negatives with this probability")
     d.add_argument("--num-indices-per-lookup", dest="num_indices_per_lookup", type=int, default=10, help="random data: largest bag size")
     d.add_argument("--num-indices-per-lookup-fixed", dest="num_indices_per_lookup_fixed", type=BOOL, default=False, help="random data: every bag has exactly that size")
-    d.add_argument("--num-workers", dest="num_workers", type=int, default=0, help="Criteo loader workers")
+    d.add_argument("--num-workers", dest="num_workers", type=int, default=0, help="loader workers (random data: their batches, drawn in this process)")
     d.add_argument("--memory-map", dest="memory_map", action="store_true", help="Criteo: day files, memory-mapped")
     d.add_argument("--dataset-multiprocessing", dest="dataset_multiprocessing", action="store_true", help="Criteo: preprocess days in parallel")
     d.add_argument("--mlperf-bin-loader", dest="mlperf_bin_loader", action="store_true", help="Terabyte: MLPerf binary files")
@@ -410,7 +410,8 @@ def _data_config(f: dict):
             distribution=f["rand_data_dist"], rand_min=f["rand_data_min"], rand_max=f["rand_data_max"],
             rand_mu=f["rand_data_mu"], rand_sigma=f["rand_data_sigma"], round_targets=f["round_targets"],
             seed=f["seed"], generation=f["data_generation"], trace_file=f["data_trace_file"],
-            trace_padding=f["data_trace_enable_padding"], fix_reference_bugs=f["fix_reference_bugs"])
+            trace_padding=f["data_trace_enable_padding"], num_workers=f["num_workers"],
+            fix_reference_bugs=f["fix_reference_bugs"])
         validate_random_config(cfg)
         return cfg
     from criteo_data import CriteoLoaderConfig
@@ -470,9 +471,8 @@ def setup_device(cfg: SystemConfig, log: Logger, info: DistInfo) -> torch.device
 
 def debug_batches(train_loader, nbatches: int) -> List[str]:
     """``--debug-mode``: every training batch, printed before the model is built. Drawing them moves
-    the NumPy stream, and the reference's loader iterator takes one torch draw for its base seed,
-    so the model is initialised from the same streams as the reference's."""
-    torch.empty((), dtype=torch.int64).random_()
+    the NumPy stream, and the loader's iterator takes one torch draw for its base seed (every loader
+    does, as the reference's did), so the model is initialised from the same streams as the reference's."""
     lines: List[str] = []
     for j, batch in enumerate(train_loader):
         if j >= nbatches:
@@ -568,6 +568,8 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
     model_cfg = replace(model_cfg, embedding_backend=embedding_backend(cfg, model_cfg, info, device))
     check_memory(cfg, model_cfg, info, device)
     model = DLRM(model_cfg, rng, info, log=log.warn).to(device)
+    if cfg.random_data and cfg.data.num_workers >= 2 and not cfg.train.fix_reference_bugs:
+        skip_reference_torch_init(model_cfg)  # the workers' base seeds come from torch's generator
     if cfg.train.fast_numerics:
         from fast_numerics import accelerate_mlps, describe
 

@@ -70,12 +70,14 @@ def plain_shuffle(processed, randomize, split_none, rng):
     counts = [len(y) for _, _, y in processed]
     inter = [(np.zeros(n), np.zeros((n, 13)), np.zeros((n, 26))) for n in counts]
     fill = [0] * days
+    choices = days if split_none else days - 1
     for i, (x_cat, x_int, y) in enumerate(processed):
+        if randomize == "total":  # every day's buckets at once, the last day's too (unused unless split none)
+            drawn = rng.randint(0, choices, size=counts[i])
         for k in range(counts[i]):
             if randomize == "total" and (split_none or i < days - 1):
-                choices = days if split_none else days - 1
-                bucket = rng.randint(0, choices)
-                while fill[bucket] >= counts[bucket]:
+                bucket = drawn[k]
+                while fill[bucket] >= counts[bucket]:  # full: draw again, after the day's draws
                     bucket = rng.randint(0, choices)
             elif randomize == "total":
                 bucket = days - 1

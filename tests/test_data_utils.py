@@ -157,29 +157,62 @@ def test_multiprocessing_gives_the_same_files(tmp_path, kaggle_raw):
 # Memory-map shuffle
 # ------------------------------------------------------------------------------------------------
 
-def test_bucket_assigner_matches_per_sample_loop():
-    gen = np.random.default_rng(11)
-    for trial in range(30):
-        days = int(gen.integers(2, 6))
-        capacity = gen.integers(0, 40, size=days)
-        split_none = bool(trial % 2)
-        choices = days if split_none else days - 1
-        count = int(capacity[:choices].sum())
-        rng, plain = np.random.RandomState(trial), np.random.RandomState(trial)
-        assigner = du.BucketAssigner(capacity, choices)
-        bucket, position = [], []
-        for piece in np.array_split(np.arange(count), 3):
-            b, p = assigner.draw(rng, len(piece))
-            bucket += list(b)
-            position += list(p)
-        fill = [0] * days
-        for k in range(count):
-            target = plain.randint(0, choices)
-            while fill[target] >= capacity[target]:
-                target = plain.randint(0, choices)
-            assert (bucket[k], position[k]) == (target, fill[target])
+def _plain_pass1(capacity, counts, choices, split_none, rng):
+    """Pass 1's buckets as the spec describes the reference's loop: per day, every row's bucket in
+    one draw (the last day's too); then row by row, a full bucket is drawn again, one value at a time."""
+    days = len(counts)
+    fill = [0] * days
+    assigned = []
+    for day, rows in enumerate(counts):
+        drawn = rng.randint(0, choices, size=rows)
+        for k in range(rows):
+            if split_none or day < days - 1:
+                target = drawn[k]
+                while fill[target] >= capacity[target]:
+                    target = rng.randint(0, choices)
+            else:
+                target = days - 1
+            assigned.append((day, int(target), fill[target]))
             fill[target] += 1
-        assert rng.random_sample() == plain.random_sample()
+    return assigned
+
+
+@pytest.mark.parametrize("trial", range(24))
+def test_pass1_buckets_and_stream_match_the_per_row_loop(trial, monkeypatch):
+    gen = np.random.default_rng(trial)
+    days = int(gen.integers(2, 7))
+    capacity = gen.integers(0, 60, size=days)
+    split_none = bool(trial % 2)
+    choices = days if split_none else days - 1
+    monkeypatch.setattr(du, "ROWS_PER_CHUNK", int(gen.integers(1, 40)))  # days span several chunks
+    rng, plain = np.random.RandomState(trial), np.random.RandomState(trial)
+    assigner = du.BucketAssigner(capacity, choices)
+    ours = []
+    for day, rows in enumerate(capacity):  # each day holds as many rows as its bucket
+        placer = du._day_placer(assigner, rng, day, int(rows), days, "total", split_none)
+        for start in range(0, int(rows), du.ROWS_PER_CHUNK):
+            bucket, position = placer.place(min(du.ROWS_PER_CHUNK, int(rows) - start))
+            ours += [(day, int(b), int(p)) for b, p in zip(bucket, position)]
+        placer.finish()
+    assert ours == _plain_pass1(capacity, capacity, choices, split_none, plain)
+    assert rng.random_sample() == plain.random_sample()  # the stream is left where the loop leaves it
+
+
+def test_full_buckets_draw_again_after_the_days_draws():
+    # two buckets of one row each and a third that takes the last day: day 0's two rows draw
+    # [0, 0] at once; the second row's bucket is full, so it draws again from what follows
+    seed = next(s for s in range(1000) if list(np.random.RandomState(s).randint(0, 2, size=2)) == [0, 0])
+    rng = np.random.RandomState(seed)
+    assigner = du.BucketAssigner(np.array([1, 1, 2]), 2)
+    placer = du._day_placer(assigner, rng, 0, 2, 3, "total", False)
+    bucket, position = placer.place(2)
+    placer.finish()
+    assert list(bucket) == [0, 1] and list(position) == [0, 0]
+    expected = np.random.RandomState(seed)
+    expected.randint(0, 2, size=2)
+    while expected.randint(0, 2) != 1:  # the re-draws, after the bulk draw
+        pass
+    assert rng.random_sample() == expected.random_sample()
 
 
 @pytest.mark.parametrize("randomize, split", [("total", "train"), ("total", "none"),
@@ -207,6 +240,29 @@ def test_memory_map_shuffle_matches_plain(kaggle_dir, randomize, split):
     if randomize != "total":  # rows stay within their day
         for j in range(7):
             assert sorted(map(tuple, reordered[j][0])) == sorted(map(tuple, processed[j][0]))
+
+
+def test_shuffle_files_of_the_earlier_draw_order_are_redone(kaggle_dir):
+    import json
+
+    import provenance
+
+    raw = kaggle_dir / "train.txt"
+    cfg = kaggle_cfg(raw, memory_map=True, randomize="total")
+    run(cfg)
+    paths = du.criteo_paths("kaggle", str(raw))
+    before = npz_files(kaggle_dir)
+    for j in range(7):  # as an earlier version recorded them: without the draw order
+        for path in [paths.reordered_day(j)] + [paths.intermediate_day(j, part) for part in "yds"]:
+            with open(provenance.record_path(path)) as src:
+                record = json.load(src)
+            del record["options"]["bucket draws"]
+            with open(provenance.record_path(path), "w") as out:
+                json.dump(record, out)
+    notes = []
+    run(cfg, log=notes.append)
+    assert any("bucket draws=None" in note and "redoing" in note for note in notes)
+    assert npz_files(kaggle_dir) == before
 
 
 # ------------------------------------------------------------------------------------------------
