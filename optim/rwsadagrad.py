@@ -120,7 +120,7 @@ class RWSAdagrad(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of ours or of the reference (row-wise accumulators under ``momentum``)."""
         renamed = {index: {k if k != "momentum" else "sum": v for k, v in entry.items()}
-                   for index, entry in state_dict["state"].items()}
+                   if isinstance(entry, dict) else entry for index, entry in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": renamed})
         self.reset_pending = self.reference_reload
 
