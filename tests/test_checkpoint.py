@@ -227,10 +227,10 @@ def _reference_rwsadagrad_checkpoint(path, row_sums):
 def test_a_reference_row_wise_adagrad_file_is_recognised(run_main, tmp_path):
     path = tmp_path / "ref.pt"
     _reference_rwsadagrad_checkpoint(path, [torch.full((n,), 2.0) for n in (4, 3, 2)])
-    tb = f"--tensor-board-filename={tmp_path / 'tb'}"
-    code, _, err = run_main("--mini-batch-size=2", "--data-size=6", "--optimizer=rwsadagrad", f"--load-model={path}", tb)
+    args = ["--mini-batch-size=2", "--data-size=6", f"--load-model={path}", f"--tensor-board-filename={tmp_path / 'tb'}"]
+    code, _, err = run_main(*args, "--optimizer=rwsadagrad")
     assert code == 0 and "optimizer state" not in err, err
-    code, _, err = run_main("--mini-batch-size=2", "--data-size=6", "--optimizer=adagrad", f"--load-model={path}", tb)
+    code, _, err = run_main(*args, "--optimizer=adagrad")
     assert code == 0 and "holds rwsadagrad optimizer state and this run uses --optimizer=adagrad" in err
 
 
