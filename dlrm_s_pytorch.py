@@ -216,8 +216,9 @@ def _output_flags(o) -> None:
     o.add_argument("--tensor-board-filename", dest="tensor_board_filename", default="run_kaggle_pt",
                    help="TensorBoard directory, one subdirectory per run (if tensorboard is installed)")
     o.add_argument("--save-model", dest="save_model", default="",
-                   help="checkpoint path, written at each test that improves the best result; without tests, "
-                        "the final model is written at the end")
+                   help="checkpoint path, written at each test that beats the accuracy the run started from (as "
+                        "the reference; with --fix-reference-bugs, each test that improves the best result); "
+                        "without tests, the final model is written at the end")
     o.add_argument("--load-model", dest="load_model", default="", help="checkpoint to resume from or evaluate")
     o.add_argument("--save-onnx", dest="save_onnx", action="store_true", help="export the model to ONNX (--onnx-file)")
     o.add_argument("--onnx-file", dest="onnx_file", default="dlrm_s_pytorch.onnx", help="where --save-onnx writes")
