@@ -139,7 +139,7 @@ RUN = ["--mini-batch-size=4", "--data-size=40", "--loss-function=bce", "--round-
 
 def _saved(run_main, tmp_path, *extra):
     path = str(tmp_path / "m.pt")
-    code, _, err = run_main(*RUN, *extra, f"--save-model={path}")
+    code, _, err = run_main(*RUN, *extra, f"--save-model={path}", f"--tensor-board-filename={tmp_path / 'tb'}")
     assert code == 0, err
     return path
 

@@ -229,8 +229,14 @@ def test_a_resumed_run_compares_its_tests_with_the_loaded_accuracy(run_main, tmp
     assert any(t[3] for t in tests) and not all(t[3] for t in tests)
 
 
-def test_under_mlperf_the_reference_saves_whatever_auc_it_loaded_unless_fixed(run_main, tmp_path):
+def test_under_mlperf_the_reference_saves_whatever_auc_it_loaded_unless_fixed(run_main, tmp_path, monkeypatch):
     """The reference restores the best accuracy only: its AUC baseline stays 0."""
+    import dlrm_s_pytorch
+    import mlperf_logger
+
+    real = mlperf_logger.make_mlperf_logger  # its log in tmp_path, not beside the module
+    monkeypatch.setattr(dlrm_s_pytorch, "make_mlperf_logger",
+                        lambda enabled: real(enabled, log_file=str(tmp_path / "dlrm.log")))
     path = tmp_path / "m.pt"
     common = POLICY + ["--nepochs=1", "--mlperf-logging", f"--tensor-board-filename={tmp_path / 'tb'}"]
     code, out, err = run_main(*common, f"--save-model={path}")
