@@ -4,9 +4,10 @@ processes, and restoring a run.
 A checkpoint is a ``torch.save``d dict with the reference's keys ``nepochs``, ``nbatches``,
 ``nbatches_test``, ``state_dict`` (model weights: ``emb_l.K.weight``, ``bot_l.N.weight``,
 ``top_l.N.weight``, ``v_W_l.K``), ``test_acc``, optionally ``test_auc``, ``epoch``, ``iter``,
-``train_loss``, ``total_loss`` and ``opt_state_dict``. We add ``lr_scheduler_state_dict`` (so a
-resumed run continues the learning-rate schedule exactly) and ``optimizer`` (its name); the
-reference ignores keys it does not know, and files without them load here.
+``train_loss``, ``total_loss`` and ``opt_state_dict``. We add ``lr_scheduler_state_dict`` (which a
+run resumed with ``--fix-reference-bugs`` restores, to continue the learning-rate schedule exactly;
+by default the schedule restarts, as in the reference) and ``optimizer`` (its name); the reference
+ignores keys it does not know, and files without them load here.
 
 Files are always in the single-process layout: in a multi-process run every rank's tables and
 their optimizer state are gathered on rank 0, which writes the file; any number of processes can
@@ -250,13 +251,16 @@ def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], path: str, 
 
 
 def _optimizer_of(state: dict, params: List[torch.Tensor]) -> Optional[str]:
-    """Which optimizer made ``state`` (the reference saves no name): "sgd" when no parameter has an
-    accumulator, "adagrad" when every accumulator has its parameter's shape, "rwsadagrad" when some
-    (a table's) has one value per row. None when the state does not match ``params`` at all."""
+    """Which optimizer made ``state`` (the reference saves no name): "rwsadagrad" when some entry (a
+    table's) has a row-wise accumulator, which the reference keeps under ``momentum`` (an older file
+    of ours under ``sum``, one value per row); "adagrad" when every accumulator is a ``sum`` of its
+    parameter's shape; "sgd" when there is none. None when the state does not match ``params``."""
     sums = {}
     for i, entry in state.get("state", {}).items():
         if not isinstance(entry, dict) or not isinstance(i, int) or not 0 <= i < len(params):
             return None
+        if "momentum" in entry:
+            return "rwsadagrad"
         if "sum" in entry:
             sums[i] = entry["sum"]
     if not sums:
@@ -288,13 +292,24 @@ def restore_optimizer(payload: Dict[str, Any], optimizer: torch.optim.Optimizer,
              "layout); the weights are loaded, the optimizer starts fresh")
 
 
-def check_position(payload: Dict[str, Any], nbatches: int, path: str) -> None:
-    """Refuse to resume a checkpoint taken after the last batch this run has in an epoch (it would
-    silently train nothing in that epoch)."""
+def check_position(payload: Dict[str, Any], nbatches: int, path: str, fix_reference_bugs: bool,
+                   warn: Callable[[str], None]) -> None:
+    """Warn, or refuse, when a checkpoint was taken after the last batch this run has in an epoch.
+
+    Saved in the first epoch, the reference skips that many batches in every epoch, so it completes
+    and trains nothing (no training line, no test, no save): by default we do the same, with a
+    warning. Refused with ``fix_reference_bugs`` (which skips them in the saved epoch only, so the run
+    would silently lose that epoch) and for a later epoch (where the reference never completed).
+    """
     it, saved_nb = int(payload.get("iter", 0)), int(payload.get("nbatches", nbatches))
-    if it > nbatches:
-        raise CheckpointError(f"{path}: saved after batch {it} of {saved_nb}, but this run has {nbatches} "
-                              "batches per epoch (check --data-size, --num-batches and --mini-batch-size)")
+    if it <= nbatches:
+        return
+    where = f"{path}: saved after batch {it} of {saved_nb}, but this run has {nbatches} batches per epoch"
+    if int(payload.get("epoch", 0)) == 0 and not fix_reference_bugs:
+        warn(f"warning: {where}: as the reference does, the first {it} batches of every epoch are skipped, "
+             "so nothing will be trained (check --data-size, --num-batches and --mini-batch-size)")
+        return
+    raise CheckpointError(f"{where} (check --data-size, --num-batches and --mini-batch-size)")
 
 
 @dataclass(frozen=True)
@@ -306,12 +321,14 @@ class Expected:
     nbatches: int
     nbatches_test: int
     show_auc: bool = False
+    fix_reference_bugs: bool = False
 
 
 def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], scheduler, info: DistInfo,
             log, run: Expected, inference_only: bool = False) -> Resume:
-    """Load ``path``: the weights, and when training also the optimizer, the schedule and the position
-    to continue from. Prints the reference's lines about the file; returns where to resume."""
+    """Load ``path``: the weights, and when training also the optimizer and the position to continue
+    from (and with ``run.fix_reference_bugs`` the schedule's state; by default the schedule restarts,
+    as in the reference). Prints the reference's lines about the file; returns where to resume."""
     device = next(model.parameters()).device
     payload = load_checkpoint(path, map_location=device)
     log(f"Loading saved model {path}")
@@ -326,8 +343,8 @@ def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimiz
     resume = Resume(best_acc=acc, best_auc=as_float(auc))
     if inference_only:
         return resume
-    check_position(payload, run.nbatches, path)
+    check_position(payload, run.nbatches, path, run.fix_reference_bugs, log.warn)
     restore_optimizer(payload, optimizer, run.optimizer, model, model.cfg.num_tables, info, path, log.warn)
-    if "lr_scheduler_state_dict" in payload:
+    if run.fix_reference_bugs and "lr_scheduler_state_dict" in payload:
         scheduler.load_state_dict(payload["lr_scheduler_state_dict"])
     return Resume(epoch=epoch, batch=it, best_acc=acc, best_auc=as_float(auc))

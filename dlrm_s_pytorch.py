@@ -187,7 +187,8 @@ def _training_flags(t) -> None:
                         "test data from its own stream, gaussian bags without repeats, the learning-rate plateau "
                         "at the base rate, the whole test set despite --num-batches, real gradient accumulation, "
                         "exact QR quotients and init, debug mode training pooling weights, batch skipping only "
-                        "in the resumed epoch")
+                        "in the resumed epoch, checkpoints only at improving tests, resuming the learning-rate "
+                        "schedule and the row-wise Adagrad accumulators")
 
 
 def _evaluation_flags(e) -> None:
@@ -218,8 +219,9 @@ def _output_flags(o) -> None:
     o.add_argument("--tensor-board-filename", dest="tensor_board_filename", default="run_kaggle_pt",
                    help="TensorBoard directory, one subdirectory per run (if tensorboard is installed)")
     o.add_argument("--save-model", dest="save_model", default="",
-                   help="checkpoint path, written at each test that improves the best result; without tests, "
-                        "the final model is written at the end")
+                   help="checkpoint path, written at each test that beats the accuracy the run started from (as "
+                        "the reference; with --fix-reference-bugs, each test that improves the best result); "
+                        "without tests, the final model is written at the end")
     o.add_argument("--load-model", dest="load_model", default="", help="checkpoint to resume from or evaluate")
     o.add_argument("--save-onnx", dest="save_onnx", action="store_true", help="export the model to ONNX (--onnx-file)")
     o.add_argument("--onnx-file", dest="onnx_file", default="dlrm_s_pytorch.onnx", help="where --save-onnx writes")
@@ -489,7 +491,8 @@ def build_parts(cfg: RunConfig, model: DLRM, data: Data, nbatches: int, device: 
     if not cfg.inference.inference_only:
         if device.type == "cuda" and t.optimizer in ("adagrad", "rwsadagrad"):
             raise ConfigError("GPU version of Adagrad is not supported by PyTorch.")
-        optimizer = make_optimizer(t.optimizer, optimizer_groups(model, t.debug_groups), t.learning_rate)
+        optimizer = make_optimizer(t.optimizer, optimizer_groups(model, t.debug_groups), t.learning_rate,
+                                   t.fix_reference_bugs)
         scheduler = make_scheduler(optimizer, t)
         if model.cfg.embedding_backend == "fused":  # the tables' SGD runs in backward, at the step's rate
             model.emb_l.follow_optimizer_lr(optimizer)
@@ -592,7 +595,8 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
     if cfg.output.load_model:
         state.resume = restore(cfg.output.load_model, parts.model, parts.optimizer, parts.scheduler, parts.info,
                                parts.log, Expected(cfg.train.optimizer, cfg.train.nepochs, parts.nbatches,
-                                                   parts.nbatches_test, cfg.train.mlperf_logging),
+                                                   parts.nbatches_test, cfg.train.mlperf_logging,
+                                                   cfg.train.fix_reference_bugs),
                                inference_only=cfg.inference.inference_only)
         state.best_acc, state.best_auc = state.resume.best_acc, state.resume.best_auc
     if cfg.inference.inference_only:

@@ -153,7 +153,7 @@ class TrainConfig:
     Attributes:
         fix_reference_bugs: the corrected behaviours that change numbers (whole test set despite
             ``--num-batches``, real gradient accumulation, the base-rate plateau, batch skipping
-            only in the resumed epoch).
+            only in the resumed epoch, checkpoints written only when a test improves).
         mixed_precision: "none" or "bf16" (autocast around the forward).
         debug_groups: the reference's three parameter groups of ``--debug-mode`` (tables, bottom
             MLP, top MLP; learned pooling weights left out).
@@ -195,8 +195,9 @@ def optimizer_groups(model: nn.Module, debug_groups: bool) -> list:
     return [{"params": list(part.parameters())} for part in (model.emb_l, model.bot_l, model.top_l)]
 
 
-def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
-    """sgd, adagrad or the row-wise sparse adagrad."""
+def make_optimizer(name: str, params: list, lr: float, fix_reference_bugs: bool = False) -> torch.optim.Optimizer:
+    """sgd, adagrad or the row-wise sparse adagrad (which, unless ``fix_reference_bugs``, drops the
+    accumulators of a loaded checkpoint at its first step, as the reference's does)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "adagrad":
@@ -204,7 +205,7 @@ def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     if name == "rwsadagrad":
         from optim.rwsadagrad import RWSAdagrad
 
-        return RWSAdagrad(params, lr=lr)
+        return RWSAdagrad(params, lr=lr, reference_reload=not fix_reference_bugs)
     raise ConfigError(f"--optimizer={name} is not supported (use {', '.join(OPTIMIZERS)})")
 
 
@@ -530,12 +531,25 @@ def _test_and_save(parts: RunParts, cfg: TrainConfig, state: TrainState, loss: f
     metrics = evaluate(parts, cfg, state, log_iter)
     parts.mlperf.end("eval_stop", epoch_num=(j + 1) / nb + k + 1)
     _record_test(parts, cfg, state, metrics, log_iter, k)
-    if metrics["is_best"] and parts.save_model:
+    if parts.save_model and _saves_at(cfg, state, metrics):
         parts.log(f"Saving model to {parts.save_model}")
         save_position(parts, cfg, state, Position(
             nepochs=cfg.nepochs, nbatches=nb, nbatches_test=parts.nbatches_test, epoch=k, iter=j + 1,
             train_loss=loss, test_acc=metrics["accuracy"], test_auc=metrics.get("roc_auc")))
     _check_thresholds(parts, cfg, state)
+
+
+def _saves_at(cfg: TrainConfig, state: TrainState, metrics: Dict[str, float]) -> bool:
+    """Whether this test writes ``--save-model``. The reference compares every test with the best it
+    started from, never with the best so far: the accuracy with 0 (or with a loaded checkpoint's), the
+    AUC under ``--mlperf-logging`` with 0; so it writes at almost every test. That is the default, so
+    a later ``--load-model`` loads the reference's state; ``fix_reference_bugs`` writes only when a
+    test improves on the best so far."""
+    if cfg.fix_reference_bugs:
+        return bool(metrics["is_best"])
+    if cfg.mlperf_logging:
+        return metrics["roc_auc"] > 0.0
+    return metrics["accuracy"] > state.resume.best_acc
 
 
 def _record_test(parts: RunParts, cfg: TrainConfig, state: TrainState, metrics: Dict[str, float], log_iter: int,
@@ -561,7 +575,7 @@ def save_position(parts: RunParts, cfg: TrainConfig, state: TrainState, at: Posi
 
 def save_final(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch: int) -> None:
     """``--save-model`` without any test: the model at the end of the run (the reference saves only
-    at improving tests, so such a run wrote nothing)."""
+    at tests, so such a run wrote nothing)."""
     parts.log.note(f"Saving the final model to {parts.save_model} (no test ran to choose a best one)")
     save_position(parts, cfg, state, Position(
         nepochs=cfg.nepochs, nbatches=parts.nbatches, nbatches_test=parts.nbatches_test, epoch=epoch,

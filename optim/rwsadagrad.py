@@ -8,6 +8,12 @@ a gradient, not only on the very first ``step()`` (so a table unused in step 1 n
 KeyError later); the accumulator lives on the parameter's device with its dtype (the reference kept
 it on the CPU in float32); dense weight decay uses ``grad.add(param, alpha=weight_decay)`` instead
 of the removed ``add(scalar, tensor)`` signature.
+
+Like the reference, the first step after ``load_state_dict`` starts afresh every accumulator it
+updates (the reference created its accumulators at the first step of each optimizer object, so a
+loaded one was overwritten); ``reference_reload=False`` keeps the loaded accumulators instead.
+State dicts hold a row-wise accumulator under the reference's key, ``momentum`` (dense ones under
+``sum``); ``load_state_dict`` takes either key.
 """
 from __future__ import annotations
 
@@ -41,6 +47,9 @@ class RWSAdagrad(torch.optim.Optimizer):
         weight_decay: L2 penalty, dense gradients only. Default: ``0``.
         initial_accumulator_value: starting value of every accumulator. Default: ``0``.
         eps: added to the square root for stability. Default: ``1e-10``.
+        reference_reload: after ``load_state_dict``, the first step resets the accumulators of the
+            parameters it updates to ``initial_accumulator_value``, as the reference does (the step
+            counts are kept). ``False`` keeps the loaded accumulators. Default: ``True``.
 
     State (per parameter, created at its first gradient):
         ``step`` (int): number of updates so far.
@@ -60,6 +69,7 @@ class RWSAdagrad(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
+        reference_reload: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -72,6 +82,8 @@ class RWSAdagrad(torch.optim.Optimizer):
             if not value >= 0.0:
                 raise ValueError(f"RWSAdagrad: invalid {name} {value!r} (must be >= 0)")
         super().__init__(params, defaults)
+        self.reference_reload = reference_reload
+        self.reset_pending = False  # a loaded state whose accumulators the next step drops
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
@@ -85,13 +97,32 @@ class RWSAdagrad(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 state = self._state_for(param, group)
+                if self.reset_pending:
+                    state["sum"].fill_(group["initial_accumulator_value"])
                 state["step"] += 1
                 clr = group["lr"] / (1.0 + (state["step"] - 1) * group["lr_decay"])
                 if param.grad.is_sparse:
                     _row_wise_update(param, param.grad, state["sum"], clr, group)
                 else:
                     _dense_update(param, param.grad, state["sum"], clr, group)
+        self.reset_pending = False
         return loss
+
+    def state_dict(self) -> dict:
+        """torch's state dict, with each row-wise accumulator under the reference's key ``momentum``."""
+        saved = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in saved["state"].items():
+            if "sum" in entry and entry["sum"].shape != params[index].shape:
+                saved["state"][index] = {k if k != "sum" else "momentum": v for k, v in entry.items()}
+        return saved
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of ours or of the reference (row-wise accumulators under ``momentum``)."""
+        renamed = {index: {k if k != "momentum" else "sum": v for k, v in entry.items()}
+                   if isinstance(entry, dict) else entry for index, entry in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": renamed})
+        self.reset_pending = self.reference_reload
 
     def _state_for(self, param: torch.Tensor, group: dict) -> dict:
         """Return the state of ``param``, creating it now if this is its first gradient."""

@@ -139,7 +139,7 @@ RUN = ["--mini-batch-size=4", "--data-size=40", "--loss-function=bce", "--round-
 
 def _saved(run_main, tmp_path, *extra):
     path = str(tmp_path / "m.pt")
-    code, _, err = run_main(*RUN, *extra, f"--save-model={path}")
+    code, _, err = run_main(*RUN, *extra, f"--save-model={path}", f"--tensor-board-filename={tmp_path / 'tb'}")
     assert code == 0, err
     return path
 
@@ -180,13 +180,58 @@ def test_entries_of_the_wrong_type_are_one_line_errors(run_main, tmp_path, key, 
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
-def test_a_position_beyond_this_data_set_is_refused(run_main, tmp_path):
-    path = _saved(run_main, tmp_path)  # 10 batches per epoch
+def _moved(path, **entries):
     payload = load_checkpoint(path)
-    payload["iter"] = 5
+    payload.update(entries)
     save_checkpoint(path, payload)
-    code, _, err = run_main(*RUN[:1], "--data-size=12", *RUN[2:], f"--load-model={path}")  # 3 batches
+    return path
+
+
+def test_a_position_beyond_this_data_set_trains_nothing_with_a_warning(run_main, tmp_path):
+    """Saved in the first epoch after more batches than this run has: as the reference, the run
+    completes without training, testing or saving anything, and says so."""
+    path = _moved(_saved(run_main, tmp_path), iter=5)  # 10 batches per epoch there
+    again = tmp_path / "again.pt"
+    code, out, err = run_main(*RUN[:1], "--data-size=12", *RUN[2:], "--nepochs=2", f"--load-model={path}",
+                              f"--save-model={again}", f"--tensor-board-filename={tmp_path / 'tb'}")  # 3 batches
+    assert code == 0, err
+    assert "warning: " in err and "saved after batch 5 of 10, but this run has 3 batches per epoch" in err
+    assert "nothing will be trained" in err
+    assert out.split("time/loss/accuracy (if enabled):\n")[1] == ""
+    assert not again.exists()
+
+
+def test_a_position_beyond_this_data_set_in_a_later_epoch_is_refused(run_main, tmp_path):
+    """From a later epoch the reference never completed (it looped forever): no reference run to match."""
+    path = _moved(_saved(run_main, tmp_path), iter=5, epoch=1)
+    code, _, err = run_main(*RUN[:1], "--data-size=12", *RUN[2:], "--nepochs=2", f"--load-model={path}")
     assert code == 2 and "saved after batch 5 of 10, but this run has 3 batches per epoch" in err
+
+
+def _reference_rwsadagrad_checkpoint(path, row_sums):
+    """A checkpoint as the reference writes it after row-wise Adagrad steps: each table's accumulator
+    under ``momentum`` (one value per row), each MLP parameter's under ``sum``."""
+    model = dlrm.DLRM(tiny_model_config(), np.random.RandomState(7))
+    params = list(model.parameters())
+    state = {i: {"step": 3, "momentum": row_sums[i]} if i < 3 else {"step": 3, "sum": torch.full_like(p, 0.5)}
+             for i, p in enumerate(params)}
+    group = {"lr": 0.01, "lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0, "eps": 1e-10,
+             "initial_lr": 0.01, "params": list(range(len(params)))}
+    torch.save({
+        "nepochs": 1, "nbatches": 3, "nbatches_test": 3, "state_dict": model.state_dict(),
+        "test_acc": np.float64(0.5), "epoch": 0, "iter": 0, "train_loss": np.float32(0.25),
+        "total_loss": 0, "opt_state_dict": {"state": state, "param_groups": [group]},
+    }, path)
+
+
+def test_a_reference_row_wise_adagrad_file_is_recognised(run_main, tmp_path):
+    path = tmp_path / "ref.pt"
+    _reference_rwsadagrad_checkpoint(path, [torch.full((n,), 2.0) for n in (4, 3, 2)])
+    args = ["--mini-batch-size=2", "--data-size=6", f"--load-model={path}", f"--tensor-board-filename={tmp_path / 'tb'}"]
+    code, _, err = run_main(*args, "--optimizer=rwsadagrad")
+    assert code == 0 and "optimizer state" not in err, err
+    code, _, err = run_main(*args, "--optimizer=adagrad")
+    assert code == 0 and "holds rwsadagrad optimizer state and this run uses --optimizer=adagrad" in err
 
 
 def test_a_mismatch_names_the_key_and_both_shapes(run_main, tmp_path):

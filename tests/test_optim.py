@@ -150,7 +150,8 @@ def test_accumulator_follows_parameter_dtype():
 
 
 def test_state_dict_round_trip_continues_identically(tmp_path):
-    """Save after step 1 (only table A has state), load into a fresh optimizer, run steps 2-3."""
+    """Save after step 1 (only table A has state), load into a fresh optimizer that keeps the loaded
+    accumulators, run steps 2-3."""
     torch.manual_seed(2)
     first = [nn.Parameter(torch.randn(4, 2)), nn.Parameter(torch.randn(3, 2))]
     opt_first = RWSAdagrad(first, lr=0.1, lr_decay=0.5)
@@ -158,7 +159,7 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
     opt_first.step()
     torch.save(opt_first.state_dict(), tmp_path / "opt.pt")
     second = [nn.Parameter(p.detach().clone()) for p in first]
-    opt_second = RWSAdagrad(second, lr=0.1, lr_decay=0.5)
+    opt_second = RWSAdagrad(second, lr=0.1, lr_decay=0.5, reference_reload=False)
     opt_second.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     for grad_a, grad_b in STEPS[1:]:
         for params, opt in ((first, opt_first), (second, opt_second)):
@@ -169,6 +170,57 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
         torch.testing.assert_close(mine, loaded, rtol=0, atol=0)
     assert opt_second.state[second[0]]["step"] == 3
     assert opt_second.state[second[1]]["step"] == 2
+
+
+def _set_grads(params, step):
+    for param, grad, rows in zip(params, step, (4, 3)):
+        param.grad = None if grad is None else sparse_grad(*grad, rows)
+
+
+def test_after_loading_the_first_step_drops_the_accumulators_as_the_reference():
+    """By default the first step after load_state_dict starts every accumulator it updates afresh
+    (the step counts stay): the plain loop with its accumulators reset at that step, once."""
+    torch.manual_seed(2)
+    hyper = dict(lr=0.1, lr_decay=0.5, initial_accumulator_value=0.05, eps=1e-10)
+    first = [nn.Parameter(torch.randn(4, 2)), nn.Parameter(torch.randn(3, 2))]
+    plain = [PlainRowWiseAdagrad(p.detach().numpy(), 0.1, 0.5, 0.05, 1e-10) for p in first]
+    opt_first = RWSAdagrad(first, **hyper)
+    for step in STEPS[:2]:
+        _set_grads(first, step)
+        opt_first.step()
+        for table, grad in zip(plain, step):
+            table.step(*(grad or (None, None)))
+    second = [nn.Parameter(p.detach().clone()) for p in first]
+    opt_second = RWSAdagrad(second, **hyper)
+    opt_second.load_state_dict(opt_first.state_dict())
+    for table in plain:
+        table.acc = [0.05] * len(table.acc)
+    for step in (STEPS[2], STEPS[1]):  # the second step after loading accumulates again
+        _set_grads(second, step)
+        opt_second.step()
+        for table, grad in zip(plain, step):
+            table.step(*grad)
+    for param, table in zip(second, plain):
+        torch.testing.assert_close(param.detach().double(), torch.from_numpy(table.weight))
+    assert [opt_second.state[p]["step"] for p in second] == [4, 3]
+
+
+def test_state_dicts_hold_row_wise_accumulators_under_the_reference_key():
+    """A table's accumulator is saved as ``momentum`` (the reference's key), a dense one as ``sum``;
+    either loads back."""
+    table, dense = nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(2))
+    optimizer = RWSAdagrad([table, dense])
+    table.grad, dense.grad = sparse_grad([1], [[1.0, 3.0]], 3), torch.tensor([2.0, 0.0])
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert sorted(saved["state"][0]) == ["momentum", "step"] and sorted(saved["state"][1]) == ["step", "sum"]
+    torch.testing.assert_close(saved["state"][0]["momentum"], torch.tensor([0.0, 5.0, 0.0]))
+    assert "sum" in optimizer.state[table]  # saving renamed nothing in the live state
+    loaded = RWSAdagrad([nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(2))], reference_reload=False)
+    loaded.load_state_dict(saved)
+    for mine, theirs in zip(optimizer.state.values(), loaded.state.values()):
+        assert sorted(theirs) == ["step", "sum"]
+        torch.testing.assert_close(mine["sum"], theirs["sum"])
 
 
 def test_sparse_gradient_with_weight_decay_raises():

@@ -155,3 +155,171 @@ def test_debug_mode_parameter_groups(run_main, fix):
     code, out, err = run_main(*args)
     assert code == 0, err
     assert _losses(out) == [0.018993, 0.029700, 0.049903]
+
+
+# --- checkpoints and resuming ---------------------------------------------------------------------
+
+POLICY = ["--mini-batch-size=8", "--data-size=64", "--nepochs=4", "--test-freq=4", "--loss-function=bce",
+          "--round-targets=true", "--learning-rate=0.3", "--arch-mlp-top=8-4-1", "--numpy-rand-seed=3"]
+
+
+def _tests(out, metric=r" accuracy (\d+\.\d+) %"):
+    """[(epoch, iter, value, saved)] for every test the run printed, in order."""
+    tests = []
+    for line in out.splitlines():
+        at = re.match(r"Testing at - (\d+)/\d+ of epoch (\d+),", line)
+        value = re.search(metric, line)
+        if at:
+            tests.append([int(at.group(2)), int(at.group(1)), None, False])
+        elif value and tests and tests[-1][2] is None:
+            tests[-1][2] = float(value.group(1))
+        elif line.startswith("Saving model to"):
+            tests[-1][3] = True
+    return [tuple(t) for t in tests]
+
+
+def _plain_saves(values, start, fix):
+    """Where each policy writes: the reference beats the value it started from at every test; the fix
+    beats the best so far."""
+    saves, best = [], start
+    for value in values:
+        saves.append(value > best)
+        best = max(best, value) if fix else best
+    return saves
+
+
+@pytest.mark.parametrize("fix", [False, True])
+def test_checkpoints_are_written_at_every_test_beating_the_start_unless_fixed(run_main, tmp_path, fix):
+    path = tmp_path / "m.pt"
+    code, out, err = run_main(*POLICY, f"--save-model={path}", f"--tensor-board-filename={tmp_path / 'tb'}",
+                              *([FIX] if fix else []))
+    assert code == 0, err
+    tests = _tests(out)
+    values = [t[2] for t in tests]
+    assert _plain_saves(values, 0.0, False) != _plain_saves(values, 0.0, True)  # the run tells them apart
+    assert [t[3] for t in tests] == _plain_saves(values, 0.0, fix)
+    last = [t for t in tests if t[3]][-1]
+    payload = load_checkpoint(str(path))  # what a later --load-model loads
+    assert (payload["epoch"], payload["iter"]) == last[:2]
+    assert f"{payload['test_acc'] * 100:3.3f}" == f"{last[2]:3.3f}"
+
+
+@pytest.mark.parametrize("fix", [False, True])
+def test_a_resumed_run_compares_its_tests_with_the_loaded_accuracy(run_main, tmp_path, fix):
+    """After --load-model the reference's starting best is the checkpoint's accuracy."""
+    path = tmp_path / "m.pt"
+    common = POLICY[:2] + ["--nepochs=2"] + POLICY[3:] + [f"--tensor-board-filename={tmp_path / 'tb'}"]
+    flag = [FIX] if fix else []
+    code, _, err = run_main(*common, "--nepochs=1", f"--save-model={path}", *flag)
+    assert code == 0, err
+    payload = load_checkpoint(str(path))
+    payload.update(epoch=0, iter=0, test_acc=0.0)
+    save_checkpoint(str(path), payload)
+    code, out, err = run_main(*common, f"--load-model={path}", f"--save-model={tmp_path / 'again.pt'}", *flag)
+    assert code == 0, err
+    values = [t[2] for t in _tests(out)]
+    start = sorted(values)[len(values) // 2] / 100  # a loaded accuracy some tests beat and some do not
+    payload["test_acc"] = start
+    save_checkpoint(str(path), payload)
+    code, out, err = run_main(*common, f"--load-model={path}", f"--save-model={tmp_path / 'again.pt'}", *flag)
+    assert code == 0, err
+    tests = _tests(out)
+    assert [t[2] for t in tests] == values
+    assert [t[3] for t in tests] == _plain_saves([v / 100 for v in values], start, fix)
+    assert any(t[3] for t in tests) and not all(t[3] for t in tests)
+
+
+def test_under_mlperf_the_reference_saves_whatever_auc_it_loaded_unless_fixed(run_main, tmp_path, monkeypatch):
+    """The reference restores the best accuracy only: its AUC baseline stays 0."""
+    import dlrm_s_pytorch
+    import mlperf_logger
+
+    real = mlperf_logger.make_mlperf_logger  # its log in tmp_path, not beside the module
+    monkeypatch.setattr(dlrm_s_pytorch, "make_mlperf_logger",
+                        lambda enabled: real(enabled, log_file=str(tmp_path / "dlrm.log")))
+    path = tmp_path / "m.pt"
+    common = POLICY + ["--nepochs=1", "--mlperf-logging", f"--tensor-board-filename={tmp_path / 'tb'}"]
+    code, out, err = run_main(*common, f"--save-model={path}")
+    assert code == 0, err
+    assert all(t[3] for t in _tests(out, r"auc (\d+\.\d+), best auc"))
+    payload = load_checkpoint(str(path))
+    payload.update(epoch=0, iter=0, test_auc=1.0)
+    save_checkpoint(str(path), payload)
+    for flag, saved in (([], True), ([FIX], False)):
+        code, out, err = run_main(*common, f"--load-model={path}", f"--save-model={tmp_path / 'again.pt'}", *flag)
+        assert code == 0, err
+        tests = _tests(out, r"auc (\d+\.\d+), best auc")
+        assert len(tests) == 2 and all(t[3] == saved for t in tests)
+
+
+def _lrs(metrics_path):
+    import json
+
+    with open(metrics_path, encoding="utf-8") as handle:
+        return [r["lr"] for r in map(json.loads, handle) if r["lr"] is not None]
+
+
+def test_resuming_restarts_the_learning_rate_schedule_unless_fixed(run_main, tmp_path):
+    """Warmup over W=4 steps from base 0.4: step s runs at 0.4 * min(s, 4) / 4. Saved after two steps;
+    the first resumed step runs at the saved optimizer's rate (step 3's); then the reference's new
+    schedule goes on from its step 2, and the fixed run from step 4."""
+    path, base = tmp_path / "m.pt", 0.4
+    args = ["--mini-batch-size=2", "--data-size=12", "--round-targets=true", "--loss-function=bce",
+            f"--learning-rate={base}", "--lr-num-warmup-steps=4", f"--tensor-board-filename={tmp_path / 'tb'}"]
+    code, _, err = run_main(*args, "--num-batches=2", f"--save-model={path}")  # saved at the end: batch 2
+    assert code == 0, err
+    assert load_checkpoint(str(path))["iter"] == 2
+    rate = [None] + [base * min(s, 4) / 4 for s in range(1, 9)]
+    for flag, steps in (([], [3, 2, 3, 4]), ([FIX], [3, 4, 5, 6])):
+        metrics = tmp_path / "metrics.jsonl"
+        code, _, err = run_main(*args, f"--load-model={path}", f"--metrics-file={metrics}", *flag)
+        assert code == 0, err
+        assert _lrs(metrics) == pytest.approx([rate[s] for s in steps], rel=1e-12)
+
+
+def _row_wise_checkpoint(run_main, tmp_path, args, accumulator):
+    """A first-epoch checkpoint of a row-wise Adagrad run, its position moved to the start and every
+    accumulator set to ``accumulator``."""
+    path = tmp_path / f"acc{accumulator}.pt"
+    code, _, err = run_main(*args, f"--save-model={path}")
+    assert code == 0, err
+    payload = load_checkpoint(str(path))
+    for entry in payload["opt_state_dict"]["state"].values():
+        for key in ("momentum", "sum"):
+            if key in entry:
+                entry[key] = torch.full_like(entry[key], accumulator)
+    payload.update(epoch=0, iter=0)
+    save_checkpoint(str(path), payload)
+    return path
+
+
+def test_resumed_row_wise_adagrad_drops_the_loaded_accumulators_unless_fixed(run_main, tmp_path):
+    """The reference's optimizer makes its accumulators at its first step, over the loaded ones:
+    a loaded accumulator of 5 trains like one of 0 (the initial value), unless fixed."""
+    args = SMALL + ["--optimizer=rwsadagrad", "--learning-rate=0.5", f"--tensor-board-filename={tmp_path / 'tb'}"]
+    large, zero = (_row_wise_checkpoint(run_main, tmp_path, args, value) for value in (5.0, 0.0))
+    assert "momentum" in load_checkpoint(str(large))["opt_state_dict"]["state"][0]  # the reference's key
+    losses = {}
+    for flag in ([], [FIX]):
+        for path in (large, zero):
+            code, out, err = run_main(*args, f"--load-model={path}", *flag)
+            assert code == 0, err
+            losses[bool(flag), path] = _losses(out)
+    assert losses[False, large] == losses[False, zero] == losses[True, zero]
+    assert losses[True, large][1:] != losses[True, zero][1:]  # the first loss is before any step
+
+
+def test_a_position_beyond_this_data_set_is_refused_when_fixed(run_main, tmp_path):
+    """The fix skips the saved batches in the saved epoch only: the run would lose that epoch silently."""
+    path = tmp_path / "m.pt"
+    args = ["--mini-batch-size=2", "--round-targets=true", "--loss-function=bce", "--nepochs=2",
+            f"--tensor-board-filename={tmp_path / 'tb'}"]
+    code, _, err = run_main(*args, "--data-size=20", "--test-freq=10", f"--save-model={path}")
+    assert code == 0, err
+    payload = load_checkpoint(str(path))
+    payload.update(epoch=0, iter=5)
+    save_checkpoint(str(path), payload)
+    code, out, err = run_main(*args, "--data-size=6", f"--load-model={path}")  # 3 batches
+    assert code == 0 and "nothing will be trained" in err and "Finished training" not in out
+    code, _, err = run_main(*args, "--data-size=6", f"--load-model={path}", FIX)
+    assert code == 2 and "saved after batch 5 of 10, but this run has 3 batches per epoch" in err
