@@ -42,7 +42,7 @@ CONFIGS = [
          optimizer="adagrad", pooling="learned", itself=True),
     dict(tables=(30, 11, 60, 5, 80), dim=2, bottom=(3, 2), top=(3, 1), bag=4, batch=12, loss="bce", lr=0.3,
          optimizer="sgd", pooling="fixed", interaction="cat"),
-    dict(tables=(100, 7, 250, 30, 64, 12), dim=4, bottom=(5, 4), top=(4, 1), bag=5, batch=24, loss="bce", lr=0.1,
+    dict(tables=(100, 7, 250, 30, 64, 12), dim=4, bottom=(5, 4), top=(4, 1), bag=5, batch=24, loss="bce", lr=0.03,
          optimizer="sgd", qr=dict(threshold=20, collisions=4, operation="mult")),
     dict(tables=(90, 300, 15, 41), dim=3, bottom=(4, 6), top=(3, 1), bag=7, batch=12, loss="mse", lr=0.05,
          optimizer="adagrad", qr=dict(threshold=40, collisions=3, operation="concat")),
