@@ -145,7 +145,8 @@ def _is_sharded(name: str) -> bool:
 def _single_process_position(name: str) -> Tuple[int, int]:
     """Where a sharded key sits in the single-process order: all tables, then all pooling weights,
     each in table order."""
-    return _SHARDED.index(name[:6]), int(name.split(".")[1])
+    prefix, table = name.split(".")[:2]
+    return _SHARDED.index(prefix + "."), int(table)
 
 
 def full_state_dict(model: nn.Module, info: DistInfo) -> Dict[str, torch.Tensor]:
