@@ -21,7 +21,7 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -136,8 +136,18 @@ def as_float(value: Any, default: float = 0.0) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_table(name: str) -> bool:
-    return name.startswith("emb_l.")
+_SHARDED = ("emb_l.", "v_W_l.")  # the tables and their learned pooling weights, each held by one rank
+
+
+def _is_sharded(name: str) -> bool:
+    return name.startswith(_SHARDED)
+
+
+def _single_process_position(name: str) -> Tuple[int, int]:
+    """Where a sharded key sits in the single-process order: all tables, then all pooling weights,
+    each in table order."""
+    prefix, table = name.split(".")[:2]
+    return _SHARDED.index(prefix + "."), int(table)
 
 
 def full_state_dict(model: nn.Module, info: DistInfo) -> Dict[str, torch.Tensor]:
@@ -147,17 +157,19 @@ def full_state_dict(model: nn.Module, info: DistInfo) -> Dict[str, torch.Tensor]
     if info.world_size == 1:
         return state
     tables = {}
-    for part in gather_objects({k: v for k, v in state.items() if _is_table(k)}, info, main_only=True):
+    for part in gather_objects({k: v for k, v in state.items() if _is_sharded(k)}, info, main_only=True):
         tables.update(part)
-    ordered = {k: tables[k] for k in sorted(tables, key=lambda key: int(key.split(".")[1]))}
-    ordered.update((k, v) for k, v in state.items() if not _is_table(k))
+    ordered = {k: tables[k] for k in sorted(tables, key=_single_process_position)}  # stable: a table's keys keep their order
+    ordered.update((k, v) for k, v in state.items() if not _is_sharded(k))
     return ordered
 
 
 def _full_parameter_names(model: nn.Module, num_tables: int) -> List[str]:
-    """Parameter names in a single process's ``parameters()`` order (all tables first)."""
-    tables = [f"emb_l.{k}.weight" for k in range(num_tables)]
-    return tables + [n for n, _ in model.named_parameters() if not _is_table(n)]
+    """Parameter names in a single process's ``parameters()`` order (all tables first, then all
+    learned pooling weights), for a model whose tables are sharded."""
+    tables = [f"emb_l.{name}" for name in model.emb_l.all_parameter_names]
+    pooling = [f"v_W_l.{k}" for k in range(num_tables)] if hasattr(model, "v_W_l") else []
+    return tables + pooling + [n for n, _ in model.named_parameters() if not _is_sharded(n)]
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, num_tables: int,
@@ -234,8 +246,8 @@ class Resume:
 def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], path: str, info: DistInfo) -> None:
     """Load ``weights`` into ``model``, naming the first key or shape that does not fit."""
     own = model.state_dict()
-    if info.world_size > 1:  # this rank's tables and the MLPs
-        weights = {k: v for k, v in weights.items() if k in own or not _is_table(k)}
+    if info.world_size > 1:  # this rank's tables (and their pooling weights) and the MLPs
+        weights = {k: v for k, v in weights.items() if k in own or not _is_sharded(k)}
     for key, value in own.items():
         if key not in weights:
             raise CheckpointError(f"{path}: does not fit this model: it has no {key} (this model's is "

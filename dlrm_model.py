@@ -255,40 +255,61 @@ def with_per_table_layout(model: "DLRM") -> "DLRM":
 class ShardedTables(nn.ModuleDict):
     """This rank's contiguous shard of the tables, in a multi-process run.
 
-    Keys are the global table numbers, so the state-dict keys stay ``emb_l.K.weight``. ``forward``
-    has :class:`PerTableEmbeddings`' signature: it looks up the local tables for the whole global
-    batch and returns, through the all-to-all, all T tables' outputs for this rank's batch rows.
-    ``info`` is the collective's argument: where this rank stands.
+    Keys are the global table numbers, so the state-dict keys stay ``emb_l.K.weight`` (and
+    ``emb_l.K.weight_q``, ``emb_l.K.embs.weight``, ... for QR and mixed-dimension tables).
+    ``forward`` has :class:`PerTableEmbeddings`' signature: it looks up the local tables for the
+    whole global batch and returns, through the all-to-all, all T tables' outputs for this rank's
+    batch rows. ``info`` is the collective's argument: where this rank stands.
+    ``all_parameter_names`` names every table's parameters (all ranks'), in the single-process
+    ``parameters()`` order, relative to this module.
 
     Shape:
         - offsets: (T, B); indices: (T, N) or list of T (N_t,), for the whole batch.
+        - pooling_weights: None, or a list of T per-row weight vectors, None where the table is not
+          held here (only this rank's are read).
         - Output: a list of T tensors (B_local, D).
     """
 
-    def __init__(self, tables: Dict[int, nn.Module], table_counts: Sequence[int], info: DistInfo):
+    def __init__(self, tables: Dict[int, nn.Module], table_counts: Sequence[int], info: DistInfo,
+                 all_parameter_names: Sequence[str] = ()):
         super().__init__({str(k): table for k, table in tables.items()})
         self.table_counts = list(table_counts)
         self.info = info
+        self.all_parameter_names = tuple(all_parameter_names)
+
+    def local_tables(self) -> List[int]:
+        """The global numbers of the tables held here, ascending."""
+        return [int(k) for k in self.keys()]
 
     def forward(self, offsets: torch.Tensor, indices: Indices,
                 pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        local = [table(indices[int(k)], offsets[int(k)]) for k, table in self.items()]  # n_local x (B, D)
+        local = []  # n_local x (B, D)
+        for t in self.local_tables():
+            weights = None if pooling_weights is None else pooling_weights[t][indices[t]]
+            local.append(self[str(t)](indices[t], offsets[t], per_sample_weights=weights))
         return list(ButterflyShuffle.apply(self.info, self.table_counts, *local))
 
 
 def _sharded_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo) -> ShardedTables:
-    """This rank's tables, drawn exactly as in one process: every table's draws are made (the
-    others' are skipped over), so initialisation does not depend on the number of ranks."""
+    """This rank's tables, drawn exactly as in one process: every table's draws are made, so
+    initialisation does not depend on the number of ranks. Another rank's plain table only moves
+    the NumPy stream past its values; when torch's RNG is read too (QR and mixed-dimension tables),
+    another rank's table is built as in one process, one at a time, and dropped."""
     shards = [shard(cfg.num_tables, info.world_size, r) for r in range(info.world_size)]
     start, stop = shards[info.rank]
-    tables = {}
-    for k, rows in enumerate(cfg.table_sizes):
-        if start <= k < stop:
-            weight = draw_table(rng, rows, cfg.embedding_dim)
-            tables[k] = nn.EmbeddingBag(rows, cfg.embedding_dim, mode="sum", sparse=True, _weight=weight)
+    dims = table_dims(cfg)
+    torch_init = cfg.qr_flag or cfg.md_flag
+    tables, names = {}, []
+    for k, (rows, dim) in enumerate(zip(cfg.table_sizes, dims)):
+        if start <= k < stop or torch_init:
+            table = _table(cfg, rng, rows, dim, max(dims), torch_init)
+            names.extend(f"{k}.{name}" for name, _ in table.named_parameters())
+            if start <= k < stop:
+                tables[k] = table
         else:
-            _skip_draws(rng, rows * cfg.embedding_dim)
-    return ShardedTables(tables, [b - a for a, b in shards], info)
+            _skip_draws(rng, rows * dim)
+            names.append(f"{k}.weight")
+    return ShardedTables(tables, [b - a for a, b in shards], info, names)
 
 
 def _plain_table(rng: np.random.RandomState, rows: int, dim: int, torch_init: bool) -> nn.EmbeddingBag:
@@ -332,19 +353,23 @@ def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = 
         return _fused_tables(cfg, rng, log)
     dims = table_dims(cfg)
     torch_init = cfg.qr_flag or cfg.md_flag  # only these read torch's RNG afterwards
-    tables = []
-    for rows, dim in zip(cfg.table_sizes, dims):
-        if cfg.qr_flag and rows > cfg.qr_threshold:
-            tables.append(_qr_table(cfg, rng, rows, dim))
-        elif cfg.md_flag and rows > cfg.md_threshold:
-            from tricks.md_embedding_bag import PrEmbeddingBag
+    return PerTableEmbeddings([_table(cfg, rng, rows, dim, max(dims), torch_init)
+                               for rows, dim in zip(cfg.table_sizes, dims)])
 
-            table = PrEmbeddingBag(rows, dim, max(dims))
-            table.reset_parameters(rng)
-            tables.append(table)
-        else:
-            tables.append(_plain_table(rng, rows, dim, torch_init))
-    return PerTableEmbeddings(tables)
+
+def _table(cfg: ModelConfig, rng: np.random.RandomState, rows: int, dim: int, base_dim: int,
+           torch_init: bool) -> nn.Module:
+    """One table as :func:`build_tables` draws it: QR, mixed-dimension (projected to ``base_dim``)
+    or plain."""
+    if cfg.qr_flag and rows > cfg.qr_threshold:
+        return _qr_table(cfg, rng, rows, dim)
+    if cfg.md_flag and rows > cfg.md_threshold:
+        from tricks.md_embedding_bag import PrEmbeddingBag
+
+        table = PrEmbeddingBag(rows, dim, base_dim)
+        table.reset_parameters(rng)
+        return table
+    return _plain_table(rng, rows, dim, torch_init)
 
 
 def _qr_table(cfg: ModelConfig, rng: np.random.RandomState, rows: int, dim: int) -> nn.Module:
@@ -492,7 +517,9 @@ class DLRM(nn.Module):
     Args:
         cfg: sizes and options.
         rng: the NumPy legacy stream (seeded with ``--numpy-rand-seed``).
-        info: where this process stands; in a multi-process run the tables are this rank's shard.
+        info: where this process stands; in a multi-process run the tables, and their learned
+            pooling weights (``v_W_l``, then a ParameterDict keyed by table number), are this
+            rank's shard.
         log: receives a one-line note if the fused tables fall back to their pure-torch path.
 
     Shape:
@@ -513,11 +540,14 @@ class DLRM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.emb_l = build_tables(cfg, rng, info, log)
-        if cfg.weighted_pooling == "learned":
-            self.v_W_l = nn.ParameterList([nn.Parameter(torch.ones(rows)) for rows in cfg.table_sizes])
+        sharded = isinstance(self.emb_l, ShardedTables)
+        held = self.emb_l.local_tables() if sharded else range(cfg.num_tables)
+        if cfg.weighted_pooling == "learned":  # with its table: keys v_W_l.K in both layouts
+            weights = {str(t): nn.Parameter(torch.ones(cfg.table_sizes[t])) for t in held}
+            self.v_W_l = nn.ParameterDict(weights) if sharded else nn.ParameterList(weights.values())
         elif cfg.weighted_pooling == "fixed":
-            for t, rows in enumerate(cfg.table_sizes):
-                self.register_buffer(f"fixed_pooling_{t}", torch.ones(rows), persistent=False)
+            for t in held:
+                self.register_buffer(f"fixed_pooling_{t}", torch.ones(cfg.table_sizes[t]), persistent=False)
         self.bot_l = make_mlp(cfg.bottom_mlp, rng, cfg.activation, sigmoid_last=False)
         self.top_l = make_mlp(cfg.top_mlp, rng, cfg.activation, sigmoid_last=True)
         features = cfg.num_tables + 1
@@ -526,11 +556,15 @@ class DLRM(nn.Module):
         else:
             self.interaction = CatInteraction(features)
 
-    def pooling_weights(self) -> Optional[List[torch.Tensor]]:
+    def pooling_weights(self) -> Optional[List[Optional[torch.Tensor]]]:
+        """Each table's per-row pooling weights (None for a table another rank holds), or None
+        without ``--weighted-pooling``."""
         if self.cfg.weighted_pooling == "learned":
+            if isinstance(self.v_W_l, nn.ParameterDict):
+                return [self.v_W_l[str(t)] if str(t) in self.v_W_l else None for t in range(self.cfg.num_tables)]
             return list(self.v_W_l)
         if self.cfg.weighted_pooling == "fixed":
-            return [getattr(self, f"fixed_pooling_{t}") for t in range(self.cfg.num_tables)]
+            return [getattr(self, f"fixed_pooling_{t}", None) for t in range(self.cfg.num_tables)]
         return None
 
     def forward(self, dense_x: torch.Tensor, offsets: torch.Tensor, indices: Indices) -> torch.Tensor:

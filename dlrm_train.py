@@ -418,8 +418,9 @@ def sklearn_metrics(scores: np.ndarray, targets: np.ndarray) -> Dict[str, float]
 
 
 def _dense_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The data-parallel parameters (everything but the sharded tables)."""
-    return [p for name, p in model.named_parameters() if not name.startswith("emb_l.")]
+    """The data-parallel parameters (everything but the sharded tables and their learned pooling
+    weights, whose owner computes their whole gradient)."""
+    return [p for name, p in model.named_parameters() if not name.startswith(("emb_l.", "v_W_l."))]
 
 
 def train_step(parts: RunParts, cfg: TrainConfig, batch: Batch, j: int) -> torch.Tensor:

@@ -87,10 +87,8 @@ def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
     if num_tables < info.world_size:
         raise ConfigError(f"only ({num_tables}) sparse features for ({info.world_size}) devices, "
                           "table partitions will fail")
-    m, i = cfg.model, cfg.inference
-    for flag, used in (("--weighted-pooling", m.weighted_pooling is not None), ("--qr-flag", m.qr_flag),
-                       ("--md-flag", m.md_flag), ("--save-onnx", cfg.output.save_onnx),
-                       ("--quantize-emb-with-bit", i.quantize_emb_bits != 32),
+    i = cfg.inference
+    for flag, used in (("--save-onnx", cfg.output.save_onnx), ("--quantize-emb-with-bit", i.quantize_emb_bits != 32),
                        ("--quantize-mlp-with-bit", i.quantize_mlp_bits != 32)):
         if used:
             raise ConfigError(f"{flag} is not supported in a multi-process run (world size {info.world_size})")

@@ -37,15 +37,42 @@ CONFIGS = [
          loss="bce", lr=0.02, optimizer="adagrad"),
     dict(tables=(50, 60, 70, 80), dim=3, bottom=(2, 3), top=(5, 1), bag=20, batch=12, loss="mse", lr=0.02,
          optimizer="rwsadagrad", interaction="cat"),
+    # Learned and fixed per-row pooling weights (v_W_l.K trained by the table's owner), QR tables
+    # (drawn from torch's RNG as in one process; concat gives every table 2D) and mixed dimensions
+    # (a projection per table, trained by its owner).
+    dict(tables=(10, 20, 30, 40, 50, 60), dim=4, bottom=(6, 4), top=(5, 1), bag=5, batch=24, loss="bce", lr=0.2,
+         optimizer="sgd", pooling="learned"),
+    dict(tables=(7, 300, 25, 40, 9), dim=3, bottom=(4, 3), top=(4, 1), bag=6, batch=12, loss="mse", lr=0.05,
+         optimizer="adagrad", pooling="learned", itself=True),
+    dict(tables=(30, 11, 60, 5, 80), dim=2, bottom=(3, 2), top=(3, 1), bag=4, batch=12, loss="bce", lr=0.3,
+         optimizer="sgd", pooling="fixed", interaction="cat"),
+    dict(tables=(100, 7, 250, 30, 64, 12), dim=4, bottom=(5, 4), top=(4, 1), bag=5, batch=24, loss="bce", lr=0.03,
+         optimizer="sgd", qr=dict(threshold=20, collisions=4, operation="mult")),
+    dict(tables=(90, 300, 15, 41), dim=3, bottom=(4, 6), top=(3, 1), bag=7, batch=12, loss="mse", lr=0.05,
+         optimizer="adagrad", qr=dict(threshold=40, collisions=3, operation="concat")),
+    dict(tables=(60, 8, 120, 33, 70), dim=2, bottom=(3, 2), top=(4, 1), bag=4, batch=12, loss="bce", lr=0.05,
+         optimizer="adagrad", qr=dict(threshold=10, collisions=5, operation="add"), fix=True),
+    dict(tables=(200, 9, 1000, 40, 500), dim=8, bottom=(4, 8), top=(4, 1), bag=3, batch=12, loss="bce", lr=0.1,
+         optimizer="sgd", md=dict(threshold=30, temperature=0.3)),
+    dict(tables=(300, 50, 2000, 80), dim=4, bottom=(3, 4), top=(3, 1), bag=6, batch=12, loss="mse", lr=0.05,
+         optimizer="adagrad", md=dict(threshold=60, temperature=0.5)),
 ]
 
 
 def _model_config(c: dict) -> ModelConfig:
     interaction = c.get("interaction", "dot")
     width = top_mlp_input_width(interaction, c.get("itself", False), len(c["tables"]), c["bottom"][-1])
+    qr, md = c.get("qr"), c.get("md")
+    tricks = {}
+    if qr:
+        tricks.update(qr_flag=True, qr_threshold=qr["threshold"], qr_collisions=qr["collisions"],
+                      qr_operation=qr["operation"])
+    if md:
+        tricks.update(md_flag=True, md_threshold=md["threshold"], md_temperature=md["temperature"])
     return ModelConfig(embedding_dim=c["dim"], table_sizes=c["tables"], bottom_mlp=c["bottom"],
                        top_mlp=(width,) + c["top"], interaction=interaction,
-                       interaction_itself=c.get("itself", False))
+                       interaction_itself=c.get("itself", False), weighted_pooling=c.get("pooling"),
+                       fix_reference_bugs=c.get("fix", False), **tricks)
 
 
 def longest_sum(c: dict) -> int:

@@ -158,6 +158,59 @@ def test_multi_process_run_gives_the_single_process_result(tmp_path, nproc):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=bound)
 
 
+TRICKS = [  # (flags, ranks, a key of the trick's own): per-row pooling weights, QR and mixed-dimension
+    # tables, with sgd and adagrad (fixed pooling weights are not parameters)
+    (["--weighted-pooling=learned"], 2, "v_W_l.4"),
+    (["--weighted-pooling=fixed", "--optimizer=adagrad"], 3, "emb_l.4.weight"),
+    (["--weighted-pooling=learned", "--optimizer=adagrad", "--arch-interaction-op=cat"], 3, "v_W_l.2"),
+    (["--qr-flag", "--qr-threshold=25"], 2, "emb_l.3.weight_q"),
+    (["--qr-flag", "--qr-threshold=25", "--qr-operation=concat", "--arch-mlp-bot=4-3-4", "--optimizer=adagrad"], 3,
+     "emb_l.1.weight_r"),
+    (["--md-flag", "--md-threshold=25", "--optimizer=adagrad"], 2, "emb_l.3.proj.weight"),
+]
+
+
+@pytest.mark.parametrize("flags,nproc,own_key", TRICKS)
+def test_pooling_weights_qr_and_md_tables_give_the_single_process_result(tmp_path, flags, nproc, own_key):
+    """The printed numbers, every parameter (v_W_l.K, QR and projected tables gathered from their
+    owners) and the optimizer state of a multi-process run equal the single-process ones."""
+    single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
+    common = ARGS + flags + [f"--tensor-board-filename={tmp_path / 'tb'}"]
+    code, out1, err = _run(common + [f"--save-model={single}"])
+    assert code == 0, err
+    code, out2, err = _run(common + [f"--save-model={multi}"], nproc)
+    assert code == 0, err
+    losses1, acc1 = _numbers(out1)
+    losses2, acc2 = _numbers(out2)
+    assert len(losses1) == len(losses2) == 4 and acc1 == acc2
+    assert losses2 == pytest.approx(losses1, abs=2e-6)  # only float summation order differs
+    a, b = load_checkpoint(str(single)), load_checkpoint(str(multi))
+    assert list(a["state_dict"]) == list(b["state_dict"])
+    assert own_key in a["state_dict"]
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=1e-5, atol=1e-6)
+    state1, state2 = a["opt_state_dict"]["state"], b["opt_state_dict"]["state"]
+    assert sorted(state1) == sorted(state2)
+    for i in state1:
+        for name in state1[i]:
+            torch.testing.assert_close(state2[i][name], state1[i][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags", [["--weighted-pooling=learned"], ["--qr-flag", "--qr-threshold=25"]])
+def test_pooling_weight_and_qr_checkpoints_move_between_one_and_several_processes(tmp_path, flags):
+    path = tmp_path / "single.pt"
+    common = ARGS + flags + ["--optimizer=adagrad", "--fix-reference-bugs", "--learning-rate=0.05",
+                             f"--tensor-board-filename={tmp_path / 'tb'}"]
+    code, full, err = _run(common + [f"--save-model={path}"])
+    assert code == 0, err
+    code, resumed, err = _run(common + [f"--load-model={path}"], 2)
+    assert code == 0, err
+    tail = resumed.split("time/loss/accuracy (if enabled):\n")[1]
+    expected = full.rsplit("Saving model to", 1)[1].split("\n", 1)[1]
+    assert _numbers(tail)[1] == _numbers(expected)[1]
+    assert _numbers(tail)[0] == pytest.approx(_numbers(expected)[0], abs=2e-6)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)")
 def test_no_backend_thread_outlives_the_shutdown():
     """A training run (its optimizer imports torch modules that used to capture the process group)
