@@ -502,6 +502,16 @@ class CriteoSplit:
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def m_den(self) -> int:
+        """M under the reference's name (its scripts read ``train_data.m_den``)."""
+        return self.dense_dim
+
+    @property
+    def n_emb(self) -> int:
+        """T under the reference's name."""
+        return len(self.counts)
+
     def __getitem__(self, position: int) -> Tuple[np.ndarray, np.ndarray, np.float32]:
         """Sample ``position`` as the reference returns it: (dense (M,), sparse ids (T,), label)."""
         if not 0 <= position < self.num_samples:

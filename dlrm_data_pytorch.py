@@ -477,6 +477,21 @@ def _check_gaussian_reach(cfg: RandomDataConfig) -> None:
                           f"indices must not be negative")
 
 
+_REFERENCE_API = ("make_random_data_and_loader", "make_criteo_data_and_loaders", "collate_wrapper_random_offset",
+                  "collate_wrapper_criteo_offset")
+"""The reference's data functions, for code that imports this module as ``dp`` (see ``reference_api``)."""
+
+
+def __getattr__(name: str):
+    """The reference's data functions, imported from ``reference_api`` on first use (it imports the
+    model, which the trace tool and the loaders here do not need)."""
+    if name in _REFERENCE_API:
+        import reference_api
+
+        return getattr(reference_api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from synthetic_trace import trace_main
 

@@ -33,6 +33,7 @@ from dlrm_common import ConfigError, DLRMError, parse_bool
 from dlrm_model import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfig, QuantizedTables,  # noqa: F401
                         draw_table, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
                         table_bytes, top_mlp_input_width, with_per_table_layout)
+from reference_api import DLRM_Net  # noqa: F401  (the reference's model class, for code that imports it)
 from dlrm_train import (OPTIMIZERS, Logger, RunParts, TrainConfig, TrainState, evaluate_once, format_arch, format_batch,
                         format_parameters, graph_output, make_optimizer, make_scheduler, optimizer_groups, train)
 from extend_distributed import (DistInfo, announce_failure, current_info, init_distributed, is_collective_failure,
@@ -242,10 +243,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """Validate every flag once, resolve the -1 defaults and build the run's configuration."""
     flags = dict(vars(ns))
     _check_flags(flags)
-    if flags["test_batch_size"] < 0:
-        flags["test_batch_size"] = flags["batch_size"]
-    if flags["test_num_workers"] < 0:
-        flags["test_num_workers"] = flags["num_workers"]
+    _resolve_test_defaults(flags)
     return RunConfig(
         model=_model_config(flags), data=_data_config(flags), train=_train_config(flags),
         system=SystemConfig(seed=flags["seed"], use_gpu=flags["use_gpu"], local_rank=flags["local_rank"],
@@ -262,6 +260,28 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
                                   quantize_emb_bits=flags["quantize_emb_bits"]),
         flags=tuple(reference_flag_values(flags).items()),
     )
+
+
+def _resolve_test_defaults(flags: dict) -> None:
+    """Replace the -1 test batch size and workers by the training ones, in ``flags``."""
+    if flags["test_batch_size"] < 0:
+        flags["test_batch_size"] = flags["batch_size"]
+    if flags["test_num_workers"] < 0:
+        flags["test_num_workers"] = flags["num_workers"]
+
+
+def data_config_from_flags(flags: dict):
+    """The data configuration alone, from flag values keyed by their dest names: what the
+    reference's Python API (``reference_api``) builds its loaders from. Only the data flags are
+    checked; the -1 test defaults are resolved as for a run."""
+    flags = dict(flags)
+    _positive("--mini-batch-size", flags["batch_size"])
+    if flags["test_batch_size"] == 0:
+        raise ConfigError("--test-mini-batch-size must be at least 1 (or -1 for the training size)")
+    if flags["num_workers"] < 0 or flags["test_num_workers"] < -1:
+        raise ConfigError("--num-workers must not be negative, nor --test-num-workers below -1 (-1: --num-workers)")
+    _resolve_test_defaults(flags)
+    return _data_config(flags)
 
 
 def reference_flag_values(flags: dict) -> dict:
