@@ -9,6 +9,8 @@ Dimension vocabulary: B batch (B_local: this rank's rows of it), T tables, M den
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -21,7 +23,7 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from checkpoint import Position, Resume, checkpoint_payload, save_checkpoint
-from dlrm_common import Batch, ConfigError
+from dlrm_common import Batch, ConfigError, NonFiniteError
 from dlrm_model import ModelConfig, table_dims
 from extend_distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
 from mlperf_logger import MLPerfLogger
@@ -385,6 +387,9 @@ def _mlperf_metrics(parts: RunParts, scores: list, targets: list, state: TrainSt
                     log_iter: int) -> Dict[str, float]:
     scores = [x for part in gather_objects(scores, parts.info) for x in part]
     targets = [x for part in gather_objects(targets, parts.info) for x in part]
+    if not all(np.isfinite(x).all() for x in scores):  # scikit-learn would fail in a traceback
+        k, j = divmod(max(log_iter - 1, 0), parts.nbatches)
+        raise NonFiniteError(divergence_message(parts, state, "the test predictions became nan", j + 1, j + 1, k))
     metrics = sklearn_metrics(np.concatenate(scores).ravel(), np.concatenate(targets).ravel())
     is_best = metrics["roc_auc"] > state.best_auc
     state.best_auc = max(state.best_auc, metrics["roc_auc"])
@@ -477,10 +482,22 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int
             if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
                 parts.log(f"Warning: Skiping the batch {j} with size {batch.labels.shape[0]}")
                 continue
-            _timed_step(parts, cfg, state, to_device(batch, parts.device), j)
+            _checked_step(parts, cfg, state, to_device(batch, parts.device), j, k)
             _report_and_test(parts, cfg, state, j, k)
             if state.stop:
                 return
+
+
+def _checked_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, j: int, k: int) -> None:
+    """:func:`_timed_step`, with BCE's refusal of NaN predictions (a traceback in the reference) as
+    one line naming the iteration."""
+    try:
+        _timed_step(parts, cfg, state, batch, j)
+    except RuntimeError as exc:
+        if "should be between 0 and 1" not in str(exc):
+            raise
+        what = "the predictions became nan"
+        raise NonFiniteError(divergence_message(parts, state, what, j + 1, j + 1, k)) from None
 
 
 def _timed_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, j: int) -> None:
@@ -509,6 +526,9 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     measured_ms = 1000.0 * state.total_time / max(state.total_iter, 1)
     samples_per_s = state.total_samples * parts.info.world_size / state.total_time if state.total_time else None
     loss = _mean_loss(state, parts.info)  # host synchronisation: this line prints
+    if not math.isfinite(loss):  # NaN stays NaN in the running sum, so checking here misses none
+        raise NonFiniteError(divergence_message(parts, state, f"the training loss became {loss}",
+                                                j + 2 - max(state.total_iter, 1), j + 1, k))
     state.last_loss = loss
     state.total_time, state.total_iter, state.total_samples, state.total_loss = 0.0, 0, 0, None
     wall = time.strftime("%H:%M") if cfg.print_wall_time else None
@@ -576,6 +596,19 @@ def _mean_loss(state: TrainState, info: DistInfo) -> float:
         return float((state.total_loss / state.total_samples).item())
     total, samples = all_reduce_sum([float(state.total_loss.item()), state.total_samples], info)
     return total / samples
+
+
+def divergence_message(parts: RunParts, state: TrainState, what: str, first: int, last: int, k: int) -> str:
+    """``what`` became NaN or infinite in iterations ``first``..``last`` (1-based) of epoch ``k``:
+    where, and what is kept."""
+    nb = parts.nbatches
+    where = (f"at it {last}/{nb} of epoch {k}" if first >= last else
+             f"within its {first}-{last}/{nb} of epoch {k} (the loss is checked where it prints)")
+    kept = (f"the checkpoint {state.saved_to} is kept" if state.saved_to
+            else f"the checkpoint {parts.save_model} (from before this run) is kept"
+            if parts.save_model and os.path.exists(parts.save_model)
+            else f"nothing was saved to {parts.save_model}" if parts.save_model else "no checkpoint was written")
+    return f"{what} {where}: training stopped; {kept}"
 
 
 def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:

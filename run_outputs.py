@@ -9,14 +9,15 @@ files and the compute graph.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from atomic_io import atomic_open, atomic_path, temp_name, writing
+from atomic_io import atomic_open, atomic_path, remove_stale_temps, temp_name, writing
 from dlrm_common import ConfigError
 
 PROFILE_PREFIX = "dlrm_s_pytorch"
@@ -57,6 +58,111 @@ def check_outputs(cfg: OutputConfig) -> None:
         raise ConfigError(f"--load-model={cfg.load_model}: checkpoint file not found")
     for flag, path in _written_paths(cfg):
         check_writable_file(flag, path)
+    if tensorboard_directory(cfg):
+        check_writable_directory("--tensor-board-filename", tensorboard_directory(cfg))
+
+
+def tensorboard_directory(cfg: OutputConfig) -> str:
+    """Where TensorBoard's run directories go; "" when tensorboard is not installed (then nothing is
+    written there)."""
+    if not cfg.tensor_board_filename or importlib.util.find_spec("tensorboard") is None:
+        return ""
+    return cfg.tensor_board_filename
+
+
+def check_writable_directory(flag: str, path: str) -> None:
+    """``path`` is a directory this process can create files in, or can be made one: its nearest
+    existing ancestor is a directory that can be written (checked with a temporary file)."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is" if existing == os.path.abspath(path) else f"is inside {existing}, which is"
+        raise ConfigError(f"{flag}={path} {what} a file, not a directory")
+    probe = temp_name(os.path.join(existing, ".dlrm-write-test"))
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag}={path}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# No output over an input or over another output
+# ---------------------------------------------------------------------------------------------
+
+# (output flag, input flag) pairs that may name one file: a checkpoint is read whole before the
+# run starts, and replaced atomically, so resuming from and saving to one file loses nothing.
+SAME_FILE_ALLOWED = {("--save-model", "--load-model")}
+
+
+@dataclass(frozen=True)
+class NamedFile:
+    """A path the run reads or writes, and how to name it in a message: the flag that gives it,
+    and for a file derived from a flag's value (a day file), what it is."""
+
+    flag: str
+    path: str
+    role: str = ""
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.role} of {self.flag})" if self.role else f"{self.flag}={self.path}"
+
+
+def written_files(cfg: OutputConfig) -> List[NamedFile]:
+    """Every file and directory the run writes whose name is known at start-up. The profiler's
+    files are not among them: their names carry the time to the microsecond."""
+    files = [NamedFile(flag, path) for flag, path in _written_paths(cfg)
+             if flag not in ("--enable-profiling", "--plot-compute-graph")]
+    if cfg.plot_compute_graph:
+        files += [NamedFile("--plot-compute-graph", f"{GRAPH_STEM}{ext}", "the graph file") for ext in (".gv", ".pdf")]
+    if tensorboard_directory(cfg):
+        files.append(NamedFile("--tensor-board-filename", tensorboard_directory(cfg)))
+    return files
+
+
+def _identities(path: str) -> List[tuple]:
+    """What makes two names one file: the resolved path, and where the file exists its device and
+    inode (a hard link has another path and the same inode)."""
+    keys: List[tuple] = [("path", os.path.realpath(path))]
+    try:
+        st = os.stat(path)
+    except OSError:
+        return keys
+    return keys + [("inode", st.st_dev, st.st_ino)]
+
+
+def check_collisions(outputs: Sequence[NamedFile], inputs: Sequence[NamedFile]) -> None:
+    """Raise ConfigError naming both flags when an output is an input, or two outputs are one file."""
+    seen: Dict[tuple, Tuple[NamedFile, bool]] = {}
+    for named in inputs:
+        for key in _identities(named.path):
+            seen.setdefault(key, (named, True))
+    for out in outputs:
+        keys = _identities(out.path)
+        for key in keys:
+            other, is_input = seen.get(key, (None, False))
+            if other is None or (out.flag, other.flag) in SAME_FILE_ALLOWED:
+                continue
+            if is_input:
+                raise ConfigError(f"{out.describe()} is the same file as {other.describe()}: the run would "
+                                  "overwrite its input; give another path")
+            raise ConfigError(f"{out.describe()} is the same file as {other.describe()}: both would be "
+                              "written there; give each its own path")
+        for key in keys:
+            seen.setdefault(key, (out, False))
+
+
+def remove_stale_outputs(cfg: OutputConfig) -> List[str]:
+    """Remove the temporary files that an interrupted write of one of the run's outputs left (a
+    save killed midway leaves ``<checkpoint>.<pid>-<hex>.tmp``, as large as the checkpoint);
+    returns their names. Call it on the one process that writes them."""
+    removed: List[str] = []
+    for flag, path in _written_paths(cfg):
+        with writing(path, label=flag, what="(removing a stale temporary file)"):
+            removed += remove_stale_temps(path)
+    return removed
 
 
 def check_writable_file(flag: str, path: str) -> None:
