@@ -5,8 +5,10 @@ A checkpoint is a ``torch.save``d dict with the reference's keys ``nepochs``, ``
 ``nbatches_test``, ``state_dict`` (model weights: ``emb_l.K.weight``, ``bot_l.N.weight``,
 ``top_l.N.weight``, ``v_W_l.K``), ``test_acc``, optionally ``test_auc``, ``epoch``, ``iter``,
 ``train_loss``, ``total_loss`` and ``opt_state_dict``. We add ``lr_scheduler_state_dict`` (so a
-resumed run continues the learning-rate schedule exactly) and ``optimizer`` (its name); the
-reference ignores keys it does not know, and files without them load here.
+resumed run continues the learning-rate schedule exactly), ``optimizer`` (its name) and
+``model_flags`` (the function-changing flags, checked at load); the reference ignores keys it does
+not know, and files without them load here. Loading checks the archive's CRC-32s and refuses
+non-finite weights; saving refuses them too.
 
 Files are always in the single-process layout: in a multi-process run every rank's tables and
 their optimizer state are gathered on rank 0, which writes the file; any number of processes can
@@ -411,7 +413,9 @@ def _tensors_in_order(value: Any, prefix: str):
 def non_finite_entry(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
     """The first key whose floating-point tensor holds NaN or an infinity; None when all are finite."""
     for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not value.is_floating_point() or bool(torch.isfinite(value.sum())):
+            continue  # a finite sum has finite terms: one pass, no boolean copy
+        if not bool(torch.isfinite(value).all()):  # the sum may also have overflowed
             return key
     return None
 
@@ -426,14 +430,16 @@ def refuse_non_finite_weights(payload: Dict[str, Any], path: str) -> None:
 
 
 def model_flags(cfg: Any) -> Dict[str, Any]:
-    """The flags that change the function the model computes, as in effect (a QR or MD setting only
-    with its table kind, the loss threshold only inside (0, 1)), under the reference's names."""
+    """The flags that change the function the model computes, as in effect, under the reference's
+    names: QR settings only where some table is above --qr-threshold, MD settings only with
+    --md-flag, the loss threshold only inside (0, 1); fixed pooling weights (all 1) are no weights."""
+    quotient_remainder = bool(cfg.qr_flag and max(cfg.table_sizes) > cfg.qr_threshold)
     flags = {"activation_function": cfg.activation, "arch_interaction_op": cfg.interaction,
              "arch_interaction_itself": bool(cfg.interaction_itself and cfg.interaction == "dot"),
-             "weighted_pooling": cfg.weighted_pooling or "none",
+             "weighted_pooling": "learned" if cfg.weighted_pooling == "learned" else "none",
              "loss_threshold": float(cfg.loss_threshold) if 0.0 < cfg.loss_threshold < 1.0 else 0.0,
-             "qr_flag": bool(cfg.qr_flag), "md_flag": bool(cfg.md_flag)}
-    if cfg.qr_flag:
+             "qr_flag": quotient_remainder, "md_flag": bool(cfg.md_flag)}
+    if quotient_remainder:
         flags.update(qr_threshold=cfg.qr_threshold, qr_operation=cfg.qr_operation, qr_collisions=cfg.qr_collisions)
         if max(cfg.table_sizes) > 1 << 24:  # the reference's float quotient differs only above 2**24 rows
             flags["fix_reference_bugs"] = bool(cfg.fix_reference_bugs)

@@ -2,7 +2,8 @@
 
 :func:`check_outputs` runs at start-up, before any data is read or any table is built: every path a
 run will write (checkpoint, ONNX file, metrics file, profiler traces, the compute graph, TensorBoard)
-is checked to be a writable file location, so a mistyped path costs seconds, not the training time.
+is checked to be a writable file location, so a mistyped path costs seconds, not the training time;
+:func:`check_collisions` refuses an output that is an input or another output.
 The rest are the optional side channels: TensorBoard (one subdirectory per run), the profiler's
 files and the compute graph.
 """

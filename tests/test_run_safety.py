@@ -276,7 +276,7 @@ def test_a_damaged_checkpoint_is_one_line_error(run, tmp_path):
     ([], ["--activation-function=tanh"], "--activation-function"),
     ([], ["--arch-interaction-op=cat", "--arch-mlp-top=4-2-1"], "--arch-interaction-op"),
     ([], ["--arch-interaction-itself"], "--arch-interaction-itself"),
-    ([], ["--weighted-pooling=fixed"], "--weighted-pooling"),
+    (["--weighted-pooling=fixed"], ["--weighted-pooling=learned"], "--weighted-pooling"),
     ([], ["--loss-threshold=0.1"], "--loss-threshold"),
     (["--qr-flag", "--qr-threshold=2"], ["--qr-flag", "--qr-threshold=2", "--qr-operation=add"], "--qr-operation"),
     (["--md-flag", "--md-threshold=2"], ["--md-flag", "--md-threshold=2", "--md-temperature=0.31"],
@@ -287,6 +287,17 @@ def test_a_load_with_other_function_changing_flags_is_refused(run, tmp_path, sav
     code, out, err = run(*SMALL, f"--load-model={model}", *loaded_with)
     _one_error(code, err, f"{model}: saved with {flag}=", f"and this run has {flag}=")
     code, out, err = run(*SMALL, f"--load-model={model}", *saved_with, "--loss-threshold=2")  # 2: no clamp, as saved
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("saved_with, loaded_with", [
+    (["--weighted-pooling=fixed"], []),  # weights of 1: the same function
+    (["--qr-flag", "--qr-operation=add"], []),  # no table above --qr-threshold (200): plain tables
+    (["--loss-threshold=0"], ["--loss-threshold=-1"]),  # no clamp either way
+])
+def test_flags_that_change_nothing_here_do_not_refuse_a_load(run, tmp_path, saved_with, loaded_with):
+    model = _saved(run, tmp_path, *saved_with)
+    code, out, err = run(*SMALL, f"--load-model={model}", *loaded_with)
     assert code == 0, err
 
 
