@@ -43,8 +43,8 @@ from preflight import human
 from run_metrics import MetricsFile, format_summary
 from run_config import (InferenceConfig, RunConfig, SystemConfig, check_distributed, check_memory, embedding_backend,
                         flag_warnings, input_files)
-from run_outputs import (OutputConfig, check_collisions, check_outputs, draw_compute_graph as draw_graph, make_writer,
-                         profiling, remove_stale_outputs, written_files)
+from run_outputs import (OutputConfig, check_no_overwrites, check_outputs, draw_compute_graph as draw_graph,
+                         make_writer, profiling, remove_stale_outputs)
 
 # =============================================================================================
 # Flags: the reference's names and defaults; dest= gives each a clear name inside.
@@ -535,7 +535,7 @@ def _log_lines(log: Logger, lines: Sequence[str]) -> None:
 def run(cfg: RunConfig) -> None:
     """The whole benchmark, in the reference's order."""
     started = time.time()
-    check_collisions(written_files(cfg.output), input_files(cfg))  # before any data is read or table built
+    check_no_overwrites(cfg.output, input_files(cfg))  # before any data is read or table built
     check_outputs(cfg.output)
     mlperf = make_mlperf_logger(cfg.output.mlperf_events)
     mlperf.event("cache_clear", True)

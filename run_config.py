@@ -17,7 +17,8 @@ from dlrm_model import ModelConfig
 from dlrm_train import TrainConfig
 from extend_distributed import DistInfo
 from preflight import BatchShape, check_memory as check_memory_fits
-from run_outputs import NamedFile, OutputConfig
+from path_collisions import NamedFile
+from run_outputs import OutputConfig
 
 
 @dataclass(frozen=True)

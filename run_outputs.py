@@ -3,7 +3,7 @@
 :func:`check_outputs` runs at start-up, before any data is read or any table is built: every path a
 run will write (checkpoint, ONNX file, metrics file, profiler traces, the compute graph, TensorBoard)
 is checked to be a writable file location, so a mistyped path costs seconds, not the training time;
-:func:`check_collisions` refuses an output that is an input or another output.
+:func:`check_no_overwrites` refuses an output that is an input or another output.
 The rest are the optional side channels: TensorBoard (one subdirectory per run), the profiler's
 files and the compute graph.
 """
@@ -14,12 +14,13 @@ import importlib.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
 from atomic_io import atomic_open, atomic_path, remove_stale_temps, temp_name, writing
 from dlrm_common import ConfigError
+from path_collisions import NamedFile, check_collisions
 
 PROFILE_PREFIX = "dlrm_s_pytorch"
 GRAPH_STEM = "dlrm_s_pytorch_graph"
@@ -98,19 +99,6 @@ def check_writable_directory(flag: str, path: str) -> None:
 SAME_FILE_ALLOWED = {("--save-model", "--load-model")}
 
 
-@dataclass(frozen=True)
-class NamedFile:
-    """A path the run reads or writes, and how to name it in a message: the flag that gives it,
-    and for a file derived from a flag's value (a day file), what it is."""
-
-    flag: str
-    path: str
-    role: str = ""
-
-    def describe(self) -> str:
-        return f"{self.path} ({self.role} of {self.flag})" if self.role else f"{self.flag}={self.path}"
-
-
 def written_files(cfg: OutputConfig) -> List[NamedFile]:
     """Every file and directory the run writes whose name is known at start-up. The profiler's
     files are not among them: their names carry the time to the microsecond."""
@@ -123,36 +111,9 @@ def written_files(cfg: OutputConfig) -> List[NamedFile]:
     return files
 
 
-def _identities(path: str) -> List[tuple]:
-    """What makes two names one file: the resolved path, and where the file exists its device and
-    inode (a hard link has another path and the same inode)."""
-    keys: List[tuple] = [("path", os.path.realpath(path))]
-    try:
-        st = os.stat(path)
-    except OSError:
-        return keys
-    return keys + [("inode", st.st_dev, st.st_ino)]
-
-
-def check_collisions(outputs: Sequence[NamedFile], inputs: Sequence[NamedFile]) -> None:
-    """Raise ConfigError naming both flags when an output is an input, or two outputs are one file."""
-    seen: Dict[tuple, Tuple[NamedFile, bool]] = {}
-    for named in inputs:
-        for key in _identities(named.path):
-            seen.setdefault(key, (named, True))
-    for out in outputs:
-        keys = _identities(out.path)
-        for key in keys:
-            other, is_input = seen.get(key, (None, False))
-            if other is None or (out.flag, other.flag) in SAME_FILE_ALLOWED:
-                continue
-            if is_input:
-                raise ConfigError(f"{out.describe()} is the same file as {other.describe()}: the run would "
-                                  "overwrite its input; give another path")
-            raise ConfigError(f"{out.describe()} is the same file as {other.describe()}: both would be "
-                              "written there; give each its own path")
-        for key in keys:
-            seen.setdefault(key, (out, False))
+def check_no_overwrites(cfg: OutputConfig, inputs: Sequence[NamedFile]) -> None:
+    """Refuse, naming both flags, an output that is one of ``inputs`` or another output."""
+    check_collisions(written_files(cfg), inputs, SAME_FILE_ALLOWED)
 
 
 def remove_stale_outputs(cfg: OutputConfig) -> List[str]:

@@ -68,7 +68,7 @@ def test_no_output_overwrites_the_data(run, kaggle_dir, flag, target, named):
     extra = ["--save-onnx"] if flag == "--onnx-file" else []
     code, out, err = run(*KAGGLE, *extra, f"--raw-data-file={kaggle_dir}/train.txt",
                          f"--processed-data-file={kaggle_dir}/proc.npz", f"{flag}={path}")
-    _one_error(code, err, f"{flag}={path} is the same file as", named, "would overwrite its input")
+    _one_error(code, err, f"{flag}={path} is the same file as", named, "it would overwrite an input")
     assert "Finished" not in out and path.read_bytes() == before
 
 
@@ -84,6 +84,22 @@ def test_no_output_overwrites_a_trace_file_or_the_loaded_checkpoint(run, tmp_pat
     code, _, err = run(*SMALL, f"--load-model={model}", f"--metrics-file={model}")
     _one_error(code, err, f"--metrics-file={model} is the same file as --load-model={model}")
     assert model.read_bytes() == before
+
+
+@pytest.mark.parametrize("dist, synthetic, message", [
+    ("d.log", "trace.log", "--synthetic-file={t}/trace.log is the same file as --trace-file={t}/trace.log"),
+    ("trace.log", "s.log", "--dist-file={t}/trace.log is the same file as --trace-file={t}/trace.log"),
+    ("d.log", "d.log", "--synthetic-file={t}/d.log is the same file as --dist-file={t}/d.log"),
+])
+def test_the_trace_tool_never_overwrites_its_trace(capsys, tmp_path, dist, synthetic, message):
+    from synthetic_trace import trace_main
+
+    trace = tmp_path / "trace.log"
+    trace.write_text("1, 2, 3, 4, 1, 2, 5, 1\n")
+    code = trace_main([f"--trace-file={trace}", f"--dist-file={tmp_path}/{dist}",
+                       f"--synthetic-file={tmp_path}/{synthetic}", "--no-progress"])
+    _one_error(code, capsys.readouterr().err, message.format(t=tmp_path))
+    assert trace.read_text() == "1, 2, 3, 4, 1, 2, 5, 1\n" and sorted(os.listdir(tmp_path)) == ["trace.log"]
 
 
 def test_resuming_from_and_saving_to_one_checkpoint_is_allowed(run, tmp_path):
