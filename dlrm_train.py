@@ -241,6 +241,7 @@ class TrainState:
     best: Optional[BestResult] = None
     saved_to: Optional[str] = None
     last_loss: float = 0.0
+    step_losses: List[tuple] = field(default_factory=list)  # (j, loss on the device) since the last print
 
 
 @dataclass
@@ -506,6 +507,8 @@ def _timed_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Bat
     t1 = _sync(parts.device)
     loss = train_step(parts, cfg, batch, j)
     t2 = _sync(parts.device)
+    if len(state.step_losses) < LOSS_WINDOW:  # read back only if the printed mean is not finite
+        state.step_losses.append((j, loss))
     n = local_rows(batch.labels, parts.info).shape[0]
     state.total_loss = loss * n if state.total_loss is None else state.total_loss + loss * n
     state.total_time += t2 - t1
@@ -527,8 +530,9 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     samples_per_s = state.total_samples * parts.info.world_size / state.total_time if state.total_time else None
     loss = _mean_loss(state, parts.info)  # host synchronisation: this line prints
     if not math.isfinite(loss):  # NaN stays NaN in the running sum, so checking here misses none
-        raise NonFiniteError(divergence_message(parts, state, f"the training loss became {loss}",
-                                                j + 2 - max(state.total_iter, 1), j + 1, k))
+        first, last = _first_non_finite(state, j)
+        raise NonFiniteError(divergence_message(parts, state, f"the training loss became {loss}", first, last, k))
+    state.step_losses.clear()
     state.last_loss = loss
     state.total_time, state.total_iter, state.total_samples, state.total_loss = 0.0, 0, 0, None
     wall = time.strftime("%H:%M") if cfg.print_wall_time else None
@@ -598,12 +602,29 @@ def _mean_loss(state: TrainState, info: DistInfo) -> float:
     return total / samples
 
 
+LOSS_WINDOW = 4096
+"""Steps whose losses are kept (device tensors, never read back unless the printed mean is NaN or
+infinite) to name the first non-finite one exactly; past it the message names a range."""
+
+
+def _first_non_finite(state: TrainState, j: int) -> tuple:
+    """(first, last) 1-based iterations where the loss turned non-finite, among the steps since the
+    last printed line: one step when this process kept it; else a range (past LOSS_WINDOW steps,
+    or another rank's rows)."""
+    steps = state.step_losses
+    for step, loss in steps:
+        if not math.isfinite(float(loss)):
+            return step + 1, step + 1
+    if not steps:
+        return j + 1, j + 1
+    return (steps[-1][0] + 2 if len(steps) >= LOSS_WINDOW else steps[0][0] + 1), j + 1
+
+
 def divergence_message(parts: RunParts, state: TrainState, what: str, first: int, last: int, k: int) -> str:
     """``what`` became NaN or infinite in iterations ``first``..``last`` (1-based) of epoch ``k``:
     where, and what is kept."""
     nb = parts.nbatches
-    where = (f"at it {last}/{nb} of epoch {k}" if first >= last else
-             f"within its {first}-{last}/{nb} of epoch {k} (the loss is checked where it prints)")
+    where = f"at it {last}/{nb} of epoch {k}" if first >= last else f"within its {first}-{last}/{nb} of epoch {k}"
     kept = (f"the checkpoint {state.saved_to} is kept" if state.saved_to
             else f"the checkpoint {parts.save_model} (from before this run) is kept"
             if parts.save_model and os.path.exists(parts.save_model)

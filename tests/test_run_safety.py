@@ -166,7 +166,7 @@ def test_non_finite_and_negative_float_flags_are_refused(run, flag, value, messa
 
 @pytest.mark.parametrize("extra, where", [
     ([], "the training loss became nan at it 2/6 of epoch 0"),
-    (["--print-freq=4"], "the training loss became nan within its 1-4/6 of epoch 0"),
+    (["--print-freq=4"], "the training loss became nan at it 2/6 of epoch 0"),  # found among the 4 kept
     (["--loss-function=bce", "--round-targets=true"], "the predictions became nan at it 2/6 of epoch 0"),
 ])
 def test_a_loss_that_turns_nan_stops_the_run_naming_the_iteration(run, tmp_path, extra, where):
@@ -178,6 +178,14 @@ def test_a_loss_that_turns_nan_stops_the_run_naming_the_iteration(run, tmp_path,
     if not extra:
         assert out.splitlines()[-1] == "Finished training it 1/6 of epoch 0, -1.00 ms/it, loss 0.025266"
         assert len(metrics.read_text().splitlines()) == 1
+
+
+def test_past_the_kept_losses_the_stop_names_a_range(run, monkeypatch):
+    import dlrm_train
+
+    monkeypatch.setattr(dlrm_train, "LOSS_WINDOW", 1)  # only the first step's loss is kept
+    code, out, err = run("--mini-batch-size=2", "--data-size=12", "--learning-rate=1e30", "--print-freq=4")
+    _one_error(code, err.splitlines()[-1] + "\n", "the training loss became nan within its 2-4/6 of epoch 0")
 
 
 def test_a_diverged_run_keeps_the_good_checkpoint_and_names_it(run, tmp_path, monkeypatch):
