@@ -155,7 +155,11 @@ def make_writer(directory: str, log: Callable[[str], None]):
     run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f") + f"-{os.getpid()}"
     path = os.path.join(".", directory, run)
     log(f"TensorBoard: writing to {path}")
-    return SummaryWriter(log_dir=path)
+    try:
+        return SummaryWriter(log_dir=path)
+    except OSError as exc:  # checked at start-up; changed since
+        log(f"warning: TensorBoard: cannot write to {path} ({exc.strerror or exc}); continuing without it")
+        return None
 
 
 @contextmanager

@@ -133,6 +133,16 @@ def test_the_tensorboard_directory_is_checked_at_start_up(run_main, tmp_path):
     assert "Using CPU" not in out and blocker.read_text() == "x"
 
 
+def test_a_tensorboard_directory_spoiled_after_start_up_is_a_warning(tmp_path):
+    pytest.importorskip("tensorboard")
+    from run_outputs import make_writer
+
+    (tmp_path / "tb").write_text("x")  # a file where the directory was to be
+    lines = []
+    assert make_writer(str(tmp_path / "tb"), lines.append) is None
+    assert lines[-1].startswith("warning: TensorBoard: cannot write to") and lines[-1].endswith("continuing without it")
+
+
 def test_stale_save_model_temporaries_are_removed_at_start(run, tmp_path):
     model = tmp_path / "m.pt"
     stale = tmp_path / "m.pt.12345-0123abcd.tmp"  # what a save killed midway leaves
