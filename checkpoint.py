@@ -389,11 +389,11 @@ def _entry_owner(path: str, entry: str) -> Optional[str]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # the damage may be anywhere: naming the tensor is a courtesy
         return None
-    owners: Dict[int, str] = {}
+    owners: Dict[int, List[str]] = {}  # views of one storage (the fused tables) share its entry
     for name, tensor in _tensors_in_order(payload, ""):
         storage = tensor.untyped_storage()
-        owners.setdefault(storage.data_ptr() if storage.nbytes() else id(storage), name)
-    names = list(owners.values())
+        owners.setdefault(storage.data_ptr() if storage.nbytes() else id(storage), []).append(name)
+    names = [", ".join(views) for views in owners.values()]
     k = int(match.group(1))
     return names[k] if k < len(names) else None
 
@@ -457,8 +457,8 @@ def check_model_flags(payload: Dict[str, Any], cfg: Any, path: str) -> None:
         return
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: entry {MODEL_FLAGS_KEY!r} is a {type(saved).__name__}, not a dict")
-    own = model_flags(cfg)
-    for key in list(own) + [k for k in saved if k not in own]:
+    own = model_flags(cfg)  # a key the record lacks was not recorded then: it is not compared
+    for key in [k for k in own if k in saved] + [k for k in saved if k not in own]:
         if saved.get(key) != own.get(key):
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"{path}: saved with {flag}={saved.get(key, '(not in effect)')}, and this run "
