@@ -16,8 +16,8 @@ from dlrm_common import ConfigError
 from dlrm_model import ModelConfig
 from dlrm_train import TrainConfig
 from extend_distributed import DistInfo
-from preflight import BatchShape, check_memory as check_memory_fits
 from path_collisions import NamedFile
+from preflight import BatchShape, check_memory as check_memory_fits
 from run_outputs import OutputConfig
 
 

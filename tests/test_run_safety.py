@@ -4,7 +4,6 @@ checkpoint or one saved with other function-changing flags. Each test is a case 
 before these checks (data truncated, traceback, silent NaN training, silent corrupt load)."""
 import json
 import os
-import re
 import struct
 import sys
 import zipfile
