@@ -6,8 +6,10 @@ A checkpoint is a ``torch.save``d dict with the reference's keys ``nepochs``, ``
 ``top_l.N.weight``, ``v_W_l.K``), ``test_acc``, optionally ``test_auc``, ``epoch``, ``iter``,
 ``train_loss``, ``total_loss`` and ``opt_state_dict``. We add ``lr_scheduler_state_dict`` (which a
 run resumed with ``--fix-reference-bugs`` restores, to continue the learning-rate schedule exactly;
-by default the schedule restarts, as in the reference) and ``optimizer`` (its name); the reference
-ignores keys it does not know, and files without them load here.
+by default the schedule restarts, as in the reference), ``optimizer`` (its name) and ``model_flags``
+(the function-changing flags, checked at load); the reference ignores keys it does not know, and
+files without them load here. Loading checks the archive's CRC-32s and refuses non-finite weights;
+saving refuses them too.
 
 Files are always in the single-process layout: in a multi-process run every rank's tables and
 their optimizer state are gathered on rank 0, which writes the file; any number of processes can
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from atomic_io import atomic_path, writing
-from dlrm_common import CheckpointError, first_line
+from dlrm_common import CheckpointError, NonFiniteError, first_line
 from extend_distributed import DistInfo, gather_objects
 
 # ---------------------------------------------------------------------------------------------
@@ -57,10 +59,20 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename, so a crash never leaves
     a half-written checkpoint under the real name."""
     # torch.save reports a full disk as a RuntimeError
+    refuse_to_save_non_finite(payload, path)
     with writing(path, what="the checkpoint", errors=(OSError, RuntimeError)):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
+
+
+def refuse_to_save_non_finite(payload: Dict[str, Any], path: str) -> None:
+    """Raise NonFiniteError, writing nothing, when the weights to save hold NaN or an infinity: a
+    diverged model never replaces the checkpoint already there."""
+    key = non_finite_entry(payload["state_dict"])
+    if key is not None:
+        kept = "the checkpoint there is kept" if os.path.exists(path) else "nothing was written"
+        raise NonFiniteError(f"not saving to {path}: {key} holds NaN or infinite values (training diverged); {kept}")
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -77,6 +89,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
+    check_archive(path)
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -89,6 +102,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
     check_structure(payload, path)
+    refuse_non_finite_weights(payload, path)
     return payload
 
 
@@ -223,6 +237,8 @@ def checkpoint_payload(model: nn.Module, optimizer: torch.optim.Optimizer, optim
         "opt_state_dict": full_optimizer_state(optimizer, model, num_tables, info),
         "lr_scheduler_state_dict": scheduler.state_dict(), "optimizer": optimizer_name,
     }
+    if hasattr(model, "cfg"):
+        payload[MODEL_FLAGS_KEY] = model_flags(model.cfg)
     if at.test_auc is not None:
         payload["test_auc"] = float(at.test_auc)
     return payload
@@ -343,6 +359,7 @@ def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimiz
     as in the reference). Prints the reference's lines about the file; returns where to resume."""
     device = next(model.parameters()).device
     payload = load_checkpoint(path, map_location=device)
+    check_model_flags(payload, model.cfg, path)
     log(f"Loading saved model {path}")
     load_weights(model, payload["state_dict"], path, info)
     epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
@@ -360,3 +377,119 @@ def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimiz
     if run.fix_reference_bugs and "lr_scheduler_state_dict" in payload:
         scheduler.load_state_dict(payload["lr_scheduler_state_dict"])
     return Resume(epoch=epoch, batch=it, best_acc=acc, best_auc=as_float(auc))
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: the archive's checksums, finite weights, and the flags that shape the model
+# ---------------------------------------------------------------------------------------------
+
+MODEL_FLAGS_KEY = "model_flags"
+"""Our key for :func:`model_flags` in a checkpoint (the reference's loader ignores keys it does not
+read; its files lack it and load as before)."""
+
+
+def check_archive(path: str) -> None:
+    """Raise CheckpointError naming the damaged entry when one of the file's zip entries fails its
+    CRC-32 check (torch's loader reads them without checking). A file in torch's older, non-zip
+    format carries no checksums and passes."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: damaged: its zip archive cannot be read ({first_line(exc)})") from None
+    if damaged is not None:
+        entry = damaged.split("/", 1)[-1]  # torch names the archive's top folder after the file
+        owner = _entry_owner(path, entry)
+        held = f" (it holds {owner})" if owner else ""
+        raise CheckpointError(f"{path}: damaged: its entry {entry}{held} fails its CRC-32 check (the file "
+                              "changed after it was written); use another copy")
+
+
+def _entry_owner(path: str, entry: str) -> Optional[str]:
+    """The name of the tensor stored in ``entry`` (``data/<k>``), or None. torch numbers storages in
+    the order the pickler first meets them, which is the payload's order, depth first."""
+    match = re.fullmatch(r"data/(\d+)", entry)
+    if not match:
+        return None
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # the damage may be anywhere: naming the tensor is a courtesy
+        return None
+    owners: Dict[int, List[str]] = {}  # views of one storage (the fused tables) share its entry
+    for name, tensor in _tensors_in_order(payload, ""):
+        storage = tensor.untyped_storage()
+        owners.setdefault(storage.data_ptr() if storage.nbytes() else id(storage), []).append(name)
+    names = [", ".join(views) for views in owners.values()]
+    k = int(match.group(1))
+    return names[k] if k < len(names) else None
+
+
+def _tensors_in_order(value: Any, prefix: str):
+    """(dotted name, tensor) of every tensor in ``value``, in pickling order."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors_in_order(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors_in_order(item, f"{prefix}.{i}")
+
+
+def non_finite_entry(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The first key whose floating-point tensor holds NaN or an infinity; None when all are finite."""
+    for key, value in tensors.items():
+        if not value.is_floating_point() or bool(torch.isfinite(value.sum())):
+            continue  # a finite sum has finite terms: one pass, no boolean copy
+        if not bool(torch.isfinite(value).all()):  # the sum may also have overflowed
+            return key
+    return None
+
+
+def refuse_non_finite_weights(payload: Dict[str, Any], path: str) -> None:
+    """Raise CheckpointError when a loaded checkpoint's weights hold NaN or an infinity (a diverged
+    run's model: it would train or evaluate on silently)."""
+    key = non_finite_entry(payload["state_dict"])
+    if key is not None:
+        raise CheckpointError(f"{path}: {key} holds NaN or infinite values (saved from a diverged run); "
+                              "refused")
+
+
+def model_flags(cfg: Any) -> Dict[str, Any]:
+    """The flags that change the function the model computes, as in effect, under the reference's
+    names: QR settings only where some table is above --qr-threshold, MD settings only with
+    --md-flag, the loss threshold only inside (0, 1); fixed pooling weights (all 1) are no weights."""
+    quotient_remainder = bool(cfg.qr_flag and max(cfg.table_sizes) > cfg.qr_threshold)
+    flags = {"activation_function": cfg.activation, "arch_interaction_op": cfg.interaction,
+             "arch_interaction_itself": bool(cfg.interaction_itself and cfg.interaction == "dot"),
+             "weighted_pooling": "learned" if cfg.weighted_pooling == "learned" else "none",
+             "loss_threshold": float(cfg.loss_threshold) if 0.0 < cfg.loss_threshold < 1.0 else 0.0,
+             "qr_flag": quotient_remainder, "md_flag": bool(cfg.md_flag)}
+    if quotient_remainder:
+        flags.update(qr_threshold=cfg.qr_threshold, qr_operation=cfg.qr_operation, qr_collisions=cfg.qr_collisions)
+        if max(cfg.table_sizes) > 1 << 24:  # the reference's float quotient differs only above 2**24 rows
+            flags["fix_reference_bugs"] = bool(cfg.fix_reference_bugs)
+    if cfg.md_flag:
+        flags.update(md_threshold=cfg.md_threshold, md_temperature=float(cfg.md_temperature),
+                     md_round_dims=bool(cfg.md_round_dims))
+    return flags
+
+
+def check_model_flags(payload: Dict[str, Any], cfg: Any, path: str) -> None:
+    """Refuse a checkpoint saved with other function-changing flags than this run's, naming the
+    first that differs. Checkpoints without the record (the reference's) pass."""
+    saved = payload.get(MODEL_FLAGS_KEY)
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: entry {MODEL_FLAGS_KEY!r} is a {type(saved).__name__}, not a dict")
+    own = model_flags(cfg)  # a key the record lacks was not recorded then: it is not compared
+    for key in [k for k in own if k in saved] + [k for k in saved if k not in own]:
+        if saved.get(key) != own.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{path}: saved with {flag}={saved.get(key, '(not in effect)')}, and this run "
+                                  f"has {flag}={own.get(key, '(not in effect)')}: the model would compute another "
+                                  "function; run with the checkpoint's value")

@@ -41,6 +41,10 @@ class CheckpointError(DLRMError, ValueError):
     """A checkpoint file that is missing, corrupt or holds something other than a DLRM checkpoint."""
 
 
+class NonFiniteError(DLRMError, ArithmeticError):
+    """A training loss or weights that became NaN or infinite. The message names where."""
+
+
 class Batch(NamedTuple):
     """One mini-batch, as every loader yields it and the model takes it.
 

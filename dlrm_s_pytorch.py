@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import math
 import os
 import re
 import sys
@@ -42,8 +43,9 @@ from mlperf_logger import MISSING_PACKAGE_WARNING, make_mlperf_logger
 from preflight import human
 from run_metrics import MetricsFile, format_summary
 from run_config import (InferenceConfig, RunConfig, SystemConfig, check_distributed, check_memory, embedding_backend,
-                        flag_warnings)
-from run_outputs import OutputConfig, check_outputs, draw_compute_graph as draw_graph, make_writer, profiling
+                        flag_warnings, input_files)
+from run_outputs import (OutputConfig, check_no_overwrites, check_outputs, draw_compute_graph as draw_graph,
+                         make_writer, profiling, remove_stale_outputs)
 
 # =============================================================================================
 # Flags: the reference's names and defaults; dest= gives each a clear name inside.
@@ -311,8 +313,7 @@ def _check_flags(f: dict) -> None:
         _positive(name, f[key])
     if f["test_batch_size"] == 0:
         raise ConfigError("--test-mini-batch-size must be at least 1 (or -1 for the training size)")
-    if f["learning_rate"] < 0:
-        raise ConfigError(f"--learning-rate must not be negative, got {f['learning_rate']}")
+    _check_floats(f)
     if f["loss_function"] == "wbce" and len(f["loss_weights"]) != 2:
         raise ConfigError(f"--loss-weights needs two values (class 0 and class 1), got {len(f['loss_weights'])}")
     _check_architecture(f)
@@ -329,6 +330,32 @@ def _check_flags(f: dict) -> None:
         from onnx_export import require_onnx
 
         require_onnx()
+
+
+# Every float flag, with the lowest value it may take (None: any finite value). NaN and infinity
+# are refused everywhere: none of these has a meaning for them, and the comparisons that check
+# the others are all false for NaN.
+FLOAT_FLAGS = (
+    ("--learning-rate", "learning_rate", 0.0), ("--md-temperature", "md_temperature", 0.0),
+    ("--loss-threshold", "loss_threshold", None), ("--rand-data-min", "rand_data_min", None),
+    ("--rand-data-max", "rand_data_max", None), ("--rand-data-mu", "rand_data_mu", None),
+    ("--rand-data-sigma", "rand_data_sigma", 0.0), ("--data-sub-sample-rate", "data_sub_sample_rate", 0.0),
+    ("--dist-init-timeout", "dist_init_timeout", None), ("--mlperf-acc-threshold", "mlperf_acc_threshold", 0.0),
+    ("--mlperf-auc-threshold", "mlperf_auc_threshold", 0.0),
+)
+
+
+def _check_floats(f: dict) -> None:
+    """Refuse NaN, infinity and negative values (where a flag cannot be negative), naming the flag."""
+    values = [(flag, f[key], lowest) for flag, key, lowest in FLOAT_FLAGS]
+    values += [("--loss-weights", w, 0.0) for w in f["loss_weights"]]
+    for flag, value, lowest in values:
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        if lowest is not None and value < lowest:
+            raise ConfigError(f"{flag} must not be negative, got {value:g}")
+    if f["data_sub_sample_rate"] > 1:
+        raise ConfigError(f"--data-sub-sample-rate must be in [0, 1], got {f['data_sub_sample_rate']:g}")
 
 
 def _check_ranges(f: dict) -> None:
@@ -535,7 +562,8 @@ def _log_lines(log: Logger, lines: Sequence[str]) -> None:
 def run(cfg: RunConfig) -> None:
     """The whole benchmark, in the reference's order."""
     started = time.time()
-    check_outputs(cfg.output)  # before any data is read or table built
+    check_no_overwrites(cfg.output, input_files(cfg))  # before any data is read or table built
+    check_outputs(cfg.output)
     mlperf = make_mlperf_logger(cfg.output.mlperf_events, log_file=cfg.output.mlperf_log_file or None)
     mlperf.event("cache_clear", True)
     mlperf.start("init_start")
@@ -544,6 +572,9 @@ def run(cfg: RunConfig) -> None:
     torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out: torch warns otherwise
     info, log = start_processes(cfg)
     mlperf.rank = info.rank  # events from rank 0 only
+    if info.is_main:
+        for name in remove_stale_outputs(cfg.output):
+            log.note(f"removed {name}, a temporary file that an interrupted run left")
     if mlperf.missing_package:
         log.warn(MISSING_PACKAGE_WARNING)
     device = setup_device(cfg.system, log, info)

@@ -9,6 +9,8 @@ Dimension vocabulary: B batch (B_local: this rank's rows of it), T tables, M den
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -21,7 +23,7 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from checkpoint import Position, Resume, checkpoint_payload, save_checkpoint
-from dlrm_common import Batch, ConfigError
+from dlrm_common import Batch, ConfigError, NonFiniteError
 from dlrm_model import ModelConfig, table_dims
 from extend_distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
 from mlperf_logger import MLPerfLogger
@@ -240,6 +242,7 @@ class TrainState:
     best: Optional[BestResult] = None
     saved_to: Optional[str] = None
     last_loss: float = 0.0
+    step_losses: List[tuple] = field(default_factory=list)  # (j, loss on the device) since the last print
 
 
 @dataclass
@@ -386,6 +389,9 @@ def _mlperf_metrics(parts: RunParts, scores: list, targets: list, state: TrainSt
                     log_iter: int) -> Dict[str, float]:
     scores = [x for part in gather_objects(scores, parts.info) for x in part]
     targets = [x for part in gather_objects(targets, parts.info) for x in part]
+    if not all(np.isfinite(x).all() for x in scores):  # scikit-learn would fail in a traceback
+        k, j = divmod(max(log_iter - 1, 0), parts.nbatches)
+        raise NonFiniteError(divergence_message(parts, state, "the test predictions became nan", j + 1, j + 1, k))
     metrics = sklearn_metrics(np.concatenate(scores).ravel(), np.concatenate(targets).ravel())
     is_best = metrics["roc_auc"] > state.best_auc
     state.best_auc = max(state.best_auc, metrics["roc_auc"])
@@ -479,10 +485,22 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int
             if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
                 parts.log(f"Warning: Skiping the batch {j} with size {batch.labels.shape[0]}")
                 continue
-            _timed_step(parts, cfg, state, to_device(batch, parts.device), j)
+            _checked_step(parts, cfg, state, to_device(batch, parts.device), j, k)
             _report_and_test(parts, cfg, state, j, k)
             if state.stop:
                 return
+
+
+def _checked_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, j: int, k: int) -> None:
+    """:func:`_timed_step`, with BCE's refusal of NaN predictions (a traceback in the reference) as
+    one line naming the iteration."""
+    try:
+        _timed_step(parts, cfg, state, batch, j)
+    except RuntimeError as exc:
+        if "should be between 0 and 1" not in str(exc):
+            raise
+        what = "the predictions became nan"
+        raise NonFiniteError(divergence_message(parts, state, what, j + 1, j + 1, k)) from None
 
 
 def _timed_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, j: int) -> None:
@@ -491,6 +509,8 @@ def _timed_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Bat
     t1 = _sync(parts.device)
     loss = train_step(parts, cfg, batch, j)
     t2 = _sync(parts.device)
+    if len(state.step_losses) < LOSS_WINDOW:  # read back only if the printed mean is not finite
+        state.step_losses.append((j, loss))
     n = local_rows(batch.labels, parts.info).shape[0]
     state.total_loss = loss * n if state.total_loss is None else state.total_loss + loss * n
     state.total_time += t2 - t1
@@ -511,6 +531,10 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     measured_ms = 1000.0 * state.total_time / max(state.total_iter, 1)
     samples_per_s = state.total_samples * parts.info.world_size / state.total_time if state.total_time else None
     loss = _mean_loss(state, parts.info)  # host synchronisation: this line prints
+    if not math.isfinite(loss):  # NaN stays NaN in the running sum, so checking here misses none
+        first, last = _first_non_finite(state, j)
+        raise NonFiniteError(divergence_message(parts, state, f"the training loss became {loss}", first, last, k))
+    state.step_losses.clear()
     state.last_loss = loss
     state.total_time, state.total_iter, state.total_samples, state.total_loss = 0.0, 0, 0, None
     wall = time.strftime("%H:%M") if cfg.print_wall_time else None
@@ -591,6 +615,36 @@ def _mean_loss(state: TrainState, info: DistInfo) -> float:
         return float((state.total_loss / state.total_samples).item())
     total, samples = all_reduce_sum([float(state.total_loss.item()), state.total_samples], info)
     return total / samples
+
+
+LOSS_WINDOW = 4096
+"""Steps whose losses are kept (device tensors, never read back unless the printed mean is NaN or
+infinite) to name the first non-finite one exactly; past it the message names a range."""
+
+
+def _first_non_finite(state: TrainState, j: int) -> tuple:
+    """(first, last) 1-based iterations where the loss turned non-finite, among the steps since the
+    last printed line: one step when this process kept it; else a range (past LOSS_WINDOW steps,
+    or another rank's rows)."""
+    steps = state.step_losses
+    for step, loss in steps:
+        if not math.isfinite(float(loss)):
+            return step + 1, step + 1
+    if not steps:
+        return j + 1, j + 1
+    return (steps[-1][0] + 2 if len(steps) >= LOSS_WINDOW else steps[0][0] + 1), j + 1
+
+
+def divergence_message(parts: RunParts, state: TrainState, what: str, first: int, last: int, k: int) -> str:
+    """``what`` became NaN or infinite in iterations ``first``..``last`` (1-based) of epoch ``k``:
+    where, and what is kept."""
+    nb = parts.nbatches
+    where = f"at it {last}/{nb} of epoch {k}" if first >= last else f"within its {first}-{last}/{nb} of epoch {k}"
+    kept = (f"the checkpoint {state.saved_to} is kept" if state.saved_to
+            else f"the checkpoint {parts.save_model} (from before this run) is kept"
+            if parts.save_model and os.path.exists(parts.save_model)
+            else f"nothing was saved to {parts.save_model}" if parts.save_model else "no checkpoint was written")
+    return f"{what} {where}: training stopped; {kept}"
 
 
 def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:

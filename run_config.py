@@ -16,6 +16,7 @@ from dlrm_common import ConfigError
 from dlrm_model import ModelConfig
 from dlrm_train import TrainConfig
 from extend_distributed import DistInfo
+from path_collisions import NamedFile
 from preflight import BatchShape, check_memory as check_memory_fits
 from run_outputs import OutputConfig
 
@@ -126,3 +127,46 @@ def check_memory(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device:
     optimizer = None if cfg.inference.inference_only else cfg.train.optimizer
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if info.world_size > 1 else 1
     check_memory_fits(model_cfg, optimizer, shape, device, processes_here=local, world_size=info.world_size)
+
+
+def input_files(cfg: RunConfig) -> List[NamedFile]:
+    """Every file the run reads, or that preprocessing makes and the run then reads, with the flag
+    it comes from: what no output may overwrite."""
+    files = [NamedFile("--load-model", cfg.output.load_model)] if cfg.output.load_model else []
+    if cfg.random_data:
+        if cfg.data.generation == "synthetic":
+            from synthetic_trace import distribution_paths
+
+            files += [NamedFile("--data-trace-file", path, "a distribution file")
+                      for path in distribution_paths(cfg.data.trace_file, len(cfg.data.table_sizes))]
+        return files
+    return files + _criteo_files(cfg.data)
+
+
+def _criteo_files(data) -> List[NamedFile]:
+    """The raw files (Terabyte's day files), every file preprocessing makes from them, their
+    provenance records and row caches, --processed-data-file and the MLPerf binary files."""
+    import provenance
+    from criteo_data import bin_file_paths, row_cache_path
+    from data_utils import NUM_SPARSE, criteo_paths
+
+    pre = data.preprocess
+    paths = criteo_paths(pre.data_set, pre.raw_data_file)
+    raw, named = "--raw-data-file", "--processed-data-file"
+    files = ([NamedFile(raw, pre.raw_data_file)] if pre.data_set == "kaggle" else
+             [NamedFile(raw, f"{pre.raw_data_file}_{i}", "a day file") for i in range(paths.days)])
+    made = [paths.day_count_file(), paths.fea_count_file(), paths.output_file()]
+    made += [paths.fea_dict_file(j) for j in range(NUM_SPARSE)]
+    for i in range(paths.days):
+        made += [paths.parsed_day(i), paths.processed_day(i), paths.reordered_day(i)]
+        made += [paths.intermediate_day(i, part) for part in ("y", "d", "s")]
+    sources = [NamedFile(raw, path, "a preprocessed file") for path in made]
+    if pre.processed_data_file:
+        sources.append(NamedFile(named, pre.processed_data_file))
+        if data.mlperf_bin_loader:
+            sources += [NamedFile(named, path, "an MLPerf binary file")
+                        for path in bin_file_paths(pre.processed_data_file).values()]
+    for source in sources:
+        files += [source, NamedFile(source.flag, provenance.record_path(source.path), "a provenance record"),
+                  NamedFile(source.flag, row_cache_path(source.path), "a row cache")]
+    return files

@@ -2,22 +2,25 @@
 
 :func:`check_outputs` runs at start-up, before any data is read or any table is built: every path a
 run will write (checkpoint, ONNX file, metrics file, profiler traces, the compute graph, TensorBoard)
-is checked to be a writable file location, so a mistyped path costs seconds, not the training time.
+is checked to be a writable file location, so a mistyped path costs seconds, not the training time;
+:func:`check_no_overwrites` refuses an output that is an input or another output.
 The rest are the optional side channels: TensorBoard (one subdirectory per run), the profiler's
 files and the compute graph.
 """
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from atomic_io import atomic_open, atomic_path, temp_name, writing
+from atomic_io import atomic_open, atomic_path, remove_stale_temps, temp_name, writing
 from dlrm_common import ConfigError
+from path_collisions import NamedFile, check_collisions
 
 PROFILE_PREFIX = "dlrm_s_pytorch"
 GRAPH_STEM = "dlrm_s_pytorch_graph"
@@ -60,6 +63,71 @@ def check_outputs(cfg: OutputConfig) -> None:
         raise ConfigError(f"--load-model={cfg.load_model}: checkpoint file not found")
     for flag, path in _written_paths(cfg):
         check_writable_file(flag, path)
+    if tensorboard_directory(cfg):
+        check_writable_directory("--tensor-board-filename", tensorboard_directory(cfg))
+
+
+def tensorboard_directory(cfg: OutputConfig) -> str:
+    """Where TensorBoard's run directories go; "" when tensorboard is not installed (then nothing is
+    written there)."""
+    if not cfg.tensor_board_filename or importlib.util.find_spec("tensorboard") is None:
+        return ""
+    return cfg.tensor_board_filename
+
+
+def check_writable_directory(flag: str, path: str) -> None:
+    """``path`` is a directory this process can create files in, or can be made one: its nearest
+    existing ancestor is a directory that can be written (checked with a temporary file)."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is" if existing == os.path.abspath(path) else f"is inside {existing}, which is"
+        raise ConfigError(f"{flag}={path} {what} a file, not a directory")
+    probe = temp_name(os.path.join(existing, ".dlrm-write-test"))
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag}={path}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# No output over an input or over another output
+# ---------------------------------------------------------------------------------------------
+
+# (output flag, input flag) pairs that may name one file: a checkpoint is read whole before the
+# run starts, and replaced atomically, so resuming from and saving to one file loses nothing.
+SAME_FILE_ALLOWED = {("--save-model", "--load-model")}
+
+
+def written_files(cfg: OutputConfig) -> List[NamedFile]:
+    """Every file and directory the run writes whose name is known at start-up. The profiler's
+    files are not among them: their names carry the time to the microsecond."""
+    files = [NamedFile(flag, path) for flag, path in _written_paths(cfg)
+             if flag not in ("--enable-profiling", "--plot-compute-graph")]
+    if cfg.plot_compute_graph:
+        files += [NamedFile("--plot-compute-graph", f"{GRAPH_STEM}{ext}", "the graph file") for ext in (".gv", ".pdf")]
+    if tensorboard_directory(cfg):
+        files.append(NamedFile("--tensor-board-filename", tensorboard_directory(cfg)))
+    return files
+
+
+def check_no_overwrites(cfg: OutputConfig, inputs: Sequence[NamedFile]) -> None:
+    """Refuse, naming both flags, an output that is one of ``inputs`` or another output."""
+    check_collisions(written_files(cfg), inputs, SAME_FILE_ALLOWED)
+
+
+def remove_stale_outputs(cfg: OutputConfig) -> List[str]:
+    """Remove the temporary files that an interrupted write of one of the run's outputs left (a
+    save killed midway leaves ``<checkpoint>.<pid>-<hex>.tmp``, as large as the checkpoint);
+    returns their names. Call it on the one process that writes them."""
+    removed: List[str] = []
+    for flag, path in _written_paths(cfg):
+        with writing(path, label=flag, what="(removing a stale temporary file)"):
+            removed += remove_stale_temps(path)
+    return removed
 
 
 def check_writable_file(flag: str, path: str) -> None:
@@ -90,7 +158,11 @@ def make_writer(directory: str, log: Callable[[str], None]):
     run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f") + f"-{os.getpid()}"
     path = os.path.join(".", directory, run)
     log(f"TensorBoard: writing to {path}")
-    return SummaryWriter(log_dir=path)
+    try:
+        return SummaryWriter(log_dir=path)
+    except OSError as exc:  # checked at start-up; changed since
+        log(f"warning: TensorBoard: cannot write to {path} ({exc.strerror or exc}); continuing without it")
+        return None
 
 
 @contextmanager

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from atomic_io import atomic_open
 from dlrm_common import Batch, ConfigError, DataError, DLRMError, parse_bool
+from path_collisions import NamedFile, check_collisions
 
 if TYPE_CHECKING:
     from dlrm_data_pytorch import RandomDataConfig
@@ -546,6 +547,8 @@ def trace_main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_trace_parser().parse_args(argv)
     try:
+        check_collisions([NamedFile("--dist-file", args.dist_file), NamedFile("--synthetic-file", args.synthetic_file)],
+                         [NamedFile("--trace-file", args.trace_file)])
         trace = read_trace(args.trace_file, binary=args.binary_trace)
         dist = profile_trace(trace, args.enable_padding, show_progress=args.show_progress)
         write_distribution(args.dist_file, dist)
