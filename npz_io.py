@@ -139,7 +139,10 @@ def _end_records(entries: int, cd_offset: int, cd_size: int) -> bytes:
 # ------------------------------------------------------------------------------------------------
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
+    view = memoryview(data)
+    if view.nbytes == 0:  # (a cast of an empty array's view fails)
+        return
+    view = view.cast("B")
     while len(view):
         written = os.pwrite(fd, view[: 1 << 30], offset)
         view, offset = view[written:], offset + written
@@ -299,6 +302,8 @@ class NpzStreamWriter(_AtomicWriter):
         member = self.members[0]
         count = arrays[0].shape[1] if member.by_column else len(arrays[0])
         self._reserve(count)
+        if count == 0:  # a block whose every line was sub-sampled away
+            return
         with writing(self.path):
             for member, runs, array in zip(self.members, self._segments, arrays):
                 data = np.ascontiguousarray(array, dtype=member.dtype)

@@ -116,6 +116,26 @@ def test_sub_sampling_and_max_ind_range(kaggle_dir):
     assert rng.random_sample() == plain_rng.random_sample()  # same number of draws
 
 
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_a_day_that_sub_sampling_empties(kaggle_dir, memory_map):
+    """Every line of day 3 a negative, every negative dropped: the day has no rows left (its
+    files hold empty arrays) and the other days are as the plain pipeline makes them."""
+    raw = kaggle_dir / "train.txt"
+    lines = read_lines(raw)
+    for k in range(3 * 286, 4 * 286):  # day 3 of 2000 lines: 286 lines from line 859
+        lines[k] = "0" + lines[k][lines[k].index("\t"):]
+    raw.write_text("".join(lines))
+    run(kaggle_cfg(raw, sub_sample_rate=1.0, memory_map=memory_map))
+    parsed, dictionaries, processed, _ = plain_pipeline(plain_split(lines, 7), rate=1.0)
+    assert len(parsed[3][0]) == 0 and all(len(p[0]) for i, p in enumerate(parsed) if i != 3)
+    paths = du.criteo_paths("kaggle", str(raw))
+    assert_matches_plain(paths, parsed, dictionaries, processed)
+    if memory_map:
+        with np.load(paths.reordered_day(3)) as day:
+            assert day["X_cat"].shape == (0, 26) and day["y"].shape == (0,)
+    assert not list(kaggle_dir.glob("*.tmp"))
+
+
 def test_hex_case_short_and_empty_fields(tmp_path):
     """'ABCDEF12' and 'abcdef12' are one value; short hex parses; empty fields are 0."""
     base = ["1"] + ["3"] * 13 + ["0000000a"] * 26
