@@ -82,7 +82,7 @@ from tqdm import tqdm
 
 import provenance
 from atomic_io import atomic_open, atomic_path, remove_stale_temps, writing
-from dlrm_common import ConfigError, DataError, DLRMError
+from dlrm_common import ConfigError, DataError, DLRMError, first_line, non_regular_kind
 from npz_io import Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows, save_npz
 
 NUM_DENSE = 13
@@ -309,13 +309,29 @@ def missing_raw_data(cfg: PreprocessConfig) -> Optional[DataError]:
 
 def _missing_raw_data(cfg: PreprocessConfig, paths: CriteoPaths) -> Optional[DataError]:
     if cfg.data_set == "kaggle":
-        if not os.path.isfile(cfg.raw_data_file):
-            return DataError(f"{cfg.raw_data_file}: raw Criteo Kaggle data not found; {KAGGLE_HINT}")
-        return None
+        return _raw_file_missing(cfg.raw_data_file, "raw Criteo Kaggle data", KAGGLE_HINT)
     for i in range(paths.days):
-        if not os.path.isfile(f"{cfg.raw_data_file}_{i}"):
-            return DataError(f"{cfg.raw_data_file}_{i}: raw Criteo Terabyte day file not found; "
-                             f"{TERABYTE_HINT}")
+        missing = _raw_file_missing(f"{cfg.raw_data_file}_{i}", "raw Criteo Terabyte day file",
+                                    TERABYTE_HINT)
+        if missing is not None:
+            return missing
+    return None
+
+
+def _raw_file_missing(path: str, what: str, hint: str) -> Optional[DataError]:
+    """The "not found" DataError (with the download ``hint``) when ``path`` does not exist; None
+    when it is a regular file. Raises DataError saying what ``path`` is when it exists but is no
+    regular file (a directory, a FIFO, a device) or cannot be looked at."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        dangling = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
+        return DataError(f"{path}: {what} not found{dangling}; {hint}")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the {what} ({first_line(err)})") from None
+    kind = non_regular_kind(mode)
+    if kind is not None:
+        raise DataError(f"{path}: the {what} is {kind}, not a regular file")
     return None
 
 

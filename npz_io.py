@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from atomic_io import atomic_open, atomic_path, writing
-from dlrm_common import DataError
+from dlrm_common import DataError, non_regular_kind
 
 NPY_HEADER_BYTES = 128
 _ZIP64_LIMIT = 0xFFFFFFFF
@@ -443,6 +443,9 @@ class StoredArray:
 
 def _open_archive(path: str) -> zipfile.ZipFile:
     try:
+        kind = non_regular_kind(os.stat(path).st_mode)
+        if kind is not None:
+            raise DataError(f"{path}: is {kind}, not an npz file")
         return zipfile.ZipFile(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None

@@ -404,6 +404,33 @@ def test_missing_raw_files_give_download_hints(tmp_path):
         run(du.PreprocessConfig("terabyte", str(tmp_path / "day"), progress=False))
 
 
+@pytest.mark.parametrize("make, kind", [
+    (os.mkfifo, "a named pipe \\(FIFO\\)"),
+    (os.mkdir, "a directory"),
+    (lambda path: os.symlink("/dev/null", path), "a character device"),
+])
+def test_raw_path_that_is_no_regular_file_says_what_it_is(tmp_path, make, kind):
+    """Not "not found ... download": the path is there, it is just not a file to read (a FIFO
+    would also block the run when opened)."""
+    make(str(tmp_path / "train.txt"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'train.txt'}: the raw Criteo Kaggle data "
+                                        f"is {kind}, not a regular file$"):
+        run(kaggle_cfg(tmp_path / "train.txt"))
+    write_fake_terabyte(str(tmp_path / "day"), 24, 3, seed=1)
+    os.remove(tmp_path / "day_7")
+    make(str(tmp_path / "day_7"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'day_7'}: the raw Criteo Terabyte day "
+                                        f"file is {kind}, not a regular file$"):
+        run(du.PreprocessConfig("terabyte", str(tmp_path / "day"), progress=False))
+
+
+def test_dangling_link_as_raw_path_is_named(tmp_path):
+    os.symlink(tmp_path / "gone.txt", tmp_path / "train.txt")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'train.txt'}: raw Criteo Kaggle data not "
+                                        r"found \(a symbolic link to a missing file\); download"):
+        run(kaggle_cfg(tmp_path / "train.txt"))
+
+
 def test_not_enough_disk_space(kaggle_dir, monkeypatch):
     monkeypatch.setattr(du.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
     with pytest.raises(DataError, match=f"{kaggle_dir}: not enough free disk space .*need about "
