@@ -426,7 +426,51 @@ def _malformed_line_error(path: str, first_line: int, block: bytes, reason: str)
             if f > NUM_DENSE and not _HEX_RE.fullmatch(value):
                 return DataError(f"{where}: field {f + 1} ({FIELD_NAMES[f]}) is not a hexadecimal "
                                  f"category of at most 8 digits: {value.decode('latin1')!r}")
-    return DataError(f"{path}:{first_line}-{first_line + len(lines) - 1}: cannot parse: {reason}")
+    rejected, why = _first_rejected_line(lines)
+    if rejected < 0:  # no single line fails alone (not seen): name the block
+        return DataError(f"{path}:{first_line}-{first_line + len(lines) - 1}: "
+                         f"{_arrow_reason(reason)}")
+    return DataError(f"{path}:{first_line + rejected}: {why}")
+
+
+def _arrow_rejects(lines: Sequence[bytes]) -> Optional[str]:
+    """pyarrow's reason for rejecting these raw lines (as _parse_text_block parses them), or None
+    when it reads them."""
+    options = pa_csv.ReadOptions(column_names=_COLUMN_NAMES, use_threads=False)
+    try:
+        pa_csv.read_csv(pa.BufferReader(b"\n".join(lines) + b"\n"), read_options=options,
+                        parse_options=_PARSE_OPTIONS, convert_options=_CONVERT_OPTIONS)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        return str(exc)
+    return None
+
+
+def _first_rejected_line(lines: Sequence[bytes]) -> Tuple[int, str]:
+    """(index of the first line pyarrow rejects, why) by bisection over ``lines`` (lines are
+    independent: no quoting, no line breaks in values); (-1, "") when none fails alone."""
+    low, high = 0, len(lines)  # the first rejected line lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _arrow_rejects(lines[low:middle]) is not None:
+            high = middle
+        else:
+            low = middle
+    reason = _arrow_rejects(lines[low:high]) if high > low else None
+    return (low, _arrow_reason(reason)) if reason is not None else (-1, "")
+
+
+_ARROW_COLUMN = re.compile(r"In CSV column #(\d+): (?:Row #\d+: )?(.*)", re.DOTALL)
+
+
+def _arrow_reason(reason: str) -> str:
+    """pyarrow's message in one line, with its column number as the field it is ("field 2 (I1)
+    cannot be read: ...") and without its row number (which counts from a block's start)."""
+    found = _ARROW_COLUMN.match(reason.strip())
+    if found and int(found.group(1)) < NUM_FIELDS:
+        column = int(found.group(1))
+        return first_line(f"field {column + 1} ({FIELD_NAMES[column]}) cannot be read: "
+                          f"{found.group(2)}")
+    return f"cannot parse: {first_line(reason)}"
 
 
 _HEX_NIBBLE = np.full(256, 255, dtype=np.uint8)

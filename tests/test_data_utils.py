@@ -346,6 +346,9 @@ def _corrupt(raw, line_no, column, value=None, drop_from=None):
     (4, "12x", None, r"field 5 \(I4\) is not a 32-bit integer: '12x'"),
     (20, "zz00ff00", None, r"field 21 \(C7\) is not a hexadecimal category .*'zz00ff00'"),
     (39, "123456789", None, r"field 40 \(C26\) is not a hexadecimal category .*'123456789'"),
+    # pyarrow rejects what a Python int() reads: the file's line, not the block's range
+    (1, "+1", None, r"field 2 \(I1\) cannot be read: CSV conversion error to int32: invalid "
+                    r"value '\+1'$"),
 ])
 def test_malformed_line_names_file_and_line(kaggle_dir, column, value, drop_from, message):
     raw = kaggle_dir / "train.txt"
