@@ -18,7 +18,7 @@ import glob
 import os
 import uuid
 from contextlib import contextmanager
-from typing import IO, Iterator, List, Tuple, Type
+from typing import IO, Iterator, List, Optional, Tuple, Type
 
 from dlrm_common import WriteError, first_line
 
@@ -52,6 +52,47 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
+
+
+class RawFile:
+    """A new file written through unbuffered ``os.write`` calls, for a writer that swallows the
+    ``OSError`` of a failed write: it is kept in ``error``. (``torch.save`` into a file object
+    reports a full disk or a file-size limit as "unexpected pos ...".) Use through
+    :func:`raw_file`."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        """Write all of ``data`` (a bytes-like object); return its length."""
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while len(view):
+                view = view[os.write(self.fd, view):]
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+@contextmanager
+def raw_file(path: str) -> Iterator[RawFile]:
+    """Create ``path`` as a :class:`RawFile`; when the block fails after a write failed, the
+    write's ``OSError`` is raised instead of what the writer made of it."""
+    sink = RawFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    try:
+        yield sink
+    except Exception:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+    finally:
+        os.close(sink.fd)
 
 
 @contextmanager
