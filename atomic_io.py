@@ -114,15 +114,33 @@ def writing(path: str, label: str = "", what: str = "",
 def remove_stale_temps(path: str) -> List[str]:
     """Remove the temporary files that an interrupted writer of ``path`` left behind; returns them.
 
-    Only names of this module's scheme are touched (``<path>.<pid>-<hex>.tmp...``). A temporary file
-    of a writer that is still running elsewhere would be removed too, so call this where one run owns
-    the files (the start of preprocessing).
+    Only names of this module's scheme are touched (``<path>.<pid>-<hex>.tmp...``), and only those
+    whose writer (the ``<pid>`` of the name) is no running process: a file that another live
+    process (or this one) is writing is never removed. (A writer in another PID namespace, on a
+    shared file system, is not seen: call this where one run owns the files, under a lock.)
     """
     removed = []
-    for name in glob.glob(glob.escape(path) + ".*-*" + TEMP_SUFFIX + "*"):
+    prefix = glob.escape(path) + "."
+    for name in glob.glob(prefix + "*-*" + TEMP_SUFFIX + "*"):
+        if _writer_alive(name[len(path) + 1:].split("-", 1)[0]):
+            continue
         try:
             os.remove(name)
         except FileNotFoundError:
             continue
         removed.append(name)
     return removed
+
+
+def _writer_alive(pid_text: str) -> bool:
+    """Whether the process ``pid_text`` (the pid part of a temporary name) is running."""
+    try:
+        pid = int(pid_text)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except (ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
