@@ -918,6 +918,10 @@ def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomS
     # the reference checks twice, once per dataset; the second check is a no-op
     processed_file = _ensure_processed(data, log, preprocess_rng)
     train = _load_split(data, processed_file, "train", rng, log)
+    if len(train) == 0:  # (the tables would have no rows either)
+        source = f"{processed_file}_*_reordered.npz" if data.memory_map else processed_file
+        after = f" after --data-sub-sample-rate={data.sub_sample_rate}" if data.sub_sample_rate else ""
+        raise DataError(f"{source}: no training samples{after}")
     test = _load_split(data, processed_file, "test", rng, log)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
     test_workers = cfg.test_num_workers if cfg.test_num_workers >= 0 else cfg.num_workers

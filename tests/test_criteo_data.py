@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import pickle
 from types import SimpleNamespace
 
@@ -346,6 +347,21 @@ def test_both_splits_are_opened_at_start_up(tmp_path, memory_map):
         os.remove(tmp_path / name)
     assert_same_batches(data.train_loader, expected[0])
     assert_same_batches(data.test_loader, expected[1])
+
+
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_no_training_sample_left_is_one_error_before_the_model(tmp_path, memory_map):
+    """Sub-sampling that drops every line leaves empty days and tables of no rows (the model's
+    initialisation divided by zero): one error naming the files instead."""
+    write_raw_kaggle(tmp_path / "train.txt", 7 * 4)
+    text = (tmp_path / "train.txt").read_text().splitlines(keepends=True)
+    (tmp_path / "train.txt").write_text("".join("0" + line[1:] for line in text))  # negatives
+    files = SimpleNamespace(raw=str(tmp_path / "train.txt"), processed=str(tmp_path / "k.npz"))
+    cfg = config(files, memory_map=memory_map, sub_sample_rate=1.0)
+    shown = str(tmp_path / ("train_day_*_reordered.npz" if memory_map else "k.npz"))
+    with pytest.raises(DataError, match=f"^{re.escape(shown)}: no training samples after "
+                                        r"--data-sub-sample-rate=1.0$"):
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
 
 
 def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
