@@ -352,14 +352,20 @@ def _day_ranges(cfg: PreprocessConfig, paths: CriteoPaths) -> List[TextRange]:
 
 
 def _iter_text_blocks(text: TextRange) -> Iterator[bytes]:
-    """Blocks of whole lines of about TEXT_BLOCK_BYTES."""
+    """Blocks of whole lines of about TEXT_BLOCK_BYTES. DataError when the file ends before the
+    range does (it shrank since its lines were counted)."""
     carry = b""
     with open(text.path, "rb") as src:
         src.seek(text.start)
         left = text.stop - text.start
         while left > 0 or carry:
-            data = carry + src.read(min(TEXT_BLOCK_BYTES, left)) if left > 0 else carry
-            left -= len(data) - len(carry)
+            read = src.read(min(TEXT_BLOCK_BYTES, left)) if left > 0 else b""
+            if left > 0 and not read:
+                raise DataError(f"{text.path}: ends at byte {text.stop - left}, before byte "
+                                f"{text.stop} where its lines were counted (it changed while "
+                                "being read)")
+            data = carry + read
+            left -= len(read)
             cut = data.rfind(b"\n") + 1 if left > 0 else len(data)
             if cut == 0:  # a line longer than a block: read on
                 carry = data

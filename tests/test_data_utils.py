@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -432,6 +434,35 @@ def test_dangling_link_as_raw_path_is_named(tmp_path):
     with pytest.raises(DataError, match=f"^{tmp_path / 'train.txt'}: raw Criteo Kaggle data not "
                                         r"found \(a symbolic link to a missing file\); download"):
         run(kaggle_cfg(tmp_path / "train.txt"))
+
+
+def test_raw_file_that_shrinks_while_read_is_an_error(kaggle_dir, monkeypatch):
+    """Cut to half after its lines were counted: an error naming it (the reader used to wait
+    for the missing bytes forever)."""
+    raw = kaggle_dir / "train.txt"
+    half = raw.stat().st_size // 2
+    count_lines = du._day_ranges
+
+    def count_then_shrink(cfg, paths):
+        ranges = count_lines(cfg, paths)
+        os.truncate(raw, half)
+        return ranges
+
+    monkeypatch.setattr(du, "_day_ranges", count_then_shrink)
+    outcome = []
+
+    def attempt():
+        try:
+            run(kaggle_cfg(raw))
+        except DataError as err:
+            outcome.append(str(err))
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "preprocessing waits forever for the missing bytes"
+    assert len(outcome) == 1 and re.match(f"^{raw}: ends at byte {half}, before byte \\d+ where "
+                                          "its lines were counted", outcome[0])
 
 
 def test_not_enough_disk_space(kaggle_dir, monkeypatch):
