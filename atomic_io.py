@@ -18,7 +18,7 @@ import glob
 import os
 import uuid
 from contextlib import contextmanager
-from typing import IO, Iterator, List, Tuple, Type
+from typing import IO, Iterator, List, Optional, Tuple, Type
 
 from dlrm_common import WriteError, first_line
 
@@ -54,6 +54,47 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
             yield f
 
 
+class RawFile:
+    """A new file written through unbuffered ``os.write`` calls, for a writer that swallows the
+    ``OSError`` of a failed write: it is kept in ``error``. (``torch.save`` into a file object
+    reports a full disk or a file-size limit as "unexpected pos ...".) Use through
+    :func:`raw_file`."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        """Write all of ``data`` (a bytes-like object); return its length."""
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while len(view):
+                view = view[os.write(self.fd, view):]
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+@contextmanager
+def raw_file(path: str) -> Iterator[RawFile]:
+    """Create ``path`` as a :class:`RawFile`; when the block fails after a write failed, the
+    write's ``OSError`` is raised instead of what the writer made of it."""
+    sink = RawFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    try:
+        yield sink
+    except Exception:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+    finally:
+        os.close(sink.fd)
+
+
 @contextmanager
 def writing(path: str, label: str = "", what: str = "",
             errors: Tuple[Type[BaseException], ...] = (OSError,)) -> Iterator[None]:
@@ -73,15 +114,33 @@ def writing(path: str, label: str = "", what: str = "",
 def remove_stale_temps(path: str) -> List[str]:
     """Remove the temporary files that an interrupted writer of ``path`` left behind; returns them.
 
-    Only names of this module's scheme are touched (``<path>.<pid>-<hex>.tmp...``). A temporary file
-    of a writer that is still running elsewhere would be removed too, so call this where one run owns
-    the files (the start of preprocessing).
+    Only names of this module's scheme are touched (``<path>.<pid>-<hex>.tmp...``), and only those
+    whose writer (the ``<pid>`` of the name) is no running process: a file that another live
+    process (or this one) is writing is never removed. (A writer in another PID namespace, on a
+    shared file system, is not seen: call this where one run owns the files, under a lock.)
     """
     removed = []
-    for name in glob.glob(glob.escape(path) + ".*-*" + TEMP_SUFFIX + "*"):
+    prefix = glob.escape(path) + "."
+    for name in glob.glob(prefix + "*-*" + TEMP_SUFFIX + "*"):
+        if _writer_alive(name[len(path) + 1:].split("-", 1)[0]):
+            continue
         try:
             os.remove(name)
         except FileNotFoundError:
             continue
         removed.append(name)
     return removed
+
+
+def _writer_alive(pid_text: str) -> bool:
+    """Whether the process ``pid_text`` (the pid part of a temporary name) is running."""
+    try:
+        pid = int(pid_text)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except (ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True

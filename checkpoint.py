@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from atomic_io import atomic_path, writing
+from atomic_io import atomic_path, raw_file, writing
 from dlrm_common import CheckpointError, NonFiniteError, first_line
 from extend_distributed import DistInfo, gather_objects
 
@@ -58,12 +58,13 @@ def _numpy_scalar_globals() -> list:
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename, so a crash never leaves
     a half-written checkpoint under the real name."""
-    # torch.save reports a full disk as a RuntimeError
     refuse_to_save_non_finite(payload, path)
+    # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."); raw_file raises
+    # the write's own OSError ("No space left on device", "File too large") instead
     with writing(path, what="the checkpoint", errors=(OSError, RuntimeError)):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        with atomic_path(path) as tmp, raw_file(tmp) as out:
+            torch.save(payload, out)
 
 
 def refuse_to_save_non_finite(payload: Dict[str, Any], path: str) -> None:

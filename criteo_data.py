@@ -51,7 +51,8 @@ import data_utils
 import provenance
 from atomic_io import remove_stale_temps, writing
 from data_utils import PreprocessConfig
-from dlrm_common import Batch, ConfigError, DataError, WriteError
+from dlrm_common import (Batch, ConfigError, DataError, WriteError, first_line,
+                         non_regular_kind)
 from npz_io import AppendWriter, NpyWriter, NpzReader, StoredArray, load_npz_array
 
 DENSE_FEATURES = 13
@@ -297,14 +298,22 @@ def map_npz_in_place(path: str) -> Optional[Tuple[StoredArray, StoredArray, Stor
 class NpzColumns:
     """The rows of one npz read from its three arrays, memory-mapped in place.
 
-    Values are checked to be exact 32-bit integers as they are read, block by block (a few
-    microseconds per batch), so opening costs no pass over the data. Pickles as the file layout
-    only: a DataLoader worker maps the file again.
+    The file is mapped at construction (start-up), so a file removed or replaced during training
+    is still read as it was when the run started. Values are checked to be exact 32-bit integers
+    as they are read, block by block (a few microseconds per batch), so opening costs no pass
+    over the data. Pickles as the file layout only: a DataLoader worker started by spawning maps
+    the file again (a forked one shares the parent's map).
     """
 
     def __init__(self, members: Sequence[StoredArray]):
         self.members = tuple(members)               # y (n,), X_int (n, M), X_cat (n, T)
-        self._arrays: Optional[Tuple[np.ndarray, ...]] = None
+        self._arrays: Optional[Tuple[np.ndarray, ...]] = self._open()
+
+    def _open(self) -> Tuple[np.ndarray, ...]:
+        try:
+            return tuple(member.open() for member in self.members)
+        except OSError as err:
+            raise DataError(f"{self.members[0].path}: cannot read ({first_line(err)})") from None
 
     def __len__(self) -> int:
         return self.members[0].shape[0]
@@ -316,7 +325,7 @@ class NpzColumns:
         """Rows ``index`` (a slice or (P,) positions) as int32 labels (P,), dense (P, M) and
         sparse (P, T); DataError naming the file if a value is not a 32-bit integer."""
         if self._arrays is None:
-            self._arrays = tuple(member.open() for member in self.members)
+            self._arrays = self._open()
         return tuple(_exact_int32(array[index], member.path, member.key)
                      for member, array in zip(self.members, self._arrays))
 
@@ -584,9 +593,12 @@ class CriteoBinDataset(Dataset):
     def __init__(self, path: str, batch_size: int, max_ind_range: int = -1,
                  counts: Optional[np.ndarray] = None):
         try:
-            size = os.path.getsize(path)
+            status = os.stat(path)
         except OSError:
             raise DataError(f"{path}: file not found") from None
+        size, kind = status.st_size, non_regular_kind(status.st_mode)
+        if kind is not None:
+            raise DataError(f"{path}: is {kind}, not a binary data file")
         if size % RECORD_BYTES:
             raise DataError(f"{path}: size {size} bytes is not a multiple of the "
                             f"{RECORD_BYTES}-byte record")
@@ -595,8 +607,8 @@ class CriteoBinDataset(Dataset):
         self.max_ind_range = max_ind_range
         self.num_samples = size // RECORD_BYTES
         self._records: Optional[np.ndarray] = None
+        records = self.records()  # mapped now: a file removed during training is still read
         if counts is not None:
-            records = self.records()
             check_values(lambda start, stop: _split_rows(records[start:stop]), 0,
                          self.num_samples, counts, path)
 
@@ -612,8 +624,11 @@ class CriteoBinDataset(Dataset):
             if self.num_samples == 0:
                 self._records = np.empty((0, ROW_COLUMNS), "<i4")
             else:
-                self._records = np.memmap(self.path, dtype="<i4", mode="r",
-                                          shape=(self.num_samples, ROW_COLUMNS))
+                try:
+                    self._records = np.memmap(self.path, dtype="<i4", mode="r",
+                                              shape=(self.num_samples, ROW_COLUMNS))
+                except OSError as err:
+                    raise DataError(f"{self.path}: cannot read ({first_line(err)})") from None
         return self._records
 
     def __getitem__(self, k: int) -> Batch:
@@ -913,6 +928,10 @@ def make_criteo_data_and_loaders(cfg: CriteoLoaderConfig, rng: np.random.RandomS
     # the reference checks twice, once per dataset; the second check is a no-op
     processed_file = _ensure_processed(data, log, preprocess_rng)
     train = _load_split(data, processed_file, "train", rng, log)
+    if len(train) == 0:  # (the tables would have no rows either)
+        source = f"{processed_file}_*_reordered.npz" if data.memory_map else processed_file
+        after = f" after --data-sub-sample-rate={data.sub_sample_rate}" if data.sub_sample_rate else ""
+        raise DataError(f"{source}: no training samples{after}")
     test = _load_split(data, processed_file, "test", rng, log)
     test_batch_size = cfg.test_batch_size if cfg.test_batch_size > 0 else cfg.batch_size
     test_workers = cfg.test_num_workers if cfg.test_num_workers >= 0 else cfg.num_workers

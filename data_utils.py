@@ -49,7 +49,9 @@ same files as an uninterrupted one; when everything is complete nothing is drawn
 Reuse: the reference reuses any file that has the right name. Here every file gets a provenance
 record (``<file>.provenance.json``, see provenance.py: the raw files' identity, the options that
 change the file, the format version), and a stage's file is reused only when its record matches
-this run; otherwise the stage is redone, with one note per stage saying why. Files without a
+this run; otherwise the stage is redone, with one note per stage saying why. Two runs on one directory
+take turns: the second waits for the first (a lock on ``.dlrm-preprocess.lock`` there, removed
+when the first is done) and then reuses its files, so no run removes another's files in flight. Files without a
 record (made by the reference or an older version) are never reused, except an existing
 --processed-data-file (the user named it; the loaders check its values when they open it) and,
 when the raw data is missing, the final files (they are all there is). Raw values the model cannot
@@ -65,6 +67,7 @@ import concurrent.futures.process
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import multiprocessing
 import os
 import re
@@ -83,7 +86,7 @@ from tqdm import tqdm
 
 import provenance
 from atomic_io import atomic_open, atomic_path, remove_stale_temps, writing
-from dlrm_common import ConfigError, DataError, DLRMError
+from dlrm_common import ConfigError, DataError, DLRMError, first_line, non_regular_kind
 from npz_io import Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows, save_npz
 
 NUM_DENSE = 13
@@ -310,13 +313,29 @@ def missing_raw_data(cfg: PreprocessConfig) -> Optional[DataError]:
 
 def _missing_raw_data(cfg: PreprocessConfig, paths: CriteoPaths) -> Optional[DataError]:
     if cfg.data_set == "kaggle":
-        if not os.path.isfile(cfg.raw_data_file):
-            return DataError(f"{cfg.raw_data_file}: raw Criteo Kaggle data not found; {KAGGLE_HINT}")
-        return None
+        return _raw_file_missing(cfg.raw_data_file, "raw Criteo Kaggle data", KAGGLE_HINT)
     for i in range(paths.days):
-        if not os.path.isfile(f"{cfg.raw_data_file}_{i}"):
-            return DataError(f"{cfg.raw_data_file}_{i}: raw Criteo Terabyte day file not found; "
-                             f"{TERABYTE_HINT}")
+        missing = _raw_file_missing(f"{cfg.raw_data_file}_{i}", "raw Criteo Terabyte day file",
+                                    TERABYTE_HINT)
+        if missing is not None:
+            return missing
+    return None
+
+
+def _raw_file_missing(path: str, what: str, hint: str) -> Optional[DataError]:
+    """The "not found" DataError (with the download ``hint``) when ``path`` does not exist; None
+    when it is a regular file. Raises DataError saying what ``path`` is when it exists but is no
+    regular file (a directory, a FIFO, a device) or cannot be looked at."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        dangling = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
+        return DataError(f"{path}: {what} not found{dangling}; {hint}")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the {what} ({first_line(err)})") from None
+    kind = non_regular_kind(mode)
+    if kind is not None:
+        raise DataError(f"{path}: the {what} is {kind}, not a regular file")
     return None
 
 
@@ -334,14 +353,20 @@ def _day_ranges(cfg: PreprocessConfig, paths: CriteoPaths) -> List[TextRange]:
 
 
 def _iter_text_blocks(text: TextRange) -> Iterator[bytes]:
-    """Blocks of whole lines of about TEXT_BLOCK_BYTES."""
+    """Blocks of whole lines of about TEXT_BLOCK_BYTES. DataError when the file ends before the
+    range does (it shrank since its lines were counted)."""
     carry = b""
     with open(text.path, "rb") as src:
         src.seek(text.start)
         left = text.stop - text.start
         while left > 0 or carry:
-            data = carry + src.read(min(TEXT_BLOCK_BYTES, left)) if left > 0 else carry
-            left -= len(data) - len(carry)
+            read = src.read(min(TEXT_BLOCK_BYTES, left)) if left > 0 else b""
+            if left > 0 and not read:
+                raise DataError(f"{text.path}: ends at byte {text.stop - left}, before byte "
+                                f"{text.stop} where its lines were counted (it changed while "
+                                "being read)")
+            data = carry + read
+            left -= len(read)
             cut = data.rfind(b"\n") + 1 if left > 0 else len(data)
             if cut == 0:  # a line longer than a block: read on
                 carry = data
@@ -411,7 +436,51 @@ def _malformed_line_error(path: str, first_line: int, block: bytes, reason: str)
             if f > NUM_DENSE and not _HEX_RE.fullmatch(value):
                 return DataError(f"{where}: field {f + 1} ({FIELD_NAMES[f]}) is not a hexadecimal "
                                  f"category of at most 8 digits: {value.decode('latin1')!r}")
-    return DataError(f"{path}:{first_line}-{first_line + len(lines) - 1}: cannot parse: {reason}")
+    rejected, why = _first_rejected_line(lines)
+    if rejected < 0:  # no single line fails alone (not seen): name the block
+        return DataError(f"{path}:{first_line}-{first_line + len(lines) - 1}: "
+                         f"{_arrow_reason(reason)}")
+    return DataError(f"{path}:{first_line + rejected}: {why}")
+
+
+def _arrow_rejects(lines: Sequence[bytes]) -> Optional[str]:
+    """pyarrow's reason for rejecting these raw lines (as _parse_text_block parses them), or None
+    when it reads them."""
+    options = pa_csv.ReadOptions(column_names=_COLUMN_NAMES, use_threads=False)
+    try:
+        pa_csv.read_csv(pa.BufferReader(b"\n".join(lines) + b"\n"), read_options=options,
+                        parse_options=_PARSE_OPTIONS, convert_options=_CONVERT_OPTIONS)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        return str(exc)
+    return None
+
+
+def _first_rejected_line(lines: Sequence[bytes]) -> Tuple[int, str]:
+    """(index of the first line pyarrow rejects, why) by bisection over ``lines`` (lines are
+    independent: no quoting, no line breaks in values); (-1, "") when none fails alone."""
+    low, high = 0, len(lines)  # the first rejected line lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _arrow_rejects(lines[low:middle]) is not None:
+            high = middle
+        else:
+            low = middle
+    reason = _arrow_rejects(lines[low:high]) if high > low else None
+    return (low, _arrow_reason(reason)) if reason is not None else (-1, "")
+
+
+_ARROW_COLUMN = re.compile(r"In CSV column #(\d+): (?:Row #\d+: )?(.*)", re.DOTALL)
+
+
+def _arrow_reason(reason: str) -> str:
+    """pyarrow's message in one line, with its column number as the field it is ("field 2 (I1)
+    cannot be read: ...") and without its row number (which counts from a block's start)."""
+    found = _ARROW_COLUMN.match(reason.strip())
+    if found and int(found.group(1)) < NUM_FIELDS:
+        column = int(found.group(1))
+        return first_line(f"field {column + 1} ({FIELD_NAMES[column]}) cannot be read: "
+                          f"{found.group(2)}")
+    return f"cannot parse: {first_line(reason)}"
 
 
 _HEX_NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -1618,6 +1687,95 @@ def _remove_stale_temps(cfg: PreprocessConfig, paths: CriteoPaths) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# One run at a time per directory
+# ------------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".dlrm-preprocess.lock"
+
+
+@contextlib.contextmanager
+def _preprocessing_lock(cfg: PreprocessConfig, paths: CriteoPaths,
+                        log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of every directory preprocessing writes in (the data directory, and the one
+    of --processed-data-file), so that a second run waits for the first (one note) and then
+    reuses what it made, instead of removing its files in flight as stale."""
+    directories = {os.path.realpath(paths.d_path)}
+    if cfg.processed_data_file and not cfg.memory_map:
+        directories.add(os.path.realpath(os.path.dirname(os.path.abspath(cfg.processed_data_file))))
+    with contextlib.ExitStack() as stack:
+        for directory in sorted(directories):  # one order for every run: no deadlock
+            stack.enter_context(_directory_lock(directory, log))
+        yield
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: str, log: Callable[[str], None]) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<directory>/.dlrm-preprocess.lock``, waited for with a note
+    while another process holds it. The holder writes its pid there and removes the file when it
+    is done, so nothing is left behind. Where no lock can be taken (a read-only directory, a file
+    system without locks) the run goes on without one."""
+    path = os.path.join(directory, LOCK_NAME)
+    fd = _lock_file(path, directory, log)
+    if fd is None:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # only for a waiter's note; the lock is what counts
+            os.ftruncate(fd, 0)  # (a killed holder's pid may be there)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still locked: a waiter then finds its file gone, and retries
+        os.close(fd)  # releases the lock
+
+
+def _lock_file(path: str, directory: str, log: Callable[[str], None]) -> Optional[int]:
+    """A descriptor of the lock file ``path``, locked (waiting with one note); None when there is
+    none to lock. A file its holder removed while this run waited is not the lock any more: the
+    run then locks the next one."""
+    told = False
+    while True:
+        fd = _open_lock_file(path)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                log(f"note: another run is preprocessing in {directory}"
+                    f"{f' (pid {holder})' if holder.isdigit() else ''}; waiting for it to finish")
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        mine, named = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _open_lock_file(path: str) -> Optional[int]:
+    """A descriptor of the lock file, created if need be (read-only where it cannot be written);
+    None when there is none and it cannot be created."""
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(path, flags | os.O_CLOEXEC, 0o666)
+        except OSError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
 # Orchestration
 # ------------------------------------------------------------------------------------------------
 
@@ -1662,11 +1820,20 @@ def preprocess_criteo(cfg: PreprocessConfig, log: Callable[[str], None],
     reference or an older version) are never reused, with two exceptions: an existing
     --processed-data-file (the user named it), and the final files when the raw data is missing
     (then they are all there is; those with a record must still match the options).
-    Resumable; each file appears atomically, its record after it. Raises ConfigError for bad
-    settings, DataError for missing, malformed or unwritable data.
+    Resumable; each file appears atomically, its record after it. One run at a time per
+    directory: a run that finds another preprocessing there waits for it (one note), then
+    reuses what it made. Raises ConfigError for bad settings, DataError for missing, malformed or
+    unwritable data.
     """
     paths = check_config(cfg)
     rng = _stream(cfg, rng)
+    with _preprocessing_lock(cfg, paths, log):
+        return _preprocess(cfg, paths, rng, log)
+
+
+def _preprocess(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
+                log: Callable[[str], None]) -> str:
+    """``preprocess_criteo`` once no other run writes in its directories."""
     _remove_stale_temps(cfg, paths)
     missing = _missing_raw_data(cfg, paths)
     if missing is not None:

@@ -8,7 +8,8 @@ Dimension vocabulary used in docstrings across the project:
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Union
+import stat
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 
@@ -35,6 +36,23 @@ def first_line(exc: BaseException) -> str:
     its text, else its type's name."""
     text = getattr(exc, "strerror", None) or str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+_NON_REGULAR_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                      (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                      (stat.S_ISSOCK, "a socket"))
+
+
+def non_regular_kind(mode: int) -> Optional[str]:
+    """What a file of ``st_mode`` ``mode`` is when it is not a regular file ("a directory", "a
+    named pipe (FIFO)", ...); None for a regular file. (Opening a FIFO to read it would wait for
+    a writer, so input files are checked before they are opened.)"""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in _NON_REGULAR_KINDS:
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 class CheckpointError(DLRMError, ValueError):

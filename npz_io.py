@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from atomic_io import atomic_open, atomic_path, writing
-from dlrm_common import DataError
+from dlrm_common import DataError, non_regular_kind
 
 NPY_HEADER_BYTES = 128
 _ZIP64_LIMIT = 0xFFFFFFFF
@@ -139,7 +139,10 @@ def _end_records(entries: int, cd_offset: int, cd_size: int) -> bytes:
 # ------------------------------------------------------------------------------------------------
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
+    view = memoryview(data)
+    if view.nbytes == 0:  # (a cast of an empty array's view fails)
+        return
+    view = view.cast("B")
     while len(view):
         written = os.pwrite(fd, view[: 1 << 30], offset)
         view, offset = view[written:], offset + written
@@ -299,6 +302,8 @@ class NpzStreamWriter(_AtomicWriter):
         member = self.members[0]
         count = arrays[0].shape[1] if member.by_column else len(arrays[0])
         self._reserve(count)
+        if count == 0:  # a block whose every line was sub-sampled away
+            return
         with writing(self.path):
             for member, runs, array in zip(self.members, self._segments, arrays):
                 data = np.ascontiguousarray(array, dtype=member.dtype)
@@ -438,6 +443,9 @@ class StoredArray:
 
 def _open_archive(path: str) -> zipfile.ZipFile:
     try:
+        kind = non_regular_kind(os.stat(path).st_mode)
+        if kind is not None:
+            raise DataError(f"{path}: is {kind}, not an npz file")
         return zipfile.ZipFile(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None

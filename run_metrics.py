@@ -10,11 +10,13 @@ None of these changes the reference's log lines; all are for the main rank only 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, IO, Optional
+from typing import Callable, Optional
 
 from tqdm import tqdm
 
@@ -40,10 +42,12 @@ class MetricsFile:
     axis of ``tools/plot_log.py``. ``accuracy`` and ``auc`` are fractions in [0, 1] (the log prints
     accuracy in percent).
 
-    The file is opened once, at construction, and each line is flushed as written, so it can be
-    followed (``tail -f``) and survives a crash up to the last record. It is not written atomically:
-    it is a stream, not a document. Construct it at start-up: a path that cannot be written raises
-    ConfigError there, before any training.
+    The file is opened once, at construction, and each line is written whole as it comes (no
+    buffer), so it can be followed (``tail -f``) and survives a crash up to the last record. A
+    line that cannot be written whole (a full disk, a file-size limit) is cut off again, so the
+    file never ends in half a line; the error is a one-line ``WriteError``, and closing afterwards
+    raises nothing more. It is not written atomically: it is a stream, not a document. Construct
+    it at start-up: a path that cannot be written raises ConfigError there, before any training.
 
     Args:
         path (str): the file; replaced if it exists, unless ``append``.
@@ -52,34 +56,60 @@ class MetricsFile:
 
     def __init__(self, path: str, append: bool = False):
         self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         try:
-            self._file: Optional[IO[str]] = open(path, "a" if append else "w", encoding="utf-8")
+            self._fd = os.open(path, flags, 0o666)
         except OSError as exc:
             raise ConfigError(f"metrics file {path}: cannot create it ({exc.strerror or exc})") from None
+        self._end = _end_of(self._fd)  # where the next line starts (None: not seekable, a pipe)
 
     def write(self, iteration: int, epoch: int, *, loss: Optional[float] = None, lr: Optional[float] = None,
               ms_per_it: Optional[float] = None, samples_per_s: Optional[float] = None,
               accuracy: Optional[float] = None, auc: Optional[float] = None) -> None:
-        """Append one record and flush it."""
-        if self._file is None:
+        """Append one record, as one whole line."""
+        if self._fd < 0:
             raise ValueError(f"metrics file {self.path}: write after close")
         values = (loss, lr, ms_per_it, samples_per_s, accuracy, auc)
         record = {"iteration": int(iteration), "epoch": int(epoch)}
         record.update(zip(METRICS_FIELDS[2:], (_finite_or_none(v) for v in values)))
+        line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
         with writing(self.path, label=f"metrics file {self.path}"):
-            self._file.write(json.dumps(record, allow_nan=False) + "\n")
-            self._file.flush()
+            self._write_line(line)
+
+    def _write_line(self, line: bytes) -> None:
+        """Write ``line`` whole, or cut off what was written of it and raise the OSError."""
+        done = 0
+        try:
+            while done < len(line):
+                done += os.write(self._fd, line[done:])
+        except OSError:
+            if done and self._end is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._end)
+                    os.lseek(self._fd, self._end, os.SEEK_SET)
+            raise
+        if self._end is not None:
+            self._end += len(line)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with writing(self.path, label=f"metrics file {self.path}"):
+                os.close(fd)
 
     def __enter__(self) -> "MetricsFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _end_of(fd: int) -> Optional[int]:
+    """The size of the open file ``fd``, or None for one that has none (a pipe, a terminal)."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return None
 
 
 def _finite_or_none(value: Optional[float]) -> Optional[float]:

@@ -1,9 +1,12 @@
 """The one atomic-write helper: the target appears complete or not at all."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from atomic_io import atomic_open, atomic_path, remove_stale_temps
+from atomic_io import atomic_open, atomic_path, remove_stale_temps, temp_name
 
 
 def test_the_target_appears_only_when_the_write_completes(tmp_path):
@@ -28,11 +31,32 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
+# above the largest pid Linux gives (2**22): no process has these
+GONE, GONE_TOO = 4194305, 4194399
+
+
 def test_stale_temporaries_of_one_target_are_removed(tmp_path):
     target = tmp_path / "day_0.npz"
-    left = [tmp_path / "day_0.npz.123-abcdef12.tmp", tmp_path / "day_0.npz.9-00aa11bb.tmp.npy"]
-    keep = [tmp_path / "day_0.npz", tmp_path / "day_1.npz.123-abcdef12.tmp", tmp_path / "day_0.npz.notes"]
+    left = [tmp_path / f"day_0.npz.{GONE}-abcdef12.tmp", tmp_path / f"day_0.npz.{GONE_TOO}-00aa11bb.tmp.npy"]
+    keep = [tmp_path / "day_0.npz", tmp_path / f"day_1.npz.{GONE}-abcdef12.tmp", tmp_path / "day_0.npz.notes"]
     for p in left + keep:
         p.write_bytes(b"x")
     assert sorted(remove_stale_temps(str(target))) == sorted(map(str, left))
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in keep)
+
+
+def test_temporaries_of_running_writers_are_kept(tmp_path):
+    """A file that a live process is writing is never removed, whoever's it is."""
+    target = tmp_path / "day_0.npz"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = [tmp_path / f"day_0.npz.{writer.pid}-abcdef12.tmp", Path(temp_name(str(target)))]
+        stale = tmp_path / f"day_0.npz.{GONE}-abcdef12.tmp"
+        for p in live + [stale]:
+            p.write_bytes(b"x")
+        assert remove_stale_temps(str(target)) == [str(stale)]
+        assert all(p.exists() for p in live)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert remove_stale_temps(str(target)) == [str(live[0])]  # its writer is gone now

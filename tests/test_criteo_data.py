@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import pickle
 from types import SimpleNamespace
 
@@ -331,6 +332,38 @@ def test_workers_read_in_place_maps(tmp_path, fake_data_utils):
     assert row_caches(tmp_path) == []
 
 
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_both_splits_are_opened_at_start_up(tmp_path, memory_map):
+    """Files deleted once the loaders exist (during training) do not end the run at its first
+    test: every split's files are mapped at start-up (here files of this version, whose values
+    are not read at open), and a mapping outlives its name."""
+    write_raw_kaggle(tmp_path / "train.txt", 7 * 20)
+    files = SimpleNamespace(raw=str(tmp_path / "train.txt"), processed=str(tmp_path / "k.npz"))
+    cfg = config(files, memory_map=memory_map, randomize="day")
+    first = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+    expected = [list(first.train_loader), list(first.test_loader)]
+    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+    for name in os.listdir(tmp_path):
+        os.remove(tmp_path / name)
+    assert_same_batches(data.train_loader, expected[0])
+    assert_same_batches(data.test_loader, expected[1])
+
+
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_no_training_sample_left_is_one_error_before_the_model(tmp_path, memory_map):
+    """Sub-sampling that drops every line leaves empty days and tables of no rows (the model's
+    initialisation divided by zero): one error naming the files instead."""
+    write_raw_kaggle(tmp_path / "train.txt", 7 * 4)
+    text = (tmp_path / "train.txt").read_text().splitlines(keepends=True)
+    (tmp_path / "train.txt").write_text("".join("0" + line[1:] for line in text))  # negatives
+    files = SimpleNamespace(raw=str(tmp_path / "train.txt"), processed=str(tmp_path / "k.npz"))
+    cfg = config(files, memory_map=memory_map, sub_sample_rate=1.0)
+    shown = str(tmp_path / ("train_day_*_reordered.npz" if memory_map else "k.npz"))
+    with pytest.raises(DataError, match=f"^{re.escape(shown)}: no training samples after "
+                                        r"--data-sub-sample-rate=1.0$"):
+        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
+
+
 def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     x_int, x_cat, y = make_rows([37], seed=3)
     path = str(tmp_path / "odd.npz")
@@ -517,6 +550,18 @@ def test_binary_file_of_the_wrong_size_is_refused(tmp_path):
         cd.CriteoBinDataset(str(bad), batch_size=4)
     with pytest.raises(DataError, match="nothing.bin: file not found"):
         cd.CriteoBinDataset(str(tmp_path / "nothing.bin"), batch_size=4)
+    os.mkfifo(tmp_path / "pipe.bin")  # its size reads 0: it would pass for an empty file
+    with pytest.raises(DataError, match=r"pipe.bin: is a named pipe \(FIFO\), not a binary data"):
+        cd.CriteoBinDataset(str(tmp_path / "pipe.bin"), batch_size=4)
+
+
+def test_binary_file_is_mapped_at_open(tmp_path):
+    """A binary file removed during training is still read: it was mapped at start-up."""
+    records = np.arange(3 * cd.ROW_COLUMNS, dtype="<i4").reshape(3, cd.ROW_COLUMNS) % 2
+    (tmp_path / "t.bin").write_bytes(records.tobytes())
+    dataset = cd.CriteoBinDataset(str(tmp_path / "t.bin"), batch_size=2)
+    os.remove(tmp_path / "t.bin")
+    assert_same_batches([dataset[1]], [cd.rows_to_batch(records[2:])])
 
 
 BAD_VALUES = [  # (column of a packed row, value, message after "row N: ")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,26 @@ def test_sub_sampling_and_max_ind_range(kaggle_dir):
     kept = sum(len(p[0]) for p in parsed)
     assert 0.45 * KAGGLE_LINES < kept < 0.65 * KAGGLE_LINES  # 75% negatives, 60% of them dropped
     assert rng.random_sample() == plain_rng.random_sample()  # same number of draws
+
+
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_a_day_that_sub_sampling_empties(kaggle_dir, memory_map):
+    """Every line of day 3 a negative, every negative dropped: the day has no rows left (its
+    files hold empty arrays) and the other days are as the plain pipeline makes them."""
+    raw = kaggle_dir / "train.txt"
+    lines = read_lines(raw)
+    for k in range(3 * 286, 4 * 286):  # day 3 of 2000 lines: 286 lines from line 859
+        lines[k] = "0" + lines[k][lines[k].index("\t"):]
+    raw.write_text("".join(lines))
+    run(kaggle_cfg(raw, sub_sample_rate=1.0, memory_map=memory_map))
+    parsed, dictionaries, processed, _ = plain_pipeline(plain_split(lines, 7), rate=1.0)
+    assert len(parsed[3][0]) == 0 and all(len(p[0]) for i, p in enumerate(parsed) if i != 3)
+    paths = du.criteo_paths("kaggle", str(raw))
+    assert_matches_plain(paths, parsed, dictionaries, processed)
+    if memory_map:
+        with np.load(paths.reordered_day(3)) as day:
+            assert day["X_cat"].shape == (0, 26) and day["y"].shape == (0,)
+    assert not list(kaggle_dir.glob("*.tmp"))
 
 
 def test_hex_case_short_and_empty_fields(tmp_path):
@@ -383,6 +405,9 @@ def _corrupt(raw, line_no, column, value=None, drop_from=None):
     (4, "12x", None, r"field 5 \(I4\) is not a 32-bit integer: '12x'"),
     (20, "zz00ff00", None, r"field 21 \(C7\) is not a hexadecimal category .*'zz00ff00'"),
     (39, "123456789", None, r"field 40 \(C26\) is not a hexadecimal category .*'123456789'"),
+    # pyarrow rejects what a Python int() reads: the file's line, not the block's range
+    (1, "+1", None, r"field 2 \(I1\) cannot be read: CSV conversion error to int32: invalid "
+                    r"value '\+1'$"),
 ])
 def test_malformed_line_names_file_and_line(kaggle_dir, column, value, drop_from, message):
     raw = kaggle_dir / "train.txt"
@@ -439,6 +464,62 @@ def test_missing_raw_files_give_download_hints(tmp_path):
     with pytest.raises(DataError, match=r"day_3: .*not found.*1TB Click Logs.*"
                                         r"https://labs.criteo.com/2013/12/download-terabyte"):
         run(du.PreprocessConfig("terabyte", str(tmp_path / "day"), progress=False))
+
+
+@pytest.mark.parametrize("make, kind", [
+    (os.mkfifo, "a named pipe \\(FIFO\\)"),
+    (os.mkdir, "a directory"),
+    (lambda path: os.symlink("/dev/null", path), "a character device"),
+])
+def test_raw_path_that_is_no_regular_file_says_what_it_is(tmp_path, make, kind):
+    """Not "not found ... download": the path is there, it is just not a file to read (a FIFO
+    would also block the run when opened)."""
+    make(str(tmp_path / "train.txt"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'train.txt'}: the raw Criteo Kaggle data "
+                                        f"is {kind}, not a regular file$"):
+        run(kaggle_cfg(tmp_path / "train.txt"))
+    write_fake_terabyte(str(tmp_path / "day"), 24, 3, seed=1)
+    os.remove(tmp_path / "day_7")
+    make(str(tmp_path / "day_7"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'day_7'}: the raw Criteo Terabyte day "
+                                        f"file is {kind}, not a regular file$"):
+        run(du.PreprocessConfig("terabyte", str(tmp_path / "day"), progress=False))
+
+
+def test_dangling_link_as_raw_path_is_named(tmp_path):
+    os.symlink(tmp_path / "gone.txt", tmp_path / "train.txt")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'train.txt'}: raw Criteo Kaggle data not "
+                                        r"found \(a symbolic link to a missing file\); download"):
+        run(kaggle_cfg(tmp_path / "train.txt"))
+
+
+def test_raw_file_that_shrinks_while_read_is_an_error(kaggle_dir, monkeypatch):
+    """Cut to half after its lines were counted: an error naming it (the reader used to wait
+    for the missing bytes forever)."""
+    raw = kaggle_dir / "train.txt"
+    half = raw.stat().st_size // 2
+    count_lines = du._day_ranges
+
+    def count_then_shrink(cfg, paths):
+        ranges = count_lines(cfg, paths)
+        os.truncate(raw, half)
+        return ranges
+
+    monkeypatch.setattr(du, "_day_ranges", count_then_shrink)
+    outcome = []
+
+    def attempt():
+        try:
+            run(kaggle_cfg(raw))
+        except DataError as err:
+            outcome.append(str(err))
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "preprocessing waits forever for the missing bytes"
+    assert len(outcome) == 1 and re.match(f"^{raw}: ends at byte {half}, before byte \\d+ where "
+                                          "its lines were counted", outcome[0])
 
 
 def test_not_enough_disk_space(kaggle_dir, monkeypatch):

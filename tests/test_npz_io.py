@@ -1,6 +1,7 @@
 """Tests of npz_io.py: streaming .npz writing, reading members in place or streamed."""
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 
@@ -50,3 +51,13 @@ def test_npz_reader_reads_compressed_reference_files(tmp_path):
     with npz_io.NpzReader(str(tmp_path / "r.npz")) as reader:
         np.testing.assert_array_equal(reader.rows("X_cat_t", 1, 4, transposed=True), x_cat_t[:, 1:4].T)
         assert reader.shape("y") == (5,)
+
+
+@pytest.mark.parametrize("make, kind", [(os.mkfifo, "a named pipe"),
+                                        (lambda path: path.mkdir(), "a directory")])
+def test_reader_names_a_path_that_is_no_regular_file(tmp_path, make, kind):
+    """A FIFO given as a processed file is refused at once (opening it would wait for a writer)."""
+    path = tmp_path / "processed.npz"
+    make(path)
+    with pytest.raises(npz_io.DataError, match=f"^{path}: is {kind}.*, not an npz file$"):
+        npz_io.NpzReader(str(path))

@@ -199,8 +199,8 @@ def test_a_file_replaced_after_it_was_made_is_redone(raw):
 
 def test_stale_temporary_files_are_removed_when_a_run_starts(raw):
     paths = du.criteo_paths("kaggle", str(raw))
-    left = [paths.processed_day(2) + ".4242-0badcafe.tmp",
-            provenance.record_path(paths.output_file()) + ".4242-0badcafe.tmp"]
+    left = [paths.processed_day(2) + ".4194305-0badcafe.tmp",  # a pid no process has
+            provenance.record_path(paths.output_file()) + ".4194305-0badcafe.tmp"]
     for _ in range(2):  # before the first run, and again once everything is done
         for name in left:
             Path(name).write_bytes(b"half")

@@ -243,21 +243,10 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_error(run_main, tmp_path, monke
 def test_a_metrics_file_that_stops_taking_writes_is_one_line_error(run_main, tmp_path, monkeypatch):
     import errno
 
-    real_init = run_metrics.MetricsFile.__init__
+    def full(self, line):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    class Full:
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def close(self):
-            pass
-
-    def init(self, path, append=False):
-        real_init(self, path, append)
-        self._file.close()
-        self._file = Full()
-
-    monkeypatch.setattr(run_metrics.MetricsFile, "__init__", init)
+    monkeypatch.setattr(run_metrics.MetricsFile, "_write_line", full)
     path = tmp_path / "m.jsonl"
     code, _, err = run_main(*SMALL, f"--metrics-file={path}")
     assert code == 2 and err.strip().splitlines()[-1] == (
