@@ -11,9 +11,11 @@ table's output for its contiguous slice of the batch, on which it runs the MLPs 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -107,10 +109,18 @@ def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str =
     meeting = _Meeting(host, port, rank, size, timeout_s, started + timeout_s)
     store = None if backend == "mpi" else meeting.store()  # MPI meets through its own launcher
     try:
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=size, store=store,
-                                      timeout=datetime.timedelta(seconds=timeout_s))
+        with _cpp_log_silenced():  # a page of c10d log per timeout; the error raised says what matters
+            if store is not None:
+                meeting.check_world_size(store)
+            torch_dist.init_process_group(backend=backend, rank=rank, world_size=size, store=store,
+                                          timeout=datetime.timedelta(seconds=timeout_s))
     except (torch_dist.DistStoreError, TimeoutError) as exc:
         raise meeting.not_joined(exc) from None
+    except torch_dist.DistNetworkError as exc:
+        raise DistributedError(f"rank {rank}: lost the connection to rank 0 at {host}:{port} before all {size} "
+                               f"processes joined ({first_line(exc)})") from None
+    except DLRMError:
+        raise
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({first_line(exc)})") from None
     return DistInfo(rank=rank, world_size=size, local_rank=local_rank, backend=backend)
@@ -175,6 +185,18 @@ class _Meeting:
         except torch_dist.DistStoreError as exc:
             raise self.not_joined(exc) from None
 
+    def check_world_size(self, store: torch_dist.Store) -> None:
+        """Raise ConfigError when this rank and rank 0 (on rank 0: any rank) were given different
+        world sizes: gloo would otherwise wait for ranks that do not exist, past the timeout."""
+        store.set(f"{_WORLD_SIZE_KEY}/{self.rank}", str(self.size))
+        store.set_timeout(datetime.timedelta(seconds=max(self.deadline - time.monotonic(), 0.1)))
+        for other in (range(1, self.size) if self.rank == 0 else [0]):
+            theirs = int(store.get(f"{_WORLD_SIZE_KEY}/{other}").decode())
+            if theirs != self.size:
+                raise ConfigError(f"ranks disagree on WORLD_SIZE: rank {self.rank} has {self.size}, "
+                                  f"rank {other} has {theirs}")
+        store.set_timeout(datetime.timedelta(seconds=self.timeout_s))
+
     def wait_for_listener(self) -> None:
         """Return once something accepts connections at the master address; DistributedError, with
         the last reason, when nothing does by the deadline."""
@@ -218,6 +240,21 @@ class _Meeting:
             "WORLD_SIZE, or use torchrun")
 
 
+@contextlib.contextmanager
+def _cpp_log_silenced():
+    """While the block runs, what C++ code writes to this process's stderr (file descriptor 2) goes
+    nowhere; Python's own lines are flushed first."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _call_within(seconds: float, fn: Callable[[], object]) -> object:
     """``fn()``, or TimeoutError when it has not returned within ``seconds``: it is left running in a
     daemon thread, which cannot keep the process alive (C++ calls such as a store's handshake
@@ -245,6 +282,7 @@ class DistributedError(DLRMError):
 
 
 _FAILED_KEY = "dlrm_failed_rank"
+_WORLD_SIZE_KEY = "dlrm_world_size"
 
 
 def announce_failure(info: DistInfo) -> None:

@@ -54,8 +54,8 @@ def _assert_no_traceback(err):
 class _Rank:
     """One process started by hand, its stderr lines and when it began waiting and when it ended."""
 
-    def __init__(self, tmp_path, rank, port, args=(), timeout_s=TIMEOUT_S, addr="127.0.0.1"):
-        env = _env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR=addr, MASTER_PORT=str(port))
+    def __init__(self, tmp_path, rank, port, args=(), timeout_s=TIMEOUT_S, addr="127.0.0.1", size=2):
+        env = _env(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR=addr, MASTER_PORT=str(port))
         cmd = [sys.executable, "dlrm_s_pytorch.py", *SMALL, f"--dist-init-timeout={timeout_s}",
                f"--tensor-board-filename={tmp_path / 'tb'}", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -223,3 +223,11 @@ def test_nobody_listening_at_the_master_address_ends_within_the_timeout(tmp_path
 def test_a_rank_out_of_range_is_refused_at_once(tmp_path):
     code, lines, _ = _Rank(tmp_path, 5, _free_port()).finish()
     assert code == 2 and lines == ["error: RANK=5 is out of range: a run of 2 processes has ranks 0 to 1"]
+
+
+def test_ranks_given_different_world_sizes_stop_naming_both(tmp_path):
+    port = _free_port()
+    ranks = [_Rank(tmp_path, 0, port, timeout_s=30), _Rank(tmp_path, 1, port, timeout_s=30, size=3)]
+    (code0, lines0, _), (code1, lines1, _) = [r.finish() for r in ranks]
+    assert code0 == 2 and lines0[1:] == ["error: ranks disagree on WORLD_SIZE: rank 0 has 2, rank 1 has 3"], lines0
+    assert code1 == 2 and lines1[1:] == ["error: ranks disagree on WORLD_SIZE: rank 1 has 3, rank 0 has 2"], lines1
