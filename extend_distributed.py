@@ -86,7 +86,8 @@ def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str =
     seconds, which also bounds every collective, with one reason.
 
     Raises:
-        ConfigError: malformed launcher variables, a rank out of range, or an unusable backend.
+        ConfigError: malformed launcher variables, a rank out of range, ranks given different world
+            sizes, or an unusable backend.
         DistributedError: the processes could not meet in time.
     """
     started = time.monotonic()
@@ -106,24 +107,29 @@ def init_distributed(local_rank: int = -1, use_gpu: bool = False, backend: str =
         log(f"rank {rank}: waiting for all {size} processes at {host}:{port} (backend {backend}; giving up after "
             f"{timeout_s:g} s, --dist-init-timeout)")
     _import_group_capturing_modules()
-    meeting = _Meeting(host, port, rank, size, timeout_s, started + timeout_s)
-    store = None if backend == "mpi" else meeting.store()  # MPI meets through its own launcher
+    _form_group(_Meeting(host, port, rank, size, timeout_s, started + timeout_s), backend)
+    return DistInfo(rank=rank, world_size=size, local_rank=local_rank, backend=backend)
+
+
+def _form_group(meeting: "_Meeting", backend: str) -> None:
+    """Create the default process group through the meeting's store (MPI meets through its own
+    launcher), turning each way of failing into one reason."""
+    store = None if backend == "mpi" else meeting.store()
     try:
         with _cpp_log_silenced():  # a page of c10d log per timeout; the error raised says what matters
             if store is not None:
                 meeting.check_world_size(store)
-            torch_dist.init_process_group(backend=backend, rank=rank, world_size=size, store=store,
-                                          timeout=datetime.timedelta(seconds=timeout_s))
+            torch_dist.init_process_group(backend=backend, rank=meeting.rank, world_size=meeting.size, store=store,
+                                          timeout=datetime.timedelta(seconds=meeting.timeout_s))
     except (torch_dist.DistStoreError, TimeoutError) as exc:
         raise meeting.not_joined(exc) from None
     except torch_dist.DistNetworkError as exc:
-        raise DistributedError(f"rank {rank}: lost the connection to rank 0 at {host}:{port} before all {size} "
-                               f"processes joined ({first_line(exc)})") from None
+        raise DistributedError(f"rank {meeting.rank}: lost the connection to rank 0 at {meeting.address} before "
+                               f"all {meeting.size} processes joined ({first_line(exc)})") from None
     except DLRMError:
         raise
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"--dist-backend={backend}: cannot start the process group ({first_line(exc)})") from None
-    return DistInfo(rank=rank, world_size=size, local_rank=local_rank, backend=backend)
 
 
 def _master_address() -> Tuple[str, int]:
