@@ -624,8 +624,8 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
 def resume_settings(resume) -> dict:
     """Where the loaded checkpoint resumes, which every rank's copy must share."""
     where = (resume.epoch, resume.batch, resume.best_acc, resume.best_auc)
-    return {"the loaded checkpoint": (where, f"epoch {resume.epoch}, batch {resume.batch}, "
-                                             f"accuracy {resume.best_acc * 100:.3f} %")}
+    return {"the loaded checkpoint": (where, f"epoch {resume.epoch} batch {resume.batch} "
+                                             f"(accuracy {resume.best_acc * 100:.3f} %)")}
 
 
 def execute(cfg: RunConfig, parts: RunParts, state: TrainState) -> None:

@@ -139,14 +139,18 @@ def test_the_first_setting_that_differs_is_named_with_both_values():
 # --- a checkpoint is loaded by all ranks or none ------------------------------------------------------------------
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    path = tmp_path / "good.pt"
+def _save_checkpoint(tmp_path, name, *args):
+    path = tmp_path / name
     proc = subprocess.run([sys.executable, "dlrm_s_pytorch.py", *SMALL, f"--save-model={path}",
-                           f"--tensor-board-filename={tmp_path / 'tb'}"], cwd=ROOT, env=_env(),
+                           f"--tensor-board-filename={tmp_path / 'tb'}", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return _save_checkpoint(tmp_path, "good.pt")
 
 
 def test_a_checkpoint_that_one_rank_cannot_load_stops_every_rank(tmp_path, checkpoint):
@@ -160,6 +164,16 @@ def test_a_checkpoint_that_one_rank_cannot_load_stops_every_rank(tmp_path, check
     assert others in ([], [f"error: rank 0: stopping because rank 1 could not load the checkpoint: {own[0][7:]}"])
     assert "Finished training" not in out
     _assert_no_traceback(err)
+
+
+def test_ranks_whose_checkpoints_resume_at_different_places_stop(tmp_path, checkpoint):
+    """Each rank may read its own copy of a checkpoint, but the copies must agree."""
+    earlier = _save_checkpoint(tmp_path, "earlier.pt", "--num-batches=2")
+    code, out, err = _torchrun(tmp_path, [f"--load-model={checkpoint}"], DLRM_TEST_RANK1_ARGS=f"--load-model={earlier}")
+    assert code != 0
+    assert set(_our_errors(err)) == {"error: ranks disagree on the loaded checkpoint: rank 0 has epoch 0 batch 4 "
+                                     "(accuracy 0.000 %), rank 1 has epoch 0 batch 2 (accuracy 0.000 %)"}, err
+    assert "Finished training" not in out
 
 
 def test_a_checkpoint_missing_on_one_rank_stops_every_rank_at_once(tmp_path, checkpoint):
