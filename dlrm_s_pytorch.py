@@ -37,13 +37,13 @@ from dlrm_model import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfi
 from reference_api import DLRM_Net  # noqa: F401  (the reference's model class, for code that imports it)
 from dlrm_train import (OPTIMIZERS, Logger, RunParts, TrainConfig, TrainState, evaluate_once, format_arch, format_batch,
                         format_parameters, graph_output, make_optimizer, make_scheduler, optimizer_groups, train)
-from extend_distributed import (DistInfo, announce_failure, current_info, init_distributed, is_collective_failure,
-                                peer_failure, shutdown_distributed)
+from extend_distributed import (DistInfo, all_or_none, announce_failure, check_ranks_agree, current_info,
+                                init_distributed, is_collective_failure, peer_failure, shutdown_distributed)
 from mlperf_logger import MISSING_PACKAGE_WARNING, make_mlperf_logger
 from preflight import human
 from run_metrics import MetricsFile, format_summary
 from run_config import (InferenceConfig, RunConfig, SystemConfig, check_distributed, check_memory, embedding_backend,
-                        flag_warnings, input_files)
+                        flag_warnings, input_files, rank_settings)
 from run_outputs import (OutputConfig, check_no_overwrites, check_outputs, draw_compute_graph as draw_graph,
                          make_writer, profiling, remove_stale_outputs)
 
@@ -562,8 +562,7 @@ def _log_lines(log: Logger, lines: Sequence[str]) -> None:
 def run(cfg: RunConfig) -> None:
     """The whole benchmark, in the reference's order."""
     started = time.time()
-    check_no_overwrites(cfg.output, input_files(cfg))  # before any data is read or table built
-    check_outputs(cfg.output)
+    check_no_overwrites(cfg.output, input_files(cfg))  # before any file is opened for writing
     mlperf = make_mlperf_logger(cfg.output.mlperf_events, log_file=cfg.output.mlperf_log_file or None)
     mlperf.event("cache_clear", True)
     mlperf.start("init_start")
@@ -580,7 +579,8 @@ def run(cfg: RunConfig) -> None:
     device = setup_device(cfg.system, log, info)
     mlperf.end("init_stop")
     mlperf.start("run_start")
-    data = make_data(cfg, rng, log)
+    data = all_or_none(lambda: make_data(cfg, rng, log), info, "read the data")
+    check_ranks_agree(data_settings(data), info)
     if cfg.train.mlperf_logging:
         log("command line args: " + json.dumps(dict(cfg.flags)))
     model = build_model(cfg, data, rng, info, device, log)
@@ -599,16 +599,29 @@ def _say(text: str) -> None:
 
 
 def start_processes(cfg: RunConfig) -> Tuple[DistInfo, Logger]:
-    """This process's place in the run (none in debug mode, as in the reference) and its printer."""
+    """This process's place in the run (none in debug mode, as in the reference) and its printer,
+    once every rank has the same flags and can write its outputs (all ranks start, or none)."""
     info = DistInfo() if cfg.system.debug_mode else init_distributed(
         cfg.system.local_rank, cfg.system.use_gpu, cfg.system.dist_backend, cfg.system.dist_init_timeout,
         log=_say)
+    check_ranks_agree(rank_settings(cfg), info)
+    all_or_none(lambda: check_outputs(cfg.output), info, "start")  # before any data is read or table built
     log = Logger(info)
     if not cfg.system.debug_mode:
         log(f"world size: {info.world_size}, current rank: {info.rank}, local rank: {info.local_rank}")
     for warning in flag_warnings(cfg, info):
         log.warn(warning)
     return info, log
+
+
+def data_settings(data: Data) -> dict:
+    """What every rank's data must share (each rank may read its own copy of the files), for
+    :func:`extend_distributed.check_ranks_agree`."""
+    shape = {"the data's table sizes": "-".join(str(rows) for rows in data.table_sizes),
+             "the data's dense features": str(data.dense_dim),
+             "the number of training batches": str(len(data.train_loader)),
+             "the number of test batches": str(len(data.test_loader))}
+    return {name: (text, text) for name, text in shape.items()}
 
 
 def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: DistInfo, device: torch.device,
@@ -644,11 +657,12 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
     parts = build_parts(cfg, model, data, nbatches_of(cfg, data), device, log, info)
     state = TrainState()
     if cfg.output.load_model:
-        state.resume = restore(cfg.output.load_model, parts.model, parts.optimizer, parts.scheduler, parts.info,
-                               parts.log, Expected(cfg.train.optimizer, cfg.train.nepochs, parts.nbatches,
-                                                   parts.nbatches_test, cfg.train.mlperf_logging,
-                                                   cfg.train.fix_reference_bugs),
-                               inference_only=cfg.inference.inference_only)
+        expected = Expected(cfg.train.optimizer, cfg.train.nepochs, parts.nbatches, parts.nbatches_test,
+                            cfg.train.mlperf_logging, cfg.train.fix_reference_bugs)
+        state.resume = all_or_none(lambda: restore(
+            cfg.output.load_model, parts.model, parts.optimizer, parts.scheduler, parts.info, parts.log, expected,
+            inference_only=cfg.inference.inference_only), info, "load the checkpoint")
+        check_ranks_agree(resume_settings(state.resume), info)
         state.best_acc, state.best_auc = state.resume.best_acc, state.resume.best_auc
     if cfg.inference.inference_only:
         if cfg.train.fast_numerics and cfg.inference.quantize_mlp_bits != 32:
@@ -665,6 +679,13 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
         parts.writer = make_writer(cfg.output.tensor_board_filename, log.note)
         parts.metrics = MetricsFile(cfg.output.metrics_file) if cfg.output.metrics_file else None
     return parts, state
+
+
+def resume_settings(resume) -> dict:
+    """Where the loaded checkpoint resumes, which every rank's copy must share."""
+    where = (resume.epoch, resume.batch, resume.best_acc, resume.best_auc)
+    return {"the loaded checkpoint": (where, f"epoch {resume.epoch} batch {resume.batch} "
+                                             f"(accuracy {resume.best_acc * 100:.3f} %)")}
 
 
 def execute(cfg: RunConfig, parts: RunParts, state: TrainState) -> None:
@@ -708,9 +729,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = config_from_args(build_parser().parse_args(argv))
         try:
             run(cfg)
+            shutdown_distributed()  # waits for every rank, so it can fail like any collective
         except BaseException as exc:
             raise _as_run_error(exc)
-        shutdown_distributed()
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except DLRMError as exc:

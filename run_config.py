@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -113,6 +113,28 @@ def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
                    "(add --fast-numerics to keep them in float32)")
     if cfg.system.dist_backend and info.world_size == 1:
         out.append(f"warning: --dist-backend={cfg.system.dist_backend} has no effect in a single process")
+    return out
+
+
+PER_RANK_FLAGS = frozenset({"local_rank", "dist_init_timeout", "metrics_file", "tensor_board_filename", "onnx_file"})
+"""Flags (by their reference names) that may differ between the ranks of one run: each process's own
+place and patience, and the side outputs that rank 0 alone writes."""
+
+PATH_FLAGS = frozenset({"raw_data_file", "processed_data_file", "data_trace_file", "load_model", "save_model"})
+"""Paths that may differ between ranks (each machine keeps its copy where it likes) as long as all ranks
+give one or none: what the files hold is compared once they are read (the data's shape, the loaded
+checkpoint's position). ``--save-model`` is here because every rank takes part in each save."""
+
+
+def rank_settings(cfg: RunConfig) -> Dict[str, Tuple[object, str]]:
+    """Every flag that all ranks must share, by its spelling (``--learning-rate``), as (what must be
+    equal, what to show), for :func:`extend_distributed.check_ranks_agree`."""
+    out = {}
+    for name, value in cfg.flags:
+        if name in PER_RANK_FLAGS:
+            continue
+        shown = str(value) if value != "" else "none"
+        out["--" + name.replace("_", "-")] = (bool(value) if name in PATH_FLAGS else repr(value), shown)
     return out
 
 

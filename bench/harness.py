@@ -335,16 +335,19 @@ class Run:
 
 
 def run_cli(script: str, flags: Sequence[str], echo: bool = False, threads: int = 0) -> Run:
-    """Run ``script`` with ``flags`` in its own directory, timestamping training lines as they arrive.
-    ``threads`` > 0 sets the child's OpenMP/MKL threads. Peak RSS is the child's ``ru_maxrss``
-    (from ``wait4``)."""
+    """Run ``script`` with ``flags`` in the current directory, timestamping training lines as they
+    arrive. ``threads`` > 0 sets the child's OpenMP/MKL threads. Peak RSS is the child's
+    ``ru_maxrss`` (from ``wait4``). TensorBoard is off unless the flags ask for it: a benchmark
+    leaves no event files behind."""
+    if not any(f.startswith("--tensor-board-filename") for f in flags):
+        flags = [*flags, "--tensor-board-filename="]
     cmd = [sys.executable, os.path.abspath(script), *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads > 0:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     run = Run()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(script)), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     for line in proc.stdout:
         now = time.perf_counter() - start
