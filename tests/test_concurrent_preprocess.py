@@ -22,6 +22,8 @@ from make_fake_criteo import write_fake_kaggle  # noqa: E402
 HOLDING_RUN = """
 import os, sys, time
 import data_utils as du, npz_io
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 raw, control = sys.argv[1], sys.argv[2]
 real_enter = npz_io.NpzStreamWriter.__enter__
 def enter(self):

@@ -69,6 +69,7 @@ os.write = write
     ("", 20000, "File too large"),
     (ENOSPC_PAST_4096, 0, "No space left on device"),
 ], ids=["file-size-limit", "full-disk"])
+@pytest.mark.slow
 def test_checkpoint_save_names_the_reason_and_keeps_the_old_file(tmp_path, setup, max_bytes,
                                                                  reason):
     """Not torch's "unexpected pos 28352 vs 28240"; the earlier checkpoint stays, no temporary."""
@@ -92,6 +93,7 @@ metrics.close()
 """
 
 
+@pytest.mark.slow
 def test_metrics_file_over_the_size_limit_ends_in_a_whole_line(tmp_path):
     result = run_python(WRITE_METRICS, tmp_path, 1000)
     assert result.stdout == "metrics file m.jsonl: cannot write (File too large)\n", result.stderr
@@ -124,6 +126,7 @@ def test_run_with_metrics_on_a_full_disk_ends_in_one_error_line(run_main, tmp_pa
     assert err.count("error:") == 1
 
 
+@pytest.mark.slow
 def test_run_over_the_size_limit_saving_its_model_ends_in_one_error_line(tmp_path):
     result = run_python("", tmp_path, 3000, str(ROOT / "dlrm_s_pytorch.py"), *TINY_RUN,
                         "--num-batches=4", f"--save-model={tmp_path / 'model.pt'}",

@@ -14,6 +14,8 @@ import pytest
 
 from extend_distributed import first_disagreement
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--mini-batch-size=4", "--data-size=16", "--arch-embedding-size=4-3-2-5", "--learning-rate=0.1"]
 OUR_FRAMES = ('dlrm_s_pytorch.py", line', 'extend_distributed.py", line', 'checkpoint.py", line',
@@ -36,9 +38,9 @@ def _env(**extra):
 def _torchrun(tmp_path, args, **env):
     """Two ranks under torchrun, each adding ``DLRM_TEST_RANK<r>_ARGS``; (exit code, stdout, stderr)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "tests/rank_variants.py", *SMALL,
+           f"--master_port={_free_port()}", os.path.join(ROOT, "tests", "rank_variants.py"), *SMALL,
            f"--tensor-board-filename={tmp_path / 'tb'}", "--dist-init-timeout=60", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=240)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -56,9 +58,9 @@ class _Rank:
 
     def __init__(self, tmp_path, rank, port, args=(), timeout_s=TIMEOUT_S, addr="127.0.0.1", size=2):
         env = _env(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR=addr, MASTER_PORT=str(port))
-        cmd = [sys.executable, "dlrm_s_pytorch.py", *SMALL, f"--dist-init-timeout={timeout_s}",
+        cmd = [sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *SMALL, f"--dist-init-timeout={timeout_s}",
                f"--tensor-board-filename={tmp_path / 'tb'}", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         self.lines, self.waiting_since, self.ended = [], None, None
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -141,8 +143,8 @@ def test_the_first_setting_that_differs_is_named_with_both_values():
 
 def _save_checkpoint(tmp_path, name, *args):
     path = tmp_path / name
-    proc = subprocess.run([sys.executable, "dlrm_s_pytorch.py", *SMALL, f"--save-model={path}",
-                           f"--tensor-board-filename={tmp_path / 'tb'}", *args], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *SMALL, f"--save-model={path}",
+                           f"--tensor-board-filename={tmp_path / 'tb'}", *args], env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return path

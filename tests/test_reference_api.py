@@ -394,6 +394,7 @@ def readme_library_example():
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_library_example_runs_and_prints_the_reference_losses(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", readme_library_example()], cwd=tmp_path, env=env,
