@@ -9,17 +9,13 @@ indices per bag) with each.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from dlrm_data_pytorch import RandomDataConfig, generate_random_batch  # noqa: E402
+from dlrm.data.random import RandomDataConfig, generate_random_batch
 
 
 def per_sample_batch(rng, n, cfg):

@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Sequence
@@ -42,10 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fast_numerics as fn  # noqa: E402
-from dlrm_model import DotInteraction, make_mlp  # noqa: E402
+from dlrm.model import fast_numerics as fn
+from dlrm.model.dlrm import DotInteraction, make_mlp
 
 CONFIGS = {  # batch, bottom MLP, top MLP (its input width included), tables, D
     "cpu": dict(batch=2048, bottom=(512, 512, 64), top=(100, 1024, 1024, 1024, 1), tables=8, dim=64, iters=15),
@@ -155,9 +153,9 @@ def report(wall: Dict[str, list], cpu: Dict[str, list], flops: float, label: str
 
 def whole_step_variants(names: Sequence[str], batches: int, log: Callable[[str], None]) -> Dict[str, Callable]:
     """Whole training steps of the CPU benchmark model; each variant is its own DLRM (same seed)."""
-    from dlrm_data_pytorch import RandomDataConfig, generate_random_batch
-    from dlrm_model import DLRM, ModelConfig, make_loss
-    from dlrm_train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
+    from dlrm.data.random import RandomDataConfig, generate_random_batch
+    from dlrm.model.dlrm import DLRM, ModelConfig, make_loss
+    from dlrm.run.train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
 
     sizes = (1_000_000,) * 8
     data = RandomDataConfig(dense_dim=512, table_sizes=sizes, batch_size=2048, num_indices_per_lookup=100)

@@ -21,16 +21,14 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fused_embedding as fe  # noqa: E402
+from dlrm.model import fused_embedding as fe
 
 KAGGLE_TABLE_SIZES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
                       14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)

@@ -40,17 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _path in (ROOT, HERE):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from bench.harness import KAGGLE_MODEL_FLAGS, _num, cpu_description, write_report
+from dlrm.common import DLRMError
+from dlrm.data.random import RandomDataConfig, generate_random_batch
+from dlrm.model.dlrm import DLRM, quantize_for_inference
+from dlrm.run.flags import build_parser as build_cli_parser, config_from_args
 
-from dlrm_common import DLRMError  # noqa: E402
-from dlrm_data_pytorch import RandomDataConfig, generate_random_batch  # noqa: E402
-from dlrm_model import DLRM, quantize_for_inference  # noqa: E402
-from dlrm_s_pytorch import build_parser as build_cli_parser, config_from_args  # noqa: E402
-from harness import KAGGLE_MODEL_FLAGS, _num, cpu_description, write_report  # noqa: E402
 
 VARIANTS = {"fp32": (32, 32), "int8-mlp": (32, 8), "emb-8bit": (8, 32), "emb-4bit": (4, 32)}
 """Variant name -> (quantize_emb_bits, quantize_mlp_bits)."""

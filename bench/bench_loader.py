@@ -18,19 +18,17 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Dict, List
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import criteo_data  # noqa: E402
-from atomic_io import atomic_open  # noqa: E402
-from data_utils import PreprocessConfig  # noqa: E402
-from npz_io import save_npz  # noqa: E402
+from dlrm.data.criteo import loaders as criteo_data
+from dlrm.data.criteo.preprocess import PreprocessConfig
+from dlrm.io.atomic import atomic_open
+from dlrm.io.npz import save_npz
 
 KAGGLE_TABLE_SIZES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
                       3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105,

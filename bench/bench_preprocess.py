@@ -26,7 +26,7 @@ ROOT = os.path.dirname(HERE)
 _CHILD = r"""
 import json, sys, time
 sys.path[:0] = [{root!r}]
-import data_utils
+from dlrm.data.criteo import preprocess as data_utils
 
 def high_water_kb():  # VmHWM: peak RSS of this process image (ru_maxrss survives exec)
     with open("/proc/self/status") as status:
@@ -47,8 +47,7 @@ def ensure_raw(workdir: str, lines: int, seed: int) -> str:
     raw_dir = os.path.join(workdir, f"raw_{lines}_{seed}")
     raw = os.path.join(raw_dir, "train.txt")
     if not os.path.exists(raw):
-        sys.path.insert(0, HERE)
-        from make_fake_criteo import write_fake_kaggle
+        from bench.make_fake_criteo import write_fake_kaggle
 
         start = time.perf_counter()
         write_fake_kaggle(raw, lines, seed)

@@ -54,7 +54,7 @@ def run_once(extra, iters):
 
 def _kaggle_config():
     sys.path.insert(0, ROOT)
-    import dlrm_model as dlrm
+    from dlrm.model import dlrm
 
     return dlrm, dlrm.ModelConfig(embedding_dim=16, table_sizes=tuple(KAGGLE_SIZES), bottom_mlp=(13, 512, 256, 64, 16),
                                   top_mlp=(dlrm.top_mlp_input_width("dot", False, 26, 16), 512, 256, 1))
@@ -94,10 +94,10 @@ def interleaved(iters):
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import dlrm_model as dlrm
-    from bench_datagen import per_sample_batch
-    from dlrm_common import Batch
-    from dlrm_data_pytorch import RandomDataConfig, generate_random_batch
+    from dlrm.model import dlrm
+    from bench.bench_datagen import per_sample_batch
+    from dlrm.common import Batch
+    from dlrm.data.random import RandomDataConfig, generate_random_batch
 
     sizes = (1000000,) * 8
     cfg = dlrm.ModelConfig(embedding_dim=64, table_sizes=sizes, bottom_mlp=(512, 512, 64),

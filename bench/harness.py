@@ -253,8 +253,8 @@ def embedding_traffic(model_cfg, data_cfg, seed: int) -> Dict[str, int]:
     updated row read and written once: the least an exact sparse SGD must move). Pooled outputs,
     gradients w.r.t. them (B x T x D) and indices are not counted.
     """
-    from dlrm_data_pytorch import generate_random_batch
-    from dlrm_model import table_dims
+    from dlrm.data.random import generate_random_batch
+    from dlrm.model.dlrm import table_dims
 
     batch = generate_random_batch(np.random.RandomState(seed), data_cfg.batch_size, data_cfg)
     dims = table_dims(model_cfg)
@@ -269,7 +269,7 @@ def embedding_traffic(model_cfg, data_cfg, seed: int) -> Dict[str, int]:
 def model_shape(flags: Sequence[str]) -> Optional[Dict[str, object]]:
     """The model, data and batch a flag list describes, read with this checkout's CLI parser
     (flags it does not know are ignored); None if it cannot read them."""
-    from dlrm_s_pytorch import build_parser, config_from_args
+    from dlrm.run.flags import build_parser, config_from_args
 
     try:
         known, _ = build_parser().parse_known_args(list(flags))
@@ -535,7 +535,7 @@ def write_report(report: Dict[str, object], markdown: str, json_path: Optional[s
                  markdown_path: Optional[str]) -> None:
     """Print the Markdown table; write the report as JSON and the table, where paths are given,
     each through a temporary name (a killed benchmark leaves no half-written file)."""
-    from atomic_io import atomic_open
+    from dlrm.io.atomic import atomic_open
 
     print(markdown)
     for path, content in ((json_path, json.dumps(report, indent=1)), (markdown_path, markdown + "\n")):

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atomic_io import atomic_open  # noqa: E402
+from dlrm.io.atomic import atomic_open  # noqa: E402
 
 NUM_DENSE = 13
 NUM_SPARSE = 26

@@ -1,5 +1,5 @@
-"""Optimizers and the learning-rate schedule."""
-from .lr_schedule import LRPolicyScheduler, lr_at
-from .rwsadagrad import RWSAdagrad
+"""Optimizers and the learning-rate schedule (in :mod:`dlrm.optim`), under the reference's names."""
+from dlrm.optim.lr_schedule import LRPolicyScheduler, lr_at
+from dlrm.optim.rwsadagrad import RWSAdagrad
 
 __all__ = ["LRPolicyScheduler", "RWSAdagrad", "lr_at"]

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import dlrm_s_pytorch
-import mlperf_logger
-from dlrm_model import ModelConfig
+from dlrm.outputs import mlperf_logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED_LEFTOVERS = ("__pycache__/", ".pytest_cache/")
@@ -83,13 +82,6 @@ def run_main(capsys):
         return code, out, err
 
     return _run
-
-
-def tiny_model_config(**overrides):
-    """The reference's default model: tables 4-3-2, dim 2, bottom 4-3-2, top (8)-4-2-1."""
-    base = dict(embedding_dim=2, table_sizes=(4, 3, 2), bottom_mlp=(4, 3, 2), top_mlp=(8, 4, 2, 1))
-    base.update(overrides)
-    return ModelConfig(**base)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from atomic_io import atomic_open, atomic_path, remove_stale_temps, temp_name
+from dlrm.io.atomic import atomic_open, atomic_path, remove_stale_temps, temp_name
 
 
 def test_the_target_appears_only_when_the_write_completes(tmp_path):

@@ -1,17 +1,13 @@
 """bench/harness.py: the FLOP count, the line parser, the statistics and a --quick run end to end.
 No timing is asserted: the numbers only have to be there and be consistent."""
 import json
-import os
-import sys
 
 import pytest
 
-from conftest import tiny_model_config
+from helpers.models import tiny_model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import harness  # noqa: E402
+from bench import harness
 
 
 def test_step_flops_matches_a_hand_count():

@@ -1,13 +1,9 @@
 """bench/bench_inference.py on the CLI's tiny default model: the table's rows and columns, the
 model sizes (counted by hand) and fp32 against itself. No timing is asserted."""
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import bench_inference  # noqa: E402
+from bench import bench_inference
 
 # tables 4-3-2 with D=2 (9 rows); bottom 4-3-2 and top 8-4-2-1 hold 23 + 49 = 72 float32 values
 MLP_BYTES = 72 * 4

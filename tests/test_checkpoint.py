@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_model as dlrm
-from checkpoint import load_checkpoint, save_checkpoint
-from dlrm_common import CheckpointError
-from conftest import tiny_model_config
+from dlrm.common import CheckpointError
+from dlrm.model import dlrm
+from dlrm.run.checkpoint import load_checkpoint, save_checkpoint
+from helpers.models import tiny_model_config
 
 TRAIN = ["--mini-batch-size=8", "--data-size=64", "--nepochs=4", "--test-freq=4", "--loss-function=bce",
          "--round-targets=true", "--learning-rate=0.3", "--arch-mlp-top=8-4-1"]

@@ -5,14 +5,14 @@ import os
 
 import pytest
 
-import dlrm_s_pytorch as dlrm
-from checkpoint import load_checkpoint
+from dlrm.run import flags
+from dlrm.run.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_defaults_are_the_reference_ones():
-    ns = dlrm.build_parser().parse_args([])
+    ns = flags.build_parser().parse_args([])
     assert ns.embedding_dim == 2 and ns.table_sizes == (4, 3, 2) and ns.bottom_mlp == (4, 3, 2)
     assert ns.top_mlp == (4, 2, 1) and ns.interaction == "dot" and ns.loss_function == "mse"
     assert ns.optimizer == "sgd" and ns.learning_rate == 0.01 and ns.seed == 123
@@ -27,17 +27,17 @@ def test_defaults_are_the_reference_ones():
                                          ("True", True), ("1", True), ("yes", True)])
 def test_boolean_flags_read_false_as_false(text, value):
     """The reference read --round-targets=False as true."""
-    ns = dlrm.build_parser().parse_args([f"--round-targets={text}", f"--num-indices-per-lookup-fixed={text}"])
+    ns = flags.build_parser().parse_args([f"--round-targets={text}", f"--num-indices-per-lookup-fixed={text}"])
     assert ns.round_targets is value and ns.num_indices_per_lookup_fixed is value
 
 
 def test_local_rank_has_both_spellings():
-    assert dlrm.build_parser().parse_args(["--local-rank=3"]).local_rank == 3
-    assert dlrm.build_parser().parse_args(["--local_rank=2"]).local_rank == 2
+    assert flags.build_parser().parse_args(["--local-rank=3"]).local_rank == 3
+    assert flags.build_parser().parse_args(["--local_rank=2"]).local_rank == 2
 
 
 def test_synthetic_is_a_data_generation_choice():
-    assert dlrm.build_parser().parse_args(["--data-generation=synthetic"]).data_generation == "synthetic"
+    assert flags.build_parser().parse_args(["--data-generation=synthetic"]).data_generation == "synthetic"
 
 
 BAD = [

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from compute_graph import write_compute_graph
+from dlrm.outputs.compute_graph import write_compute_graph
 
 pytest.importorskip("torchviz")  # in requirements.txt; the missing-package path is tested by hiding it
 

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.make_fake_criteo import write_fake_kaggle
+from dlrm.data.criteo import preprocess as du
 
-import data_utils as du  # noqa: E402
-from make_fake_criteo import write_fake_kaggle  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 # The first run: preprocessing that stops once its parsed day 3 is open under a temporary name,
 # says so (a file "holding" in the control directory), and goes on when a file "go" appears there.
 HOLDING_RUN = """
 import os, sys, time
-import data_utils as du, npz_io
-
-pytestmark = pytest.mark.slow  # every test here starts processes
+from dlrm.data.criteo import preprocess as du
+from dlrm.io import npz as npz_io
 raw, control = sys.argv[1], sys.argv[2]
 real_enter = npz_io.NpzStreamWriter.__enter__
 def enter(self):

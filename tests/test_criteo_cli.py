@@ -1,13 +1,11 @@
 """End to end: train from a raw Criteo Kaggle file through the command line."""
 import errno
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from make_fake_criteo import write_fake_kaggle  # noqa: E402
+from bench.make_fake_criteo import write_fake_kaggle
 
 KAGGLE_MODEL = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=13-8-4", "--arch-mlp-top=8-1",
                 "--data-generation=dataset", "--data-set=kaggle", "--loss-function=bce", "--round-targets=True",
@@ -60,7 +58,7 @@ def test_missing_raw_file_is_one_line_error(run_main, tmp_path):
 
 
 def test_full_disk_while_preprocessing_is_one_line_error(run_main, raw_kaggle, tmp_path, monkeypatch):
-    import npz_io
+    from dlrm.io import npz as npz_io
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")

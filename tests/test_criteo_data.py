@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import criteo_data as cd
-import data_utils as du
-import npz_io
-import provenance
-from dlrm_common import Batch, ConfigError, DataError
+from dlrm.common import Batch, ConfigError, DataError
+from dlrm.data.criteo import loaders as cd
+from dlrm.data.criteo import preprocess as du
+from dlrm.io import npz as npz_io
+from dlrm.io import provenance
 
 KAGGLE_DAY_SIZES = [150, 170, 130, 160, 140, 155, 61]      # odd last day: test takes ceil(61/2)
 COUNTS = np.array([13, 7, 300, 250, 5, 24, 40, 60, 3, 90, 55, 280, 31, 27, 149, 270, 10, 56,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlrm_data_pytorch import (RandomDataConfig, RandomDataset, generate_random_batch,
+from dlrm.data.random import (RandomDataConfig, RandomDataset, generate_random_batch,
                                make_random_data_and_loaders)
 
 
@@ -87,7 +87,7 @@ def test_fast_generator_equals_plain_one(case, n):
 
 def test_large_batches_computed_on_two_threads_equal_the_plain_draws():
     """Enough draws that the tables are computed on a thread pool: the values do not change."""
-    import dlrm_data_pytorch
+    from dlrm.data import random as dlrm_data_pytorch
 
     cfg = RandomDataConfig(dense_dim=2, table_sizes=(100000, 3000, 7), num_indices_per_lookup=100)
     n = 800

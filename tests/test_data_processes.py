@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.make_fake_criteo import write_fake_kaggle
+from dlrm.data.criteo import preprocess as du
 
-import data_utils as du  # noqa: E402
-from make_fake_criteo import write_fake_kaggle  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def gone(pid: int) -> bool:
@@ -50,8 +49,9 @@ def test_pool_workers_die_with_their_parent(tmp_path):
         import os, sys, time
         sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]
         os.cpu_count = lambda: 2
-        import data_utils, sleeper
-        pool = data_utils._process_pool(2)
+        import sleeper
+        from dlrm.data.criteo import preprocess
+        pool = preprocess._process_pool(2)
         # the first job blocks its worker, so the second one runs in the other worker
         jobs = [pool.submit(sleeper.announce_and_sleep) for _ in range(2)]
         time.sleep(600)
@@ -96,7 +96,7 @@ def test_ctrl_c_with_worker_processes(tmp_path):
     script = textwrap.dedent(f"""
         import concurrent.futures, os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        import data_utils
+        from dlrm.data.criteo import preprocess as data_utils
         real_as_completed = concurrent.futures.as_completed
 
         def ctrl_c_then_wait(futures):

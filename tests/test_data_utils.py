@@ -6,23 +6,18 @@ import errno
 import os
 import re
 import shutil
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "bench"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-import data_utils as du  # noqa: E402
-import npz_io  # noqa: E402
-from dlrm_common import ConfigError, DataError  # noqa: E402
-from make_fake_criteo import write_fake_kaggle, write_fake_terabyte  # noqa: E402
-from plain_criteo import (assert_matches_plain, interrupted_run, kaggle_cfg,  # noqa: E402
+from bench.make_fake_criteo import write_fake_kaggle, write_fake_terabyte
+from dlrm.common import ConfigError, DataError
+from dlrm.data.criteo import preprocess as du
+from dlrm.io import npz as npz_io
+from helpers.plain_criteo import (assert_matches_plain, interrupted_run, kaggle_cfg,
                           plain_pipeline, plain_shuffle, plain_split, read_lines, run)
 
 KAGGLE_LINES = 2000
@@ -267,7 +262,7 @@ def test_memory_map_shuffle_matches_plain(kaggle_dir, randomize, split):
 def test_shuffle_files_of_the_earlier_draw_order_are_redone(kaggle_dir):
     import json
 
-    import provenance
+    from dlrm.io import provenance
 
     raw = kaggle_dir / "train.txt"
     cfg = kaggle_cfg(raw, memory_map=True, randomize="total")

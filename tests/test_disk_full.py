@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlrm_common import WriteError
-from run_metrics import MetricsFile
+from dlrm.common import WriteError
+from dlrm.outputs.metrics import MetricsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,8 @@ def run_python(code: str, cwd: Path, max_bytes: int = 0, *argv: str) -> subproce
 
 SAVE = """
 import sys, torch
-from checkpoint import save_checkpoint
-from dlrm_common import DLRMError
+from dlrm.run.checkpoint import save_checkpoint
+from dlrm.common import DLRMError
 {setup}
 try:
     save_checkpoint("model.pt", {{"w": torch.arange(100000, dtype=torch.float32)}})
@@ -81,8 +81,8 @@ def test_checkpoint_save_names_the_reason_and_keeps_the_old_file(tmp_path, setup
 
 
 WRITE_METRICS = """
-from run_metrics import MetricsFile
-from dlrm_common import WriteError
+from dlrm.common import WriteError
+from dlrm.outputs.metrics import MetricsFile
 metrics = MetricsFile("m.jsonl")
 try:
     for k in range(1000):

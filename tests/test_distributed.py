@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import dist_steps
-from checkpoint import load_checkpoint
-from extend_distributed import DistInfo, shard
+from dlrm.run.checkpoint import load_checkpoint
+from dlrm.run.distributed import DistInfo, shard
+from helpers import dist_steps
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -53,7 +53,7 @@ def single_process_steps():
 
 def _multi_process_steps(tmp_path, nproc: int, dtype: str):
     out = tmp_path / f"multi-{dtype}.pt"
-    code, _, err = _run([str(out), dtype], nproc, script="tests/dist_steps.py")
+    code, _, err = _run([str(out), dtype], nproc, script="tests/helpers/dist_steps.py")
     assert code == 0, err
     return torch.load(out)
 
@@ -215,7 +215,7 @@ def test_pooling_weight_and_qr_checkpoints_move_between_one_and_several_processe
 def test_no_backend_thread_outlives_the_shutdown():
     """A training run (its optimizer imports torch modules that used to capture the process group)
     leaves no gloo thread behind, so nothing is freed at interpreter exit."""
-    code, out, err = _run(ARGS[:3] + ["--print-freq=5"], 3, script="tests/exit_check.py")
+    code, out, err = _run(ARGS[:3] + ["--print-freq=5"], 3, script="tests/helpers/exit_check.py")
     assert code == 0, err
     lines = re.findall(r"rank \d backend threads after main: \[[^\]]*\]", err)  # ranks' lines may interleave
     assert len(lines) == 3 and all(line.endswith(": []") for line in lines), lines
@@ -223,12 +223,12 @@ def test_no_backend_thread_outlives_the_shutdown():
 
 def test_a_failing_rank_says_so_once_and_the_others_name_it(monkeypatch):
     monkeypatch.setenv("DLRM_TEST_FAILING_RANK", "1")
-    code, out, err = _run(ARGS[:3] + ["--print-freq=1"], 2, script="tests/rank_failure.py")
+    code, out, err = _run(ARGS[:3] + ["--print-freq=1"], 2, script="tests/helpers/rank_failure.py")
     assert code != 0
     assert err.count("error: a rank-local problem (injected by the test)") == 1
     others = re.findall(r"error: rank 0: .*", err)  # rank 0 names rank 1, unless torchrun stopped it first
     assert others in ([], ["error: rank 0: stopping because rank 1 failed"]), others
-    for frame in ("dlrm_s_pytorch.py\", line", "dlrm_train.py\", line", "extend_distributed.py\", line"):
+    for frame in ("dlrm_s_pytorch.py\", line", "dlrm/run/train.py\", line", "dlrm/run/distributed.py\", line"):
         assert frame not in err  # no traceback from our processes
 
 

@@ -3,8 +3,8 @@ parameters, bit for bit, as the plain per-table path (the reference's step)."""
 import pytest
 import torch
 
-import dlrm_model
-from checkpoint import load_checkpoint
+from dlrm.model import dlrm as dlrm_model
+from dlrm.run.checkpoint import load_checkpoint
 
 RUNS = [
     ["--mini-batch-size=2", "--data-size=6", "--debug-mode"],
@@ -57,8 +57,9 @@ def test_fused_is_refused_where_it_does_not_apply(run_main, flags, why):
 
 
 def test_auto_fuses_large_tables_only():
-    from dlrm_s_pytorch import build_parser, config_from_args, embedding_backend
-    from extend_distributed import DistInfo
+    from dlrm.run.config import embedding_backend
+    from dlrm.run.flags import build_parser, config_from_args
+    from dlrm.run.distributed import DistInfo
 
     def chosen(*argv):
         cfg = config_from_args(build_parser().parse_args(list(argv)))
@@ -79,7 +80,7 @@ def test_onnx_export_of_a_fused_model(run_main, tmp_path, monkeypatch):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_tables_from_fused_tables_equal_those_from_plain_ones(bits):
     import numpy as np
-    from conftest import tiny_model_config
+    from helpers.models import tiny_model_config
 
     plain = dlrm_model.DLRM(tiny_model_config(), np.random.RandomState(3))
     fused = dlrm_model.DLRM(tiny_model_config(embedding_backend="fused"), np.random.RandomState(3))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_model
-import fast_draw
+from dlrm.kernels import fast_draw
+from dlrm.model import dlrm as dlrm_model
 
 
 @pytest.fixture(scope="module", autouse=True)

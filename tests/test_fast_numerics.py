@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fast_numerics as fn
+from dlrm.data.random import RandomDataConfig, generate_random_batch
+from dlrm.model import fast_numerics as fn
+from dlrm.model.dlrm import DLRM, DotInteraction, ModelConfig, make_loss, top_mlp_input_width
+from dlrm.run.train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
 from helpers.bounds import FLOAT32_UNIT_ROUNDOFF as U, assert_within, gamma, matmul_bound
-from dlrm_data_pytorch import RandomDataConfig, generate_random_batch
-from dlrm_model import DLRM, DotInteraction, ModelConfig, make_loss, top_mlp_input_width
-from dlrm_train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
 
 # Training drift. A float32 trajectory, the default path's as much as the accelerated one's, leaves
 # the float64 trajectory of the same steps in jumps: a ReLU whose input sits within rounding of zero

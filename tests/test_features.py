@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_model
-import dlrm_s_pytorch as entry
-import dlrm_train
-from conftest import tiny_model_config
+from dlrm.model import dlrm as dlrm_model
+from dlrm.run import benchmark
+from dlrm.run import train as dlrm_train
+from helpers.models import tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--mini-batch-size=2", "--data-size=6"]
@@ -144,7 +144,7 @@ def test_tensorboard_scalars(run_main, monkeypatch):
         def close(self):
             written.append(("closed", None, None))
 
-    monkeypatch.setattr(entry, "make_writer", lambda name, log: Recorder())
+    monkeypatch.setattr(benchmark, "make_writer", lambda name, log: Recorder())
     code, _, err = run_main(*SMALL, "--test-freq=3", "--lr-num-warmup-steps=2")
     assert code == 0, err
     assert [w[:2] for w in written] == [("Train/Loss", 1), ("Train/LR", 1), ("Train/Loss", 2), ("Train/LR", 2),
@@ -154,7 +154,7 @@ def test_tensorboard_scalars(run_main, monkeypatch):
 
 def test_tensorboard_runs_get_their_own_directories(tmp_path, monkeypatch):
     pytest.importorskip("torch.utils.tensorboard")
-    import run_outputs
+    from dlrm.outputs import side_channels as run_outputs
 
     monkeypatch.chdir(tmp_path)
     lines = []
@@ -195,7 +195,7 @@ def test_qr_and_md_tables_train(run_main, tmp_path, flags):
                               f"--save-model={path}")
     assert code == 0, err
     assert out.count("Finished training it") == 4
-    from checkpoint import load_checkpoint
+    from dlrm.run.checkpoint import load_checkpoint
 
     keys = load_checkpoint(str(path))["state_dict"]
     assert "emb_l.1.weight" in keys  # the 50-row table stays a plain table
@@ -225,7 +225,7 @@ def _debug_model(run_main, monkeypatch, *extra):
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(entry, "DLRM", Recorded)
+    monkeypatch.setattr(benchmark, "DLRM", Recorded)
     code, _, err = run_main(*SMALL, "--debug-mode", "--weighted-pooling=learned", *extra)
     assert code == 0, err
     return built[0]
@@ -272,7 +272,7 @@ def test_fast_numerics_is_for_cpus(run_main):
 
 
 def test_emulated_bf16_is_said_once(run_main):
-    import fast_numerics
+    from dlrm.model import fast_numerics
 
     code, _, err = run_main(*SMALL, "--mixed-precision=bf16")
     assert code == 0, err

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-import fused_embedding as fe
+from dlrm.model import fused_embedding as fe
 
 BACKENDS = ("cpp", "torch")
 
@@ -210,7 +210,7 @@ def test_default_cpu_capability_rounds_like_torch():
     script = textwrap.dedent("""
         import torch, sys
         sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
-        import fused_embedding as fe
+        from dlrm.model import fused_embedding as fe
         from test_fused_embedding import train_pair
         assert fe._fused_prefix(16) == 0, fe._fused_prefix(16)
         train_pair([40, 1, 7], [16, 16, 5], "cpp", steps=3, bags=8, max_len=9)
@@ -324,7 +324,7 @@ def test_optimizer_helpers():
 
 
 def test_lr_follows_the_schedule_of_the_step():
-    from optim.lr_schedule import LRPolicyScheduler
+    from dlrm.optim.lr_schedule import LRPolicyScheduler
 
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(6, 4, generator=gen)

@@ -3,8 +3,8 @@ when the draws can reach there."""
 import numpy as np
 import pytest
 
-from dlrm_common import ConfigError
-from dlrm_data_pytorch import RandomDataConfig, generate_random_batch, validate_random_config
+from dlrm.common import ConfigError
+from dlrm.data.random import RandomDataConfig, generate_random_batch, validate_random_config
 
 SMALL = ["--mini-batch-size=2", "--data-size=6", "--rand-data-dist=gaussian"]
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from dlrm_data_pytorch import BatchLoader, RandomDataConfig, RandomDataset, make_random_data_and_loaders
-from dlrm_model import skip_reference_torch_init
-from conftest import tiny_model_config
+from dlrm.data.random import BatchLoader, RandomDataConfig, RandomDataset, make_random_data_and_loaders
+from dlrm.model.dlrm import skip_reference_torch_init
+from helpers.models import tiny_model_config
 
 SEED = 7
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_model as dlrm
-from conftest import tiny_model_config
+from dlrm.model import dlrm
+from helpers.models import tiny_model_config
 
 
 def naive_dot(dense, embedded, itself):

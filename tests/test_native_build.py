@@ -2,7 +2,7 @@
 then takes its pure-torch or NumPy path)."""
 import os
 
-import native_build
+from dlrm.kernels import native_build
 
 
 def test_build_dir_follows_the_environment(monkeypatch, tmp_path):

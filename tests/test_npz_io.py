@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-import npz_io
+from dlrm.io import npz as npz_io
 
 
 def test_crc32_combine_matches_zlib():

@@ -128,12 +128,15 @@ def test_main_bad_input_is_one_error_line(tmp_path, capsys, content, message):
 
 
 @pytest.mark.slow
-def test_runs_as_a_script(tmp_path):
+def test_runs_as_a_module(tmp_path):
+    import os
     import subprocess
     import sys
 
     (tmp_path / "a.log").write_text(PLAIN)
-    done = subprocess.run([sys.executable, plot_log.__file__, str(tmp_path / "a.log"), "-o",
-                           str(tmp_path / "c.png")], capture_output=True, text=True, cwd=tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(plot_log.__file__)))
+    done = subprocess.run([sys.executable, "-m", "tools.plot_log", str(tmp_path / "a.log"), "-o",
+                           str(tmp_path / "c.png")], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": root})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "c.png").exists()

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
-import criteo_data as cd  # noqa: E402
-import data_utils as du  # noqa: E402
-import provenance  # noqa: E402
-from dlrm_common import ConfigError, DataError  # noqa: E402
-from make_fake_criteo import write_fake_kaggle  # noqa: E402
-from plain_criteo import (interrupted_run, kaggle_cfg, plain_pipeline, plain_shuffle,  # noqa: E402
+from bench.make_fake_criteo import write_fake_kaggle
+from dlrm.common import ConfigError, DataError
+from dlrm.data.criteo import loaders as cd
+from dlrm.data.criteo import preprocess as du
+from dlrm.io import provenance
+from helpers.plain_criteo import (interrupted_run, kaggle_cfg, plain_pipeline, plain_shuffle,
                           plain_split, read_lines, run)
 
 LINES = 350

@@ -12,14 +12,14 @@ import time
 
 import pytest
 
-from extend_distributed import first_disagreement
+from dlrm.run.distributed import first_disagreement
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--mini-batch-size=4", "--data-size=16", "--arch-embedding-size=4-3-2-5", "--learning-rate=0.1"]
-OUR_FRAMES = ('dlrm_s_pytorch.py", line', 'extend_distributed.py", line', 'checkpoint.py", line',
-              'rank_variants.py", line')
+OUR_FRAMES = ('dlrm_s_pytorch.py", line', 'dlrm/run/benchmark.py", line', 'dlrm/run/distributed.py", line',
+              'dlrm/run/checkpoint.py", line', 'rank_variants.py", line')
 TIMEOUT_S = 2  # --dist-init-timeout of the processes that cannot meet
 
 
@@ -38,7 +38,7 @@ def _env(**extra):
 def _torchrun(tmp_path, args, **env):
     """Two ranks under torchrun, each adding ``DLRM_TEST_RANK<r>_ARGS``; (exit code, stdout, stderr)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", os.path.join(ROOT, "tests", "rank_variants.py"), *SMALL,
+           f"--master_port={_free_port()}", os.path.join(ROOT, "tests", "helpers", "rank_variants.py"), *SMALL,
            f"--tensor-board-filename={tmp_path / 'tb'}", "--dist-init-timeout=60", *args]
     proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=240)
     return proc.returncode, proc.stdout, proc.stderr

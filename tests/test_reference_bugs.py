@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_model
-import dlrm_train
-from checkpoint import load_checkpoint, save_checkpoint
-from conftest import tiny_model_config
-from dlrm_common import Batch
+from dlrm.common import Batch
+from dlrm.model import dlrm as dlrm_model
+from dlrm.run import train as dlrm_train
+from dlrm.run.checkpoint import load_checkpoint, save_checkpoint
+from helpers.models import tiny_model_config
 
 SMALL = ["--mini-batch-size=2", "--data-size=6"]
 FIX = "--fix-reference-bugs"
@@ -57,7 +57,7 @@ def test_the_learning_rate_plateau_is_the_last_warmup_rate_unless_fixed(run_main
 
 
 def test_evaluation_is_limited_by_num_batches_unless_fixed():
-    from dlrm_data_pytorch import BatchLoader, RandomDataConfig, RandomDataset
+    from dlrm.data.random import BatchLoader, RandomDataConfig, RandomDataset
 
     cfg = RandomDataConfig(dense_dim=4, table_sizes=(4, 3, 2), data_size=10, batch_size=2, round_targets=True)
     seen = []
@@ -233,12 +233,12 @@ def test_a_resumed_run_compares_its_tests_with_the_loaded_accuracy(run_main, tmp
 
 def test_under_mlperf_the_reference_saves_whatever_auc_it_loaded_unless_fixed(run_main, tmp_path, monkeypatch):
     """The reference restores the best accuracy only: its AUC baseline stays 0."""
-    import dlrm_s_pytorch
-    import mlperf_logger
+    from dlrm.outputs import mlperf_logger
+    from dlrm.run import benchmark
 
     real = mlperf_logger.make_mlperf_logger  # its log in tmp_path, not beside the module
-    monkeypatch.setattr(dlrm_s_pytorch, "make_mlperf_logger",
-                        lambda enabled: real(enabled, log_file=str(tmp_path / "dlrm.log")))
+    monkeypatch.setattr(benchmark, "make_mlperf_logger",
+                        lambda enabled, log_file=None: real(enabled, log_file=str(tmp_path / "dlrm.log")))
     path = tmp_path / "m.pt"
     common = POLICY + ["--nepochs=1", "--mlperf-logging", f"--tensor-board-filename={tmp_path / 'tb'}"]
     code, out, err = run_main(*common, f"--save-model={path}")

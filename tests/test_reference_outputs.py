@@ -69,8 +69,8 @@ def test_debug_mode_parameters_match_spec(run_main):
 def test_non_debug_initial_parameters_match_spec():
     """First rows of the parameters when the model is built right after seeding."""
     import numpy as np
-    import dlrm_model as dlrm
-    from conftest import tiny_model_config
+    from dlrm.model import dlrm
+    from helpers.models import tiny_model_config
 
     model = dlrm.DLRM(tiny_model_config(), np.random.RandomState(123))
     params = [p.detach().numpy() for p in model.parameters()]

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-import dlrm_train as dlrm
-from dlrm_common import ConfigError
-from run_metrics import METRICS_FIELDS, BestResult, MetricsFile, format_summary, progress_bar
+from dlrm.common import ConfigError
+from dlrm.outputs.metrics import METRICS_FIELDS, BestResult, MetricsFile, format_summary, progress_bar
+from dlrm.run import train as dlrm
 
 
 def test_metrics_file_writes_one_flushed_json_line_per_record(tmp_path):

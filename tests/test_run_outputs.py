@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import run_metrics
+from dlrm.outputs import metrics as run_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--mini-batch-size=2", "--data-size=6"]
@@ -84,7 +84,7 @@ def test_onnx_file_name_can_be_chosen(run_main, tmp_path, monkeypatch):
 
 
 def test_save_model_without_tests_writes_the_final_model(run_main, tmp_path):
-    from checkpoint import load_checkpoint
+    from dlrm.run.checkpoint import load_checkpoint
 
     path = tmp_path / "final.pt"
     code, out, err = run_main(*SMALL, "--nepochs=2", f"--save-model={path}")
@@ -159,8 +159,8 @@ def test_tables_that_cannot_fit_are_refused_in_seconds_and_little_memory():
 
 
 def test_memory_estimate_counts_tables_state_mlps_and_a_batch():
-    from dlrm_model import ModelConfig
-    from preflight import BatchShape, estimate_bytes
+    from dlrm.model.dlrm import ModelConfig
+    from dlrm.run.preflight import BatchShape, estimate_bytes
 
     cfg = ModelConfig(embedding_dim=4, table_sizes=(1000, 10), bottom_mlp=(3, 4), top_mlp=(7, 1))
     parts = estimate_bytes(cfg, "adagrad", BatchShape(batch_size=8, bag=2, test_batch_size=8))

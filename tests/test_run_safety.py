@@ -5,19 +5,19 @@ before these checks (data truncated, traceback, silent NaN training, silent corr
 import json
 import os
 import struct
-import sys
 import zipfile
 
 import pytest
 import torch
 
 import dlrm_s_pytorch
-from checkpoint import MODEL_FLAGS_KEY, load_checkpoint, save_checkpoint
-from dlrm_common import CheckpointError, NonFiniteError
+from dlrm.common import CheckpointError, NonFiniteError
+from dlrm.run import benchmark, flags
+from dlrm.run.checkpoint import MODEL_FLAGS_KEY, load_checkpoint, save_checkpoint
+
+from bench.make_fake_criteo import write_fake_kaggle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-from make_fake_criteo import write_fake_kaggle  # noqa: E402
 
 SMALL = ["--mini-batch-size=2", "--data-size=6"]
 KAGGLE = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=13-8-4", "--arch-mlp-top=8-1", "--data-generation=dataset",
@@ -91,7 +91,7 @@ def test_no_output_overwrites_a_trace_file_or_the_loaded_checkpoint(run, tmp_pat
     ("d.log", "d.log", "--synthetic-file={t}/d.log is the same file as --dist-file={t}/d.log"),
 ])
 def test_the_trace_tool_never_overwrites_its_trace(capsys, tmp_path, dist, synthetic, message):
-    from synthetic_trace import trace_main
+    from dlrm.data.synthetic_trace import trace_main
 
     trace = tmp_path / "trace.log"
     trace.write_text("1, 2, 3, 4, 1, 2, 5, 1\n")
@@ -134,7 +134,7 @@ def test_the_tensorboard_directory_is_checked_at_start_up(run_main, tmp_path):
 
 def test_a_tensorboard_directory_spoiled_after_start_up_is_a_warning(tmp_path):
     pytest.importorskip("tensorboard")
-    from run_outputs import make_writer
+    from dlrm.outputs.side_channels import make_writer
 
     (tmp_path / "tb").write_text("x")  # a file where the directory was to be
     lines = []
@@ -158,7 +158,7 @@ def test_stale_save_model_temporaries_are_removed_at_start(run, tmp_path):
 
 
 def _float_cases():
-    for flag, _, lowest in dlrm_s_pytorch.FLOAT_FLAGS:
+    for flag, _, lowest in flags.FLOAT_FLAGS:
         yield flag, "nan", "must be a finite number"
         yield flag, "inf", "must be a finite number"
         if lowest is not None:
@@ -190,7 +190,7 @@ def test_a_loss_that_turns_nan_stops_the_run_naming_the_iteration(run, tmp_path,
 
 
 def test_past_the_kept_losses_the_stop_names_a_range(run, monkeypatch):
-    import dlrm_train
+    from dlrm.run import train as dlrm_train
 
     monkeypatch.setattr(dlrm_train, "LOSS_WINDOW", 1)  # only the first step's loss is kept
     code, out, err = run("--mini-batch-size=2", "--data-size=12", "--learning-rate=1e30", "--print-freq=4")
@@ -198,7 +198,7 @@ def test_past_the_kept_losses_the_stop_names_a_range(run, monkeypatch):
 
 
 def test_a_diverged_run_keeps_the_good_checkpoint_and_names_it(run, tmp_path, monkeypatch):
-    import dlrm_train
+    from dlrm.run import train as dlrm_train
 
     step = dlrm_train.train_step
 
@@ -216,11 +216,11 @@ def test_a_diverged_run_keeps_the_good_checkpoint_and_names_it(run, tmp_path, mo
 
 
 def test_nan_test_predictions_are_one_line_under_mlperf_logging(run, tmp_path, monkeypatch):
-    import mlperf_logger
+    from dlrm.outputs import mlperf_logger
 
     real = mlperf_logger.make_mlperf_logger  # its log, dlrm.log, in tmp_path
-    monkeypatch.setattr(dlrm_s_pytorch, "make_mlperf_logger",
-                        lambda enabled: real(enabled, log_file=str(tmp_path / "dlrm.log")))
+    monkeypatch.setattr(benchmark, "make_mlperf_logger",
+                        lambda enabled, log_file=None: real(enabled, log_file=str(tmp_path / "dlrm.log")))
     code, out, err = run("--mini-batch-size=2", "--data-size=12", "--learning-rate=1e30", "--test-freq=1",
                          "--loss-function=bce", "--round-targets=true", "--mlperf-logging")
     _one_error(code, err.splitlines()[-1] + "\n", "the test predictions became nan at it 1/6 of epoch 0")

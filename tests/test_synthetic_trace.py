@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dlrm_common import ConfigError, DataError  # noqa: E402
-from dlrm_data_pytorch import RandomDataConfig  # noqa: E402
-from synthetic_trace import (  # noqa: E402
+from dlrm.common import ConfigError, DataError
+from dlrm.data.random import RandomDataConfig
+from dlrm.data.synthetic_trace import (
     TraceDistribution, distribution_paths, generate_lru_trace, generate_synthetic_batch,
     profile_trace, read_distribution, read_trace, trace_main, write_distribution, write_trace)
 

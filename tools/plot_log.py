@@ -1,6 +1,6 @@
 """Training curves from the logs that ``dlrm_s_pytorch.py`` prints.
 
-    python tools/plot_log.py run1.log run2.log -o curves.png --title "lr 0.1 vs 0.01"
+    python -m tools.plot_log run1.log run2.log -o curves.png --title "lr 0.1 vs 0.01"
 
 The figure has one panel for the training loss and one for test accuracy, plus one for test AUC when
 a log has it (``--mlperf-logging``); the x axis of each is the global iteration, ``N * epoch + j`` for
@@ -30,11 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-try:
-    from atomic_io import atomic_path
-except ImportError:  # run as `python tools/plot_log.py`: the repository root is not on sys.path
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from atomic_io import atomic_path
+from dlrm.io.atomic import atomic_path
 
 _NUM = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf)"
 _POSITION = r"it (\d+)/(\d+) of epoch (\d+)"

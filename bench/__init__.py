@@ -1,0 +1,1 @@
+"""Benchmarks of this project (run from the checkout root as ``python -m bench.<name>``)."""

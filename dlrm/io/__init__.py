@@ -1,0 +1,1 @@
+"""Files: written atomically, npz streams, provenance records and output-path collisions."""

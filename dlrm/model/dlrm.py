@@ -1,0 +1,628 @@
+"""The DLRM network: parameter drawing, MLPs, embedding tables, interactions, ``DLRM`` and the losses.
+
+This module knows nothing about the command line, data loading or training loops, so tests,
+benchmarks and export import it alone.
+
+Dimension vocabulary (all docstrings): B batch, T tables, D embedding dimension, M dense features,
+F = T + 1 interaction features, P interaction pairs, W top-MLP input width, N_t indices of table t.
+
+Randomness: every parameter value comes from one ``np.random.RandomState`` (the run's stream,
+seeded with ``--numpy-rand-seed``), drawn in the reference's order: all tables in table order, then
+the bottom MLP's layers, then the top MLP's. Quotient-remainder tables are the exception: the
+reference initialises them from torch's RNG, and so do we (see :func:`build_tables`).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.profiler import record_function
+
+from dlrm.common import ConfigError
+from dlrm.kernels import fast_draw
+from dlrm.run.distributed import ButterflyShuffle, DistInfo, shard
+
+Indices = Union[torch.Tensor, List[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's sizes and options.
+
+    Attributes:
+        embedding_dim: D (``--arch-sparse-feature-size``).
+        table_sizes: rows of each of the T tables.
+        bottom_mlp: bottom MLP widths, input M included.
+        top_mlp: top MLP widths, its input W included (see :func:`top_mlp_input_width`).
+        interaction: "dot" or "cat".
+        interaction_itself: the dot interaction includes self products.
+        weighted_pooling: None, "fixed" or "learned" per-row pooling weights.
+        activation: hidden-layer activation, "relu", "sigmoid" or "tanh".
+        loss_threshold: if in (0, 1), predictions are clamped to [t, 1 - t].
+        md_*, qr_*: mixed-dimension and quotient-remainder tables.
+        fix_reference_bugs: QR tables use exact integer quotients and a symmetric NumPy
+            initialisation instead of the reference's float quotient and one-sided torch draws.
+        embedding_backend: "plain" (one ``nn.EmbeddingBag`` per table, updated by the optimizer) or
+            "fused" (:class:`fused_embedding.FusedTables`: one lookup per dim, the SGD update inside
+            backward); both give the same numbers, bit for bit.
+    """
+
+    embedding_dim: int
+    table_sizes: Tuple[int, ...]
+    bottom_mlp: Tuple[int, ...]
+    top_mlp: Tuple[int, ...]
+    interaction: str = "dot"
+    interaction_itself: bool = False
+    weighted_pooling: Optional[str] = None
+    activation: str = "relu"
+    loss_threshold: float = 0.0
+    md_flag: bool = False
+    md_threshold: int = 200
+    md_temperature: float = 0.3
+    md_round_dims: bool = False
+    qr_flag: bool = False
+    qr_threshold: int = 200
+    qr_operation: str = "mult"
+    qr_collisions: int = 4
+    fix_reference_bugs: bool = False
+    embedding_backend: str = "plain"
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.table_sizes)
+
+
+def top_mlp_input_width(interaction: str, itself: bool, num_tables: int, dense_out: int) -> int:
+    """W, the interaction's output width and the top MLP's first width. The interaction classes
+    own the formula (``output_width``); this only picks the class."""
+    features = num_tables + 1
+    layer = DotInteraction(features, itself) if interaction == "dot" else CatInteraction(features)
+    return layer.output_width(dense_out)
+
+
+def fit_to_data(cfg: ModelConfig, table_sizes: Sequence[int], dense_dim: int) -> ModelConfig:
+    """``cfg`` with the tables and dense width that a data set fixes, and the top MLP's input width
+    recomputed for them."""
+    bottom = (dense_dim,) + tuple(cfg.bottom_mlp[1:])
+    width = top_mlp_input_width(cfg.interaction, cfg.interaction_itself, len(table_sizes), bottom[-1])
+    return replace(cfg, table_sizes=tuple(int(s) for s in table_sizes), bottom_mlp=bottom,
+                   top_mlp=(width,) + tuple(cfg.top_mlp[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter drawing and MLPs
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[name]()
+
+
+def draw_linear(rng: np.random.RandomState, n_in: int, n_out: int) -> nn.Linear:
+    """A Linear(n_in -> n_out) drawn from ``rng`` as the reference draws it: weight ~
+    normal(0, sqrt(2 / (n_in + n_out))), shape (n_out, n_in), then bias ~ normal(0, sqrt(1 / n_out)),
+    both drawn in float64 and cast to float32. torch's own init is skipped."""
+    layer = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=True)
+    weight = rng.normal(0.0, np.sqrt(2 / (n_out + n_in)), size=(n_out, n_in)).astype(np.float32)
+    bias = rng.normal(0.0, np.sqrt(1 / n_out), size=n_out).astype(np.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return layer
+
+
+def make_mlp(widths: Sequence[int], rng: np.random.RandomState, activation: str = "relu",
+             sigmoid_last: bool = False) -> nn.Sequential:
+    """Linear layers between consecutive ``widths``, each followed by an activation.
+
+    Layers sit at even indices and activations at odd ones, so the state-dict keys are
+    ``0.weight``, ``0.bias``, ``2.weight``, ... as in the reference. The last activation is a
+    Sigmoid when ``sigmoid_last`` (the top MLP), else the hidden activation (the bottom MLP).
+    """
+    layers: List[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(draw_linear(rng, n_in, n_out))
+        last = i == len(widths) - 2
+        layers.append(nn.Sigmoid() if (last and sigmoid_last) else _activation(activation))
+    return nn.Sequential(*layers)
+
+
+def draw_table(rng: np.random.RandomState, rows: int, dim: int) -> torch.Tensor:
+    """(rows, dim) float32 weights ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng``."""
+    weight = torch.empty(rows, dim, dtype=torch.float32)
+    draw_table_into(rng, weight)
+    return weight
+
+
+def draw_table_into(rng: np.random.RandomState, weight: torch.Tensor) -> None:
+    """Fill the (rows, dim) float32 CPU tensor ``weight`` with uniform(-sqrt(1/rows), sqrt(1/rows))
+    draws from ``rng``: the values and the stream of one big draw cast to float32, without its
+    float64 copy of the whole table (8 bytes a value)."""
+    fast_draw.uniform_into(rng, weight, -np.sqrt(1 / weight.shape[0]), np.sqrt(1 / weight.shape[0]))
+
+
+def _skip_draws(rng: np.random.RandomState, count: int) -> None:
+    """Advance ``rng`` by ``count`` uniform draws without keeping them (another rank's table)."""
+    fast_draw.skip(rng, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding tables: one logical layout (``emb_l.K.weight``), several physical ones
+# ---------------------------------------------------------------------------------------------
+
+
+class PerTableEmbeddings(nn.ModuleList):
+    """The reference's embedding layout: one sum-pooled ``nn.EmbeddingBag`` per table, sparse grads.
+
+    Its state-dict keys are ``K.weight`` (under the model: ``emb_l.K.weight``) with shape
+    (rows_K, D). Another layout (quantized or sharded tables) replaces this module by keeping the
+    signature of ``forward`` and the keys.
+
+    Args:
+        tables: the per-table modules, each called as ``table(indices, offsets, per_sample_weights)``.
+
+    Shape:
+        - offsets: (T, B) int64, bag starts per table (the reference's ``lS_o``).
+        - indices: (T, N) int64 or a list of T tensors (N_t,) (the reference's ``lS_i``).
+        - pooling_weights: None, or a list of T per-row weight vectors (rows_t,).
+        - Output: a list of T tensors (B, D).
+    """
+
+    def forward(self, offsets: torch.Tensor, indices: Indices,
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        pooled = []
+        for t, table in enumerate(self):
+            table_indices = indices[t]
+            weights = None if pooling_weights is None else pooling_weights[t][table_indices]
+            pooled.append(table(table_indices, offsets[t], per_sample_weights=weights))
+        return pooled
+
+
+class QuantizedTables(nn.Module):
+    """Row-wise 8- or 4-bit quantized copies of float tables, for inference.
+
+    Each table is pre-packed with ``torch.ops.quantized.embedding_bag_{byte,4bit}_prepack`` (a scale
+    and bias per row) and looked up with the matching ``*_rowwise_offsets`` op. ``forward`` has
+    :class:`PerTableEmbeddings`' signature, so the model needs no other change.
+
+    Args:
+        tables: the float tables (``nn.EmbeddingBag``) to quantize.
+        bits: 8 or 4.
+    """
+
+    def __init__(self, tables: nn.Module, bits: int):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ConfigError(f"--quantize-emb-with-bit must be 4 or 8 to quantize, got {bits}")
+        ops = torch.ops.quantized
+        prepack = ops.embedding_bag_byte_prepack if bits == 8 else ops.embedding_bag_4bit_prepack
+        self._lookup = ops.embedding_bag_byte_rowwise_offsets if bits == 8 else ops.embedding_bag_4bit_rowwise_offsets
+        weights = table_weights(tables)
+        for t, weight in enumerate(weights):
+            self.register_buffer(f"packed_{t}", prepack(weight.detach().float().contiguous()))
+        self.num_tables = len(weights)
+
+    def forward(self, offsets: torch.Tensor, indices: Indices,
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        pooled = []
+        for t in range(self.num_tables):
+            table_indices = indices[t]
+            weights = None if pooling_weights is None else pooling_weights[t][table_indices].float()
+            pooled.append(self._lookup(getattr(self, f"packed_{t}"), table_indices, offsets[t], False, 0, False,
+                                       weights, None, False))
+        return pooled
+
+
+def table_weights(tables: nn.Module) -> List[torch.Tensor]:
+    """The (rows_t, D) weight of every table of a plain layout (per-table or fused), in table order.
+
+    Raises:
+        ConfigError: QR or mixed-dimension tables, which have no single weight per table.
+    """
+    from dlrm.model.fused_embedding import FusedTables
+
+    if isinstance(tables, FusedTables):
+        return [tables.table_weight(t) for t in range(len(tables.table_sizes))]
+    if not all(isinstance(t, nn.EmbeddingBag) for t in tables):
+        raise ConfigError("--quantize-emb-with-bit works on plain tables only (not with --qr-flag or --md-flag)")
+    return [t.weight for t in tables]
+
+
+def table_bytes(tables: nn.Module) -> int:
+    """Bytes the tables hold: their parameters and buffers (packed quantized tables included)."""
+    return sum(t.numel() * t.element_size() for t in list(tables.parameters()) + list(tables.buffers()))
+
+
+def with_per_table_layout(model: "DLRM") -> "DLRM":
+    """``model`` itself, or, when its tables are fused, a shallow copy whose tables are per-table
+    ``nn.EmbeddingBag`` views of the same weights (what ONNX export traces). Nothing is copied."""
+    from dlrm.model.fused_embedding import FusedTables
+
+    if not isinstance(model.emb_l, FusedTables):
+        return model
+    bags = [nn.EmbeddingBag(w.shape[0], w.shape[1], mode="sum", _weight=w) for w in table_weights(model.emb_l)]
+    plain = copy.copy(model)
+    plain._modules = dict(model._modules)
+    plain._modules["emb_l"] = PerTableEmbeddings(bags)
+    return plain
+
+
+class ShardedTables(nn.ModuleDict):
+    """This rank's contiguous shard of the tables, in a multi-process run.
+
+    Keys are the global table numbers, so the state-dict keys stay ``emb_l.K.weight`` (and
+    ``emb_l.K.weight_q``, ``emb_l.K.embs.weight``, ... for QR and mixed-dimension tables).
+    ``forward`` has :class:`PerTableEmbeddings`' signature: it looks up the local tables for the
+    whole global batch and returns, through the all-to-all, all T tables' outputs for this rank's
+    batch rows. ``info`` is the collective's argument: where this rank stands.
+    ``all_parameter_names`` names every table's parameters (all ranks'), in the single-process
+    ``parameters()`` order, relative to this module.
+
+    Shape:
+        - offsets: (T, B); indices: (T, N) or list of T (N_t,), for the whole batch.
+        - pooling_weights: None, or a list of T per-row weight vectors, None where the table is not
+          held here (only this rank's are read).
+        - Output: a list of T tensors (B_local, D).
+    """
+
+    def __init__(self, tables: Dict[int, nn.Module], table_counts: Sequence[int], info: DistInfo,
+                 all_parameter_names: Sequence[str] = ()):
+        super().__init__({str(k): table for k, table in tables.items()})
+        self.table_counts = list(table_counts)
+        self.info = info
+        self.all_parameter_names = tuple(all_parameter_names)
+
+    def local_tables(self) -> List[int]:
+        """The global numbers of the tables held here, ascending."""
+        return [int(k) for k in self.keys()]
+
+    def forward(self, offsets: torch.Tensor, indices: Indices,
+                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        local = []  # n_local x (B, D)
+        for t in self.local_tables():
+            weights = None if pooling_weights is None else pooling_weights[t][indices[t]]
+            local.append(self[str(t)](indices[t], offsets[t], per_sample_weights=weights))
+        return list(ButterflyShuffle.apply(self.info, self.table_counts, *local))
+
+
+def _sharded_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo) -> ShardedTables:
+    """This rank's tables, drawn exactly as in one process: every table's draws are made, so
+    initialisation does not depend on the number of ranks. Another rank's plain table only moves
+    the NumPy stream past its values; when torch's RNG is read too (QR and mixed-dimension tables),
+    another rank's table is built as in one process, one at a time, and dropped."""
+    shards = [shard(cfg.num_tables, info.world_size, r) for r in range(info.world_size)]
+    start, stop = shards[info.rank]
+    dims = table_dims(cfg)
+    torch_init = cfg.qr_flag or cfg.md_flag
+    tables, names = {}, []
+    for k, (rows, dim) in enumerate(zip(cfg.table_sizes, dims)):
+        if start <= k < stop or torch_init:
+            table = _table(cfg, rng, rows, dim, max(dims), torch_init)
+            names.extend(f"{k}.{name}" for name, _ in table.named_parameters())
+            if start <= k < stop:
+                tables[k] = table
+        else:
+            _skip_draws(rng, rows * dim)
+            names.append(f"{k}.weight")
+    return ShardedTables(tables, [b - a for a, b in shards], info, names)
+
+
+def _plain_table(rng: np.random.RandomState, rows: int, dim: int, torch_init: bool) -> nn.EmbeddingBag:
+    """A plain table drawn from ``rng``. With ``torch_init`` torch's own normal init runs first and
+    is overwritten, as in the reference: that moves torch's RNG, which QR and mixed-dimension tables
+    after it draw from."""
+    if torch_init:
+        table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True)
+        with torch.no_grad():
+            table.weight.copy_(draw_table(rng, rows, dim))
+        return table
+    return nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, _weight=draw_table(rng, rows, dim))
+
+
+def _fused_tables(cfg: ModelConfig, rng: np.random.RandomState, log: Optional[Callable[[str], None]]) -> nn.Module:
+    """All tables in one buffer per dim, each drawn from ``rng`` straight into its place."""
+    from dlrm.model.fused_embedding import FusedTables
+
+    tables = FusedTables.uninitialised(cfg.table_sizes, cfg.embedding_dim, log=log)
+    for t in range(cfg.num_tables):
+        draw_table_into(rng, tables.table_weight(t))
+    return tables
+
+
+def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo(),
+                 log: Optional[Callable[[str], None]] = None) -> nn.Module:
+    """The T tables in table order: plain, quotient-remainder (``--qr-flag``, tables above
+    ``--qr-threshold``) or mixed-dimension (``--md-flag``, tables above ``--md-threshold``).
+
+    Plain and mixed-dimension tables are drawn from ``rng``. QR tables are drawn as the reference
+    draws them, from torch's RNG on U(sqrt(1/n), 1), unless ``cfg.fix_reference_bugs`` (then
+    symmetric, from ``rng``). In a multi-process run only this rank's shard is kept.
+    """
+    large = sum(cfg.table_sizes) * cfg.embedding_dim >= fast_draw.KERNEL_MIN_VALUES
+    note = fast_draw.fallback_note() if large and log is not None else None
+    if note:
+        log(note)
+    if info.world_size > 1:
+        return _sharded_tables(cfg, rng, info)
+    if cfg.embedding_backend == "fused":
+        return _fused_tables(cfg, rng, log)
+    dims = table_dims(cfg)
+    torch_init = cfg.qr_flag or cfg.md_flag  # only these read torch's RNG afterwards
+    return PerTableEmbeddings([_table(cfg, rng, rows, dim, max(dims), torch_init)
+                               for rows, dim in zip(cfg.table_sizes, dims)])
+
+
+def _table(cfg: ModelConfig, rng: np.random.RandomState, rows: int, dim: int, base_dim: int,
+           torch_init: bool) -> nn.Module:
+    """One table as :func:`build_tables` draws it: QR, mixed-dimension (projected to ``base_dim``)
+    or plain."""
+    if cfg.qr_flag and rows > cfg.qr_threshold:
+        return _qr_table(cfg, rng, rows, dim)
+    if cfg.md_flag and rows > cfg.md_threshold:
+        from dlrm.model.md_embedding_bag import PrEmbeddingBag
+
+        table = PrEmbeddingBag(rows, dim, base_dim)
+        table.reset_parameters(rng)
+        return table
+    return _plain_table(rng, rows, dim, torch_init)
+
+
+def _qr_table(cfg: ModelConfig, rng: np.random.RandomState, rows: int, dim: int) -> nn.Module:
+    from dlrm.model.qr_embedding_bag import QREmbeddingBag
+
+    fixed = cfg.fix_reference_bugs
+    table = QREmbeddingBag(rows, dim, cfg.qr_collisions, operation=cfg.qr_operation, mode="sum", sparse=True,
+                           exact_quotient=fixed, reference_init=not fixed)
+    if fixed:
+        table.reset_parameters(rng)
+    return table
+
+
+_SKIP_CHUNK = 1 << 20
+"""Values per torch draw when moving torch's generator past a large initialisation."""
+
+
+def _skip_torch_uniform(count: int, chunk: int) -> None:
+    """Move torch's global generator past ``count`` float32 ``uniform_`` draws (one 32-bit draw
+    each), through a buffer of at most ``chunk`` values."""
+    buffer = torch.empty(min(count, chunk))
+    while count > 0:
+        step = min(count, chunk)
+        buffer[:step].uniform_()
+        count -= step
+
+
+def _skip_torch_normal(numel: int, chunk: int) -> None:
+    """Move torch's global generator past ``normal_`` on a float32 tensor of ``numel`` values.
+
+    torch fills 16 or more values from one uniform draw each and, when ``numel`` is not a multiple
+    of 16, draws the last 16 again; fewer than 16 take another path, so those are simply drawn."""
+    if numel < 16 or numel <= chunk:
+        torch.empty(numel).normal_()
+        return
+    _skip_torch_uniform(numel + (16 if numel % 16 else 0), chunk)
+
+
+def skip_reference_torch_init(cfg: ModelConfig, chunk: int = _SKIP_CHUNK) -> None:
+    """Move torch's global generator as the reference's model construction did, after this model
+    was built: the reference built each plain table and Linear with torch's default initialisation
+    (normal tables; kaiming-uniform weights, uniform biases) and then overwrote it with NumPy draws.
+
+    Our tables read torch's generator themselves when QR or mixed-dimension tables are on (they
+    draw from it); otherwise nothing of this model did, so the tables' draws are skipped here too.
+    What reads the generator afterwards (the base seed of the reference's loader workers) then
+    sees the reference's state."""
+    if not (cfg.qr_flag or cfg.md_flag):
+        for rows in cfg.table_sizes:
+            _skip_torch_normal(rows * cfg.embedding_dim, chunk)
+    for widths in (cfg.bottom_mlp, cfg.top_mlp):
+        for n_in, n_out in zip(widths[:-1], widths[1:]):
+            _skip_torch_uniform(n_out * n_in, chunk)
+            _skip_torch_uniform(n_out, chunk)
+
+
+def table_dims(cfg: ModelConfig) -> List[int]:
+    """Each table's dimension: D; with ``--md-flag`` the power rule's dims for tables above
+    ``--md-threshold`` (smaller tables keep D; the reference crashed on them); with QR ``concat``,
+    2D for the plain tables, so every table outputs 2D like the QR ones (the reference mixed D and
+    2D and crashed)."""
+    if cfg.qr_flag and cfg.qr_operation == "concat":
+        return [cfg.embedding_dim if rows > cfg.qr_threshold else 2 * cfg.embedding_dim for rows in cfg.table_sizes]
+    if not cfg.md_flag:
+        return [cfg.embedding_dim] * cfg.num_tables
+    from dlrm.model.md_embedding_bag import md_solver
+
+    dims = md_solver(torch.tensor(cfg.table_sizes), cfg.md_temperature, d0=cfg.embedding_dim,
+                     round_dim=cfg.md_round_dims)
+    return [int(d) if rows > cfg.md_threshold else cfg.embedding_dim for d, rows in zip(dims, cfg.table_sizes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interactions
+# ---------------------------------------------------------------------------------------------
+
+
+class DotInteraction(nn.Module):
+    """Pairwise dot products of the bottom-MLP output and the pooled embeddings.
+
+    Output order (fixed: checkpoints and printed numbers depend on it): the bottom-MLP vector x
+    itself, then <v_i, v_j> for the features v = [x, e_1, ..., e_T] over the strictly lower
+    triangle, read row by row: (1,0), (2,0), (2,1), (3,0), ... ; with ``self_interaction`` the
+    diagonal is included, j <= i: (0,0), (1,0), (1,1), (2,0), ... This is the reference's order and
+    NOT TorchRec's; reordering would permute the columns of ``top_l.0.weight`` and break reference
+    checkpoints. The pair indices are built once, as non-persistent buffers.
+
+    Args:
+        num_features: F = T + 1.
+        self_interaction: include the diagonal.
+
+    Shape:
+        - dense: (B, D); embedded: list of T tensors (B, D).
+        - Output: (B, D + P), P = F(F-1)/2 (or F(F+1)/2 with the diagonal).
+    """
+
+    def __init__(self, num_features: int, self_interaction: bool = False):
+        super().__init__()
+        extra = 1 if self_interaction else 0
+        pairs = [(i, j) for i in range(num_features) for j in range(i + extra)]  # row by row
+        # Position i * F + j of each pair in the flattened (F, F) products: one index_select picks
+        # them all (cheaper than two-index gathering, and its backward is a plain index_add).
+        self.register_buffer("rows", torch.tensor([i for i, _ in pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("cols", torch.tensor([j for _, j in pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("pair_index", self.rows * num_features + self.cols, persistent=False)
+
+    def output_width(self, dim: int) -> int:
+        return dim + self.pair_index.numel()
+
+    def forward(self, dense: torch.Tensor, embedded: List[torch.Tensor]) -> torch.Tensor:
+        batch, dim = dense.shape
+        features = torch.cat([dense] + embedded, dim=1).view(batch, -1, dim)  # (B, F, D)
+        products = torch.bmm(features, features.transpose(1, 2))  # (B, F, F)
+        pairs = products.flatten(1).index_select(1, self.pair_index)  # (B, P)
+        return torch.cat([dense, pairs], dim=1)  # (B, D + P)
+
+
+class CatInteraction(nn.Module):
+    """Concatenation [x, e_1, ..., e_T]. Output (B, F * D)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def output_width(self, dim: int) -> int:
+        return self.num_features * dim
+
+    def forward(self, dense: torch.Tensor, embedded: List[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([dense] + embedded, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class DLRM(nn.Module):
+    """The DLRM network: bottom MLP, embedding tables, interaction, top MLP with a sigmoid.
+
+    Parameters are drawn from ``rng`` in the reference's order: every table, then the bottom MLP's
+    layers, then the top MLP's; so the same seed gives the same numbers. State-dict keys:
+    ``emb_l.K.weight``, ``v_W_l.K`` (learned pooling), ``bot_l.N.weight/bias``,
+    ``top_l.N.weight/bias``.
+
+    Args:
+        cfg: sizes and options.
+        rng: the NumPy legacy stream (seeded with ``--numpy-rand-seed``).
+        info: where this process stands; in a multi-process run the tables, and their learned
+            pooling weights (``v_W_l``, then a ParameterDict keyed by table number), are this
+            rank's shard.
+        log: receives a one-line note if the fused tables fall back to their pure-torch path.
+
+    Shape:
+        - dense_x: (B, M) for the rows this process computes; offsets: (T, B_all); indices: (T, N)
+          or a list of T (N_t,), for the whole batch (B_all = B in one process).
+        - Output: (B, 1) probabilities.
+
+    Example::
+
+        >>> cfg = ModelConfig(embedding_dim=2, table_sizes=(4, 3), bottom_mlp=(4, 2), top_mlp=(5, 1))
+        >>> model = DLRM(cfg, np.random.RandomState(123))
+        >>> model(torch.rand(2, 4), torch.tensor([[0, 1], [0, 1]]), torch.tensor([[0, 3], [2, 2]])).shape
+        torch.Size([2, 1])
+    """
+
+    def __init__(self, cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo(),
+                 log: Optional[Callable[[str], None]] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.emb_l = build_tables(cfg, rng, info, log)
+        sharded = isinstance(self.emb_l, ShardedTables)
+        held = self.emb_l.local_tables() if sharded else range(cfg.num_tables)
+        if cfg.weighted_pooling == "learned":  # with its table: keys v_W_l.K in both layouts
+            weights = {str(t): nn.Parameter(torch.ones(cfg.table_sizes[t])) for t in held}
+            self.v_W_l = nn.ParameterDict(weights) if sharded else nn.ParameterList(weights.values())
+        elif cfg.weighted_pooling == "fixed":
+            for t in held:
+                self.register_buffer(f"fixed_pooling_{t}", torch.ones(cfg.table_sizes[t]), persistent=False)
+        self.bot_l = make_mlp(cfg.bottom_mlp, rng, cfg.activation, sigmoid_last=False)
+        self.top_l = make_mlp(cfg.top_mlp, rng, cfg.activation, sigmoid_last=True)
+        features = cfg.num_tables + 1
+        if cfg.interaction == "dot":
+            self.interaction = DotInteraction(features, cfg.interaction_itself)
+        else:
+            self.interaction = CatInteraction(features)
+
+    def pooling_weights(self) -> Optional[List[Optional[torch.Tensor]]]:
+        """Each table's per-row pooling weights (None for a table another rank holds), or None
+        without ``--weighted-pooling``."""
+        if self.cfg.weighted_pooling == "learned":
+            if isinstance(self.v_W_l, nn.ParameterDict):
+                return [self.v_W_l[str(t)] if str(t) in self.v_W_l else None for t in range(self.cfg.num_tables)]
+            return list(self.v_W_l)
+        if self.cfg.weighted_pooling == "fixed":
+            return [getattr(self, f"fixed_pooling_{t}", None) for t in range(self.cfg.num_tables)]
+        return None
+
+    def forward(self, dense_x: torch.Tensor, offsets: torch.Tensor, indices: Indices) -> torch.Tensor:
+        with record_function("DLRM embedding forward"):
+            embedded = self.emb_l(offsets, indices, self.pooling_weights())  # T x (B, D)
+        with record_function("DLRM bottom nlp forward"):
+            x = self.bot_l(dense_x)  # (B, D)
+        with record_function("DLRM interaction forward"):
+            z = self.interaction(x, embedded)  # (B, W)
+        with record_function("DLRM top nlp forward"):
+            p = self.top_l(z)  # (B, 1)
+            if p.dtype in (torch.bfloat16, torch.float16):
+                p = p.float()  # float32 under bf16 autocast; float64 stays float64
+        threshold = self.cfg.loss_threshold
+        if 0.0 < threshold < 1.0:
+            p = torch.clamp(p, min=threshold, max=1.0 - threshold)
+        return p
+
+
+def quantize_for_inference(model: DLRM, emb_bits: int, mlp_bits: int) -> nn.Module:
+    """``emb_bits`` 4/8: row-wise quantized tables; ``mlp_bits`` 8/16: dynamic int8/float16 Linear
+    layers; 32 leaves that part as it is. Returns the model to run (a new one for quantized MLPs)."""
+    if emb_bits != 32:
+        model.emb_l = QuantizedTables(model.emb_l, emb_bits)
+    if mlp_bits == 32:
+        return model
+    dtype = torch.qint8 if mlp_bits == 8 else torch.float16
+    with warnings.catch_warnings():  # the reference's dynamic quantization API, deprecated upstream
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {nn.Linear}, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+LOSSES = ("mse", "bce", "wbce")
+
+
+def make_loss(name: str, class_weights: Sequence[float] = (1.0, 1.0)) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of ``probs`` (B, 1) against ``labels`` (B, 1).
+
+    mse and bce are batch means. wbce weighs each sample's BCE by ``class_weights[label]`` (labels
+    must be 0/1) in float64, as the reference does, then takes the mean.
+    """
+    if name == "mse":
+        return nn.MSELoss(reduction="mean")
+    if name == "bce":
+        return nn.BCELoss(reduction="mean")
+    if name == "wbce":
+        weights = torch.tensor(class_weights, dtype=torch.float64)
+        bce = nn.BCELoss(reduction="none")
+
+        def weighted_bce(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            per_sample = weights.to(labels.device)[labels.long()] * bce(probs, labels)
+            return per_sample.mean()
+
+        return weighted_bce
+    raise ConfigError(f"--loss-function={name} is not supported (use {', '.join(LOSSES)})")

@@ -1,0 +1,194 @@
+"""What a run is: its configuration, read once from the flags, and the checks of that configuration
+that need the running process (world size, device, memory).
+
+The entry script's ``config_from_args`` builds :class:`RunConfig`; every other part of the program
+takes the smallest sub-config it needs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+from dlrm.common import ConfigError
+from dlrm.io.path_collisions import NamedFile
+from dlrm.model.dlrm import ModelConfig
+from dlrm.outputs.side_channels import OutputConfig
+from dlrm.run.distributed import DistInfo
+from dlrm.run.preflight import BatchShape, check_memory as check_memory_fits
+from dlrm.run.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """Where and how the run executes."""
+
+    seed: int = 123
+    use_gpu: bool = False
+    local_rank: int = -1
+    dist_backend: str = ""
+    debug_mode: bool = False
+    print_precision: int = 5
+    dist_init_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    inference_only: bool = False
+    quantize_mlp_bits: int = 32
+    quantize_emb_bits: int = 32
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, read once from the flags. ``model`` holds the flags' table sizes; a
+    Criteo data set replaces them with its own (:func:`dlrm_model.fit_to_data`)."""
+
+    model: ModelConfig
+    data: object  # RandomDataConfig or CriteoLoaderConfig
+    train: TrainConfig
+    system: SystemConfig
+    output: OutputConfig
+    inference: InferenceConfig
+    flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value by its reference name, for the args line
+
+    @property
+    def random_data(self) -> bool:
+        return not hasattr(self.data, "preprocess")
+
+
+FUSED_MIN_VALUES = 1 << 20
+"""``--embedding-backend=auto`` fuses tables holding at least this many values: below it a step is a
+few microseconds either way, and the fused kernel's one-off build (about 30 s) would not pay."""
+
+
+def embedding_backend(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> str:
+    """"plain" or "fused" for ``--embedding-backend``; ConfigError if "fused" cannot apply here."""
+    t = cfg.train
+    blockers = [why for why, present in (
+        ("--optimizer is not sgd", t.optimizer != "sgd" and not cfg.inference.inference_only),
+        ("several processes", info.world_size > 1), ("--qr-flag", model_cfg.qr_flag), ("--md-flag", model_cfg.md_flag),
+        ("gradient accumulation", t.mlperf_logging and t.grad_accum_iter > 1), ("a GPU", device.type != "cpu"),
+    ) if present]
+    requested = model_cfg.embedding_backend
+    if requested == "fused" and blockers:
+        raise ConfigError(f"--embedding-backend=fused does not apply with {', '.join(blockers)} (use plain or auto)")
+    if requested != "auto":
+        return requested
+    values = sum(model_cfg.table_sizes) * model_cfg.embedding_dim
+    return "fused" if not blockers and values >= FUSED_MIN_VALUES else "plain"
+
+
+def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
+    """Raise ConfigError for what a multi-process run does not support."""
+    if info.world_size == 1:
+        return
+    if num_tables < info.world_size:
+        raise ConfigError(f"only ({num_tables}) sparse features for ({info.world_size}) devices, "
+                          "table partitions will fail")
+    i = cfg.inference
+    for flag, used in (("--save-onnx", cfg.output.save_onnx), ("--quantize-emb-with-bit", i.quantize_emb_bits != 32),
+                       ("--quantize-mlp-with-bit", i.quantize_mlp_bits != 32)):
+        if used:
+            raise ConfigError(f"{flag} is not supported in a multi-process run (world size {info.world_size})")
+
+
+def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
+    """Flags that are accepted but change nothing here, each said once (the reference ignored them
+    silently)."""
+    out, inference = [], cfg.inference
+    if inference.inference_only and not cfg.output.load_model:
+        out.append("warning: --inference-only without --load-model evaluates a freshly drawn model")
+    if not inference.inference_only and (inference.quantize_emb_bits != 32 or inference.quantize_mlp_bits != 32):
+        out.append("warning: --quantize-emb-with-bit and --quantize-mlp-with-bit apply with --inference-only "
+                   "only; this run trains in float32")
+    if cfg.system.use_gpu and not torch.cuda.is_available():
+        out.append("warning: --use-gpu, but CUDA is not available: running on the CPU")
+    if cfg.train.mixed_precision == "bf16" and not cfg.train.fast_numerics and not _native_bf16() \
+            and not (cfg.system.use_gpu and torch.cuda.is_available()):
+        out.append("warning: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): under "
+                   "--mixed-precision=bf16 its GEMMs are emulated and many times slower than float32 "
+                   "(add --fast-numerics to keep them in float32)")
+    if cfg.system.dist_backend and info.world_size == 1:
+        out.append(f"warning: --dist-backend={cfg.system.dist_backend} has no effect in a single process")
+    return out
+
+
+PER_RANK_FLAGS = frozenset({"local_rank", "dist_init_timeout", "metrics_file", "tensor_board_filename", "onnx_file"})
+"""Flags (by their reference names) that may differ between the ranks of one run: each process's own
+place and patience, and the side outputs that rank 0 alone writes."""
+
+PATH_FLAGS = frozenset({"raw_data_file", "processed_data_file", "data_trace_file", "load_model", "save_model"})
+"""Paths that may differ between ranks (each machine keeps its copy where it likes) as long as all ranks
+give one or none: what the files hold is compared once they are read (the data's shape, the loaded
+checkpoint's position). ``--save-model`` is here because every rank takes part in each save."""
+
+
+def rank_settings(cfg: RunConfig) -> Dict[str, Tuple[object, str]]:
+    """Every flag that all ranks must share, by its spelling (``--learning-rate``), as (what must be
+    equal, what to show), for :func:`extend_distributed.check_ranks_agree`."""
+    out = {}
+    for name, value in cfg.flags:
+        if name in PER_RANK_FLAGS:
+            continue
+        shown = str(value) if value != "" else "none"
+        out["--" + name.replace("_", "-")] = (bool(value) if name in PATH_FLAGS else repr(value), shown)
+    return out
+
+
+def _native_bf16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def check_memory(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> None:
+    """Refuse, before building anything, a model and batch that do not fit in this machine's memory."""
+    bag = 1 if not cfg.random_data else cfg.data.num_indices_per_lookup
+    shape = BatchShape(cfg.train.batch_size, bag, cfg.data.test_batch_size if not cfg.random_data else 0)
+    optimizer = None if cfg.inference.inference_only else cfg.train.optimizer
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if info.world_size > 1 else 1
+    check_memory_fits(model_cfg, optimizer, shape, device, processes_here=local, world_size=info.world_size)
+
+
+def input_files(cfg: RunConfig) -> List[NamedFile]:
+    """Every file the run reads, or that preprocessing makes and the run then reads, with the flag
+    it comes from: what no output may overwrite."""
+    files = [NamedFile("--load-model", cfg.output.load_model)] if cfg.output.load_model else []
+    if cfg.random_data:
+        if cfg.data.generation == "synthetic":
+            from dlrm.data.synthetic_trace import distribution_paths
+
+            files += [NamedFile("--data-trace-file", path, "a distribution file")
+                      for path in distribution_paths(cfg.data.trace_file, len(cfg.data.table_sizes))]
+        return files
+    return files + _criteo_files(cfg.data)
+
+
+def _criteo_files(data) -> List[NamedFile]:
+    """The raw files (Terabyte's day files), every file preprocessing makes from them, their
+    provenance records and row caches, --processed-data-file and the MLPerf binary files."""
+    from dlrm.io import provenance
+    from dlrm.data.criteo.loaders import bin_file_paths, row_cache_path
+    from dlrm.data.criteo.preprocess import NUM_SPARSE, criteo_paths
+
+    pre = data.preprocess
+    paths = criteo_paths(pre.data_set, pre.raw_data_file)
+    raw, named = "--raw-data-file", "--processed-data-file"
+    files = ([NamedFile(raw, pre.raw_data_file)] if pre.data_set == "kaggle" else
+             [NamedFile(raw, f"{pre.raw_data_file}_{i}", "a day file") for i in range(paths.days)])
+    made = [paths.day_count_file(), paths.fea_count_file(), paths.output_file()]
+    made += [paths.fea_dict_file(j) for j in range(NUM_SPARSE)]
+    for i in range(paths.days):
+        made += [paths.parsed_day(i), paths.processed_day(i), paths.reordered_day(i)]
+        made += [paths.intermediate_day(i, part) for part in ("y", "d", "s")]
+    sources = [NamedFile(raw, path, "a preprocessed file") for path in made]
+    if pre.processed_data_file:
+        sources.append(NamedFile(named, pre.processed_data_file))
+        if data.mlperf_bin_loader:
+            sources += [NamedFile(named, path, "an MLPerf binary file")
+                        for path in bin_file_paths(pre.processed_data_file).values()]
+    for source in sources:
+        files += [source, NamedFile(source.flag, provenance.record_path(source.path), "a provenance record"),
+                  NamedFile(source.flag, row_cache_path(source.path), "a row cache")]
+    return files
