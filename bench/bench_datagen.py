@@ -4,7 +4,7 @@ Both draw exactly the same numbers (tests/test_data.py checks that); this times 
 reference's CPU benchmark configuration (batch 2048, dense 512, 8 tables of 1M rows, up to 100
 indices per bag) with each.
 
-    python bench/bench_datagen.py [--batches 10]
+    python -m bench.bench_datagen [--batches 10]
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import statistics
 import time
 
 import numpy as np
-
 
 from dlrm.data.random import RandomDataConfig, generate_random_batch
 

@@ -22,7 +22,7 @@ Reports median and interquartile range of wall time, median process CPU time, GF
 GEMMs (6 B sum(N_in N_out) per step) and each variant's speed-up over the first one.
 
 Usage:
-    python bench/bench_fast_numerics.py [--config cpu|kaggle] [--precision fp32|bf16]
+    python -m bench.bench_fast_numerics [--config cpu|kaggle] [--precision fp32|bf16]
         [--threads 2] [--iters N] [--variants exact,mkl,onednn] [--whole-step]
 """
 from __future__ import annotations
@@ -40,7 +40,6 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 import torch
 from torch import nn
-
 
 from dlrm.model import fast_numerics as fn
 from dlrm.model.dlrm import DotInteraction, make_mlp

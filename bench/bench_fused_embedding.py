@@ -12,7 +12,7 @@ Cases:
     b: the 26 Kaggle-shaped tables (33.8M rows), D=16, batch 128, one index per bag
 
 Usage:
-    python bench/bench_fused_embedding.py [--case a|b|both] [--iters 20] [--warmup 3]
+    python -m bench.bench_fused_embedding [--case a|b|both] [--iters 20] [--warmup 3]
         [--threads 2] [--backend auto|cpp|torch]
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
-
 
 from dlrm.model import fused_embedding as fe
 

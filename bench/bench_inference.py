@@ -21,10 +21,10 @@ emb-8bit and emb-4bit (``quantize_emb_bits``: row-wise quantized tables), all th
 is timed with CUDA events; the quantized variants use CPU-only kernels and are skipped there.
 ``--embedding-backend=auto`` means plain tables here (auto's choice is about the training update).
 
-    python bench/bench_inference.py --batch-sizes 1,128,2048,16384 --json /tmp/inf.json --markdown /tmp/inf.md
-    python bench/bench_inference.py --arch-sparse-feature-size=64 --arch-embedding-size=1000000-1000000 \\
+    python -m bench.bench_inference --batch-sizes 1,128,2048,16384 --json /tmp/inf.json --markdown /tmp/inf.md
+    python -m bench.bench_inference --arch-sparse-feature-size=64 --arch-embedding-size=1000000-1000000 \\
         --arch-mlp-bot=512-512-64 --arch-mlp-top=1024-1024-1024-1 --num-indices-per-lookup=100
-    python bench/bench_inference.py --quick --batch-sizes 1,4   # the tiny default model, for tests
+    python -m bench.bench_inference --quick --batch-sizes 1,4   # the tiny default model, for tests
 """
 from __future__ import annotations
 

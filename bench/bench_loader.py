@@ -9,7 +9,7 @@ the in-memory mode (randomize total and none) and the memory-map mode, it builds
 ``--batch-size``, main process) per repeat.
 
 Usage:
-    python bench/bench_loader.py [--rows 2000000] [--batch-size 128] [--batches 2000]
+    python -m bench.bench_loader [--rows 2000000] [--batch-size 128] [--batches 2000]
         [--repeats 7] [--data-dir bench/out/loader] [--results bench/out/results_loader.md]
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-
 
 from dlrm.data.criteo import loaders as criteo_data
 from dlrm.data.criteo.preprocess import PreprocessConfig
@@ -151,7 +150,7 @@ def machine() -> str:
 def write_results(path: str, args, rows: List[Dict[str, str]]) -> None:
     lines = ["# Criteo loader benchmark (criteo_data.py)", "",
              f"Machine: {machine()}", "",
-             f"Command: `python bench/bench_loader.py --rows {args.rows} --batch-size "
+             f"Command: `python -m bench.bench_loader --rows {args.rows} --batch-size "
              f"{args.batch_size} --batches {args.batches} --repeats {args.repeats}`", "",
              f"Data: {args.rows} Kaggle-shaped samples (random values, real Kaggle table sizes), "
              f"processed npz + 7 reordered day files, written uncompressed as data_utils.py does "

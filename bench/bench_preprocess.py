@@ -6,7 +6,7 @@ and reports the wall time of preprocess_criteo alone (imports excluded), raw lin
 the process's peak RSS (VmHWM; worker processes of --multiprocessing not included), next to the
 RSS right after the imports.
 
-    python bench/bench_preprocess.py [--lines 2000000] [--repeats 5] [--workdir /tmp/dlrm_bench_pre]
+    python -m bench.bench_preprocess [--lines 2000000] [--repeats 5] [--workdir /tmp/dlrm_bench_pre]
                                      [--multiprocessing] [--memory-map]
 """
 from __future__ import annotations

@@ -5,11 +5,11 @@ Runs ``dlrm_s_pytorch.py`` as a user would, with ``--print-freq=1 --print-time``
 to end (data generation + forward/backward/update + printing); the printed ms/it is the compute
 part only (what the reference reports). Also times building the model (start to first line).
 
-    python bench/bench_random.py                     # the reference's CPU benchmark: 8 x 1M x 64, batch 2048
-    python bench/bench_random.py --iters 30 --repeats 3
-    python bench/bench_random.py --kaggle-build      # time building the Kaggle-shaped model only
-    python bench/bench_random.py --kaggle-step       # a Kaggle-model training step at batch 128
-    python bench/bench_random.py --interleaved 10    # ours vs the reference's data generation, alternating
+    python -m bench.bench_random                     # the reference's CPU benchmark: 8 x 1M x 64, batch 2048
+    python -m bench.bench_random --iters 30 --repeats 3
+    python -m bench.bench_random --kaggle-build      # time building the Kaggle-shaped model only
+    python -m bench.bench_random --kaggle-step       # a Kaggle-model training step at batch 128
+    python -m bench.bench_random --interleaved 10    # ours vs the reference's data generation, alternating
 """
 from __future__ import annotations
 

@@ -21,12 +21,12 @@ spread. At start-up the harness measures this machine's GEMM peak (fp32 and bf16
 best of several) and memory bandwidth (a large copy, and a random-row gather) and stores them in
 the JSON.
 
-    python bench/harness.py --configs cpu-benchmark,kaggle-128 \\
+    python -m bench.harness --configs cpu-benchmark,kaggle-128 \\
         --a "--embedding-backend=plain" --b "--embedding-backend=fused" \\
         --json /tmp/ab.json --markdown /tmp/ab.md
-    python bench/harness.py --configs kaggle-128 --script-b /other/checkout/dlrm_s_pytorch.py
-    python bench/harness.py --configs cpu-benchmark --threads 1 ...   # one thread per process: steadier on a shared VM
-    python bench/harness.py --quick --configs tiny   # a few seconds; what the tests run
+    python -m bench.harness --configs kaggle-128 --script-b /other/checkout/dlrm_s_pytorch.py
+    python -m bench.harness --configs cpu-benchmark --threads 1 ...   # one thread per process: steadier on a shared VM
+    python -m bench.harness --quick --configs tiny   # a few seconds; what the tests run
 
 Configurations (``--list`` prints their flags): cpu-benchmark, kaggle-128, kaggle-2048,
 mlperf-scaled (the MLPerf model with every table capped at 2,000,000 rows: 13.1M rows x 128 x 4 B

@@ -13,8 +13,8 @@ Lines are assembled with NumPy into one byte buffer per chunk (no per-value Pyth
 take a few seconds. Files are written to a temporary name and renamed when complete.
 
 CLI:
-    python bench/make_fake_criteo.py kaggle   OUT/train.txt --lines 2000000 [--seed 0]
-    python bench/make_fake_criteo.py terabyte OUT/day --days 24 --lines 100000 [--seed 0]
+    python -m bench.make_fake_criteo kaggle   OUT/train.txt --lines 2000000 [--seed 0]
+    python -m bench.make_fake_criteo terabyte OUT/day --days 24 --lines 100000 [--seed 0]
 """
 from __future__ import annotations
 

@@ -4,10 +4,8 @@ import json
 
 import pytest
 
-from helpers.models import tiny_model_config
-
-
 from bench import harness
+from helpers.models import tiny_model_config
 
 
 def test_step_flops_matches_a_hand_count():

@@ -2,7 +2,6 @@
 model sizes (counted by hand) and fp32 against itself. No timing is asserted."""
 import json
 
-
 from bench import bench_inference
 
 # tables 4-3-2 with D=2 (9 rows); bottom 4-3-2 and top 8-4-2-1 hold 23 + 49 = 72 float32 values

@@ -1,7 +1,7 @@
 """The command line: reference flags and defaults, and one-line errors for bad input."""
+import os
 import subprocess
 import sys
-import os
 
 import pytest
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-
 from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.data.criteo import preprocess as du
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.common import ConfigError, DataError
 from dlrm.data.criteo import loaders as cd

@@ -14,22 +14,22 @@ import pytest
 import torch
 
 import dlrm_data_pytorch as dp
-
+from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.common import ConfigError
 from dlrm.model.dlrm import DLRM
 from dlrm.run import flags as run_flags
 from dlrm_s_pytorch import DLRM_Net
-
-from bench.make_fake_criteo import write_fake_kaggle
 
 ROOT = Path(__file__).resolve().parents[1]
 
 LOSS = re.compile(r"^Finished training it \d+/\d+ of epoch \d+, -1\.00 ms/it, loss (\d+\.\d{6})$", re.M)
 ACCURACY = re.compile(r"^ accuracy (\d+\.\d{3}) %", re.M)
 
+
 # ---------------------------------------------------------------------------------------------
 # A research script, written as such scripts are (NumPy arrays, the global generator, SGD)
 # ---------------------------------------------------------------------------------------------
+
 
 def reference_sizes(arch_embedding_size, arch_mlp_bot, arch_mlp_top, op="dot", itself=False):
     """ln_emb, ln_bot, ln_top as the reference's script computes them from its flags."""
@@ -43,6 +43,7 @@ def reference_sizes(arch_embedding_size, arch_mlp_bot, arch_mlp_top, op="dot", i
         num_int = num_fea * m_den_out
     ln_top = np.fromstring(str(num_int) + "-" + arch_mlp_top, dtype=int, sep="-")
     return ln_emb, ln_bot, ln_top
+
 
 def script_train(dlrm, loader, lr, print_freq):
     """The reference's loop: forward, loss, zero_grad, backward, step; the printed mean losses
@@ -63,15 +64,18 @@ def script_train(dlrm, loader, lr, print_freq):
             total_loss, total_samp = 0, 0
     return printed
 
+
 def random_args(**flags):
     base = dict(mini_batch_size=2, data_size=6, numpy_rand_seed=123, num_workers=0)
     base.update(flags)
     return argparse.Namespace(**base)
 
+
 def default_model(loss_function="mse", **kwargs):
     ln_emb, ln_bot, ln_top = reference_sizes("4-3-2", "4-3-2", "4-2-1")
     return DLRM_Net(2, ln_emb, ln_bot, ln_top, arch_interaction_op="dot", arch_interaction_itself=False,
                     sigmoid_bot=-1, sigmoid_top=ln_top.size - 2, loss_function=loss_function, **kwargs)
+
 
 def test_script_prints_the_reference_losses_and_our_cli_agrees(run_main, tmp_path):
     np.random.seed(123)
@@ -87,6 +91,7 @@ def test_script_prints_the_reference_losses_and_our_cli_agrees(run_main, tmp_pat
     assert code == 0, err
     assert LOSS.findall(out) == losses
 
+
 def test_reading_the_data_before_building_the_model_gives_the_debug_mode_numbers():
     """The reference's debug mode reads every batch before it builds the model: the model's draws
     then continue the data's stream."""
@@ -100,9 +105,11 @@ def test_reading_the_data_before_building_the_model_gives_the_debug_mode_numbers
                                atol=5e-5)
     assert script_train(dlrm, train_ld, lr=0.01, print_freq=1) == ["0.018993", "0.029700", "0.049903"]
 
+
 # ---------------------------------------------------------------------------------------------
 # Initial parameters: NumPy's global generator, the reference's order
 # ---------------------------------------------------------------------------------------------
+
 
 def plain_initial_parameters(seed, ln_emb, m_spa, ln_bot, ln_top):
     """The reference's draws, restated: np.random.seed, every table uniform(+-sqrt(1/n)), then every
@@ -120,6 +127,7 @@ def plain_initial_parameters(seed, ln_emb, m_spa, ln_bot, ln_top):
             params[f"{name}.{2 * i}.bias"] = np.random.normal(0.0, np.sqrt(1 / m), size=m).astype(np.float32)
     return params
 
+
 def test_initial_parameters_are_the_reference_draws_from_the_global_generator():
     # table 0 is large enough (40,000 values) for the native uniform kernel
     ln_emb, ln_bot, ln_top = reference_sizes("20000-7-1-30", "5-6-2", "6-3-1", op="cat")
@@ -134,11 +142,13 @@ def test_initial_parameters_are_the_reference_draws_from_the_global_generator():
     # the global generator moved exactly as far as the plain draws
     np.testing.assert_array_equal(np.random.random_sample(3), after_plain)
 
+
 def cli_model(*flags):
     """The model our command line builds for ``flags`` (random data: built right after the seed)."""
     cfg = run_flags.config_from_args(run_flags.build_parser().parse_args(list(flags)))
     torch.manual_seed(cfg.system.seed)
     return DLRM(cfg.model, np.random.RandomState(cfg.system.seed))
+
 
 @pytest.mark.parametrize("flags, options", [
     ([], {}),
@@ -168,6 +178,7 @@ def test_same_model_as_our_run_from_the_same_seed(flags, options):
     if options.get("weighted_pooling"):
         assert [k for k in state if k.startswith("v_W_l.")] == ["v_W_l.0", "v_W_l.1", "v_W_l.2"]
 
+
 def test_sigmoid_layers_are_placed_as_asked():
     ln_emb, ln_bot, ln_top = reference_sizes("4-3-2", "4-3-2", "4-2-1")
     default = DLRM_Net(2, ln_emb, ln_bot, ln_top)  # the reference's defaults: -1, no Sigmoid anywhere
@@ -175,6 +186,7 @@ def test_sigmoid_layers_are_placed_as_asked():
     dlrm = DLRM_Net(2, ln_emb, ln_bot, ln_top, sigmoid_bot=0, sigmoid_top=ln_top.size - 2)
     assert [type(m).__name__ for m in dlrm.bot_l] == ["Linear", "Sigmoid", "Linear", "ReLU"]
     assert [type(m).__name__ for m in dlrm.top_l] == ["Linear", "ReLU", "Linear", "ReLU", "Linear", "Sigmoid"]
+
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(ln_bot=np.array([4, 3, 3])), "ln_bot ends in 3"),
@@ -189,9 +201,11 @@ def test_sizes_that_cannot_work_are_refused_at_construction(kwargs, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         DLRM_Net(**args)
 
+
 # ---------------------------------------------------------------------------------------------
 # Outputs: a checkpoint from --save-model, loaded and run as MLPerf's backend does
 # ---------------------------------------------------------------------------------------------
+
 
 def plain_forward(state, X, lS_o, lS_i):
     """The reference's forward, restated in float64 NumPy: ReLU bottom MLP, sum-pooled bags, the
@@ -210,6 +224,7 @@ def plain_forward(state, X, lS_o, lS_i):
         features.append(np.stack([table[lS_i[k][s:e]].sum(axis=0) for s, e in zip(lS_o[k], ends)]))
     pairs = [[f_i @ f_j for i, f_i in enumerate(row) for f_j in row[:i]] for row in zip(*features)]
     return mlp("top_l", np.concatenate([x, np.array(pairs)], axis=1), True)
+
 
 def test_checkpoint_saved_by_our_run_loads_and_gives_its_predictions(run_main, tmp_path):
     path = tmp_path / "model.pt"
@@ -246,6 +261,7 @@ def test_checkpoint_saved_by_our_run_loads_and_gives_its_predictions(run_main, t
             total += T.shape[0]
     assert ACCURACY.findall(evaluated) == [f"{100 * correct / total:3.3f}"]
 
+
 def test_offsets_and_indices_in_either_form_give_the_same_output():
     np.random.seed(3)
     dlrm = default_model()
@@ -265,9 +281,11 @@ def test_offsets_and_indices_in_either_form_give_the_same_output():
         z = dlrm.interact_features(dlrm.apply_mlp(X, dlrm.bot_l), ly)
         assert torch.equal(dlrm.apply_mlp(z, dlrm.top_l), expected)
 
+
 # ---------------------------------------------------------------------------------------------
 # Batches: the random loader against our run's batches, the Criteo loaders against our run
 # ---------------------------------------------------------------------------------------------
+
 
 def assert_same_batch(actual, expected):
     assert torch.equal(actual[0], expected.dense_x)
@@ -277,11 +295,13 @@ def assert_same_batch(actual, expected):
         assert torch.equal(a, e)
     assert torch.equal(actual[3], expected.labels)
 
+
 def our_random_batches(*flags):
     """Two epochs of our run's training batches for ``flags``."""
     cfg = run_flags.config_from_args(run_flags.build_parser().parse_args(list(flags)))
     _, loader, _, _ = dp.make_random_data_and_loaders(cfg.data, np.random.RandomState(cfg.system.seed), print)
     return list(loader) + list(loader)
+
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_random_loader_yields_our_runs_batches(workers):
@@ -301,6 +321,7 @@ def test_random_loader_yields_our_runs_batches(workers):
     # the reference's collate, over the dataset's items
     assert_same_batch(dp.collate_wrapper_random_offset([train_data[0]]), expected[0])
 
+
 def test_random_loader_reads_string_flags_and_refuses_what_it_cannot_honour():
     args = random_args(data_generation="dataset")
     with pytest.raises(ConfigError, match="data_generation random or synthetic"):
@@ -313,10 +334,12 @@ def test_random_loader_reads_string_flags_and_refuses_what_it_cannot_honour():
                                                        num_indices_per_lookup="1"), np.array([4, 3, 2]), 4)
     assert all(len(i) == 2 for i in next(iter(fixed[1]))[2])  # one index per bag, 2 bags
 
+
 KAGGLE = dict(arch_sparse_feature_size=4, arch_mlp_bot="13-8-4", arch_mlp_top="8-1", data_generation="dataset",
               data_set="kaggle", loss_function="bce", round_targets=True, learning_rate=0.1, mini_batch_size=32,
               print_freq=4, test_mini_batch_size=64, numpy_rand_seed=11, max_ind_range=300, num_workers=0,
               test_num_workers=0, memory_map=False, data_randomize="total")
+
 
 def plain_criteo_collate(samples):
     """The reference's Criteo collate, restated: log(x + 1) dense, offsets 0..B-1 per table."""
@@ -325,6 +348,7 @@ def plain_criteo_collate(samples):
     offsets = torch.arange(len(samples)).repeat(indices.shape[0], 1)
     labels = torch.tensor(np.array([s[2] for s in samples]), dtype=torch.float32).view(-1, 1)
     return dense, offsets, indices, labels
+
 
 def test_criteo_loaders_and_a_script_reproduce_our_run(run_main, tmp_path):
     raw = tmp_path / "train.txt"
@@ -357,14 +381,17 @@ def test_criteo_loaders_and_a_script_reproduce_our_run(run_main, tmp_path):
                 assert torch.equal(a, e)
     assert script_train(dlrm, train_ld, lr=args.learning_rate, print_freq=args.print_freq) == LOSS.findall(out)
 
+
 # ---------------------------------------------------------------------------------------------
 # The README's example
 # ---------------------------------------------------------------------------------------------
+
 
 def readme_library_example():
     text = (ROOT / "README.md").read_text()
     section = text.split("## Using it as a library", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
 
 @pytest.mark.slow
 def test_readme_library_example_runs_and_prints_the_reference_losses(tmp_path):

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import dlrm_s_pytorch
+from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.common import CheckpointError, NonFiniteError
 from dlrm.run import benchmark, flags
 from dlrm.run.checkpoint import MODEL_FLAGS_KEY, load_checkpoint, save_checkpoint
-
-from bench.make_fake_criteo import write_fake_kaggle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-
 from dlrm.common import ConfigError, DataError
 from dlrm.data.random import RandomDataConfig
 from dlrm.data.synthetic_trace import (

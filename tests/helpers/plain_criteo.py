@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-
 from dlrm.data.criteo import preprocess as du
 
 
