@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 
 from dlrm.common import DLRMError
 # The model's names are re-exported for importers of this script (older code, notebooks).
+from dlrm.distributed import announce_failure, current_info, is_collective_failure, peer_failure, shutdown_distributed
 from dlrm.model.dlrm import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfig, QuantizedTables,  # noqa: F401
                              draw_table, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
                              table_bytes, top_mlp_input_width, with_per_table_layout)
 from dlrm.reference_api import DLRM_Net  # noqa: F401  (the reference's model class, for code that imports it)
 from dlrm.run.benchmark import run
-from dlrm.run.distributed import announce_failure, current_info, is_collective_failure, peer_failure, shutdown_distributed
 from dlrm.run.flags import build_parser, config_from_args
 
 

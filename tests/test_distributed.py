@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
+from dlrm.distributed import DistInfo, shard
 from dlrm.run.checkpoint import load_checkpoint
-from dlrm.run.distributed import DistInfo, shard
 from helpers import dist_steps
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -228,7 +228,7 @@ def test_a_failing_rank_says_so_once_and_the_others_name_it(monkeypatch):
     assert err.count("error: a rank-local problem (injected by the test)") == 1
     others = re.findall(r"error: rank 0: .*", err)  # rank 0 names rank 1, unless torchrun stopped it first
     assert others in ([], ["error: rank 0: stopping because rank 1 failed"]), others
-    for frame in ("dlrm_s_pytorch.py\", line", "dlrm/run/train.py\", line", "dlrm/run/distributed.py\", line"):
+    for frame in ("dlrm_s_pytorch.py\", line", "dlrm/run/train.py\", line", "dlrm/distributed.py\", line"):
         assert frame not in err  # no traceback from our processes
 
 

@@ -59,7 +59,7 @@ def test_fused_is_refused_where_it_does_not_apply(run_main, flags, why):
 def test_auto_fuses_large_tables_only():
     from dlrm.run.config import embedding_backend
     from dlrm.run.flags import build_parser, config_from_args
-    from dlrm.run.distributed import DistInfo
+    from dlrm.distributed import DistInfo
 
     def chosen(*argv):
         cfg = config_from_args(build_parser().parse_args(list(argv)))

@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from dlrm.run.distributed import first_disagreement
+from dlrm.distributed import first_disagreement
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--mini-batch-size=4", "--data-size=16", "--arch-embedding-size=4-3-2-5", "--learning-rate=0.1"]
-OUR_FRAMES = ('dlrm_s_pytorch.py", line', 'dlrm/run/benchmark.py", line', 'dlrm/run/distributed.py", line',
+OUR_FRAMES = ('dlrm_s_pytorch.py", line', 'dlrm/run/benchmark.py", line', 'dlrm/distributed.py", line',
               'dlrm/run/checkpoint.py", line', 'rank_variants.py", line')
 TIMEOUT_S = 2  # --dist-init-timeout of the processes that cannot meet
 

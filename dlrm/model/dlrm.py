@@ -24,8 +24,8 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from dlrm.common import ConfigError
+from dlrm.distributed import ButterflyShuffle, DistInfo, shard
 from dlrm.kernels import fast_draw
-from dlrm.run.distributed import ButterflyShuffle, DistInfo, shard
 
 Indices = Union[torch.Tensor, List[torch.Tensor]]
 

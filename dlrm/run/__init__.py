@@ -1,1 +1,1 @@
-"""A benchmark run: flags, configuration, the run itself, training loops, checkpoints and processes."""
+"""A benchmark run: flags, configuration, the run itself, training loops, and checkpoints."""

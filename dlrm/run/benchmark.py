@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dlrm.common import ConfigError
+from dlrm.distributed import DistInfo, all_or_none, check_ranks_agree, init_distributed
 from dlrm.model.dlrm import (DLRM, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
                              table_bytes, with_per_table_layout)
 from dlrm.outputs.metrics import MetricsFile, format_summary
@@ -25,7 +26,6 @@ from dlrm.outputs.side_channels import (check_no_overwrites, check_outputs, draw
 from dlrm.run.checkpoint import Expected, restore
 from dlrm.run.config import (RunConfig, SystemConfig, check_distributed, check_memory, embedding_backend,
                              flag_warnings, input_files, rank_settings)
-from dlrm.run.distributed import DistInfo, all_or_none, check_ranks_agree, init_distributed
 from dlrm.run.preflight import human
 from dlrm.run.train import (Logger, RunParts, TrainState, evaluate_once, format_arch, format_batch, format_parameters,
                             graph_output, make_optimizer, make_scheduler, optimizer_groups, train)

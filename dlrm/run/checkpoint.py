@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from dlrm.common import CheckpointError, NonFiniteError, first_line
+from dlrm.distributed import DistInfo, gather_objects
 from dlrm.io.atomic import atomic_path, raw_file, writing
-from dlrm.run.distributed import DistInfo, gather_objects
 
 # ---------------------------------------------------------------------------------------------
 # Safe save and load

@@ -13,10 +13,10 @@ from typing import Dict, List, Tuple
 import torch
 
 from dlrm.common import ConfigError
+from dlrm.distributed import DistInfo
 from dlrm.io.path_collisions import NamedFile
 from dlrm.model.dlrm import ModelConfig
 from dlrm.outputs.side_channels import OutputConfig
-from dlrm.run.distributed import DistInfo
 from dlrm.run.preflight import BatchShape, check_memory as check_memory_fits
 from dlrm.run.train import TrainConfig
 

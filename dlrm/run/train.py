@@ -23,11 +23,11 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from dlrm.common import Batch, ConfigError, NonFiniteError
+from dlrm.distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
 from dlrm.model.dlrm import ModelConfig, table_dims
 from dlrm.outputs.metrics import BestResult, MetricsFile, progress_bar
 from dlrm.outputs.mlperf_logger import MLPerfLogger
 from dlrm.run.checkpoint import Position, Resume, checkpoint_payload, save_checkpoint
-from dlrm.run.distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
 
 OPTIMIZERS = ("sgd", "adagrad", "rwsadagrad")
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from dlrm.data.random import RandomDataConfig, RandomDataset
+from dlrm.distributed import DistInfo, init_distributed, shutdown_distributed
 from dlrm.model.dlrm import DLRM, ModelConfig, make_loss, top_mlp_input_width
 from dlrm.run.checkpoint import full_state_dict
-from dlrm.run.distributed import DistInfo, init_distributed, shutdown_distributed
 from dlrm.run.train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
 
 STEPS = 5
