@@ -735,7 +735,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except DLRMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks printing at once never splice lines
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -17,13 +17,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import data_utils as du  # noqa: E402
 from make_fake_criteo import write_fake_kaggle  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 # The first run: preprocessing that stops once its parsed day 3 is open under a temporary name,
 # says so (a file "holding" in the control directory), and goes on when a file "go" appears there.
 HOLDING_RUN = """
 import os, sys, time
 import data_utils as du, npz_io
 
-pytestmark = pytest.mark.slow  # every test here starts processes
 raw, control = sys.argv[1], sys.argv[2]
 real_enter = npz_io.NpzStreamWriter.__enter__
 def enter(self):

@@ -238,7 +238,7 @@ def test_under_mlperf_the_reference_saves_whatever_auc_it_loaded_unless_fixed(ru
 
     real = mlperf_logger.make_mlperf_logger  # its log in tmp_path, not beside the module
     monkeypatch.setattr(dlrm_s_pytorch, "make_mlperf_logger",
-                        lambda enabled: real(enabled, log_file=str(tmp_path / "dlrm.log")))
+                        lambda enabled, log_file=None: real(enabled, log_file=str(tmp_path / "dlrm.log")))
     path = tmp_path / "m.pt"
     common = POLICY + ["--nepochs=1", "--mlperf-logging", f"--tensor-board-filename={tmp_path / 'tb'}"]
     code, out, err = run_main(*common, f"--save-model={path}")

@@ -220,7 +220,7 @@ def test_nan_test_predictions_are_one_line_under_mlperf_logging(run, tmp_path, m
 
     real = mlperf_logger.make_mlperf_logger  # its log, dlrm.log, in tmp_path
     monkeypatch.setattr(dlrm_s_pytorch, "make_mlperf_logger",
-                        lambda enabled: real(enabled, log_file=str(tmp_path / "dlrm.log")))
+                        lambda enabled, log_file=None: real(enabled, log_file=str(tmp_path / "dlrm.log")))
     code, out, err = run("--mini-batch-size=2", "--data-size=12", "--learning-rate=1e30", "--test-freq=1",
                          "--loss-function=bce", "--round-targets=true", "--mlperf-logging")
     _one_error(code, err.splitlines()[-1] + "\n", "the test predictions became nan at it 1/6 of epoch 0")
