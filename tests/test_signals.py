@@ -205,3 +205,49 @@ def test_a_closed_pipe_ends_the_run_quietly(tmp_path):
     err = run.proc.stderr.read()
     assert run.proc.wait(timeout=120) == 128 + signal.SIGPIPE
     assert "Traceback" not in err and "Exception ignored" not in err and "error" not in err, err
+
+
+def test_a_captured_log_has_no_progress_redraws(tmp_path):
+    """With stderr captured (not a terminal), neither ``--progress`` nor preprocessing draws bars:
+    every line of the log is a line, and a whole Criteo run's stderr holds no carriage return."""
+    write_fake_kaggle(str(tmp_path / "train.txt"), 700, seed=2)
+    proc = subprocess.run([sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *CRITEO, "--raw-data-file=train.txt",
+                           "--num-batches=2", f"--tensor-board-filename={tmp_path / 'tb'}"], cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("summary: ")
+
+
+def test_signals_raised_keeps_ignored_signals_ignored_and_restores_the_handlers():
+    """A signal ignored before (SIGHUP under nohup) stays ignored; the others raise Interrupted
+    once, with their number; the handlers before come back afterwards."""
+    import interrupts
+    from dlrm_common import Interrupted
+
+    before_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    before_term = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Interrupted) as caught:
+            with interrupts.signals_raised():
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing happens
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here, at once
+        assert caught.value.exit_code == 143 and caught.value.describe() == (
+            "interrupted by SIGTERM while starting; kept: nothing written yet")
+        assert signal.getsignal(signal.SIGTERM) is before_term
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before_hup)
+
+
+def test_remove_temps_of_removes_only_the_named_processes_files(tmp_path):
+    from atomic_io import remove_temps_of, temp_name
+
+    mine = temp_name(str(tmp_path / "day_0.npz"))
+    other = mine.replace(f".{os.getpid()}-", f".{os.getpid() + 1}-")
+    for name in (mine, other, str(tmp_path / "day_0.npz")):
+        Path(name).write_bytes(b"x")
+    assert remove_temps_of(str(tmp_path), [os.getpid()]) == [mine]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(other).name, "day_0.npz"])
