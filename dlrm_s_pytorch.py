@@ -29,16 +29,18 @@ import numpy as np
 import torch
 
 from checkpoint import Expected, restore
-from dlrm_common import ConfigError, DLRMError, parse_bool
+from dlrm_common import ConfigError, DLRMError, Interrupted, parse_bool
 # The model's names are re-exported for importers of this script (older code, notebooks).
 from dlrm_model import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfig, QuantizedTables,  # noqa: F401
                         draw_table, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
                         table_bytes, top_mlp_input_width, with_per_table_layout)
 from reference_api import DLRM_Net  # noqa: F401  (the reference's model class, for code that imports it)
 from dlrm_train import (OPTIMIZERS, Logger, RunParts, TrainConfig, TrainState, evaluate_once, format_arch, format_batch,
-                        format_parameters, graph_output, make_optimizer, make_scheduler, optimizer_groups, train)
+                        format_parameters, graph_output, kept_checkpoint, make_optimizer, make_scheduler, optimizer_groups,
+                        train)
 from extend_distributed import (DistInfo, all_or_none, announce_failure, check_ranks_agree, current_info,
                                 init_distributed, is_collective_failure, peer_failure, shutdown_distributed)
+from interrupts import held, quiet_broken_pipe, signals_raised
 from mlperf_logger import MISSING_PACKAGE_WARNING, make_mlperf_logger
 from preflight import human
 from run_metrics import MetricsFile, format_summary
@@ -579,7 +581,10 @@ def run(cfg: RunConfig) -> None:
     device = setup_device(cfg.system, log, info)
     mlperf.end("init_stop")
     mlperf.start("run_start")
-    data = all_or_none(lambda: make_data(cfg, rng, log), info, "read the data")
+    try:
+        data = all_or_none(lambda: make_data(cfg, rng, log), info, "read the data")
+    except Interrupted as exc:
+        raise exc.during("loading the data")
     check_ranks_agree(data_settings(data), info)
     if cfg.train.mlperf_logging:
         log("command line args: " + json.dumps(dict(cfg.flags)))
@@ -589,8 +594,11 @@ def run(cfg: RunConfig) -> None:
     mlperf.submission_info(t.batch_size, cfg.system.seed, t.learning_rate, t.lr_num_warmup_steps,
                            t.lr_decay_start_step, t.lr_num_decay_steps)
     parts.mlperf = mlperf
-    execute(cfg, parts, state)
-    finish(cfg, parts, state, model, data, started)
+    try:
+        execute(cfg, parts, state)
+        finish(cfg, parts, state, model, data, started)
+    except Interrupted as exc:
+        raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
 
 
 def _say(text: str) -> None:
@@ -676,7 +684,8 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
                      f"{human(before)} -> {human(table_bytes(model.emb_l))}")
     log("time/loss/accuracy (if enabled):")
     if info.is_main:
-        parts.writer = make_writer(cfg.output.tensor_board_filename, log.note)
+        with held():  # a writer cut short while it starts would keep its thread running
+            parts.writer = make_writer(cfg.output.tensor_board_filename, log.note)
         parts.metrics = MetricsFile(cfg.output.metrics_file) if cfg.output.metrics_file else None
     return parts, state
 
@@ -698,9 +707,10 @@ def execute(cfg: RunConfig, parts: RunParts, state: TrainState) -> None:
             else:
                 train(parts, cfg.train, state)
     finally:
-        for channel in (parts.writer, parts.metrics):
-            if channel is not None:
-                channel.close()
+        with held():  # closing must not be cut short: TensorBoard's thread would outlive the run
+            for channel in (parts.writer, parts.metrics):
+                if channel is not None:
+                    channel.close()
 
 
 def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data: Data, started: float) -> None:
@@ -724,35 +734,53 @@ def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; report bad input as one ``error: ...`` line on stderr and exit code 2."""
+    """Run the benchmark; report bad input as one ``error: ...`` line on stderr and exit code 2, a
+    signal (SIGTERM, SIGINT, SIGHUP) as one line and exit code 128 + the signal, and a closed
+    standard output (``... | head``) quietly, with 128 + SIGPIPE."""
     try:
-        cfg = config_from_args(build_parser().parse_args(argv))
-        try:
-            run(cfg)
-            shutdown_distributed()  # waits for every rank, so it can fail like any collective
-        except BaseException as exc:
-            raise _as_run_error(exc)
+        with signals_raised() as signals:
+            cfg = config_from_args(build_parser().parse_args(argv))
+            try:
+                run(cfg)
+                shutdown_distributed()  # waits for every rank, so it can fail like any collective
+            except BaseException as exc:
+                signals.quiet()  # a signal now (torchrun stopping the others) must not replace this error
+                raise _as_run_error(exc)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except DLRMError as exc:
-        sys.stderr.write(f"error: {exc}\n")  # one write: ranks printing at once never splice lines
-        return 2
+        return _report(f"error: {exc}", 2)
+    except Interrupted as exc:
+        return _report(f"error: {exc.describe()}", exc.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _report("error: interrupted", 130)
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     return 0
 
 
+def _report(line: str, code: int) -> int:
+    """Print ``line`` on stderr (unless stderr's reader is gone too); return ``code``."""
+    try:
+        sys.stderr.write(line + "\n")  # one write: ranks printing at once never splice lines
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    return code
+
+
 def _as_run_error(exc: BaseException) -> BaseException:
-    """In a multi-process run: a failing rank tells the others (so they can name it) and leaves
-    without waiting for them; a rank whose collective broke because another rank stopped says so in
-    one line instead of a backend traceback."""
+    """In a multi-process run: a failing or interrupted rank tells the others (so they can name it)
+    and leaves without waiting for them; a rank whose collective broke because another rank stopped
+    says so in one line instead of a backend traceback."""
     info = current_info()
     if info.world_size > 1:
-        if isinstance(exc, DLRMError):
+        if isinstance(exc, (DLRMError, Interrupted)):
             announce_failure(info)
         elif is_collective_failure(exc):
             exc = peer_failure(info, exc)
+        if isinstance(exc, Interrupted):
+            exc.rank = info.rank
     shutdown_distributed(wait=False)
     return exc
 
