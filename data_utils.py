@@ -1835,10 +1835,10 @@ def _preprocess(cfg: PreprocessConfig, log: Callable[[str], None],
     paths = check_config(cfg)
     rng = _stream(cfg, rng)
     with _preprocessing_lock(cfg, paths, log):
-        return _preprocess(cfg, paths, rng, log)
+        return _preprocess_locked(cfg, paths, rng, log)
 
 
-def _preprocess(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
+def _preprocess_locked(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
                 log: Callable[[str], None]) -> str:
     """``preprocess_criteo`` once no other run writes in its directories."""
     _remove_stale_temps(cfg, paths)
