@@ -19,7 +19,8 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from dlrm.common import DLRMError
+from dlrm.cli import run_command
+from dlrm.common import DLRMError, Interrupted
 # The model's names are re-exported for importers of this script (older code, notebooks).
 from dlrm.distributed import announce_failure, current_info, is_collective_failure, peer_failure, shutdown_distributed
 from dlrm.model.dlrm import (DLRM, LOSSES, CatInteraction, DotInteraction, ModelConfig, QuantizedTables,  # noqa: F401
@@ -31,35 +32,34 @@ from dlrm.run.flags import build_parser, config_from_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; report bad input as one ``error: ...`` line on stderr and exit code 2."""
-    try:
-        cfg = config_from_args(build_parser().parse_args(argv))
+    """Run the benchmark; report what stops it in one line (:func:`dlrm.cli.run_command`)."""
+    parser = build_parser()
+
+    def body(signals) -> int:
+        cfg = config_from_args(parser.parse_args(argv))
         try:
             run(cfg)
             shutdown_distributed()  # waits for every rank, so it can fail like any collective
         except BaseException as exc:
+            signals.quiet()  # a signal now (torchrun stopping the others) must not replace this error
             raise _as_run_error(exc)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except DLRMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_command(body, parser)
 
 
 def _as_run_error(exc: BaseException) -> BaseException:
-    """In a multi-process run: a failing rank tells the others (so they can name it) and leaves
-    without waiting for them; a rank whose collective broke because another rank stopped says so in
-    one line instead of a backend traceback."""
+    """In a multi-process run: a failing or interrupted rank tells the others (so they can name it)
+    and leaves without waiting for them; a rank whose collective broke because another rank stopped
+    says so in one line instead of a backend traceback."""
     info = current_info()
     if info.world_size > 1:
-        if isinstance(exc, DLRMError):
+        if isinstance(exc, (DLRMError, Interrupted)):
             announce_failure(info)
         elif is_collective_failure(exc):
             exc = peer_failure(info, exc)
+        if isinstance(exc, Interrupted):
+            exc.rank = info.rank
     shutdown_distributed(wait=False)
     return exc
 

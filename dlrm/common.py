@@ -8,8 +8,10 @@ Dimension vocabulary used in docstrings across the project:
 """
 from __future__ import annotations
 
+import re
+import signal
 import stat
-from typing import List, NamedTuple, Optional, Union
+from typing import List, Mapping, NamedTuple, Optional, Union
 
 import torch
 
@@ -20,6 +22,20 @@ class DLRMError(Exception):
 
 class ConfigError(DLRMError, ValueError):
     """A flag value, or a combination of flags, that cannot work. The message names the flag."""
+
+
+class FlagError(ConfigError):
+    """A config value that cannot work, its fields named in braces: ``"{batch_size} must be at
+    least 1, got 0"``. A command line names each field by its option (``--mini-batch-size``, see
+    :func:`dlrm.cli.run_command`); elsewhere the field's name stands."""
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.message({}))
+
+    def message(self, names: Mapping[str, str]) -> str:
+        """The text, each ``{field}`` replaced by ``names[field]`` (by the field's name if absent)."""
+        return re.sub(r"\{([a-z_][a-z0-9_]*)\}", lambda m: names.get(m.group(1), m.group(1)), self.template)
 
 
 class DataError(DLRMError, ValueError):
@@ -53,6 +69,62 @@ def non_regular_kind(mode: int) -> Optional[str]:
         if test(mode):
             return kind
     return "not a regular file"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM, SIGINT, SIGHUP) that stops the run, raised by ``interrupts.signals_raised``.
+
+    A ``KeyboardInterrupt``, so no ``except Exception`` swallows it and clean-up written for
+    Ctrl-C runs for every signal. The parts it passes through say where the run stood: the
+    innermost sets :attr:`activity` (``during``), the training loop :attr:`position` (``at``),
+    the run what its last checkpoint holds (``keeping``); :meth:`describe` makes one line of it.
+
+    Attributes:
+        signum: the signal's number; the exit code is 128 + signum.
+        activity: what was running ("training", "testing", "saving the checkpoint m.pt", ...).
+        position: where training stood ("iteration 7/100 of epoch 0").
+        kept: what the interrupted run leaves for the next one.
+        rank: this process's rank, in a multi-process run.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.activity: Optional[str] = None
+        self.position: Optional[str] = None
+        self.kept: Optional[str] = None
+        self.rank: Optional[int] = None  # set in a multi-process run
+
+    def during(self, activity: str) -> "Interrupted":
+        if self.activity is None:
+            self.activity = activity
+        return self
+
+    def at(self, position: str) -> "Interrupted":
+        if self.position is None:
+            self.position = position
+        return self
+
+    def keeping(self, kept: str) -> "Interrupted":
+        if self.kept is None:
+            self.kept = kept
+        return self
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def describe(self) -> str:
+        """``interrupted by SIGTERM while testing (iteration 4/8 of epoch 0); kept: ...``."""
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
+        text = f"rank {self.rank}: " if self.rank is not None else ""
+        text += f"interrupted by {name} while {self.activity or 'starting'}"
+        if self.position:
+            text += f" ({self.position})"
+        return text + f"; kept: {self.kept or 'nothing written yet'}"
 
 
 class CheckpointError(DLRMError, ValueError):

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 # The first run: preprocessing that stops once its parsed day 3 is open under a temporary name,
 # says so (a file "holding" in the control directory), and goes on when a file "go" appears there.
 HOLDING_RUN = """

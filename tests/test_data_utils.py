@@ -568,7 +568,7 @@ def test_cli_runs_and_prints_output(kaggle_dir, capsys):
 
 
 @pytest.mark.parametrize("argv_tail, message", [
-    (["--data-randomize=rows"], "argument --data-randomize: invalid choice"),
+    (["--data-randomize=rows"], "--data-randomize=rows is not supported (choose from total, day, none)"),
     (["--raw-data-file=BAD"], "expected 40 tab-separated fields"),
 ])
 def test_cli_bad_input_is_one_error_line(kaggle_dir, capsys, argv_tail, message):

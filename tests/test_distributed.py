@@ -187,13 +187,21 @@ def test_pooling_weights_qr_and_md_tables_give_the_single_process_result(tmp_pat
     a, b = load_checkpoint(str(single)), load_checkpoint(str(multi))
     assert list(a["state_dict"]) == list(b["state_dict"])
     assert own_key in a["state_dict"]
+    steps, bags = 2 * 10, 10 * 6  # two epochs of 10 batches; bags of up to 10 rows, batches of 6
+
+    def close(x, y):  # float32 rounding of reordered sums only (see fp32_reorder_bound)
+        torch.testing.assert_close(x, y, rtol=0, atol=fp32_reorder_bound(bags, steps, float(y.abs().max())))
+
     for key in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=1e-5, atol=1e-6)
+        close(b["state_dict"][key], a["state_dict"][key])
     state1, state2 = a["opt_state_dict"]["state"], b["opt_state_dict"]["state"]
     assert sorted(state1) == sorted(state2)
     for i in state1:
         for name in state1[i]:
-            torch.testing.assert_close(state2[i][name], state1[i][name], rtol=1e-5, atol=1e-6)
+            if state1[i][name].is_floating_point():
+                close(state2[i][name], state1[i][name])
+            else:
+                assert torch.equal(state2[i][name], state1[i][name])
 
 
 @pytest.mark.parametrize("flags", [["--weighted-pooling=learned"], ["--qr-flag", "--qr-threshold=25"]])
@@ -226,8 +234,10 @@ def test_a_failing_rank_says_so_once_and_the_others_name_it(monkeypatch):
     code, out, err = _run(ARGS[:3] + ["--print-freq=1"], 2, script="tests/helpers/rank_failure.py")
     assert code != 0
     assert err.count("error: a rank-local problem (injected by the test)") == 1
-    others = re.findall(r"error: rank 0: .*", err)  # rank 0 names rank 1, unless torchrun stopped it first
-    assert others in ([], ["error: rank 0: stopping because rank 1 failed"]), others
+    others = re.findall(r"error: rank 0: .*", err)  # rank 0 names rank 1, or says torchrun stopped it
+    assert len(others) == 1, err
+    assert others[0] == "error: rank 0: stopping because rank 1 failed" or others[0].startswith(
+        "error: rank 0: interrupted by SIGTERM while training (iteration "), others
     for frame in ("dlrm_s_pytorch.py\", line", "dlrm/run/train.py\", line", "dlrm/distributed.py\", line"):
         assert frame not in err  # no traceback from our processes
 

@@ -112,8 +112,11 @@ def test_the_adapter_keeps_the_printers_own_filtering(capsys):
 
 
 def test_progress_bar_follows_the_terminal_unless_forced(monkeypatch):
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # where the bar is drawn
     with progress_bar(1, "x") as bar:
         assert bar.enabled
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a captured log
+    with progress_bar(1, "x") as bar:
+        assert not bar.enabled
     with progress_bar(1, "x", enabled=False) as bar:
         assert not bar.enabled

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Tuple
 
+from dlrm.common import FlagError
+
 
 @dataclass(frozen=True)
 class RandomDataConfig:
@@ -66,3 +68,14 @@ class RandomDataConfig:
     def batches(self) -> int:
         """Batches in the data set: ceil(samples / batch_size)."""
         return math.ceil(self.total_samples / self.batch_size)
+
+
+def check_batching(batch_size: int, num_workers: int, test_batch_size: int = -1, test_num_workers: int = -1) -> None:
+    """Raise FlagError for a batch size or a loader-worker count that cannot work (every data
+    source's config checks its own with this, so each is checked once, in one wording)."""
+    if batch_size < 1:
+        raise FlagError(f"{{batch_size}} must be at least 1, got {batch_size}")
+    if test_batch_size == 0:
+        raise FlagError("{test_batch_size} must be at least 1 (or -1 for the training size)")
+    if num_workers < 0 or test_num_workers < -1:
+        raise FlagError("{num_workers} must not be negative, nor {test_num_workers} below -1 (-1: {num_workers})")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import uuid
 from contextlib import contextmanager
-from typing import IO, Iterator, List, Optional, Tuple, Type
+from typing import IO, Iterable, Iterator, List, Optional, Tuple, Type
 
 from dlrm.common import WriteError, first_line
 
@@ -144,3 +145,20 @@ def _writer_alive(pid_text: str) -> bool:
     except PermissionError:  # it exists, as another user's process
         return True
     return True
+
+
+def remove_temps_of(directory: str, pids: Iterable[int]) -> List[str]:
+    """Remove the temporary files in ``directory`` that the processes ``pids`` were writing (they
+    must have ended: worker processes stopped mid-write); returns them. Other names are kept."""
+    wanted = {str(pid) for pid in pids}
+    pattern = re.compile(r"\.(\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
+    removed = []
+    for name in os.listdir(directory) if wanted else ():
+        found = pattern.search(name)
+        if found and found.group(1) in wanted:
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue
+            removed.append(os.path.join(directory, name))
+    return removed

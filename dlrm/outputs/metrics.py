@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from tqdm import tqdm
 
 from dlrm.common import ConfigError
+from dlrm.io import interrupts
 from dlrm.io.atomic import writing
 
 METRICS_FIELDS = ("iteration", "epoch", "loss", "lr", "ms_per_it", "samples_per_s", "accuracy", "auc")
@@ -203,7 +204,7 @@ class ProgressBar:
             return log
 
         def log_above_bar(*args, **kwargs) -> None:
-            with tqdm.external_write_mode(file=sys.stdout):
+            with interrupts.held(), tqdm.external_write_mode(file=sys.stdout):  # no signal inside tqdm's lock
                 log(*args, **kwargs)
 
         return log_above_bar
@@ -224,13 +225,19 @@ def progress_bar(total: int, desc: str, enabled: Optional[bool] = None) -> Progr
     """A :class:`ProgressBar` of ``total`` steps labelled ``desc``.
 
     Args:
-        enabled (bool, optional): ``None`` shows the bar only when standard output is a terminal
-            (a log redirected to a file, CI, or a batch job gets none); ``True`` forces it on,
-            ``False`` off. Default: ``None``
+        enabled (bool, optional): ``None`` shows the bar only when standard error, where it is
+            drawn, is a terminal (a log captured to a file, CI, or a batch job gets none: no
+            carriage-return redraws in it); ``True`` forces it on, ``False`` off. Default: ``None``
     """
     if enabled is None:
-        enabled = _is_terminal(sys.stdout)
+        enabled = stderr_is_terminal()
     return ProgressBar(total, desc, enabled)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether standard error is a terminal: where progress bars are drawn, and only there (in a
+    captured log a bar's redraws would make one long line of everything)."""
+    return _is_terminal(sys.stderr)
 
 
 def _is_terminal(stream) -> bool:

@@ -84,13 +84,17 @@ def check_writable_directory(flag: str, path: str) -> None:
     if not os.path.isdir(existing):
         what = "is" if existing == os.path.abspath(path) else f"is inside {existing}, which is"
         raise ConfigError(f"{flag}={path} {what} a file, not a directory")
-    probe = temp_name(os.path.join(existing, ".dlrm-write-test"))
+    _probe_write(flag, path, temp_name(os.path.join(existing, ".dlrm-write-test")), existing)
+
+
+def _probe_write(flag: str, path: str, probe: str, directory: str) -> None:
+    """Create and remove the file ``probe``; a failure is a ConfigError naming ``flag`` and ``directory``."""
     try:
         with open(probe, "wb"):
             pass
         os.remove(probe)
     except OSError as exc:
-        raise ConfigError(f"{flag}={path}: cannot write in {existing} ({exc.strerror or exc})") from None
+        raise ConfigError(f"{flag}={path}: cannot write in {directory} ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +143,7 @@ def check_writable_file(flag: str, path: str) -> None:
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise ConfigError(f"{flag}={path}: {parent} {what}")
-    probe = temp_name(path)
-    try:
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as exc:
-        raise ConfigError(f"{flag}={path}: cannot write in {parent} ({exc.strerror or exc})") from None
+    _probe_write(flag, path, temp_name(path), parent)
 
 
 def make_writer(directory: str, log: Callable[[str], None]):

@@ -15,8 +15,9 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from dlrm.common import ConfigError
+from dlrm.common import ConfigError, Interrupted
 from dlrm.distributed import DistInfo, all_or_none, check_ranks_agree, init_distributed
+from dlrm.io.interrupts import held
 from dlrm.model.dlrm import (DLRM, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
                              table_bytes, with_per_table_layout)
 from dlrm.outputs.metrics import MetricsFile, format_summary
@@ -28,7 +29,7 @@ from dlrm.run.config import (RunConfig, SystemConfig, check_distributed, check_m
                              flag_warnings, input_files, rank_settings)
 from dlrm.run.preflight import human
 from dlrm.run.train import (Logger, RunParts, TrainState, evaluate_once, format_arch, format_batch, format_parameters,
-                            graph_output, make_optimizer, make_scheduler, optimizer_groups, train)
+                            graph_output, kept_checkpoint, make_optimizer, make_scheduler, optimizer_groups, train)
 
 
 # =============================================================================================
@@ -134,7 +135,10 @@ def run(cfg: RunConfig) -> None:
     device = setup_device(cfg.system, log, info)
     mlperf.end("init_stop")
     mlperf.start("run_start")
-    data = all_or_none(lambda: make_data(cfg, rng, log), info, "read the data")
+    try:
+        data = all_or_none(lambda: make_data(cfg, rng, log), info, "read the data")
+    except Interrupted as exc:
+        raise exc.during("loading the data")
     check_ranks_agree(data_settings(data), info)
     if cfg.train.mlperf_logging:
         log("command line args: " + json.dumps(dict(cfg.flags)))
@@ -144,8 +148,11 @@ def run(cfg: RunConfig) -> None:
     mlperf.submission_info(t.batch_size, cfg.system.seed, t.learning_rate, t.lr_num_warmup_steps,
                            t.lr_decay_start_step, t.lr_num_decay_steps)
     parts.mlperf = mlperf
-    execute(cfg, parts, state)
-    finish(cfg, parts, state, model, data, started)
+    try:
+        execute(cfg, parts, state)
+        finish(cfg, parts, state, model, data, started)
+    except Interrupted as exc:
+        raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
 
 
 def _say(text: str) -> None:
@@ -231,7 +238,8 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
                      f"{human(before)} -> {human(table_bytes(model.emb_l))}")
     log("time/loss/accuracy (if enabled):")
     if info.is_main:
-        parts.writer = make_writer(cfg.output.tensor_board_filename, log.note)
+        with held():  # a writer cut short while it starts would keep its thread running
+            parts.writer = make_writer(cfg.output.tensor_board_filename, log.note)
         parts.metrics = MetricsFile(cfg.output.metrics_file) if cfg.output.metrics_file else None
     return parts, state
 
@@ -253,9 +261,10 @@ def execute(cfg: RunConfig, parts: RunParts, state: TrainState) -> None:
             else:
                 train(parts, cfg.train, state)
     finally:
-        for channel in (parts.writer, parts.metrics):
-            if channel is not None:
-                channel.close()
+        with held():  # closing must not be cut short: TensorBoard's thread would outlive the run
+            for channel in (parts.writer, parts.metrics):
+                if channel is not None:
+                    channel.close()
 
 
 def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data: Data, started: float) -> None:

@@ -70,7 +70,7 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
 def refuse_to_save_non_finite(payload: Dict[str, Any], path: str) -> None:
     """Raise NonFiniteError, writing nothing, when the weights to save hold NaN or an infinity: a
     diverged model never replaces the checkpoint already there."""
-    key = non_finite_entry(payload["state_dict"])
+    key = non_finite_entry(payload.get("state_dict", {}))
     if key is not None:
         kept = "the checkpoint there is kept" if os.path.exists(path) else "nothing was written"
         raise NonFiniteError(f"not saving to {path}: {key} holds NaN or infinite values (training diverged); {kept}")
@@ -453,7 +453,7 @@ def non_finite_entry(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
 def refuse_non_finite_weights(payload: Dict[str, Any], path: str) -> None:
     """Raise CheckpointError when a loaded checkpoint's weights hold NaN or an infinity (a diverged
     run's model: it would train or evaluate on silently)."""
-    key = non_finite_entry(payload["state_dict"])
+    key = non_finite_entry(payload.get("state_dict", {}))
     if key is not None:
         raise CheckpointError(f"{path}: {key} holds NaN or infinite values (saved from a diverged run); "
                               "refused")

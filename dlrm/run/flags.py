@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from typing import Tuple
 
+from dlrm.cli import FlagParser
 from dlrm.common import ConfigError, parse_bool
 from dlrm.model.dlrm import ModelConfig, top_mlp_input_width
 from dlrm.model.dlrm import LOSSES
@@ -21,17 +21,6 @@ from dlrm.run.train import OPTIMIZERS, TrainConfig
 # =============================================================================================
 # Flags: the reference's names and defaults; dest= gives each a clear name inside.
 # =============================================================================================
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are raised as ConfigError (reported by main() in one line)."""
-
-    def error(self, message: str):
-        choice = re.match(r"argument (\S+?)(?:/\S+)?: invalid choice: '?([^' ]*)'? \(choose from (.*)\)$", message)
-        if choice:
-            flag, value, options = choice.groups()
-            raise ConfigError(f"{flag}={value} is not supported (choose from {options.replace(chr(39), '')})")
-        raise ConfigError(message)
 
 
 def _dash_ints(text: str) -> Tuple[int, ...]:
@@ -62,7 +51,7 @@ BOOL = _named(parse_bool, "boolean (true/false)")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: every reference flag with its spelling, type and default."""
-    p = _Parser(prog="dlrm_s_pytorch.py", description="Train and evaluate DLRM on random, synthetic or Criteo data.",
+    p = FlagParser(prog="dlrm_s_pytorch.py", description="Train and evaluate DLRM on random, synthetic or Criteo data.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_flags(p.add_argument_group("model"))
     _data_flags(p.add_argument_group("data"))

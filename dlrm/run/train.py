@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from dlrm.common import Batch, ConfigError, NonFiniteError
+from dlrm.common import Batch, ConfigError, Interrupted, NonFiniteError
 from dlrm.distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
+from dlrm.io import interrupts
 from dlrm.model.dlrm import ModelConfig, table_dims
 from dlrm.outputs.metrics import BestResult, MetricsFile, progress_bar
 from dlrm.outputs.mlperf_logger import MLPerfLogger
@@ -241,6 +242,8 @@ class TrainState:
     trained_time: float = 0.0
     best: Optional[BestResult] = None
     saved_to: Optional[str] = None
+    saved_at: Optional[str] = None
+    iteration: int = 1  # the training iteration under way, counted from 1 as the log does
     last_loss: float = 0.0
     step_losses: List[tuple] = field(default_factory=list)  # (j, loss on the device) since the last print
 
@@ -321,7 +324,8 @@ def _sync(device: torch.device) -> float:
 
 def _scalar(writer, tag: str, value: float, step: int) -> None:
     if writer is not None:
-        writer.add_scalar(tag, value, step)
+        with interrupts.held():  # a signal inside TensorBoard's queue would leave its thread unstoppable
+            writer.add_scalar(tag, value, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +347,18 @@ def _test_batches(parts: RunParts, cfg: TrainConfig):
 def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int) -> Dict[str, float]:
     """One pass over the test batches. Updates ``state.best_acc``/``best_auc`` (the best so far, which
     the reference never kept) and returns the metrics plus ``is_best``."""
+    try:
+        correct, samples, scores, targets = _test_pass(parts, cfg)
+        if cfg.mlperf_logging:
+            return _mlperf_metrics(parts, scores, targets, state, log_iter)
+        return _accuracy_metrics(parts, correct, samples, state, log_iter)
+    except Interrupted as exc:
+        raise exc.during("testing")
+
+
+def _test_pass(parts: RunParts, cfg: TrainConfig):
+    """The model's results over the test batches: (correct, samples) counts, or with
+    ``--mlperf-logging`` the (scores, targets) arrays."""
     correct, samples, scores, targets = 0, 0, [], []
     parts.model.eval()
     with torch.no_grad(), _bar(parts, cfg, parts.nbatches_test, "test") as bar:
@@ -361,11 +377,7 @@ def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int
                     correct += int((torch.round(probs) == labels).sum().item())
                     samples += labels.shape[0]
     parts.model.train()
-    if cfg.mlperf_logging:
-        metrics = _mlperf_metrics(parts, scores, targets, state, log_iter)
-    else:
-        metrics = _accuracy_metrics(parts, correct, samples, state, log_iter)
-    return metrics
+    return correct, samples, scores, targets
 
 
 def evaluate_once(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
@@ -477,6 +489,7 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int
         for j, batch in enumerate(parts.train_loader):
             if j >= parts.nbatches:
                 break
+            state.iteration = j + 1
             bar.update()
             if state.first_batch is None:
                 state.first_batch = batch
@@ -591,11 +604,25 @@ def _record_test(parts: RunParts, cfg: TrainConfig, state: TrainState, metrics: 
 
 def save_position(parts: RunParts, cfg: TrainConfig, state: TrainState, at: Position) -> None:
     """Write ``--save-model`` at ``at`` (every rank takes part: tables are gathered on rank 0)."""
-    payload = checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
-                                 parts.num_tables, parts.info, at)
-    if parts.info.is_main:
-        save_checkpoint(parts.save_model, payload)
+    try:
+        payload = checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
+                                     parts.num_tables, parts.info, at)
+        if parts.info.is_main:
+            save_checkpoint(parts.save_model, payload)
+    except Interrupted as exc:
+        raise exc.during(f"saving the checkpoint {parts.save_model}")
     state.saved_to = parts.save_model
+    state.saved_at = f"iteration {at.iter}/{at.nbatches} of epoch {at.epoch}"
+
+
+def kept_checkpoint(save_model: str, state: TrainState) -> str:
+    """What a run stopped by a signal leaves of its model: the last checkpoint it wrote, and
+    where training stood then (a checkpoint being written when the signal came is dropped)."""
+    if not save_model:
+        return "no checkpoint (no --save-model)"
+    if state.saved_at is None:
+        return f"no checkpoint written yet ({save_model} untouched)"
+    return f"the checkpoint {save_model} of {state.saved_at}"
 
 
 def save_final(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch: int) -> None:
@@ -671,7 +698,10 @@ def _train_epochs(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
     for k in range(state.resume.epoch, cfg.nepochs):
         parts.mlperf.start("block_start", first_epoch_num=k + 1, epoch_count=1)
         parts.mlperf.start("epoch_start", epoch_num=k + 1)
-        train_one_epoch(parts, cfg, state, k)
+        try:
+            train_one_epoch(parts, cfg, state, k)
+        except Interrupted as exc:
+            raise exc.during("training").at(f"iteration {state.iteration}/{parts.nbatches} of epoch {k}")
         parts.mlperf.end("epoch_stop", epoch_num=k + 1)
         parts.mlperf.end("block_stop", first_epoch_num=k + 1)
         if state.stop:

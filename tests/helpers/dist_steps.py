@@ -85,6 +85,7 @@ def longest_sum(c: dict) -> int:
 def train_config(c: dict, info: DistInfo, seed: int = 7,
                  dtype: torch.dtype = torch.float32) -> List[Dict[str, torch.Tensor]]:
     """Every parameter (single-process layout, complete on rank 0) after each of STEPS steps."""
+    torch.manual_seed(seed)  # QR and MD tables draw from torch too: the same draws in every process
     model = DLRM(_model_config(c), np.random.RandomState(seed), info).to(dtype)
     optimizer = make_optimizer(c["optimizer"], list(model.parameters()), c["lr"])
     tcfg = TrainConfig(learning_rate=c["lr"], optimizer=c["optimizer"], loss_function=c["loss"])

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
                     Sequence, Tuple)
@@ -54,6 +55,7 @@ from dlrm.data.criteo.preprocess import PreprocessConfig
 from dlrm.io import provenance
 from dlrm.io.atomic import remove_stale_temps, writing
 from dlrm.io.npz import AppendWriter, NpyWriter, NpzReader, StoredArray, load_npz_array
+from dlrm.outputs.metrics import stderr_is_terminal
 
 DENSE_FEATURES = 13
 SPARSE_FEATURES = 26
@@ -230,7 +232,7 @@ def _write_row_cache(npz_path: str, cache: str, n_rows: int, progress: bool,
                      wanted: dict) -> None:
     """Write the (n, R) int32 row cache of an npz as a .npy file, atomically, then its record."""
     bar = tqdm(total=n_rows, unit="rows", desc=f"caching {os.path.basename(npz_path)}",
-               disable=not progress)
+               disable=not (progress and stderr_is_terminal()), file=sys.stderr)
     with writing(cache):
         remove_stale_temps(cache)
         remove_stale_temps(provenance.record_path(cache))
@@ -654,7 +656,8 @@ def write_criteo_bins(day_files: Sequence[str], outputs: Mapping[str, str],
             "test" = the first ceil(n/2) rows of day D-1, "val" = its remaining rows. Each gets
             a provenance record naming the day files it was made from (``bin_record``).
     """
-    bar = tqdm(unit="rows", desc="writing binary files", disable=not progress)
+    bar = tqdm(unit="rows", desc="writing binary files", disable=not (progress and stderr_is_terminal()),
+               file=sys.stderr)
     with bar, contextlib.ExitStack() as stack:
         files = {}
         for split, path in outputs.items():

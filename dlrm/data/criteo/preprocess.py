@@ -86,10 +86,12 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 from tqdm import tqdm
 
-from dlrm.common import ConfigError, DataError, DLRMError, first_line, non_regular_kind
-from dlrm.io import provenance
-from dlrm.io.atomic import atomic_open, atomic_path, remove_stale_temps, writing
+from dlrm.cli import FlagParser, run_command
+from dlrm.common import ConfigError, DataError, DLRMError, Interrupted, first_line, non_regular_kind
+from dlrm.io import interrupts, provenance
+from dlrm.io.atomic import atomic_open, atomic_path, remove_stale_temps, remove_temps_of, writing
 from dlrm.io.npz import Member, NpyWriter, NpzReader, NpzStreamWriter, load_npz_array, npz_rows, save_npz
+from dlrm.outputs.metrics import stderr_is_terminal
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -218,8 +220,9 @@ def _raw_dtype(cfg: PreprocessConfig) -> np.dtype:
 
 
 def _bar(progress: bool, total: Optional[int], desc: str, unit: str = "lines") -> tqdm:
-    """A tqdm progress bar on stderr, or a disabled one."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress,
+    """A tqdm progress bar on stderr when it is a terminal, or a disabled one."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True,
+                disable=not (progress and stderr_is_terminal()),
                 file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
@@ -1018,7 +1021,7 @@ def _categorify_sequential(cfg, paths, plan, ranges, rng) -> None:
 
 def _process_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
     """Worker processes that end when this process ends, however it ends (even SIGKILL), and
-    leave Ctrl-C to it."""
+    leave SIGINT, SIGTERM and SIGHUP to it."""
     workers = max(1, min(jobs, os.cpu_count() or 1))
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -1029,10 +1032,11 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _start_worker(parent: int) -> None:
-    """Pool worker set-up: ignore Ctrl-C (the parent handles it and stops the workers) and die
-    with the parent. On Linux the kernel kills the worker when the parent dies
-    (prctl PR_SET_PDEATHSIG); elsewhere a thread watches for the parent to change."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Pool worker set-up: ignore SIGINT, SIGTERM and SIGHUP (the parent handles them and stops
+    the workers; they are blocked from the worker's start, see ``_run_pool``) and die with the
+    parent. On Linux the kernel kills the worker when the parent dies (prctl PR_SET_PDEATHSIG);
+    elsewhere a thread watches for the parent to change."""
+    interrupts.ignore_in_worker()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
@@ -1048,26 +1052,19 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-@contextlib.contextmanager
-def _ctrl_c_ignored_while_spawning() -> Iterator[None]:
-    """Ignore SIGINT around ``submit`` (which starts the workers): a new process inherits that,
-    so a Ctrl-C that comes while a worker is still starting up does not print its traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Kill the pool's workers now (on an error or Ctrl-C): shutting down would wait for the days
-    they are working on. The executor has no public call for this; its process table is used."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor, jobs: Sequence[_DayJob]) -> None:
+    """Kill the pool's workers now (on an error or a signal): shutting down would wait for the days
+    they are working on. Then remove the temporary files they were writing (named with their
+    process ids, so no other process's file is touched). The executor has no public call for
+    this; its process table is used."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
         process.kill()
     pool.shutdown(wait=True, cancel_futures=True)
+    directories = {os.path.dirname(os.path.abspath(path)) for job in jobs
+                   for path in (job.paths.parsed_day(job.day), job.paths.processed_day(job.day))}
+    for directory in directories:
+        remove_temps_of(directory, [process.pid for process in processes])
 
 
 def _categorify_parallel(cfg, paths, plan, ranges, rng) -> None:
@@ -1113,20 +1110,21 @@ def _run_pool(cfg: PreprocessConfig, desc: str, jobs: List[_DayJob]):
     """Run day jobs in worker processes; results in job order."""
     if not jobs:
         return []
-    pool = _process_pool(len(jobs))
+    with interrupts.held():  # the workers (and multiprocessing's tracker) start with the signals blocked
+        pool = _process_pool(len(jobs))
     try:
         with _bar(cfg.progress, len(jobs), desc, "days") as bar:
-            with _ctrl_c_ignored_while_spawning():
+            with interrupts.held():
                 futures = [pool.submit(_worker_run_day, job) for job in jobs]
             for future in concurrent.futures.as_completed(futures):
                 future.result()
                 bar.update(1)
     except concurrent.futures.process.BrokenProcessPool:
-        _stop_workers(pool)
+        _stop_workers(pool, jobs)
         raise DataError("a preprocessing worker process died (out of memory?); run without "
                         "--dataset-multiprocessing to use less memory") from None
     except BaseException:
-        _stop_workers(pool)
+        _stop_workers(pool, jobs)
         raise
     pool.shutdown()
     return [future.result() for future in futures]
@@ -1825,15 +1823,24 @@ def preprocess_criteo(cfg: PreprocessConfig, log: Callable[[str], None],
     Resumable; each file appears atomically, its record after it. One run at a time per
     directory: a run that finds another preprocessing there waits for it (one note), then
     reuses what it made. Raises ConfigError for bad settings, DataError for missing, malformed or
-    unwritable data.
+    unwritable data, and passes on a signal's Interrupted saying what is kept.
     """
+    try:
+        return _preprocess(cfg, log, rng)
+    except Interrupted as exc:
+        raise exc.during(f"preprocessing {cfg.raw_data_file}").keeping(
+            "the preprocessed files finished so far (the next run goes on from them)")
+
+
+def _preprocess(cfg: PreprocessConfig, log: Callable[[str], None],
+                rng: Optional[np.random.RandomState]) -> str:
     paths = check_config(cfg)
     rng = _stream(cfg, rng)
     with _preprocessing_lock(cfg, paths, log):
-        return _preprocess(cfg, paths, rng, log)
+        return _preprocess_locked(cfg, paths, rng, log)
 
 
-def _preprocess(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
+def _preprocess_locked(cfg: PreprocessConfig, paths: CriteoPaths, rng: np.random.RandomState,
                 log: Callable[[str], None]) -> str:
     """``preprocess_criteo`` once no other run writes in its directories."""
     _remove_stale_temps(cfg, paths)
@@ -1879,15 +1886,8 @@ def _finish(cfg: PreprocessConfig, paths: CriteoPaths, records: _Records,
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Preprocess the Criteo Kaggle/Terabyte raw data.")
+    parser = FlagParser(description="Preprocess the Criteo Kaggle/Terabyte raw data.")
     parser.add_argument("--data-set", default="kaggle", choices=["kaggle", "terabyte"])
     parser.add_argument("--raw-data-file", default="",
                         help="Kaggle: path of train.txt; Terabyte: day-file prefix (./input/day)")
@@ -1919,22 +1919,16 @@ def config_from_args(ns: argparse.Namespace) -> PreprocessConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Preprocess; print the output path (notes go to stderr). Errors: one ``error: ...`` line on
-    stderr, exit 2; Ctrl-C: ``error: interrupted``, exit 130."""
+    """Preprocess; print the output path (notes go to stderr). What stops it is reported in one line
+    (:func:`dlrm.cli.run_command`); an OSError too, with exit code 2."""
+    parser = build_parser()
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
-    try:
-        ns = build_parser().parse_args(argv)
-        cfg = config_from_args(ns)
-        output = preprocess_criteo(cfg, log)
-    except (DLRMError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    print(output)
-    return 0
+    def body(signals) -> int:
+        output = preprocess_criteo(config_from_args(parser.parse_args(argv)), log)
+        print(output)
+        return 0
 
+    return run_command(body, parser, errors=(DLRMError, OSError))
