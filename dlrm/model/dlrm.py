@@ -245,7 +245,7 @@ def with_per_table_layout(model: "DLRM") -> "DLRM":
 
     if not isinstance(model.emb_l, FusedTables):
         return model
-    bags = [nn.EmbeddingBag(w.shape[0], w.shape[1], mode="sum", _weight=w) for w in table_weights(model.emb_l)]
+    bags = [nn.EmbeddingBag.from_pretrained(w, freeze=False, mode="sum") for w in table_weights(model.emb_l)]
     plain = copy.copy(model)
     plain._modules = dict(model._modules)
     plain._modules["emb_l"] = PerTableEmbeddings(bags)
@@ -321,7 +321,7 @@ def _plain_table(rng: np.random.RandomState, rows: int, dim: int, torch_init: bo
         with torch.no_grad():
             table.weight.copy_(draw_table(rng, rows, dim))
         return table
-    return nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, _weight=draw_table(rng, rows, dim))
+    return nn.EmbeddingBag.from_pretrained(draw_table(rng, rows, dim), freeze=False, mode="sum", sparse=True)
 
 
 def _fused_tables(cfg: ModelConfig, rng: np.random.RandomState, log: Optional[Callable[[str], None]]) -> nn.Module:

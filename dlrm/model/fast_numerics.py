@@ -66,8 +66,13 @@ except (AttributeError, RuntimeError):  # a torch built without oneDNN
 
 
 def has_native_bf16() -> bool:
-    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles), as torch's private probes say."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError as error:  # see the README's "Private APIs we rely on"
+        raise RuntimeError(f"torch {torch.__version__} has no torch.cpu._is_avx512_bf16_supported or "
+                           f"_is_amx_tile_supported, which tell whether the CPU has native bfloat16 "
+                           f"({error}); has_native_bf16 in dlrm/model/fast_numerics.py needs updating") from error
 
 
 def resolve_gemm(gemm: str) -> str:
