@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import socket
 import sys
@@ -262,9 +263,10 @@ def _cpp_log_silenced():
 
 
 def _call_within(seconds: float, fn: Callable[[], object]) -> object:
-    """``fn()``, or TimeoutError when it has not returned within ``seconds``: it is left running in a
-    daemon thread, which cannot keep the process alive (C++ calls such as a store's handshake
-    cannot be interrupted)."""
+    """Return ``fn()``, or raise TimeoutError when it has not returned within ``seconds``.
+
+    It is then left running in a daemon thread, which cannot keep the process alive (C++ calls such
+    as a store's handshake cannot be interrupted)."""
     outcome: dict = {}
 
     def target():
@@ -338,7 +340,7 @@ def _import_group_capturing_modules() -> None:
     and now and then a rank aborts at exit ("terminate called without an active exception").
     Imported first, the default is the empty placeholder and nothing outlives the shutdown.
     """
-    import torch.distributed.nn  # noqa: F401
+    importlib.import_module("torch.distributed.nn")
 
 
 def shutdown_distributed(wait: bool = True) -> None:
@@ -358,8 +360,10 @@ def shutdown_distributed(wait: bool = True) -> None:
 
 
 def shard(n: int, world_size: int, rank: int) -> Tuple[int, int]:
-    """[start, stop) of ``rank``'s contiguous part of n items: k = n // W each, the first n % W
-    ranks one more, as the reference partitions. Used for tables (model parallel) and batch rows (data parallel)."""
+    """The range [start, stop) of ``rank``'s contiguous part of n items.
+
+    k = n // W each, the first n % W ranks one more, as the reference partitions. Used for tables
+    (model parallel) and batch rows (data parallel)."""
     k, m = divmod(n, world_size)
     return rank * k + min(rank, m), (rank + 1) * k + min(rank + 1, m)
 

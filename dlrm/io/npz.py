@@ -94,8 +94,9 @@ def npy_header(dtype: np.dtype, shape: Tuple[int, ...], fortran: bool = False) -
 
 
 def _read_npy_header(stream) -> Optional[tuple]:
-    """(shape, fortran_order, dtype) of the .npy header at the stream's position; None for a
-    format version that cannot be streamed (the caller then reads the array whole)."""
+    """Read the .npy header at the stream's position as (shape, fortran_order, dtype).
+
+    None for a format version that cannot be streamed (the caller then reads the array whole)."""
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(stream)

@@ -39,7 +39,9 @@ _NUMPY_CHUNK = 1 << 16
 
 
 def _load_extension() -> Tuple[object, str, float]:
-    """(the ``csrc/mt19937_uniform.cpp`` module or None, why not, seconds taken); one try per process."""
+    """Build or load the ``csrc/mt19937_uniform.cpp`` kernel, once per process.
+
+    Returns (the module or None, why not, seconds taken)."""
     return native_build.load("dlrm_mt19937_uniform", "mt19937_uniform.cpp", "mt19937_uniform",
                              ("-O3", "-ffp-contract=off"), ("-pthread",))
 

@@ -78,8 +78,9 @@ class ModelConfig:
 
 
 def top_mlp_input_width(interaction: str, itself: bool, num_tables: int, dense_out: int) -> int:
-    """W, the interaction's output width and the top MLP's first width. The interaction classes
-    own the formula (``output_width``); this only picks the class."""
+    """The interaction's output width W, which is the top MLP's first width.
+
+    The interaction classes own the formula (``output_width``); this only picks the class."""
     features = num_tables + 1
     layer = DotInteraction(features, itself) if interaction == "dot" else CatInteraction(features)
     return layer.output_width(dense_out)
@@ -133,7 +134,7 @@ def make_mlp(widths: Sequence[int], rng: np.random.RandomState, activation: str 
 
 
 def draw_table(rng: np.random.RandomState, rows: int, dim: int) -> torch.Tensor:
-    """(rows, dim) float32 weights ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng``."""
+    """Draw a (rows, dim) float32 table ~ uniform(-sqrt(1/rows), sqrt(1/rows)) from ``rng``."""
     weight = torch.empty(rows, dim, dtype=torch.float32)
     draw_table_into(rng, weight)
     return weight
@@ -239,8 +240,10 @@ def table_bytes(tables: nn.Module) -> int:
 
 
 def with_per_table_layout(model: "DLRM") -> "DLRM":
-    """``model`` itself, or, when its tables are fused, a shallow copy whose tables are per-table
-    ``nn.EmbeddingBag`` views of the same weights (what ONNX export traces). Nothing is copied."""
+    """Give ``model`` with one ``nn.EmbeddingBag`` per table, as ONNX export traces it.
+
+    That is ``model`` itself, or, when its tables are fused, a shallow copy whose tables are per-table
+    ``nn.EmbeddingBag`` views of the same weights. Nothing is copied."""
     from dlrm.model.fused_embedding import FusedTables
 
     if not isinstance(model.emb_l, FusedTables):
@@ -488,7 +491,7 @@ class DotInteraction(nn.Module):
 
 
 class CatInteraction(nn.Module):
-    """Concatenation [x, e_1, ..., e_T]. Output (B, F * D)."""
+    """The interaction that concatenates [x, e_1, ..., e_T]. Output (B, F * D)."""
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -585,7 +588,9 @@ class DLRM(nn.Module):
 
 
 def quantize_for_inference(model: DLRM, emb_bits: int, mlp_bits: int) -> nn.Module:
-    """``emb_bits`` 4/8: row-wise quantized tables; ``mlp_bits`` 8/16: dynamic int8/float16 Linear
+    """Quantize the model's tables and MLPs for inference.
+
+    ``emb_bits`` 4/8: row-wise quantized tables; ``mlp_bits`` 8/16: dynamic int8/float16 Linear
     layers; 32 leaves that part as it is. Returns the model to run (a new one for quantized MLPs)."""
     if emb_bits != 32:
         model.emb_l = QuantizedTables(model.emb_l, emb_bits)

@@ -12,37 +12,30 @@ optimizer built before the swap are unchanged; parameters and gradients stay flo
 Dimension vocabulary: B batch, T tables, D embedding dimension, F = T + 1 interaction features,
 P interaction pairs, N_in / N_out a Linear layer's widths.
 
-What it changes (measured on the 2-core AMD EPYC VM, which reports AVX2/FMA and no AVX-512; see
-``bench/RESULTS.md``; FMA peak measured at ~180 GFLOP/s on 2 threads):
+What it changes (the measurements behind each choice are in ``bench/RESULTS.md``, "Fast dense
+numerics"):
 
 * Linear + activation as one autograd node (:class:`LinearAct`) for B >= ``AUTO_MIN_BATCH``: the
   forward and the input gradient on oneDNN (``torch.ops.mkldnn._linear_pointwise``, the activation
-  as its post-op) where that measured faster than MKL, the weight gradient ``g^T x`` on MKL.
+  as its post-op) at the shapes where that was faster than MKL, the weight gradient ``g^T x`` on MKL.
   Below that batch (the Kaggle model's 128) torch's own ops run, as ``nn.Linear`` would, because a
   Python autograd node costs more there than it saves. ``gemm="mkl"``/``"onednn"`` force one
-  backend on every layer (for comparisons). No prepacked weights: oneDNN on plain weights measured
-  as fast as with a cached transposed copy, so there is nothing to refresh after optimizer steps.
+  backend on every layer (for comparisons). No prepacked weights, so there is nothing to refresh
+  after optimizer steps.
 * The dot interaction as one node, by a small C++ kernel (``csrc/dot_interaction.cpp``, built on
-  first use like ``fused_embedding``'s, ~25 s, then cached; pure-torch fallback :class:`DotPairs`):
-  torch's ``bmm`` spends microseconds of call overhead per sample on F x D products, and the
-  reference formulation adds a concatenation, an advanced-index gather and its accumulating
-  backward. Forward + backward at B=2048, F=9, D=64: ~25 ms -> ~5 ms on 1 thread.
+  first use like ``fused_embedding``'s, then cached; pure-torch fallback :class:`DotPairs`):
+  torch's ``bmm`` pays its call overhead per sample on F x D products, and the reference
+  formulation adds a concatenation, an advanced-index gather and its accumulating backward.
 * Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (``--mixed-precision=bf16``),
   ``bf16_gemms`` decides: "auto" runs the MLP GEMMs in bfloat16, as autocast would, only where the
-  CPU has native bf16 (AVX512-BF16 or AMX). Elsewhere torch's bf16 GEMMs are emulated (measured
-  1-17 GFLOP/s here, against ~110 for float32), so they run in float32: faster and more accurate.
+  CPU has native bf16 (AVX512-BF16 or AMX). Elsewhere torch's bf16 GEMMs are emulated, many times
+  slower than float32 ones, so they run in float32: faster and more accurate.
   The interaction always runs in float32. :func:`describe` gives the one line to log.
-
-Dense part (bottom MLP + interaction + top MLP, forward, backward, SGD step), 2 threads, interleaved:
-CPU benchmark shapes (B=2048) 1.18-1.22x faster (94 -> 115 GFLOP/s); Kaggle shapes (B=128)
-1.09-1.10x; under bf16 autocast 12-20x faster than the plain path's emulated bf16.
 
 Accuracy: float32 throughout. A layer's outputs and gradients differ from ``nn.Linear``'s only by
 the GEMMs' summation order (and oneDNN's own sigmoid/tanh): within rtol=1e-5 plus 1e-5 of the
-tensor's largest magnitude in the tests. Training drift: over 200 SGD steps (lr 0.1) of a
-scaled-down CPU benchmark model, per-step losses of the accelerated model stayed within 2.4e-5
-(relative) of the plain model's with the defaults and within 8.0e-5 with ``gemm="onednn"``
-(18 runs: 3 seeds, mse and bce); the tests allow 5e-4.
+tensor's largest magnitude in the tests. Over many SGD steps the accelerated model's losses drift
+from the plain model's by that rounding alone; the tests allow 5e-4 (relative) over 200 steps.
 """
 from __future__ import annotations
 
@@ -76,8 +69,10 @@ def has_native_bf16() -> bool:
 
 
 def resolve_gemm(gemm: str) -> str:
-    """``gemm`` checked: "auto" (per shape, see :func:`onednn_forward`), "mkl" or "onednn"; "mkl"
-    when torch has no oneDNN."""
+    """Check ``gemm`` and return the GEMM backend to use.
+
+    ``gemm`` is "auto" (per shape, see :func:`onednn_forward`), "mkl" or "onednn"; the answer is
+    "mkl" when torch has no oneDNN."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
     return gemm if _linear_pointwise is not None and torch.backends.mkldnn.is_available() else "mkl"
@@ -85,24 +80,25 @@ def resolve_gemm(gemm: str) -> str:
 
 AUTO_MIN_BATCH = 256
 """With ``gemm="auto"``, batches below this run on torch's own Linear ops: at B=128 (the Kaggle
-model) the custom autograd node's Python overhead (~50 us a layer) cost more than fusing saved,
-and oneDNN lost to MKL on every layer."""
+model) the custom autograd node's Python overhead cost more than fusing saved, and oneDNN lost to
+MKL on every layer."""
 
 
 def onednn_forward(gemm: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether act(x W^T + b) runs on oneDNN. "auto": float32 on the CPU, B >= 256 and N_out >= 64. Measured
-    (1 and 2 threads, interleaved): at B=2048 oneDNN's forward was 10-25% faster than MKL's at
-    (N_in, N_out) = (100|512|1024, 1024) and about equal at (512, 512); at B=128 it lost on every
-    Kaggle layer (30-70 us more per call), and for N_out = 1 it is no better."""
+    """Whether act(x W^T + b) runs on oneDNN.
+
+    "auto": float32 on the CPU, B >= 256 and N_out >= 64, the shapes where oneDNN's forward beat
+    MKL's (``bench/RESULTS.md``, "Fast dense numerics")."""
     if gemm == "mkl" or x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     return gemm == "onednn" or (x.shape[0] >= AUTO_MIN_BATCH and weight.shape[0] >= 64)
 
 
 def onednn_input_grad(gemm: str, grad: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether d x = g W runs on oneDNN. "auto": float32, B >= 256 and N_in, N_out >= 256 (oneDNN
-    was 10-25% faster at (512, 512) and (1024, 1024), slower at (512, 64) and for N_out = 1, equal at
-    (100, 1024)). The weight gradient always runs on MKL (oneDNN was slower there)."""
+    """Whether d x = g W runs on oneDNN.
+
+    "auto": float32, B >= 256 and N_in, N_out >= 256, the shapes where oneDNN's input gradient beat
+    MKL's. The weight gradient always runs on MKL, which was faster there."""
     if gemm == "mkl" or grad.dtype != torch.float32 or grad.device.type != "cpu":
         return False
     return gemm == "onednn" or (grad.shape[0] >= AUTO_MIN_BATCH and min(weight.shape) >= 256)
@@ -122,7 +118,7 @@ def resolve_bf16(bf16_gemms: str) -> bool:
 
 def _forward_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str,
                   gemm: str) -> torch.Tensor:
-    """act(x W^T + b), (B, N_out)."""
+    """Compute act(x W^T + b), (B, N_out)."""
     if onednn_forward(gemm, x, weight):
         return _linear_pointwise(x, weight, bias, act, [], "")
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
@@ -130,7 +126,7 @@ def _forward_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def _activation_backward(grad: torch.Tensor, out: torch.Tensor, act: str) -> torch.Tensor:
-    """d loss / d (pre-activation), from the activation's output, as autograd computes it."""
+    """Compute d loss / d (pre-activation) from the activation's output, as autograd does."""
     if act == "relu":
         return torch.ops.aten.threshold_backward(grad, out, 0)
     if act == "sigmoid":
@@ -179,8 +175,10 @@ class LinearAct(torch.autograd.Function):
 
 
 def _plain_linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
-    """act(x W^T + b) by torch's own ops and autograd nodes (the activation in place on the fresh
-    GEMM output): below ``AUTO_MIN_BATCH`` rows a Python autograd node costs more than it saves."""
+    """Compute act(x W^T + b) by torch's own ops and autograd nodes.
+
+    The activation runs in place on the fresh GEMM output. Below ``AUTO_MIN_BATCH`` rows a Python
+    autograd node costs more than it saves."""
     return _activate_(torch.nn.functional.linear(x, weight, bias), act)
 
 
@@ -244,7 +242,7 @@ class FastLinear(nn.Linear):
         return f"{super().extra_repr()}, gemm={self.gemm}, bf16={self.bf16}"
 
     def run(self, x: torch.Tensor, act: str, dtype: torch.dtype) -> torch.Tensor:
-        """act(x W^T + b) in ``dtype``, autocast already off (what :class:`FastMLP` calls)."""
+        """Compute act(x W^T + b) in ``dtype``, autocast already off (what :class:`FastMLP` calls)."""
         weight, bias = self.weight, self.bias
         if dtype != torch.float32:
             weight, bias = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
@@ -280,7 +278,7 @@ class FastMLP(nn.Sequential):
         self._plan = self._build_plan()
 
     def _build_plan(self) -> List[Tuple[nn.Module, Optional[str]]]:
-        """(module, activation fused into it) for each step of the forward."""
+        """List the forward's steps as (module, activation fused into it)."""
         children, plan, i = list(self), [], 0
         while i < len(children):
             module = children[i]
@@ -317,8 +315,10 @@ INTERACTION_BACKEND_ENV = "DLRM_FAST_INTERACTION_BACKEND"
 
 
 def _load_extension() -> Tuple[object, str, float]:
-    """(the ``csrc/dot_interaction.cpp`` module or None, why not, seconds taken); one try per process.
-    The build uses the CPU capability's vector instructions, so each capability has its own folder."""
+    """Build or load the ``csrc/dot_interaction.cpp`` kernel, once per process.
+
+    Returns (the module or None, why not, seconds taken). The build uses the CPU capability's vector
+    instructions, so each capability has its own folder."""
     capability = torch.backends.cpu.get_cpu_capability()
     vector = ("-mavx2", "-mfma") if capability in ("AVX2", "AVX512") else ()
     return native_build.load("dlrm_dot_interaction", "dot_interaction.cpp", f"dot_interaction_{capability.lower()}",
@@ -332,8 +332,9 @@ def extension_status() -> Tuple[bool, str, float]:
 
 
 def resolve_interaction_backend(backend: str) -> str:
-    """"cpp" or "torch" for ``backend`` ("auto": the kernel where it builds). The environment
-    variable ``DLRM_FAST_INTERACTION_BACKEND`` overrides the argument."""
+    """Pick the interaction's backend, "cpp" or "torch", for ``backend`` ("auto": the kernel where it builds).
+
+    The environment variable ``DLRM_FAST_INTERACTION_BACKEND`` overrides the argument."""
     backend = os.environ.get(INTERACTION_BACKEND_ENV) or backend
     if backend not in ("auto", "cpp", "torch"):
         raise ValueError(f"interaction backend must be one of auto, cpp, torch, got {backend!r}")
@@ -401,9 +402,10 @@ class DotPairs(torch.autograd.Function):
 
 
 class FastDotInteraction(DotInteraction):
-    """:class:`dlrm_model.DotInteraction` (same pairs, order and width) as one autograd node: the C++
-    kernel :class:`DotPairsKernel` (``backend`` "cpp"), or :class:`DotPairs` ("torch"); "auto" uses
-    the kernel where it builds. Always float32 (under bf16 autocast too: it is cheap, and exact
+    """The dot interaction (same pairs, order and width as :class:`DotInteraction`) as one autograd node.
+
+    It runs the C++ kernel :class:`DotPairsKernel` (``backend`` "cpp") or :class:`DotPairs`
+    ("torch"); "auto" uses the kernel where it builds. Always float32 (under bf16 autocast too: it is cheap, and exact
     products keep the top MLP's input accurate). No parameters; its buffers are not persistent, so
     ``state_dict`` is unchanged.
 

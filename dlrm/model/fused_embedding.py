@@ -77,7 +77,9 @@ def _default_log(message: str) -> None:
 
 
 def _load_extension() -> Tuple[object, str, float]:
-    """(the ``csrc/fused_embedding.cpp`` module or None, why not, seconds taken); one try per process."""
+    """Build or load the ``csrc/fused_embedding.cpp`` kernel, once per process.
+
+    Returns (the module or None, why not, seconds taken)."""
     return native_build.load("dlrm_fused_embedding", "fused_embedding.cpp", "fused_embedding",
                              ("-O3", "-fopenmp", "-ffp-contract=off"), ("-fopenmp",))
 
@@ -153,7 +155,7 @@ class _DimGroup:
         self._free: Dict[Tuple[int, int, bool], List["_Scratch"]] = {}
 
     def view(self, i: int) -> torch.Tensor:
-        """(R_t, D) view of the group's i-th table."""
+        """The group's i-th table, an (R_t, D) view of the buffer."""
         return self.buffer[self.row_base[i]:self.row_base[i] + self.rows[i]]
 
     def take_scratch(self, lookups: int, bags: int, weighted: bool) -> "_Scratch":
@@ -571,7 +573,9 @@ def _torch_update(group: _DimGroup, grads: List[Optional[torch.Tensor]], scratch
 
 
 class _FusedLookup(torch.autograd.Function):
-    """Forward: the lookups of one dim group. Backward: the per-sample-weight gradients (if any
+    """One dim group's lookups as an autograd node that updates the tables in its backward.
+
+    Forward: the lookups of one dim group. Backward: the per-sample-weight gradients (if any
     are wanted, from the weights before the update), then the SGD update of the buffer. The
     tables themselves are no inputs, so they never get a ``.grad``."""
 

@@ -4,8 +4,7 @@ dimension for larger tables, and a projection brings every table back to a commo
 Dimension vocabulary: B bags (samples), N indices in the batch, n rows of a table, d that table's
 dimension, D the common (base) dimension.
 
-Difference from the reference: ``md_solver`` always returns Python ints; the reference returned
-floats with ``round_dim``, which the table constructors then rejected (the run crashed).
+``md_solver`` always returns Python ints, with ``round_dim`` too, as the table constructors need.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ OPERATIONS = ("concat", "add", "mult")
 
 
 def _dim_pair(embedding_dim: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    """(quotient dim, remainder dim) from an int (used for both) or a pair."""
+    """Read (quotient dim, remainder dim) from an int (used for both) or a pair."""
     if isinstance(embedding_dim, numbers.Integral):
         dims = (int(embedding_dim), int(embedding_dim))
     else:

@@ -4,8 +4,8 @@
 Between the end of warmup and the start of decay, the reference keeps the last warmup rate,
 ``base * (W - 1) / W``, instead of the base rate (when decay is configured). That is the default
 here, so the reference's numbers come out; ``--fix-reference-bugs`` runs the plateau at the base
-rate. The reference crashed (AttributeError) when decay was configured without warmup; here such a
-plateau runs at the base rate in both modes.
+rate. When decay is configured without warmup, the plateau runs at the base rate in both modes
+(the reference crashed there).
 """
 from __future__ import annotations
 

@@ -3,11 +3,9 @@
 Dimension vocabulary: R rows of an embedding table, D embedding dimension, K rows touched by one
 sparse gradient (after coalescing).
 
-Differences from the reference: state is created the first time a parameter has
-a gradient, not only on the very first ``step()`` (so a table unused in step 1 no longer raises
-KeyError later); the accumulator lives on the parameter's device with its dtype (the reference kept
-it on the CPU in float32); dense weight decay uses ``grad.add(param, alpha=weight_decay)`` instead
-of the removed ``add(scalar, tensor)`` signature.
+State is created the first time a parameter has a gradient, not only at the very first ``step()``,
+so a table unused in step 1 is handled later; the accumulator lives on the parameter's device with
+its dtype; dense weight decay is ``grad.add(param, alpha=weight_decay)``.
 
 Like the reference, the first step after ``load_state_dict`` starts afresh every accumulator it
 updates (the reference created its accumulators at the first step of each optimizer object, so a

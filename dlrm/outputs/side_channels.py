@@ -43,7 +43,7 @@ class OutputConfig:
 
 
 def _written_paths(cfg: OutputConfig) -> List[Tuple[str, str]]:
-    """(flag, path) of every file the run will create."""
+    """List every file the run will create, as (flag, path)."""
     paths = [("--save-model", cfg.save_model), ("--metrics-file", cfg.metrics_file)]
     if cfg.save_onnx:
         paths.append(("--onnx-file", cfg.onnx_file))
