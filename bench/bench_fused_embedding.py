@@ -51,7 +51,7 @@ def build(sizes: Sequence[int], dim: int, backend: str, lr: float):
 
 
 def make_batch(gen: torch.Generator, sizes: Sequence[int], batch: int, per_bag: int):
-    """offsets (T, B) and indices (T, B * per_bag), uniform over each table."""
+    """Draw a batch's offsets (T, B) and indices (T, B * per_bag), uniform over each table."""
     offsets = (torch.arange(batch) * per_bag).repeat(len(sizes), 1)
     indices = torch.stack([torch.randint(0, r, (batch * per_bag,), generator=gen) for r in sizes])
     return offsets, indices

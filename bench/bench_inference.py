@@ -70,8 +70,9 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def make_variant(model: DLRM, name: str) -> nn.Module:
-    """``quantize_for_inference`` applied to a shallow copy of ``model``, which stays fp32. The
-    int8-MLP copy shares the float tables instead of deep-copying them: only ``Linear`` layers,
+    """Quantize a shallow copy of ``model`` with ``quantize_for_inference``; ``model`` stays fp32.
+
+    The int8-MLP copy shares the float tables instead of deep-copying them: only ``Linear`` layers,
     all in the MLPs, change."""
     emb_bits, mlp_bits = VARIANTS[name]
     if name == "fp32":
@@ -87,7 +88,7 @@ def make_variant(model: DLRM, name: str) -> nn.Module:
 
 
 def make_batches(data_cfg: RandomDataConfig, n: int, count: int, seed: int, device: torch.device) -> List[tuple]:
-    """``count`` random batches of n samples as (dense_x, offsets, indices) on ``device``."""
+    """Draw ``count`` random batches of n samples as (dense_x, offsets, indices) on ``device``."""
     rng = np.random.RandomState(seed)
     cfg = replace(data_cfg, batch_size=n)
     batches = []
@@ -131,7 +132,7 @@ def time_point(model: nn.Module, batches: Sequence[tuple], args, cuda: bool) -> 
 
 
 def compare(pred: torch.Tensor, reference: torch.Tensor) -> Dict[str, float]:
-    """max and mean |pred - reference| and the share of equal rounded predictions."""
+    """Compare predictions: max and mean |pred - reference| and the share of equal rounded predictions."""
     diff = (pred - reference).abs()
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "agreement": float((torch.round(pred) == torch.round(reference)).float().mean())}

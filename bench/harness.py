@@ -390,7 +390,7 @@ def quartiles(values: Sequence[float]) -> Dict[str, float]:
 
 
 def after_warmup(run: Run, warmup: int) -> Tuple[List[float], List[float]]:
-    """(printed ms, line-gap ms) of the lines after the first ``warmup`` (the first line has no gap)."""
+    """Give (printed ms, line-gap ms) of the lines after the first ``warmup`` (the first has no gap)."""
     first = max(warmup, 1)
     ms = run.ms[first:]
     gaps = [1000 * (b - a) for a, b in zip(run.stamps[first - 1:], run.stamps[first:])]
@@ -574,7 +574,7 @@ def _variants(args) -> List[Variant]:
 
 def run_rounds(config: BenchConfig, variants: Sequence[Variant], num_batches: int, warmup: int, rounds: int,
                echo: bool, threads: int) -> Dict[str, List[Run]]:
-    """``rounds`` runs of every variant, interleaved: A B, then B A, ... Raises if a run fails."""
+    """Run every variant ``rounds`` times, interleaved: A B, then B A, ... Raises if a run fails."""
     runs: Dict[str, List[Run]] = {v.key: [] for v in variants}
     for r in range(rounds):
         for v in (variants if r % 2 == 0 else list(reversed(variants))):
@@ -636,8 +636,9 @@ FLAG_SET_OPTIONS = ("--a", "--b")
 
 
 def join_flag_sets(argv: Sequence[str]) -> List[str]:
-    """``--a "--x=1 --y"`` as ``--a=--x=1 --y``: argparse would read a value that starts with a dash
-    as an option of its own."""
+    """Join a flag set given as a separate argument to its option: ``--a "--x=1 --y"`` as ``--a=--x=1 --y``.
+
+    argparse would read a value that starts with a dash as an option of its own."""
     out, i = [], 0
     while i < len(argv):
         if argv[i] in FLAG_SET_OPTIONS and i + 1 < len(argv):

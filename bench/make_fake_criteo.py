@@ -67,7 +67,7 @@ def _int_field(values: np.ndarray, missing: np.ndarray) -> Tuple[np.ndarray, np.
 
 
 def _hex_field(values: np.ndarray, missing: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """8-hex-digit text of uint32 values as ((n, 8) uint8 chars, (n,) lengths); missing -> 0."""
+    """Write uint32 values as 8-hex-digit text: ((n, 8) uint8 chars, (n,) lengths); missing -> 0."""
     shifts = np.arange(28, -1, -4, dtype=np.uint64)
     chars = _HEX[(values[:, None] >> shifts) & np.uint64(15)]
     lengths = np.where(missing, 0, 8)

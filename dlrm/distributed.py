@@ -134,7 +134,7 @@ def _form_group(meeting: "_Meeting", backend: str) -> None:
 
 
 def _master_address() -> Tuple[str, int]:
-    """``MASTER_ADDR`` and ``MASTER_PORT``, set to 127.0.0.1 and 29500 when not given (torch reads them too)."""
+    """Read ``MASTER_ADDR`` and ``MASTER_PORT``, set to 127.0.0.1 and 29500 when not given (torch reads them too)."""
     host = os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     text = os.environ.setdefault("MASTER_PORT", "29500")
     if not text.isdigit() or not 0 < int(text) < 65536:
@@ -482,7 +482,7 @@ def first_disagreement(settings_by_rank: Sequence[Dict[str, Tuple[object, str]]]
 
 
 def all_or_none(step: Callable[[], object], info: DistInfo, what: str) -> object:
-    """``step()`` on every rank, succeeding on all of them or on none.
+    """Run ``step()`` on every rank, succeeding on all of them or on none.
 
     A rank whose step raises a DLRMError raises it; every other rank then raises a DistributedError
     naming the first failing rank and its reason (``what`` completes "could not ..."), so no rank

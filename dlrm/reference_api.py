@@ -94,7 +94,7 @@ def reference_model_config(m_spa, ln_emb, ln_bot, ln_top, arch_interaction_op: s
 
 
 def _md_rounding(cfg: ModelConfig, dims: List[int]) -> ModelConfig:
-    """``cfg`` with the ``md_round_dims`` for which our mixed dimensions are the caller's ``m_spa``
+    """Return ``cfg`` with the ``md_round_dims`` for which our mixed dimensions are the caller's ``m_spa``
     (the reference's script passes ``md_solver``'s output, rounded or not)."""
     large = [t for t, rows in enumerate(cfg.table_sizes) if rows > cfg.md_threshold]
     if len(dims) != cfg.num_tables:
@@ -200,7 +200,7 @@ class DLRM_Net(DLRM):
         return self.forward(dense_x, lS_o, lS_i)
 
     def apply_mlp(self, x: torch.Tensor, layers: nn.Module) -> torch.Tensor:
-        """``layers`` (``bot_l`` or ``top_l``) applied to ``x``, as the reference's helper."""
+        """Apply ``layers`` (``bot_l`` or ``top_l``) to ``x``, as the reference's helper does."""
         return layers(x)
 
     def apply_emb(self, lS_o, lS_i: Indices, emb_l: nn.Module, v_W_l=None) -> List[torch.Tensor]:
@@ -244,7 +244,7 @@ def reference_flags(args, **overrides) -> dict:
 
 
 def _typed(action, value):
-    """``value`` as the flag's type: strings through the flag's converter, sequences as tuples."""
+    """Convert ``value`` to the flag's type: strings through the flag's converter, sequences as tuples."""
     if isinstance(value, str) and action.type is not None:
         try:
             return action.type(value)

@@ -76,7 +76,7 @@ class RunLog:
 
 
 def global_iteration(step: int, nbatches: int, epoch: int) -> int:
-    """``it step/nbatches of epoch epoch`` counted from the start of the run."""
+    """Count ``it step/nbatches of epoch epoch`` from the start of the run."""
     return nbatches * epoch + step
 
 

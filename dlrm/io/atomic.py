@@ -49,7 +49,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
 
 @contextmanager
 def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
-    """``open(path, mode)`` through :func:`atomic_path`: the file appears complete or not at all."""
+    """Open ``path`` through :func:`atomic_path`, so the file appears complete or not at all."""
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f

@@ -402,7 +402,7 @@ class AppendWriter(_AtomicWriter):
 
 
 def save_npz(path: str, compressed: bool = False, **arrays: np.ndarray) -> None:
-    """``np.savez`` (or ``np.savez_compressed``) of whole arrays, through a temporary name."""
+    """Save whole arrays with ``np.savez`` (or ``np.savez_compressed``), through a temporary name."""
     with writing(path), atomic_open(path) as out:
         (np.savez_compressed if compressed else np.savez)(out, **arrays)
 

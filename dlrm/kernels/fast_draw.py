@@ -1,11 +1,10 @@
-r"""NumPy's legacy uniform draws written straight into float32 tensors: the same bits, 3x faster.
+r"""NumPy's legacy uniform draws written straight into float32 tensors: the same bits, faster.
 
 ``uniform_into(rng, out, low, high)`` fills ``out`` with exactly the values of
 ``rng.uniform(low, high, out.numel()).astype(np.float32)`` (in ``out``'s C order) and leaves ``rng``
 exactly where that call leaves it. ``skip(rng, count)`` advances ``rng`` as
 ``rng.random_sample(count)`` does, without computing the values. Embedding tables are most of a
-model's start-up: NumPy takes about 13 ns a value here, so a 540M-value Kaggle model spends about
-7 s drawing; the kernel takes about 4 ns.
+model's start-up (the timings are in ``bench/RESULTS.md``, "Whole runs").
 
 How NumPy draws (``np.random.RandomState`` on MT19937; ``tests/test_fast_draw.py`` checks it bit for
 bit): each double takes the next two tempered 32-bit outputs a, b as
@@ -74,7 +73,7 @@ def _threads() -> int:
 
 
 def _mt_state(rng) -> Optional[dict]:
-    """``rng``'s state with a private, writable key, or None when it is not a legacy MT19937."""
+    """Copy ``rng``'s state with a private, writable key; None when it is not a legacy MT19937."""
     if not isinstance(rng, np.random.RandomState):
         return None
     state = rng.get_state(legacy=False)

@@ -87,7 +87,7 @@ def top_mlp_input_width(interaction: str, itself: bool, num_tables: int, dense_o
 
 
 def fit_to_data(cfg: ModelConfig, table_sizes: Sequence[int], dense_dim: int) -> ModelConfig:
-    """``cfg`` with the tables and dense width that a data set fixes, and the top MLP's input width
+    """Fit ``cfg`` to a data set: its tables and dense width, and the top MLP's input width
     recomputed for them."""
     bottom = (dense_dim,) + tuple(cfg.bottom_mlp[1:])
     width = top_mlp_input_width(cfg.interaction, cfg.interaction_itself, len(table_sizes), bottom[-1])

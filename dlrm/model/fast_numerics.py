@@ -137,7 +137,7 @@ def _activation_backward(grad: torch.Tensor, out: torch.Tensor, act: str) -> tor
 
 
 class LinearAct(torch.autograd.Function):
-    """``act(x W^T + b)`` with its backward, as one autograd node.
+    """The layer ``act(x W^T + b)`` with its backward, as one autograd node.
 
     ``act`` is "none", "relu", "sigmoid" or "tanh"; ``gemm`` "auto", "mkl" or "onednn" (see
     :func:`onednn_forward`, :func:`onednn_input_grad`). All tensors share one dtype (float32, or
@@ -183,7 +183,7 @@ def _plain_linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 def _activate_(y: torch.Tensor, act: str) -> torch.Tensor:
-    """``act`` applied in place to a fresh GEMM output ("none": ``y`` as it is)."""
+    """Apply ``act`` in place to a fresh GEMM output ("none": ``y`` as it is)."""
     if act == "relu":
         return y.relu_()
     if act == "sigmoid":
@@ -194,7 +194,7 @@ def _activate_(y: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def _gemm_dtype(bf16: bool) -> torch.dtype:
-    """bfloat16 under bf16 autocast when ``bf16``; else float32."""
+    """The GEMMs' dtype: bfloat16 under bf16 autocast when ``bf16``, else float32."""
     if bf16 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         return torch.bfloat16
     return torch.float32
@@ -347,7 +347,7 @@ def resolve_interaction_backend(backend: str) -> str:
 
 
 class DotPairsKernel(torch.autograd.Function):
-    """``[x, <v_i, v_j> for the pairs]`` by the C++ kernel (float32 CPU), as one autograd node.
+    """The features ``[x, <v_i, v_j> for the pairs]`` by the C++ kernel (float32 CPU), as one autograd node.
 
     Shape:
         - rows, cols: (P,) int64; features: F tensors (B, D), the first one x.
@@ -369,7 +369,7 @@ class DotPairsKernel(torch.autograd.Function):
 
 
 class DotPairs(torch.autograd.Function):
-    """``[x, <v_i, v_j> for the pairs]`` for v = [x, e_1..e_T], as one autograd node (pure torch).
+    """The features ``[x, <v_i, v_j> for the pairs]`` for v = [x, e_1..e_T], as one autograd node (pure torch).
 
     Forward: one ``bmm`` (B, F, F), the pairs read with ``index_select`` at ``flat = i * F + j``.
     Backward: the pair gradients written into a zero (B, F, F) with ``index_copy_`` (each pair

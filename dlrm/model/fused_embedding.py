@@ -427,7 +427,7 @@ class FusedTables(nn.Module):
         return "cpp", ""
 
     def _apply(self, fn, recurse=True):
-        """``.to()``, ``.cuda()``, ``.double()`` ...: convert each buffer once, then re-point the
+        """Convert each buffer once for ``.to()``, ``.cuda()``, ``.double()`` ..., then re-point the
         per-table Parameters at the new buffer (the default would copy every table separately)."""
         for group in self._groups:
             group.buffer = fn(group.buffer)
@@ -500,8 +500,8 @@ def check_optimizer(optimizer: torch.optim.Optimizer, group: int = 0) -> None:
 
 
 def parameters_excluding_fused(model: nn.Module) -> List[nn.Parameter]:
-    """``model.parameters()`` minus those that any :class:`FusedTables` inside it updates itself:
-    the list to give the optimizer."""
+    """List the parameters to give the optimizer: ``model.parameters()`` minus those that any
+    :class:`FusedTables` inside it updates itself."""
     fused = {id(p) for m in model.modules() if isinstance(m, FusedTables) for p in m.parameters_updated_in_backward()}
     return [p for p in model.parameters() if id(p) not in fused]
 

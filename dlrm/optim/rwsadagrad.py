@@ -107,7 +107,7 @@ class RWSAdagrad(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict:
-        """torch's state dict, with each row-wise accumulator under the reference's key ``momentum``."""
+        """Return torch's state dict, with each row-wise accumulator under the reference's key ``momentum``."""
         saved = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in saved["state"].items():

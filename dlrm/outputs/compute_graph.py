@@ -70,7 +70,7 @@ def write_compute_graph(output: torch.Tensor, params: Mapping[str, torch.Tensor]
 
 
 def _render_pdf(dot: str, gv: str, pdf: str) -> None:
-    """``dot -Tpdf gv`` into ``pdf`` (atomically); raises RuntimeError with dot's last error line."""
+    """Render ``gv`` into ``pdf`` with ``dot -Tpdf`` (atomically); raises RuntimeError with dot's last error line."""
     with atomic_path(pdf, suffix=".pdf") as tmp:
         done = subprocess.run([dot, "-Tpdf", gv, "-o", tmp], capture_output=True, text=True,
                               timeout=RENDER_TIMEOUT_S)

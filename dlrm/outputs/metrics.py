@@ -197,8 +197,10 @@ class ProgressBar:
             self._bar.update(n)
 
     def wrap(self, log: Callable[..., None]) -> Callable[..., None]:
-        """``log`` itself when the bar is off; otherwise ``log`` run inside tqdm's external write mode
-        (what ``tqdm.write`` does: clear the bar, print, redraw), so the printer's own filtering
+        """Wrap ``log`` so that its lines do not break the progress bar.
+
+        That is ``log`` itself when the bar is off; otherwise ``log`` run inside tqdm's external write
+        mode (what ``tqdm.write`` does: clear the bar, print, redraw), so the printer's own filtering
         (main rank only) and stream are kept and its bytes are unchanged."""
         if self._bar is None:
             return log

@@ -76,8 +76,9 @@ def tensorboard_directory(cfg: OutputConfig) -> str:
 
 
 def check_writable_directory(flag: str, path: str) -> None:
-    """``path`` is a directory this process can create files in, or can be made one: its nearest
-    existing ancestor is a directory that can be written (checked with a temporary file)."""
+    """Check that ``path`` is a directory this process can create files in, or can be made one.
+
+    Its nearest existing ancestor is a directory that can be written (checked with a temporary file)."""
     existing = os.path.abspath(path)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -135,8 +136,9 @@ def remove_stale_outputs(cfg: OutputConfig) -> List[str]:
 
 
 def check_writable_file(flag: str, path: str) -> None:
-    """``path`` names a file (not a directory) in an existing directory this process can write to:
-    checked by creating and removing a temporary file there."""
+    """Check that ``path`` names a file (not a directory) in an existing directory this process can write to.
+
+    Checked by creating and removing a temporary file there."""
     if os.path.isdir(path):
         raise ConfigError(f"{flag}={path} is a directory; give a file name")
     parent = os.path.dirname(os.path.abspath(path))
@@ -165,8 +167,10 @@ def make_writer(directory: str, log: Callable[[str], None]):
 
 @contextmanager
 def profiling(enabled: bool, use_cuda: bool, log: Callable[[str], None]):
-    """torch.profiler around the run; afterwards the reference's three files: key averages by input
-    shape and in total, and a Chrome trace, named ``dlrm_s_pytorch<time>...``."""
+    """Run torch.profiler around the block, then write the reference's three files.
+
+    They are the key averages by input shape and in total, and a Chrome trace, named
+    ``dlrm_s_pytorch<time>...``."""
     if not enabled:
         yield
         return
