@@ -23,6 +23,7 @@ from dlrm.model import fast_numerics as fn
 from dlrm.model.dlrm import DLRM, DotInteraction, ModelConfig, make_loss, top_mlp_input_width
 from dlrm.run.train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
 from helpers.bounds import FLOAT32_UNIT_ROUNDOFF as U, assert_within, gamma, matmul_bound
+from helpers.kernels import require_built
 
 # Training drift. A float32 trajectory, the default path's as much as the accelerated one's, leaves
 # the float64 trajectory of the same steps in jumps: a ReLU whose input sits within rounding of zero
@@ -160,9 +161,7 @@ def test_bad_choices_raise():
 @pytest.fixture(scope="module")
 def built_kernel():
     """Build (or load from the cache) the interaction kernel once; the "cpp" tests need it."""
-    available, reason, _ = fn.extension_status()
-    if not available:
-        pytest.fail(f"the dot interaction kernel did not build ({reason}); the 'cpp' tests cannot run")
+    require_built(fn._load_extension, "the dot interaction kernel")
 
 
 BACKENDS = ("cpp", "torch")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dlrm.model import fused_embedding as fe
+from helpers.kernels import require_built
 
 BACKENDS = ("cpp", "torch")
 
@@ -24,10 +25,7 @@ BACKENDS = ("cpp", "torch")
 @pytest.fixture(scope="session", autouse=True)
 def built_extension():
     """Build (or load from the cache) the extension once per session; the cpp tests need it."""
-    available, reason, seconds = fe.extension_status()
-    if not available:
-        pytest.fail(f"the C++ extension did not build ({reason}); the 'cpp' tests cannot run")
-    return seconds
+    return require_built(fe._load_extension, "the C++ extension")
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -208,8 +206,7 @@ def test_default_cpu_capability_rounds_like_torch():
     # torch's baseline kernels (ATEN_CPU_CAPABILITY=default) round w + alpha*v in two steps, its
     # AVX2/AVX-512 kernels in one; the module measures which and the kernel must follow.
     script = textwrap.dedent("""
-        import torch, sys
-        sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
+        import torch
         from dlrm.model import fused_embedding as fe
         from test_fused_embedding import train_pair
         assert fe._fused_prefix(16) == 0, fe._fused_prefix(16)
@@ -217,8 +214,8 @@ def test_default_cpu_capability_rounds_like_torch():
         print("ok", torch.backends.cpu.get_cpu_capability())
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    done = subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok", "DEFAULT"]
 

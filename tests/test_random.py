@@ -6,6 +6,7 @@ import torch
 
 from dlrm.data.random import (RandomDataConfig, RandomDataset, generate_random_batch,
                                make_random_data_and_loaders)
+from helpers.rng import same_state
 
 
 def plain_batch(rng, n, cfg):
@@ -45,11 +46,6 @@ def plain_batch(rng, n, cfg):
     return dense, np.array(offsets, dtype=np.int64), indices, targets
 
 
-def _same_state(a, b):
-    sa, sb = a.get_state(), b.get_state()
-    return np.array_equal(sa[1], sb[1]) and sa[2:] == sb[2:]
-
-
 CASES = [
     dict(dense_dim=4, table_sizes=(4, 3, 2), num_indices_per_lookup=10),
     dict(dense_dim=3, table_sizes=(1000, 5, 1, 77), num_indices_per_lookup=7),
@@ -82,7 +78,7 @@ def test_fast_generator_equals_plain_one(case, n):
         for fast, plain in zip(batch.indices, indices):
             assert fast.dtype == torch.int64 and np.array_equal(fast.numpy(), plain)
         assert np.array_equal(batch.labels.numpy(), targets)
-        assert _same_state(fast_rng, plain_rng)
+        assert same_state(fast_rng, plain_rng)
 
 
 def test_large_batches_computed_on_two_threads_equal_the_plain_draws():
@@ -97,7 +93,7 @@ def test_large_batches_computed_on_two_threads_equal_the_plain_draws():
     dense, offsets, indices, targets = plain_batch(plain_rng, n, cfg)
     assert np.array_equal(batch.offsets.numpy(), offsets) and np.array_equal(batch.labels.numpy(), targets)
     assert all(np.array_equal(f.numpy(), p) for f, p in zip(batch.indices, indices))
-    assert _same_state(fast_rng, plain_rng)
+    assert same_state(fast_rng, plain_rng)
 
 
 def _bags(batch, t=0):
@@ -165,7 +161,7 @@ def test_test_batches_are_the_training_batches_and_move_the_stream():
         assert np.array_equal(batch.dense_x.numpy(), dense) and np.array_equal(batch.labels.numpy(), targets)
         assert np.array_equal(batch.offsets.numpy(), offsets)
         assert all(np.array_equal(a.numpy(), b) for a, b in zip(batch.indices, indices))
-    assert _same_state(rng, plain)
+    assert same_state(rng, plain)
 
 
 def test_fixed_test_set_is_not_the_training_set_and_does_not_shift_it():

@@ -18,6 +18,7 @@ from dlrm.data.random import RandomDataConfig
 from dlrm.data.synthetic_trace import (
     TraceDistribution, distribution_paths, generate_lru_trace, generate_synthetic_batch,
     profile_trace, read_distribution, read_trace, trace_main, write_distribution, write_trace)
+from helpers.rng import same_state
 
 # The reference's shipped example files.
 EXAMPLE_DIST_TEXT = "1, 2, 3, 4, 5, 6\n0, 1, 3, 4, 5\n0.55, 0.64, 0.82, 0.91, 1.0\n"
@@ -114,11 +115,6 @@ def plain_batch(rng, batch_size, dense_dim, table_sizes, k, fixed, dists, paddin
     if round_targets:
         labels = np.round(labels)
     return dense, np.array(offsets, dtype=np.int64), indices, labels, warnings
-
-
-def same_state(rng_a, rng_b):
-    a, b = rng_a.get_state(), rng_b.get_state()
-    return a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
 
 
 def random_trace(seed, length, num_addresses, low=0):
