@@ -7,6 +7,7 @@ from torch import nn
 
 import optim
 from dlrm.optim.lr_schedule import LRPolicyScheduler, lr_at
+from helpers.runs import SMALL
 
 # Tables computed by hand from the reference's rule (base 1.0), steps 1..10.
 
@@ -143,3 +144,10 @@ def test_scheduler_rejects_negative_values(args, name):
 
 def test_the_reference_import_path_names_the_same_objects():
     assert (optim.LRPolicyScheduler, optim.lr_at) == (LRPolicyScheduler, lr_at)
+
+
+def test_decay_without_warmup_runs(run_main):
+    """The reference crashed with decay and no warmup."""
+    code, out, err = run_main(*SMALL, "--lr-num-decay-steps=2", "--lr-decay-start-step=2")
+    assert code == 0, err
+    assert out.count("Finished training it") == 3
