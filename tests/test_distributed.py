@@ -19,10 +19,10 @@ from dlrm.distributed import DistInfo, first_disagreement, shard
 from dlrm.run.checkpoint import load_checkpoint
 from helpers import dist_steps
 from helpers.ports import free_port
+from helpers.runs import ROOT
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--mini-batch-size=6", "--data-size=60", "--arch-embedding-size=40-30-20-50-7", "--nepochs=2",
         "--test-freq=5", "--loss-function=bce", "--round-targets=1", "--learning-rate=0.3", "--print-freq=5"]
 
