@@ -1,6 +1,6 @@
 """Benchmark: random-batch generation, ours against the reference's per-sample algorithm.
 
-Both draw exactly the same numbers (tests/test_data.py checks that); this times one batch of the
+Both draw exactly the same numbers (tests/test_random.py checks that); this times one batch of the
 reference's CPU benchmark configuration (batch 2048, dense 512, 8 tables of 1M rows, up to 100
 indices per bag) with each.
 

@@ -44,9 +44,8 @@ def test_pool_workers_die_with_their_parent(tmp_path):
             print(os.getpid(), flush=True)
             time.sleep(600)
     """))
-    parent = textwrap.dedent(f"""
-        import os, sys, time
-        sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]
+    parent = textwrap.dedent("""
+        import os, time
         os.cpu_count = lambda: 2
         import sleeper
         from dlrm.data.criteo import preprocess
@@ -55,7 +54,8 @@ def test_pool_workers_die_with_their_parent(tmp_path):
         jobs = [pool.submit(sleeper.announce_and_sleep) for _ in range(2)]
         time.sleep(600)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=env, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     workers = []
     try:
@@ -93,9 +93,8 @@ def test_ctrl_c_with_worker_processes(tmp_path):
     the workers leave it to the parent, which stops them, removes their temporary files and
     reports one line."""
     write_fake_kaggle(str(tmp_path / "train.txt"), 700, seed=2)
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import concurrent.futures, os, signal, sys
-        sys.path.insert(0, {str(ROOT)!r})
         from dlrm.data.criteo import preprocess as data_utils
         real_as_completed = concurrent.futures.as_completed
 
@@ -107,7 +106,7 @@ def test_ctrl_c_with_worker_processes(tmp_path):
         raise SystemExit(data_utils.main(sys.argv[1:]))
     """)
     result = subprocess.run([sys.executable, "-c", script, f"--raw-data-file={tmp_path}/train.txt",
-                             "--dataset-multiprocessing", "--no-progress"],
+                             "--dataset-multiprocessing", "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=300, start_new_session=True)
     assert (result.returncode, result.stdout) == (130, "")
     assert result.stderr == (f"error: interrupted by SIGINT while preprocessing {tmp_path}/train.txt; kept: the "

@@ -7,13 +7,13 @@ import torch
 
 from dlrm.kernels import fast_draw
 from dlrm.model import dlrm as dlrm_model
+from helpers.kernels import require_built
+from helpers.rng import same_state
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built_kernel():
-    module, reason, _ = fast_draw._load_extension()
-    if module is None:
-        pytest.fail(f"the C++ kernel did not build ({reason}); its tests cannot run")
+    require_built(fast_draw._load_extension, "the C++ kernel")
 
 
 def _generator(seed: int, consumed: int, gaussian: bool) -> np.random.RandomState:
@@ -22,11 +22,6 @@ def _generator(seed: int, consumed: int, gaussian: bool) -> np.random.RandomStat
     if gaussian:
         rng.normal()  # leaves one cached Gaussian, which uniform draws must not touch
     return rng
-
-
-def _same_state(a: np.random.RandomState, b: np.random.RandomState) -> bool:
-    sa, sb = a.get_state(), b.get_state()
-    return np.array_equal(sa[1], sb[1]) and sa[2:] == sb[2:]
 
 
 def _bits(x) -> np.ndarray:
@@ -47,7 +42,7 @@ def test_kernel_equals_numpy_bit_for_bit(n, threads, vector):
         out = torch.full((n,), float("nan"))
         fast_draw._fill_for_tests(rng, out, -bound, bound, threads=threads, vector=vector)
         assert np.array_equal(_bits(out.numpy()), _bits(expected)), (seed, consumed)
-        assert _same_state(rng, expected_rng), (seed, consumed)
+        assert same_state(rng, expected_rng), (seed, consumed)
         assert rng.normal() == expected_rng.normal()  # the cached Gaussian too
 
 
@@ -57,7 +52,7 @@ def test_uniform_into_any_bounds(low, high):
     out = torch.empty(300, 257)
     fast_draw.uniform_into(rng, out, low, high)
     expected = expected_rng.uniform(low, high, (300, 257)).astype(np.float32)
-    assert np.array_equal(_bits(out.numpy()), _bits(expected)) and _same_state(rng, expected_rng)
+    assert np.array_equal(_bits(out.numpy()), _bits(expected)) and same_state(rng, expected_rng)
 
 
 def test_non_contiguous_output_is_filled_in_c_order():
@@ -66,7 +61,7 @@ def test_non_contiguous_output_is_filled_in_c_order():
     out = buffer[:, ::2]  # 64 x 1024, not contiguous
     fast_draw.uniform_into(rng, out, -0.5, 0.5)
     expected = expected_rng.uniform(-0.5, 0.5, (64, 1024)).astype(np.float32)
-    assert np.array_equal(_bits(out.numpy()), _bits(expected)) and _same_state(rng, expected_rng)
+    assert np.array_equal(_bits(out.numpy()), _bits(expected)) and same_state(rng, expected_rng)
     assert not buffer[:, 1::2].any()  # nothing written between the strided columns
 
 
@@ -75,7 +70,7 @@ def test_skip_moves_the_generator_as_random_sample(count):
     rng, expected_rng = _generator(11, 17, True), _generator(11, 17, True)
     fast_draw.skip(rng, count)
     expected_rng.random_sample(count)
-    assert _same_state(rng, expected_rng)
+    assert same_state(rng, expected_rng)
 
 
 def test_numpy_path_gives_the_same_numbers(monkeypatch):
@@ -84,7 +79,7 @@ def test_numpy_path_gives_the_same_numbers(monkeypatch):
     fast_draw.uniform_into(rng_kernel, out_kernel, -0.03, 0.03)
     monkeypatch.setenv(fast_draw.BACKEND_ENV, "numpy")
     fast_draw.uniform_into(rng_numpy, out_numpy, -0.03, 0.03)
-    assert torch.equal(out_kernel, out_numpy) and _same_state(rng_kernel, rng_numpy)
+    assert torch.equal(out_kernel, out_numpy) and same_state(rng_kernel, rng_numpy)
     assert fast_draw.fallback_note() is None  # chosen, so nothing to say
 
 

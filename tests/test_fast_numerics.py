@@ -12,6 +12,7 @@ The interaction kernel is compiled on first use (~25 s once per machine and torc
 cached); the file runs in ~15-20 s after that.
 """
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from dlrm.model import fast_numerics as fn
 from dlrm.model.dlrm import DLRM, DotInteraction, ModelConfig, make_loss, top_mlp_input_width
 from dlrm.run.train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
 from helpers.bounds import FLOAT32_UNIT_ROUNDOFF as U, assert_within, gamma, matmul_bound
+from helpers.kernels import require_built
+from helpers.runs import SMALL
 
 # Training drift. A float32 trajectory, the default path's as much as the accelerated one's, leaves
 # the float64 trajectory of the same steps in jumps: a ReLU whose input sits within rounding of zero
@@ -160,9 +163,7 @@ def test_bad_choices_raise():
 @pytest.fixture(scope="module")
 def built_kernel():
     """Build (or load from the cache) the interaction kernel once; the "cpp" tests need it."""
-    available, reason, _ = fn.extension_status()
-    if not available:
-        pytest.fail(f"the dot interaction kernel did not build ({reason}); the 'cpp' tests cannot run")
+    require_built(fn._load_extension, "the dot interaction kernel")
 
 
 BACKENDS = ("cpp", "torch")
@@ -393,3 +394,29 @@ def test_drift_against_plain_model(one_thread, loss_name, gemm):
     assert plain[-1] < plain[0] and fast[-1] < fast[0]
     np.testing.assert_allclose(plain, exact, rtol=DRIFT_RTOL, atol=0, err_msg="the default float32 path")
     np.testing.assert_allclose(fast, exact, rtol=DRIFT_RTOL, atol=0, err_msg="the accelerated path")
+
+
+def test_fast_numerics_from_the_command_line_stays_close_to_the_exact_run(run_main):
+    args = ["--mini-batch-size=256", "--data-size=2048", "--arch-mlp-bot=64-64-16", "--arch-sparse-feature-size=16",
+            "--arch-embedding-size=500-300-200-100", "--arch-mlp-top=128-128-1", "--loss-function=bce",
+            "--round-targets=true", "--learning-rate=0.1"]
+    code, exact, err = run_main(*args)
+    assert code == 0, err
+    code, fast, err = run_main(*args, "--fast-numerics")
+    assert code == 0, err
+    assert "fast numerics:" in err
+    a, b = ([float(x) for x in re.findall(r"loss (\d\.\d+)", out)] for out in (exact, fast))
+    assert len(a) == len(b) == 8 and np.allclose(a, b, rtol=5e-4, atol=0)  # fast_numerics.DRIFT_RTOL
+
+
+def test_fast_numerics_is_for_cpus(run_main):
+    code, _, err = run_main(*SMALL, "--fast-numerics", "--use-gpu")
+    assert code == 2 and "--fast-numerics is for CPUs" in err
+
+
+def test_emulated_bf16_is_said_once(run_main):
+    from dlrm.model import fast_numerics
+
+    code, _, err = run_main(*SMALL, "--mixed-precision=bf16")
+    assert code == 0, err
+    assert (err.count("no native bfloat16") == 1) != fast_numerics.has_native_bf16()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from dlrm.data.random import RandomDataConfig
 from dlrm.data.synthetic_trace import (
     TraceDistribution, distribution_paths, generate_lru_trace, generate_synthetic_batch,
     profile_trace, read_distribution, read_trace, trace_main, write_distribution, write_trace)
+from helpers.rng import same_state
+from helpers.runs import ROOT, SMALL
 
 # The reference's shipped example files.
 EXAMPLE_DIST_TEXT = "1, 2, 3, 4, 5, 6\n0, 1, 3, 4, 5\n0.55, 0.64, 0.82, 0.91, 1.0\n"
@@ -114,11 +118,6 @@ def plain_batch(rng, batch_size, dense_dim, table_sizes, k, fixed, dists, paddin
     if round_targets:
         labels = np.round(labels)
     return dense, np.array(offsets, dtype=np.int64), indices, labels, warnings
-
-
-def same_state(rng_a, rng_b):
-    a, b = rng_a.get_state(), rng_b.get_state()
-    return a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
 
 
 def random_trace(seed, length, num_addresses, low=0):
@@ -383,3 +382,30 @@ def test_trace_main_bad_boolean(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         _run_tool(tmp_path, "--trace-enable-padding", "maybe")
     assert exit_info.value.code == 2
+
+
+def test_synthetic_data_from_the_command_line(run_main, tmp_path):
+    """--data-generation=synthetic is reachable (not in the reference)."""
+    for t in range(3):
+        (tmp_path / f"dist_emb_{t}.log").write_text("1, 2, 3, 4, 5, 6\n0, 1, 3, 4, 5\n0.55, 0.64, 0.82, 0.91, 1.0\n")
+    code, out, err = run_main(*SMALL, "--data-generation=synthetic",
+                              f"--data-trace-file={tmp_path}/dist_emb_j.log")
+    assert code == 0, err
+    assert out.count("Finished training it") == 3
+
+
+def test_missing_trace_file_is_one_line_error(run_main, tmp_path):
+    code, _, err = run_main(*SMALL, "--data-generation=synthetic", f"--data-trace-file={tmp_path}/none_j.log")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_trace_tool_runs_as_a_script(tmp_path):
+    trace = tmp_path / "trace.log"
+    trace.write_text("1, 2, 3, 4, 5, 3, 4, 1, 1, 6, 3\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dlrm_data_pytorch.py"), f"--trace-file={trace}",
+                           f"--dist-file={tmp_path}/dist.log", f"--synthetic-file={tmp_path}/syn.log",
+                           "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "dist.log").read_text().splitlines()[1] == "0, 1, 3, 4, 5"
+    assert len((tmp_path / "syn.log").read_text().split(", ")) == 11

@@ -3,7 +3,7 @@
 ``train_configs(info, dtype)`` trains every configuration of ``CONFIGS`` with the product's own
 parts (``dlrm_model.DLRM``, ``dlrm_train.train_step``, ``checkpoint.full_state_dict``) and returns, per
 configuration, every parameter in the single-process layout after every step. The test calls it in
-one process; run under torchrun (``python -m torch.distributed.run ... tests/dist_steps.py OUT DTYPE``),
+one process; run under torchrun (``python -m torch.distributed.run ... tests/helpers/dist_steps.py OUT DTYPE``),
 every rank trains its shard and rank 0 writes the same lists to OUT.
 
 ``dtype`` is ``float32`` (what a run computes) or ``float64``: the same code paths with the model,

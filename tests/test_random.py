@@ -1,11 +1,13 @@
 """Random data: the vectorised generator against a plain per-sample implementation of the reference's
-draws, and the test batches' stream."""
+draws, the test batches' stream, and Gaussian clip ranges that reach past a table."""
 import numpy as np
 import pytest
 import torch
 
+from dlrm.common import ConfigError
 from dlrm.data.random import (RandomDataConfig, RandomDataset, generate_random_batch,
-                               make_random_data_and_loaders)
+                               make_random_data_and_loaders, validate_random_config)
+from helpers.rng import same_state
 
 
 def plain_batch(rng, n, cfg):
@@ -45,11 +47,6 @@ def plain_batch(rng, n, cfg):
     return dense, np.array(offsets, dtype=np.int64), indices, targets
 
 
-def _same_state(a, b):
-    sa, sb = a.get_state(), b.get_state()
-    return np.array_equal(sa[1], sb[1]) and sa[2:] == sb[2:]
-
-
 CASES = [
     dict(dense_dim=4, table_sizes=(4, 3, 2), num_indices_per_lookup=10),
     dict(dense_dim=3, table_sizes=(1000, 5, 1, 77), num_indices_per_lookup=7),
@@ -82,7 +79,7 @@ def test_fast_generator_equals_plain_one(case, n):
         for fast, plain in zip(batch.indices, indices):
             assert fast.dtype == torch.int64 and np.array_equal(fast.numpy(), plain)
         assert np.array_equal(batch.labels.numpy(), targets)
-        assert _same_state(fast_rng, plain_rng)
+        assert same_state(fast_rng, plain_rng)
 
 
 def test_large_batches_computed_on_two_threads_equal_the_plain_draws():
@@ -97,7 +94,7 @@ def test_large_batches_computed_on_two_threads_equal_the_plain_draws():
     dense, offsets, indices, targets = plain_batch(plain_rng, n, cfg)
     assert np.array_equal(batch.offsets.numpy(), offsets) and np.array_equal(batch.labels.numpy(), targets)
     assert all(np.array_equal(f.numpy(), p) for f, p in zip(batch.indices, indices))
-    assert _same_state(fast_rng, plain_rng)
+    assert same_state(fast_rng, plain_rng)
 
 
 def _bags(batch, t=0):
@@ -165,7 +162,7 @@ def test_test_batches_are_the_training_batches_and_move_the_stream():
         assert np.array_equal(batch.dense_x.numpy(), dense) and np.array_equal(batch.labels.numpy(), targets)
         assert np.array_equal(batch.offsets.numpy(), offsets)
         assert all(np.array_equal(a.numpy(), b) for a, b in zip(batch.indices, indices))
-    assert _same_state(rng, plain)
+    assert same_state(rng, plain)
 
 
 def test_fixed_test_set_is_not_the_training_set_and_does_not_shift_it():
@@ -185,3 +182,62 @@ def test_fixed_test_set_is_not_the_training_set_and_does_not_shift_it():
     c = next(it2)
     assert torch.equal(a.dense_x, train0.dense_x) and torch.equal(b.dense_x, c.dense_x)
 
+
+# --- Gaussian data whose clip range reaches past a table: one error line before training, only when the
+# draws can reach there.
+
+GAUSSIAN = ["--mini-batch-size=2", "--data-size=6", "--rand-data-dist=gaussian"]
+
+
+def _config(**flags):
+    return RandomDataConfig(dense_dim=4, table_sizes=(4, 3, 2), data_size=6, batch_size=2,
+                            distribution="gaussian", **flags)
+
+
+def _plain_indices(cfg, draws=20000, seed=0):
+    """What the reference's gaussian bags can hold: normal draws clipped to [min, max], truncated."""
+    mu = (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
+    values = np.random.RandomState(seed).normal(mu, cfg.rand_sigma, draws)
+    return np.clip(values, cfg.rand_min, cfg.rand_max).astype(np.int64)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rand-data-max=2"], "--rand-data-max=2 lets gaussian indices reach 2, but table 2 has 2 rows"),
+    (["--rand-data-max=7.5", "--arch-embedding-size=9-7"], "reach 7, but table 1 has 7 rows"),
+    (["--rand-data-min=-1"], "--rand-data-min=-1 lets gaussian indices reach -1"),
+])
+def test_a_clip_range_past_a_table_is_one_error_before_training(run_main, tmp_path, argv, message):
+    code, out, err = run_main(*GAUSSIAN, *argv, f"--tensor-board-filename={tmp_path / 'tb'}")
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "Finished training" not in out
+
+
+@pytest.mark.parametrize("flags", [dict(rand_max=2), dict(rand_min=-1), dict(rand_max=3, rand_sigma=0.2)])
+def test_refused_ranges_are_reached_by_the_plain_draws(flags):
+    cfg = _config(**flags)
+    with pytest.raises(ConfigError):
+        validate_random_config(cfg)
+    indices = _plain_indices(cfg)
+    assert indices.max() >= min(cfg.table_sizes) or indices.min() < 0
+
+
+@pytest.mark.parametrize("flags", [
+    dict(rand_max=1.9), dict(rand_min=-0.9),  # truncation keeps these in the table
+    dict(rand_max=30, rand_mu=0.5, rand_sigma=0.1),  # 15 sigmas to the first row outside: never drawn
+])
+def test_ranges_the_draws_cannot_leave_are_accepted_and_stay_in_the_tables(flags):
+    cfg = _config(**flags)
+    validate_random_config(cfg)
+    rng = np.random.RandomState(1)
+    for _ in range(50):
+        batch = generate_random_batch(rng, 64, cfg)
+        for rows, indices in zip(cfg.table_sizes, batch.indices):
+            assert 0 <= int(indices.min()) and int(indices.max()) < rows
+
+
+def test_a_narrow_gaussian_with_a_wide_clip_range_trains(run_main, tmp_path):
+    code, out, err = run_main(*GAUSSIAN, "--rand-data-max=30", "--rand-data-mu=0.5", "--rand-data-sigma=0.1",
+                              f"--tensor-board-filename={tmp_path / 'tb'}")
+    assert code == 0, err
+    assert out.count("Finished training") == 3

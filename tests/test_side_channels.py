@@ -1,5 +1,7 @@
 """What a run writes and says besides the reference's lines (metrics file, summary, graph, progress,
-ONNX name, final model, profiler names), and the start-up checks that fail before training."""
+ONNX name, final model, profiler files and names, TensorBoard), and the start-up checks that fail before
+training."""
+import glob
 import json
 import os
 import re
@@ -10,9 +12,9 @@ import time
 import pytest
 
 from dlrm.outputs import metrics as run_metrics
+from dlrm.run import benchmark
+from helpers.runs import ROOT, SMALL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--mini-batch-size=2", "--data-size=6"]
 TESTED = ["--mini-batch-size=4", "--data-size=24", "--loss-function=bce", "--round-targets=true", "--test-freq=3"]
 
 
@@ -139,38 +141,6 @@ def test_profiling_and_graph_in_an_unusable_directory_fail_before_training(run_m
         assert code == 2 and flag in err and "Finished" not in out
 
 
-# --- sizes that cannot fit --------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_tables_that_cannot_fit_are_refused_in_seconds_and_little_memory():
-    start = time.time()
-    proc = subprocess.run([sys.executable, "-c", "import resource, sys, dlrm_s_pytorch; "
-                           "code = dlrm_s_pytorch.main(sys.argv[1:]); "
-                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)",
-                           "--arch-embedding-size=2000000000-2000000000-3", "--mini-batch-size=2", "--data-size=4"],
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
-    elapsed = time.time() - start
-    assert proc.returncode == 2
-    error, peak_kib = proc.stderr.splitlines()[0], int(proc.stderr.splitlines()[-1])
-    assert re.match(r"error: this run needs about 29\.8 GiB \(tables 29\.8 GiB, .*\) but only \d+\.\d [GM]iB of "
-                    r"memory available", error), error
-    assert elapsed < 60 and peak_kib < 2 * 1024 * 1024  # refused before anything big was allocated
-
-
-def test_memory_estimate_counts_tables_state_mlps_and_a_batch():
-    from dlrm.model.dlrm import ModelConfig
-    from dlrm.run.preflight import BatchShape, estimate_bytes
-
-    cfg = ModelConfig(embedding_dim=4, table_sizes=(1000, 10), bottom_mlp=(3, 4), top_mlp=(7, 1))
-    parts = estimate_bytes(cfg, "adagrad", BatchShape(batch_size=8, bag=2, test_batch_size=8))
-    assert parts["tables"] == 1010 * 4 * 4
-    assert parts["MLPs"] == (3 * 4 + 4 + 7 * 1 + 1) * 4
-    assert parts["optimizer state"] == parts["tables"] + parts["MLPs"]
-    assert estimate_bytes(cfg, "sgd", BatchShape(8, 2, 8))["optimizer state"] == 0
-    assert estimate_bytes(cfg, "rwsadagrad", BatchShape(8, 2, 8))["optimizer state"] == (1010 + 24) * 4
-
-
 # --- flags accepted and then ignored, or wrong ---------------------------------------------------------
 
 
@@ -251,3 +221,45 @@ def test_a_metrics_file_that_stops_taking_writes_is_one_line_error(run_main, tmp
     code, _, err = run_main(*SMALL, f"--metrics-file={path}")
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"error: metrics file {path}: cannot write (No space left on device)")
+
+
+# --- profiler files and TensorBoard scalars ------------------------------------------------------------
+
+
+def test_profiling_writes_trace_and_tables(run_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(*SMALL, "--enable-profiling")
+    assert code == 0, err
+    assert len(glob.glob("dlrm_s_pytorch*.json")) == 1
+    shape, = glob.glob("dlrm_s_pytorch*_shape.prof")
+    total, = glob.glob("dlrm_s_pytorch*_total.prof")
+    assert "DLRM forward" in open(total).read() and "Input Shapes" in open(shape).read()
+
+
+def test_tensorboard_scalars(run_main, monkeypatch):
+    written = []
+
+    class Recorder:
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step, value))
+
+        def close(self):
+            written.append(("closed", None, None))
+
+    monkeypatch.setattr(benchmark, "make_writer", lambda name, log: Recorder())
+    code, _, err = run_main(*SMALL, "--test-freq=3", "--lr-num-warmup-steps=2")
+    assert code == 0, err
+    assert [w[:2] for w in written] == [("Train/Loss", 1), ("Train/LR", 1), ("Train/Loss", 2), ("Train/LR", 2),
+                                        ("Train/Loss", 3), ("Train/LR", 3), ("Test/Acc", 3), ("closed", None)]
+    assert [w[2] for w in written if w[0] == "Train/LR"] == [0.005, 0.01, 0.01]  # the rate of each step
+
+
+def test_tensorboard_runs_get_their_own_directories(tmp_path, monkeypatch):
+    pytest.importorskip("torch.utils.tensorboard")
+    from dlrm.outputs import side_channels as run_outputs
+
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    for _ in range(2):
+        run_outputs.make_writer("runs", lines.append).close()
+    assert len({line for line in lines}) == 2 and len(os.listdir(tmp_path / "runs")) == 2

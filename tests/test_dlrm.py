@@ -5,6 +5,7 @@ import torch
 
 from dlrm.model import dlrm
 from helpers.models import tiny_model_config
+from helpers.runs import SMALL
 
 
 def naive_dot(dense, embedded, itself):
@@ -194,3 +195,34 @@ def test_quantized_inference_from_the_command_line(run_main):
     code, _, err = run_main("--mini-batch-size=2", "--data-size=6", "--inference-only", "--quantize-emb-with-bit=8",
                             "--qr-flag")
     assert code == 2 and "plain tables only" in err
+
+
+@pytest.mark.parametrize("bits", ["8", "16"])
+def test_inference_with_quantized_mlps(run_main, bits):
+    code, out, err = run_main(*SMALL, "--inference-only", f"--quantize-mlp-with-bit={bits}")
+    assert code == 0, err
+    assert "Testing for inference only" in out and " accuracy " in out
+
+
+TRICK_BASE = ["--mini-batch-size=4", "--data-size=16", "--arch-embedding-size=1000-50-300",
+              "--arch-sparse-feature-size=8"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--qr-flag", "--qr-threshold=100", "--qr-operation=mult", "--arch-mlp-bot=4-8"],
+    ["--qr-flag", "--qr-threshold=100", "--qr-operation=add", "--arch-mlp-bot=4-8"],
+    ["--qr-flag", "--qr-threshold=100", "--qr-operation=concat", "--arch-mlp-bot=4-16"],  # small tables get 2D
+    ["--md-flag", "--md-threshold=100", "--arch-mlp-bot=4-8"],  # a table below the threshold
+    ["--md-flag", "--md-threshold=100", "--md-round-dims", "--arch-mlp-bot=4-8"],
+])
+def test_qr_and_md_tables_train(run_main, tmp_path, flags):
+    path = tmp_path / "m.pt"
+    code, out, err = run_main(*TRICK_BASE, *flags, "--test-freq=4", "--round-targets=1", "--loss-function=bce",
+                              f"--save-model={path}")
+    assert code == 0, err
+    assert out.count("Finished training it") == 4
+    from dlrm.run.checkpoint import load_checkpoint
+
+    keys = load_checkpoint(str(path))["state_dict"]
+    assert "emb_l.1.weight" in keys  # the 50-row table stays a plain table
+    assert ("emb_l.0.weight_q" in keys) if "--qr-flag" in flags else ("emb_l.0.embs.weight" in keys)

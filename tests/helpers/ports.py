@@ -1,0 +1,9 @@
+"""Ports for the processes the tests start on 127.0.0.1."""
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
