@@ -229,14 +229,13 @@ def reference_flags(args, **overrides) -> dict:
         ConfigError: a value that cannot be read, or ``fix_reference_bugs`` (the reference's API
             reproduces the reference; the fixes are the command line's option).
     """
-    from dlrm.run.flags import build_parser
+    from dlrm.run.flags import build_parser, reference_names
 
     parser = build_parser()
-    flags = vars(parser.parse_args([]))
-    for action in parser._actions:
-        name = action.option_strings[0].lstrip("-").replace("-", "_") if action.option_strings else None
-        if name is not None and name != "help" and hasattr(args, name):
-            flags[action.dest] = _typed(action, getattr(args, name))
+    flags, actions = vars(parser.parse_args([])), {action.dest: action for action in parser._actions}
+    for dest, name in reference_names(parser).items():
+        if name != "help" and hasattr(args, name):
+            flags[dest] = _typed(actions[dest], getattr(args, name))
     if flags["fix_reference_bugs"]:
         raise ConfigError("fix_reference_bugs is a command-line option: the reference's Python API "
                           "reproduces the reference")

@@ -6,10 +6,10 @@ flags: it validates every flag once and builds the frozen :class:`~dlrm.run.conf
 from __future__ import annotations
 
 import argparse
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 from dlrm.cli import FlagParser, option_names, take
-from dlrm.common import FlagError, check_number, parse_bool
+from dlrm.common import ConfigError, FlagError, check_number, parse_bool
 from dlrm.data.config import RandomDataConfig, check_random_flags
 from dlrm.model.dlrm import LOSSES, ModelConfig, top_mlp_input_width
 from dlrm.outputs.side_channels import OutputConfig
@@ -222,10 +222,11 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
 
 
 def _resolve_test_defaults(flags: dict) -> None:
-    """Replace the -1 test batch size and workers by the training ones, in ``flags``."""
+    """Replace the -1 test batch size and workers by the training ones, in ``flags`` (a test batch
+    size below -1 too; workers below -1 are left for the data's configuration to refuse)."""
     if flags["test_batch_size"] < 0:
         flags["test_batch_size"] = flags["batch_size"]
-    if flags["test_num_workers"] < 0:
+    if flags["test_num_workers"] == -1:
         flags["test_num_workers"] = flags["num_workers"]
 
 
@@ -247,18 +248,24 @@ def data_config_from_flags(flags: dict):
     resolved as for a run."""
     flags = dict(flags)
     _resolve_test_defaults(flags)
-    return _data_config(flags)
+    try:
+        return _data_config(flags)
+    except FlagError as exc:  # named by the option, as on the command line
+        raise ConfigError(exc.message(option_names(build_parser()))) from None
+
+
+def reference_names(parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, str]:
+    """dest -> the flag's attribute name in the reference: its option without the dashes, ``-`` as
+    ``_`` (``batch_size``: ``mini_batch_size``)."""
+    options = option_names(parser or build_parser())
+    return {dest: option.lstrip("-").replace("-", "_") for dest, option in options.items()}
 
 
 def reference_flag_values(flags: dict) -> dict:
     """Every flag's value under the reference's attribute name (``arch_sparse_feature_size``...), dash
     lists written as typed: what the reference's ``--mlperf-logging`` args line holds."""
-    out = {}
-    for dest, option in option_names(build_parser()).items():
-        if dest in flags:
-            value = flags[dest]
-            out[option.lstrip("-").replace("-", "_")] = "-".join(map(str, value)) if isinstance(value, tuple) else value
-    return out
+    return {name: "-".join(map(str, flags[dest])) if isinstance(flags[dest], tuple) else flags[dest]
+            for dest, name in reference_names().items() if dest in flags}
 
 
 def _data_config(flags: dict):
