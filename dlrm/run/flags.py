@@ -1,7 +1,10 @@
 """The benchmark's flags: the reference's names and defaults, and the run's configuration built from them.
 
-:func:`build_parser` is the flag table; :func:`config_from_args` is the only reader of the parsed
-flags: it validates every flag once and builds the frozen :class:`~dlrm.run.config.RunConfig`.
+:func:`build_parser` is the flag table, each flag's ``dest`` the name of the config field it fills;
+:func:`config_from_args` is the only reader of the parsed flags: it builds each part of the frozen
+:class:`~dlrm.run.config.RunConfig` with :func:`dlrm.cli.take`, and each part checks its own values
+(a :class:`~dlrm.common.FlagError` names the field, which the command line prints as its option).
+Only the flags that no part of a run holds (the other data source's) are checked here.
 """
 from __future__ import annotations
 
