@@ -1,4 +1,6 @@
-"""What the random and trace-based synthetic generators draw: :class:`RandomDataConfig`.
+"""What the random and trace-based synthetic generators draw: :class:`RandomDataConfig`, which checks
+itself when built (:func:`check_random_config`), and the batch checks every data source shares
+(:func:`check_batching`).
 
 A leaf: the generators (:mod:`dlrm.data.random`, :mod:`dlrm.data.synthetic_trace`) and the run's
 configuration import it, and it imports neither.
