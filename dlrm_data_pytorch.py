@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from dlrm.data.config import RandomDataConfig  # noqa: F401
+from dlrm.data.config import RandomDataConfig, check_random_config as validate_random_config  # noqa: F401
 from dlrm.data.random import (BatchLoader, RandomDataset, generate_random_batch,  # noqa: F401
-                              make_random_data_and_loaders, validate_random_config, worker_numpy_seed)
+                              make_random_data_and_loaders, worker_numpy_seed)
 
 _REFERENCE_API = ("make_random_data_and_loader", "make_criteo_data_and_loaders", "collate_wrapper_random_offset",
                   "collate_wrapper_criteo_offset")

@@ -8,6 +8,7 @@ Dimension vocabulary used in docstrings across the project:
 """
 from __future__ import annotations
 
+import math
 import re
 import signal
 import stat
@@ -36,6 +37,22 @@ class FlagError(ConfigError):
     def message(self, names: Mapping[str, str]) -> str:
         """The text, each ``{field}`` replaced by ``names[field]`` (by the field's name if absent)."""
         return re.sub(r"\{([a-z_][a-z0-9_]*)\}", lambda m: names.get(m.group(1), m.group(1)), self.template)
+
+
+def check_number(field: str, value: float, lowest: Optional[float] = None) -> None:
+    """Raise FlagError naming ``field`` when ``value`` is NaN or infinite, or below ``lowest`` (when
+    given: the lowest a field that cannot be negative may take)."""
+    if not math.isfinite(value):
+        raise FlagError(f"{{{field}}} must be a finite number, got {value}")
+    if lowest is not None and value < lowest:
+        raise FlagError(f"{{{field}}} must not be negative, got {value:g}")
+
+
+def check_at_least_one(values: Mapping[str, int]) -> None:
+    """Raise FlagError naming the first field of ``values`` (field -> count) that is below 1."""
+    for field, value in values.items():
+        if value < 1:
+            raise FlagError(f"{{{field}}} must be at least 1, got {value}")
 
 
 class DataError(DLRMError, ValueError):

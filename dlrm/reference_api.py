@@ -80,9 +80,14 @@ def reference_model_config(m_spa, ln_emb, ln_bot, ln_top, arch_interaction_op: s
     if qr_flag and (md_flag or qr_collisions < 1):
         raise ConfigError("DLRM_Net: qr_flag needs qr_collisions >= 1 and no md_flag")
     dims = [int(d) for d in m_spa] if np.ndim(m_spa) else None
+    embedding_dim, bottom = max(dims) if dims else int(m_spa), _sizes(ln_bot, "ln_bot")
+    expected = 2 * embedding_dim if qr_flag and qr_operation == "concat" else embedding_dim
+    if bottom[-1] != expected:
+        raise ConfigError(f"DLRM_Net: ln_bot ends in {bottom[-1]}, but the embeddings have "
+                          f"dimension {expected}; they must be equal")
     cfg = ModelConfig(
-        embedding_dim=max(dims) if dims else int(m_spa), table_sizes=_sizes(ln_emb, "ln_emb"),
-        bottom_mlp=_sizes(ln_bot, "ln_bot"), top_mlp=_sizes(ln_top, "ln_top"),
+        embedding_dim=embedding_dim, table_sizes=_sizes(ln_emb, "ln_emb"),
+        bottom_mlp=bottom, top_mlp=_sizes(ln_top, "ln_top"),
         interaction=arch_interaction_op, interaction_itself=bool(arch_interaction_itself),
         weighted_pooling=weighted_pooling, loss_threshold=float(loss_threshold), md_flag=bool(md_flag),
         md_threshold=int(md_threshold), md_temperature=float(md_temperature), qr_flag=bool(qr_flag),
@@ -110,12 +115,8 @@ def _md_rounding(cfg: ModelConfig, dims: List[int]) -> ModelConfig:
 
 
 def _check_widths(cfg: ModelConfig) -> None:
-    """The bottom MLP's output and the top MLP's input must fit the tables and the interaction."""
-    concat = cfg.qr_flag and cfg.qr_operation == "concat"
-    expected = 2 * cfg.embedding_dim if concat else cfg.embedding_dim
-    if cfg.bottom_mlp[-1] != expected:
-        raise ConfigError(f"DLRM_Net: ln_bot ends in {cfg.bottom_mlp[-1]}, but the embeddings have "
-                          f"dimension {expected}; they must be equal")
+    """The top MLP's input must fit the tables and the interaction (the bottom MLP's output width
+    is checked before the config is built, which checks it too)."""
     width = top_mlp_input_width(cfg.interaction, cfg.interaction_itself, cfg.num_tables, cfg.bottom_mlp[-1])
     if cfg.top_mlp[0] != width:
         raise ConfigError(f"DLRM_Net: ln_top starts with {cfg.top_mlp[0]}, but the {cfg.interaction} "
@@ -228,14 +229,13 @@ def reference_flags(args, **overrides) -> dict:
         ConfigError: a value that cannot be read, or ``fix_reference_bugs`` (the reference's API
             reproduces the reference; the fixes are the command line's option).
     """
-    from dlrm.run.flags import build_parser
+    from dlrm.run.flags import build_parser, reference_names
 
     parser = build_parser()
-    flags = vars(parser.parse_args([]))
-    for action in parser._actions:
-        name = action.option_strings[0].lstrip("-").replace("-", "_") if action.option_strings else None
-        if name is not None and name != "help" and hasattr(args, name):
-            flags[action.dest] = _typed(action, getattr(args, name))
+    flags, actions = vars(parser.parse_args([])), {action.dest: action for action in parser._actions}
+    for dest, name in reference_names(parser).items():
+        if name != "help" and hasattr(args, name):
+            flags[dest] = _typed(actions[dest], getattr(args, name))
     if flags["fix_reference_bugs"]:
         raise ConfigError("fix_reference_bugs is a command-line option: the reference's Python API "
                           "reproduces the reference")
@@ -290,9 +290,9 @@ def make_random_data_and_loader(args, ln_emb, m_den, offset_to_length_converter:
     from dlrm.run.train import Logger
 
     flags = reference_flags(args)
-    if flags["data_generation"] not in ("random", "synthetic"):
+    if flags["generation"] not in ("random", "synthetic"):
         raise ConfigError(f"make_random_data_and_loader needs data_generation random or synthetic, "
-                          f"got {flags['data_generation']!r}")
+                          f"got {flags['generation']!r}")
     flags.update(table_sizes=_sizes(ln_emb, "ln_emb"), bottom_mlp=(int(m_den),) + tuple(flags["bottom_mlp"][1:]))
     cfg = data_config_from_flags(flags)
     dataset = _random_dataset_class()
@@ -323,7 +323,7 @@ def make_criteo_data_and_loaders(args, offset_to_length_converter: bool = False)
     from dlrm.run.flags import data_config_from_flags
     from dlrm.run.train import Logger
 
-    cfg = data_config_from_flags(reference_flags(args, data_generation="dataset"))
+    cfg = data_config_from_flags(reference_flags(args, generation="dataset"))
     rng = global_generator()
     data = make_loaders(cfg, rng, log=Logger(), preprocess_rng=rng)
     return data.train_data, data.train_loader, data.test_data, data.test_loader

@@ -19,7 +19,7 @@ def test_defaults_are_the_reference_ones():
     assert ns.batch_size == 1 and ns.data_size == 1 and ns.num_indices_per_lookup == 10
     assert ns.print_freq == 1 and ns.test_freq == -1 and ns.print_precision == 5
     assert ns.sync_dense_params is True and ns.round_targets is False
-    assert ns.data_trace_file == "./input/dist_emb_j.log" and ns.tensor_board_filename == "run_kaggle_pt"
+    assert ns.trace_file == "./input/dist_emb_j.log" and ns.tensor_board_filename == "run_kaggle_pt"
     assert ns.local_rank == -1 and ns.grad_accum_iter == 1
 
 
@@ -28,7 +28,7 @@ def test_defaults_are_the_reference_ones():
 def test_boolean_flags_read_false_as_false(text, value):
     """The reference read --round-targets=False as true."""
     ns = flags.build_parser().parse_args([f"--round-targets={text}", f"--num-indices-per-lookup-fixed={text}"])
-    assert ns.round_targets is value and ns.num_indices_per_lookup_fixed is value
+    assert ns.round_targets is value and ns.fixed is value
 
 
 def test_local_rank_has_both_spellings():
@@ -37,7 +37,7 @@ def test_local_rank_has_both_spellings():
 
 
 def test_synthetic_is_a_data_generation_choice():
-    assert flags.build_parser().parse_args(["--data-generation=synthetic"]).data_generation == "synthetic"
+    assert flags.build_parser().parse_args(["--data-generation=synthetic"]).generation == "synthetic"
 
 
 BAD = [

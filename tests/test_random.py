@@ -6,7 +6,7 @@ import torch
 
 from dlrm.common import ConfigError
 from dlrm.data.random import (RandomDataConfig, RandomDataset, generate_random_batch,
-                               make_random_data_and_loaders, validate_random_config)
+                               make_random_data_and_loaders)
 from helpers.rng import same_state
 
 
@@ -53,11 +53,11 @@ CASES = [
     dict(dense_dim=3, table_sizes=(1000, 5, 77), num_indices_per_lookup=7, fixed=True),
     dict(dense_dim=13, table_sizes=(1460, 1, 10131227, 3), num_indices_per_lookup=1, fixed=True, round_targets=True),
     dict(dense_dim=5, table_sizes=(100000, 20), num_indices_per_lookup=100, round_targets=True),
-    dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, distribution="gaussian",
+    dict(dense_dim=2, table_sizes=(50, 60), num_indices_per_lookup=4, distribution="gaussian",
          rand_min=0, rand_max=49, rand_sigma=10),
     dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, fixed=True, distribution="gaussian",
          rand_min=0, rand_max=5, rand_sigma=3),
-    dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=4, distribution="gaussian",
+    dict(dense_dim=2, table_sizes=(50, 60), num_indices_per_lookup=4, distribution="gaussian",
          rand_min=0, rand_max=49, rand_sigma=10, fix_reference_bugs=True),
     dict(dense_dim=2, table_sizes=(50, 6), num_indices_per_lookup=9, fixed=True, distribution="gaussian",
          rand_min=0, rand_max=5, rand_sigma=3, fix_reference_bugs=True),
@@ -189,9 +189,9 @@ def test_fixed_test_set_is_not_the_training_set_and_does_not_shift_it():
 GAUSSIAN = ["--mini-batch-size=2", "--data-size=6", "--rand-data-dist=gaussian"]
 
 
-def _config(**flags):
+def _config(distribution="gaussian", **flags):
     return RandomDataConfig(dense_dim=4, table_sizes=(4, 3, 2), data_size=6, batch_size=2,
-                            distribution="gaussian", **flags)
+                            distribution=distribution, **flags)
 
 
 def _plain_indices(cfg, draws=20000, seed=0):
@@ -215,9 +215,9 @@ def test_a_clip_range_past_a_table_is_one_error_before_training(run_main, tmp_pa
 
 @pytest.mark.parametrize("flags", [dict(rand_max=2), dict(rand_min=-1), dict(rand_max=3, rand_sigma=0.2)])
 def test_refused_ranges_are_reached_by_the_plain_draws(flags):
-    cfg = _config(**flags)
-    with pytest.raises(ConfigError):
-        validate_random_config(cfg)
+    with pytest.raises(ConfigError, match="lets gaussian indices reach"):
+        _config(**flags)
+    cfg = _config(distribution="uniform", **flags)  # the same range, which uniform draws do not use
     indices = _plain_indices(cfg)
     assert indices.max() >= min(cfg.table_sizes) or indices.min() < 0
 
@@ -227,8 +227,7 @@ def test_refused_ranges_are_reached_by_the_plain_draws(flags):
     dict(rand_max=30, rand_mu=0.5, rand_sigma=0.1),  # 15 sigmas to the first row outside: never drawn
 ])
 def test_ranges_the_draws_cannot_leave_are_accepted_and_stay_in_the_tables(flags):
-    cfg = _config(**flags)
-    validate_random_config(cfg)
+    cfg = _config(**flags)  # the config checks itself
     rng = np.random.RandomState(1)
     for _ in range(50):
         batch = generate_random_batch(rng, 64, cfg)

@@ -15,14 +15,14 @@ trace-profiling tool (:mod:`dlrm.data.synthetic_trace`).
 """
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Callable, Iterator, List, Tuple
 
 import numpy as np
 import torch
 
-from dlrm.common import Batch, ConfigError
+from dlrm.common import Batch
 from dlrm.data.config import RandomDataConfig
 
 __all__ = [
@@ -200,10 +200,6 @@ def _gaussian_values(draws: np.ndarray, cfg: RandomDataConfig) -> np.ndarray:
     return np.unique(clipped).astype(np.int64)
 
 
-def _gaussian_mu(cfg: RandomDataConfig) -> float:
-    return (cfg.rand_min + cfg.rand_max) / 2 if cfg.rand_mu == -1 else cfg.rand_mu
-
-
 def _gaussian_tables(
     rng: np.random.RandomState, n: int, cfg: RandomDataConfig
 ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
@@ -217,13 +213,13 @@ def _gaussian_tables(
     offsets, indices = [], []
     for size in cfg.table_sizes:
         if cfg.fixed:
-            draws = rng.normal(_gaussian_mu(cfg), cfg.rand_sigma, n * k).reshape(n, k)
+            draws = rng.normal(cfg.gaussian_mu, cfg.rand_sigma, n * k).reshape(n, k)
             bags = [_gaussian_values(row, cfg) for row in draws]
         else:
             bags = []
             for _ in range(n):
                 count = int(np.round(max(1.0, rng.random_sample(1)[0] * min(size, k))))
-                bags.append(_gaussian_values(rng.normal(_gaussian_mu(cfg), cfg.rand_sigma, count), cfg))
+                bags.append(_gaussian_values(rng.normal(cfg.gaussian_mu, cfg.rand_sigma, count), cfg))
         counts = np.array([b.size for b in bags], dtype=np.int64)
         bag_indices = np.concatenate(bags) if bags else np.empty(0, np.int64)
         offsets.append(_offsets_from_counts(counts))
@@ -372,48 +368,9 @@ def make_random_data_and_loaders(cfg: RandomDataConfig, rng: np.random.RandomSta
     """
     train_data = RandomDataset(cfg, rng, log)
     if cfg.fix_reference_bugs:
-        test_cfg = RandomDataConfig(**{**cfg.__dict__, "seed": cfg.seed + 1})
+        test_cfg = replace(cfg, seed=cfg.seed + 1)
         test_data = RandomDataset(test_cfg, np.random.RandomState(test_cfg.seed), log)
     else:
         test_data = RandomDataset(cfg, rng, log)
     workers = 0 if cfg.fix_reference_bugs else cfg.num_workers
     return train_data, BatchLoader(train_data, workers), test_data, BatchLoader(test_data, workers)
-
-
-def validate_random_config(cfg: RandomDataConfig) -> None:
-    """Raise ConfigError for values the generators cannot draw from."""
-    if cfg.distribution not in ("uniform", "gaussian"):
-        raise ConfigError(f"--rand-data-dist={cfg.distribution} is not supported (use uniform or gaussian)")
-    if cfg.num_indices_per_lookup < 1:
-        raise ConfigError(f"--num-indices-per-lookup must be at least 1, got {cfg.num_indices_per_lookup}")
-    if cfg.total_samples < 1:
-        raise ConfigError(f"--data-size must be at least 1, got {cfg.data_size}")
-    if cfg.rand_sigma < 0:
-        raise ConfigError(f"--rand-data-sigma must not be negative, got {cfg.rand_sigma}")
-    if cfg.distribution == "gaussian" and cfg.generation == "random":
-        _check_gaussian_reach(cfg)
-
-
-_LARGEST_NORMAL = math.sqrt(208 * math.log(2))
-"""The largest |value| (about 12.007) NumPy's legacy normal generator can return: its polar method
-scales a coordinate x by sqrt(-2 ln(r) / r), r = x**2 + y**2 >= 2**-104 (53-bit uniforms)."""
-
-
-def _check_gaussian_reach(cfg: RandomDataConfig) -> None:
-    """Raise ConfigError when gaussian draws can give an index outside a table.
-
-    Indices are the draws clipped to [min, max] and truncated, so they run from trunc(clip(mu - z s))
-    to trunc(clip(mu + z s)), z being the largest normal value the generator can return. The
-    reference failed with a traceback when one was drawn; a run whose draws cannot leave the table
-    (a wide clip range but a narrow gaussian) is left alone."""
-    mu, reach = _gaussian_mu(cfg), _LARGEST_NORMAL * cfg.rand_sigma
-    lowest, highest = (int(min(max(v, cfg.rand_min), cfg.rand_max)) for v in (mu - reach, mu + reach))
-    rows = min(cfg.table_sizes, default=0)
-    if highest >= rows and cfg.table_sizes:
-        table = cfg.table_sizes.index(rows)
-        raise ConfigError(f"--rand-data-max={cfg.rand_max:g} lets gaussian indices reach {highest}, but table "
-                          f"{table} has {rows} rows (indices 0..{rows - 1}): lower --rand-data-max "
-                          f"(or --rand-data-mu / --rand-data-sigma)")
-    if lowest < 0:
-        raise ConfigError(f"--rand-data-min={cfg.rand_min:g} lets gaussian indices reach {lowest}: "
-                          f"indices must not be negative")

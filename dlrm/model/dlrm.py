@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from dlrm.common import ConfigError
+from dlrm.common import ConfigError, FlagError, check_at_least_one, check_number
 from dlrm.distributed import ButterflyShuffle, DistInfo, shard
 from dlrm.kernels import fast_draw
 
@@ -72,9 +72,48 @@ class ModelConfig:
     fix_reference_bugs: bool = False
     embedding_backend: str = "plain"
 
+    def __post_init__(self):
+        check_model_config(self)
+
     @property
     def num_tables(self) -> int:
         return len(self.table_sizes)
+
+
+def _dashed(widths: Sequence[int]) -> str:
+    return "-".join(map(str, widths))
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise FlagError, naming the field, for sizes and options no network can be built from."""
+    check_at_least_one({"embedding_dim": cfg.embedding_dim})
+    check_number("md_temperature", cfg.md_temperature, 0.0)
+    check_number("loss_threshold", cfg.loss_threshold)
+    top = cfg.top_mlp[1:]  # the first width is computed, the rest are the flag's
+    for field, widths in (("bottom_mlp", cfg.bottom_mlp), ("top_mlp", top)):
+        if any(w < 1 for w in widths):
+            raise FlagError(f"{{{field}}}: every width must be at least 1, got {_dashed(widths)}")
+    if len(cfg.bottom_mlp) < 2:
+        raise FlagError("{bottom_mlp} needs at least an input and an output width, like 4-3-2")
+    if not top or top[-1] != 1:
+        raise FlagError(f"{{top_mlp}} must end in 1 (one prediction per sample), got {_dashed(top)}")
+    _check_bottom_output(cfg)
+    if cfg.weighted_pooling is not None and (cfg.qr_flag or cfg.md_flag):
+        raise FlagError("{weighted_pooling} cannot be combined with {qr_flag} or {md_flag}")
+    if cfg.qr_flag and cfg.qr_collisions < 1:
+        raise FlagError(f"{{qr_collisions}} must be at least 1, got {cfg.qr_collisions}")
+    if cfg.qr_flag and cfg.md_flag:
+        raise FlagError("{qr_flag} and {md_flag} cannot be combined (a table is one or the other)")
+
+
+def _check_bottom_output(cfg: ModelConfig) -> None:
+    """Raise FlagError unless the bottom MLP's output is D wide (2 D with QR concat)."""
+    concat = cfg.qr_flag and cfg.qr_operation == "concat"
+    if cfg.bottom_mlp[-1] != (2 if concat else 1) * cfg.embedding_dim:
+        raise FlagError(
+            f"{{embedding_dim}}={cfg.embedding_dim} does not match the bottom MLP's output width "
+            f"{cfg.bottom_mlp[-1]} ({{bottom_mlp}}={_dashed(cfg.bottom_mlp)}; they must be equal"
+            + (", or the output twice the size with QR concat)" if cfg.qr_flag else ")"))
 
 
 def top_mlp_input_width(interaction: str, itself: bool, num_tables: int, dense_out: int) -> int:
@@ -609,6 +648,14 @@ def quantize_for_inference(model: DLRM, emb_bits: int, mlp_bits: int) -> nn.Modu
 # ---------------------------------------------------------------------------------------------
 
 LOSSES = ("mse", "bce", "wbce")
+
+
+def check_loss_weights(loss_function: str, class_weights: Sequence[float]) -> None:
+    """Raise FlagError for a class weight that is negative or not a number, or wbce without two."""
+    for weight in class_weights:
+        check_number("loss_weights", weight, 0.0)
+    if loss_function == "wbce" and len(class_weights) != 2:
+        raise FlagError(f"{{loss_weights}} needs two values (class 0 and class 1), got {len(class_weights)}")
 
 
 def make_loss(name: str, class_weights: Sequence[float] = (1.0, 1.0)) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -13,6 +13,8 @@ from typing import List
 
 import torch
 
+from dlrm.common import FlagError
+
 MIN_DECAYED_LR = 1e-7
 """Floor of the decayed learning rate (the reference's constant)."""
 
@@ -47,6 +49,18 @@ def lr_at(
     if num_decay_steps > 0 and reference_plateau and num_warmup_steps > 1:
         return lr_at(num_warmup_steps - 1, base_lr, num_warmup_steps, decay_start_step, num_decay_steps)
     return base_lr
+
+
+def check_schedule(num_warmup_steps: int, decay_start_step: int, num_decay_steps: int) -> None:
+    """Raise FlagError, naming the field, for a step count below zero or a decay that starts before
+    the warmup ends."""
+    for field, steps in (("lr_num_warmup_steps", num_warmup_steps), ("lr_decay_start_step", decay_start_step),
+                         ("lr_num_decay_steps", num_decay_steps)):
+        if steps < 0:
+            raise FlagError(f"{{{field}}} must not be negative")
+    if num_decay_steps > 0 and decay_start_step < num_warmup_steps:
+        raise FlagError("Learning rate warmup must finish before the decay starts "
+                        "({lr_decay_start_step} < {lr_num_warmup_steps})")
 
 
 class LRPolicyScheduler(torch.optim.lr_scheduler.LRScheduler):

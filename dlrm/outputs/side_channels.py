@@ -36,7 +36,7 @@ class OutputConfig:
     onnx_file: str = "dlrm_s_pytorch.onnx"
     enable_profiling: bool = False
     tensor_board_filename: str = "run_kaggle_pt"
-    mlperf_events: bool = False
+    mlperf_logging: bool = False
     mlperf_log_file: str = ""
     plot_compute_graph: bool = False
     metrics_file: str = ""
@@ -51,7 +51,7 @@ def _written_paths(cfg: OutputConfig) -> List[Tuple[str, str]]:
         paths.append(("--enable-profiling", f"{PROFILE_PREFIX}_trace.json"))
     if cfg.plot_compute_graph:
         paths.append(("--plot-compute-graph", f"{GRAPH_STEM}.gv"))
-    if cfg.mlperf_events and cfg.mlperf_log_file:
+    if cfg.mlperf_logging and cfg.mlperf_log_file:
         paths.append(("--mlperf-log-file", cfg.mlperf_log_file))
     return [(flag, path) for flag, path in paths if path]
 

@@ -119,7 +119,7 @@ def run(cfg: RunConfig) -> None:
     """The whole benchmark, in the reference's order."""
     started = time.time()
     check_no_overwrites(cfg.output, input_files(cfg))  # before any file is opened for writing
-    mlperf = make_mlperf_logger(cfg.output.mlperf_events, log_file=cfg.output.mlperf_log_file or None)
+    mlperf = make_mlperf_logger(cfg.output.mlperf_logging, log_file=cfg.output.mlperf_log_file or None)
     mlperf.event("cache_clear", True)
     mlperf.start("init_start")
     rng = np.random.RandomState(cfg.system.seed)  # the reference's global NumPy stream, as an object

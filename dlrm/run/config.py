@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple, Union
 
 import torch
 
-from dlrm.common import ConfigError
+from dlrm.common import ConfigError, FlagError, check_number
+from dlrm.data.config import RandomDataConfig
 from dlrm.distributed import DistInfo
 from dlrm.io.path_collisions import NamedFile
 from dlrm.model.dlrm import ModelConfig
+from dlrm.model.fast_numerics import has_native_bf16
 from dlrm.outputs.side_channels import OutputConfig
 from dlrm.run.preflight import BatchShape, check_memory as check_memory_fits
 from dlrm.run.train import TrainConfig
+
+if TYPE_CHECKING:
+    from dlrm.data.criteo.loaders import CriteoLoaderConfig
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,27 @@ class SystemConfig:
     print_precision: int = 5
     dist_init_timeout: float = 300.0
 
+    def __post_init__(self):
+        check_number("dist_init_timeout", self.dist_init_timeout)
+        if not 0 <= self.seed < 2**32:
+            raise FlagError(f"{{seed}} must be in [0, 2**32) (NumPy's range), got {self.seed}")
+        if self.dist_init_timeout <= 0:
+            raise FlagError(f"{{dist_init_timeout}} must be positive, got {self.dist_init_timeout:g}")
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
+    """How ``--inference-only`` evaluates: the MLPs' and the tables' bits (32: float32)."""
+
     inference_only: bool = False
     quantize_mlp_bits: int = 32
     quantize_emb_bits: int = 32
+
+    def __post_init__(self):
+        if self.quantize_mlp_bits not in (8, 16, 32):
+            raise FlagError(f"{{quantize_mlp_bits}} must be 8, 16 or 32, got {self.quantize_mlp_bits}")
+        if self.quantize_emb_bits not in (4, 8, 32):
+            raise FlagError(f"{{quantize_emb_bits}} must be 4, 8 or 32, got {self.quantize_emb_bits}")
 
 
 @dataclass(frozen=True)
@@ -47,16 +67,33 @@ class RunConfig:
     Criteo data set replaces them with its own (:func:`dlrm_model.fit_to_data`)."""
 
     model: ModelConfig
-    data: object  # RandomDataConfig or CriteoLoaderConfig
+    data: Union[RandomDataConfig, "CriteoLoaderConfig"]
     train: TrainConfig
     system: SystemConfig
     output: OutputConfig
     inference: InferenceConfig
     flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value by its reference name, for the args line
 
+    def __post_init__(self):
+        check_combinations(self)
+
     @property
     def random_data(self) -> bool:
-        return not hasattr(self.data, "preprocess")
+        return isinstance(self.data, RandomDataConfig)
+
+
+def check_combinations(cfg: RunConfig) -> None:
+    """Raise FlagError for options of different parts that cannot be combined."""
+    model, inference, gpu = cfg.model, cfg.inference, cfg.system.use_gpu
+    if cfg.train.fast_numerics and gpu:
+        raise FlagError("{fast_numerics} is for CPUs; it cannot be combined with {use_gpu}")
+    if inference.quantize_emb_bits != 32 and (model.qr_flag or model.md_flag or gpu):
+        raise FlagError("{quantize_emb_bits} works on CPU with plain tables only "
+                        "(not with {qr_flag}, {md_flag} or {use_gpu})")
+    if (cfg.train.mlperf_logging and cfg.random_data and not cfg.data.round_targets
+            and (cfg.train.test_freq > 0 or inference.inference_only)):
+        raise FlagError("{mlperf_logging} computes classification metrics, which need 0/1 targets: "
+                        "add {round_targets}=true for random or synthetic data")
 
 
 FUSED_MIN_VALUES = 1 << 20
@@ -106,7 +143,7 @@ def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
                    "only; this run trains in float32")
     if cfg.system.use_gpu and not torch.cuda.is_available():
         out.append("warning: --use-gpu, but CUDA is not available: running on the CPU")
-    if cfg.train.mixed_precision == "bf16" and not cfg.train.fast_numerics and not _native_bf16() \
+    if cfg.train.mixed_precision == "bf16" and not cfg.train.fast_numerics and not has_native_bf16() \
             and not (cfg.system.use_gpu and torch.cuda.is_available()):
         out.append("warning: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): under "
                    "--mixed-precision=bf16 its GEMMs are emulated and many times slower than float32 "
@@ -136,10 +173,6 @@ def rank_settings(cfg: RunConfig) -> Dict[str, Tuple[object, str]]:
         shown = str(value) if value != "" else "none"
         out["--" + name.replace("_", "-")] = (bool(value) if name in PATH_FLAGS else repr(value), shown)
     return out
-
-
-def _native_bf16() -> bool:
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def check_memory(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device) -> None:

@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from dlrm.common import Batch, ConfigError, Interrupted, NonFiniteError
+from dlrm.common import Batch, ConfigError, Interrupted, NonFiniteError, check_at_least_one, check_number
 from dlrm.distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
 from dlrm.io import interrupts
-from dlrm.model.dlrm import ModelConfig, table_dims
+from dlrm.model.dlrm import ModelConfig, check_loss_weights, table_dims
+from dlrm.optim.lr_schedule import check_schedule
 from dlrm.outputs.metrics import BestResult, MetricsFile, progress_bar
 from dlrm.outputs.mlperf_logger import MLPerfLogger
 from dlrm.run.checkpoint import Position, Resume, checkpoint_payload, save_checkpoint
@@ -182,12 +183,18 @@ class TrainConfig:
     mlperf_logging: bool = False
     mlperf_acc_threshold: float = 0.0
     mlperf_auc_threshold: float = 0.0
-    testing: bool = True
     fix_reference_bugs: bool = False
     mixed_precision: str = "none"
     debug_groups: bool = False
     progress: bool = False
     fast_numerics: bool = False
+
+    def __post_init__(self):
+        check_at_least_one(dict(nepochs=self.nepochs, print_freq=self.print_freq, grad_accum_iter=self.grad_accum_iter))
+        for name in ("learning_rate", "mlperf_acc_threshold", "mlperf_auc_threshold"):
+            check_number(name, getattr(self, name), 0.0)
+        check_loss_weights(self.loss_function, self.loss_weights)
+        check_schedule(self.lr_num_warmup_steps, self.lr_decay_start_step, self.lr_num_decay_steps)
 
 
 def optimizer_groups(model: nn.Module, debug_groups: bool) -> list:
@@ -537,7 +544,7 @@ def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: in
     """Print the training line and, when due, test, save and check the MLPerf thresholds."""
     nb = parts.nbatches
     should_print = (j + 1) % cfg.print_freq == 0 or j + 1 == nb
-    should_test = cfg.testing and cfg.test_freq > 0 and ((j + 1) % cfg.test_freq == 0 or j + 1 == nb)
+    should_test = cfg.test_freq > 0 and ((j + 1) % cfg.test_freq == 0 or j + 1 == nb)
     if not (should_print or should_test):
         return
     log_iter = nb * k + j + 1
