@@ -17,11 +17,18 @@ import numpy as np
 import pytest
 import torch
 
+from dlrm.cli import describe
 from dlrm.common import Batch, ConfigError, DataError
+from dlrm.data.criteo import bins, row_cache
 from dlrm.data.criteo import loaders as cd
 from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo import rows as criteo_rows
+from dlrm.data.criteo.schema import NUM_FIELDS
 from dlrm.io import npz as npz_io
 from dlrm.io import provenance
+from dlrm.run.flags import build_parser
+from helpers.criteo import fake_kaggle
+from helpers.plain_criteo import plain_parse, read_lines
 
 KAGGLE_DAY_SIZES = [150, 170, 130, 160, 140, 155, 61]      # odd last day: test takes ceil(61/2)
 COUNTS = np.array([13, 7, 300, 250, 5, 24, 40, 60, 3, 90, 55, 280, 31, 27, 149, 270, 10, 56,
@@ -238,17 +245,17 @@ def test_pickled_datasets_carry_no_row_data(kaggle):
 
 
 def test_row_cache_is_written_once_and_rebuilt_when_the_npz_changes(kaggle):
-    rows, cache = cd.open_rows(kaggle.processed, quiet, progress=False)
+    rows, cache = row_cache.open_rows(kaggle.processed, quiet, progress=False)
     assert cache == str(kaggle.tmp / "kaggleAdDisplayChallenge_processed.rows.npy")
     assert isinstance(rows, np.memmap)
     assert not [name for name in os.listdir(kaggle.tmp) if ".tmp" in name]
     stamp = os.stat(cache).st_mtime_ns
-    cd.open_rows(kaggle.processed, quiet, progress=False)
+    row_cache.open_rows(kaggle.processed, quiet, progress=False)
     assert os.stat(cache).st_mtime_ns == stamp                  # reused, not rewritten
     x_int, x_cat, y = make_rows([40], seed=9)
     np.savez(kaggle.processed, X_cat=x_cat, X_int=x_int, y=y, counts=COUNTS)
     os.utime(kaggle.processed, ns=(stamp + 10**9, stamp + 10**9))
-    rows, _ = cd.open_rows(kaggle.processed, quiet, progress=False)
+    rows, _ = row_cache.open_rows(kaggle.processed, quiet, progress=False)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
 
 
@@ -257,7 +264,7 @@ def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, 
         raise PermissionError(13, "Permission denied", path)
     monkeypatch.setattr(npz_io, "atomic_path", refuse)
     notes = []
-    rows, cache = cd.open_rows(kaggle.processed, notes.append, progress=False)
+    rows, cache = row_cache.open_rows(kaggle.processed, notes.append, progress=False)
     x_int, x_cat, y = kaggle.rows
     assert cache is None and "cannot write" in notes[0]
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
@@ -315,7 +322,7 @@ def test_in_place_maps_yield_the_batches_of_the_row_cache(tmp_path, fake_data_ut
 
     assert row_caches(tmp_path / "uncompressed") == []
     assert len(row_caches(tmp_path / "compressed")) == (6 + 1 if memory_map else 1)
-    assert all(isinstance(part, cd.NpzColumns) for part in mapped.train_data.rows._arrays)
+    assert all(isinstance(part, criteo_rows.NpzColumns) for part in mapped.train_data.rows._arrays)
     blob = pickle.dumps(mapped.train_loader.dataset)   # what workers receive: the order, no rows
     assert len(blob) < 4096 + (0 if memory_map else order.nbytes)
     assert_same_batches([pickle.loads(blob)[5]], [mapped.train_loader.dataset[5]])
@@ -370,8 +377,8 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     np.savez(path, y=y.astype(">f8"), X_cat=np.asfortranarray(x_cat.astype(np.int64)),
              X_int=np.asfortranarray(x_int.astype(np.float64)), counts=COUNTS)
     notes = []
-    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
-    assert isinstance(rows, cd.NpzColumns) and cache is None and notes == []
+    rows, cache = criteo_rows.open_npz_rows(path, notes.append, progress=False)
+    assert isinstance(rows, criteo_rows.NpzColumns) and cache is None and notes == []
     assert [m.fortran_order for m in rows.members] == [False, True, True]
     labels, dense, sparse = rows.read(slice(0, 37))
     for got, want in ((labels, y), (dense, x_int), (sparse, x_cat)):
@@ -382,9 +389,9 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     assert row_caches(tmp_path) == []
 
     np.savez(str(tmp_path / "empty.npz"), X_int=x_int[:0], X_cat=x_cat[:0], y=y[:0])
-    empty, _ = cd.open_npz_rows(str(tmp_path / "empty.npz"), quiet, progress=False)
+    empty, _ = criteo_rows.open_npz_rows(str(tmp_path / "empty.npz"), quiet, progress=False)
     assert len(empty) == 0
-    assert cd.PackedRows([empty, rows], [None, None]).slice(0, 2).shape == (2, 40)
+    assert criteo_rows.PackedRows([empty, rows], [None, None]).slice(0, 2).shape == (2, 40)
 
 
 def test_compressed_file_is_cached_once_and_a_stale_cache_of_a_mapped_file_removed(tmp_path):
@@ -392,16 +399,16 @@ def test_compressed_file_is_cached_once_and_a_stale_cache_of_a_mapped_file_remov
     path = str(tmp_path / "ref.npz")
     np.savez_compressed(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)
     notes = []
-    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
+    rows, cache = criteo_rows.open_npz_rows(path, notes.append, progress=False)
     assert cache == str(tmp_path / "ref.rows.npy") and isinstance(rows, np.memmap)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
-    cd.open_npz_rows(path, notes.append, progress=False)              # reuses the cache
+    criteo_rows.open_npz_rows(path, notes.append, progress=False)              # reuses the cache
     assert len(notes) == 1 and notes[0].startswith(f"note: {path} is compressed")
 
     np.savez(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)     # now uncompressed
     notes = []
-    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
-    assert isinstance(rows, cd.NpzColumns) and cache is None
+    rows, cache = criteo_rows.open_npz_rows(path, notes.append, progress=False)
+    assert isinstance(rows, criteo_rows.NpzColumns) and cache is None
     assert row_caches(tmp_path) == [] and notes == [
         f"note: removed {tmp_path / 'ref.rows.npy'}, not needed any more "
         f"({path} is mapped in place)"]
@@ -414,8 +421,8 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     arrays[key][(20, 3) if arrays[key].ndim == 2 else 20] = value
     path = str(tmp_path / "bad.npz")
     np.savez(path, **arrays)
-    rows, _ = cd.open_npz_rows(path, quiet, progress=False)
-    packed = cd.PackedRows([rows], [None])
+    rows, _ = criteo_rows.open_npz_rows(path, quiet, progress=False)
+    packed = criteo_rows.PackedRows([rows], [None])
     packed.columns(0, 20)                                               # rows before it are fine
     message = rf"bad.npz: array '{key}' holds {shown}, which is not a 32-bit integer"
     with pytest.raises(DataError, match=message):
@@ -423,7 +430,7 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     with pytest.raises(DataError, match=message):
         packed.take_columns(np.array([3, 20]))
     with pytest.raises(DataError, match=message):                      # the row cache, as before
-        cd.open_rows(path, quiet, progress=False)
+        row_cache.open_rows(path, quiet, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +472,7 @@ def test_packed_rows_read_across_parts_like_one_array():
     parts = [np.arange(k * 40, (k + n) * 40, dtype=np.int32).reshape(n, 40)
              for k, n in ((0, 5), (5, 0), (5, 7), (12, 3))]
     whole = np.concatenate(parts)
-    rows = pickle.loads(pickle.dumps(cd.PackedRows(parts, [None] * 4)))
+    rows = pickle.loads(pickle.dumps(criteo_rows.PackedRows(parts, [None] * 4)))
     positions = np.random.RandomState(0).randint(0, 15, size=30)
     np.testing.assert_array_equal(rows.take(positions), whole[positions])
     for start, stop in ((0, 15), (3, 6), (5, 12), (4, 13), (12, 15), (7, 7)):
@@ -524,8 +531,8 @@ def test_terabyte_day_stream_concatenates_days(terabyte):
 
 def test_binary_files_round_trip(terabyte):
     paths = reference_paths("terabyte", terabyte.raw)
-    outputs = {split: str(terabyte.tmp / f"rt_{split}.bin") for split in cd.SPLITS}
-    cd.write_criteo_bins([paths.reordered_day(d) for d in range(24)], outputs, progress=False)
+    outputs = {split: str(terabyte.tmp / f"rt_{split}.bin") for split in bins.SPLITS}
+    bins.write_criteo_bins([paths.reordered_day(d) for d in range(24)], outputs, progress=False)
     x_int, x_cat, y = terabyte.rows
     source = np.column_stack([y, x_int, x_cat]).astype(np.int32)
     n_train = sum(TERABYTE_DAY_SIZES[:-1])
@@ -534,7 +541,7 @@ def test_binary_files_round_trip(terabyte):
     for split, path in outputs.items():
         stored = np.fromfile(path, dtype="<i4").reshape(-1, 40)
         np.testing.assert_array_equal(stored, expected[split])
-    reader = cd.CriteoBinDataset(outputs["train"], batch_size=100, max_ind_range=20)
+    reader = bins.CriteoBinDataset(outputs["train"], batch_size=100, max_ind_range=20)
     samples = [(r[1:14], r[14:].astype(np.float64), r[0]) for r in expected["train"]]
     assert reader.num_samples == n_train and len(reader) == math.ceil(n_train / 100)
     assert_same_batches([reader[k] for k in range(len(reader))],
@@ -547,21 +554,21 @@ def test_binary_file_of_the_wrong_size_is_refused(tmp_path):
     bad.write_bytes(b"\0" * 161)
     with pytest.raises(DataError, match=r"broken_train.bin: size 161 bytes is not a multiple "
                                         r"of the 160-byte record"):
-        cd.CriteoBinDataset(str(bad), batch_size=4)
+        bins.CriteoBinDataset(str(bad), batch_size=4)
     with pytest.raises(DataError, match="nothing.bin: file not found"):
-        cd.CriteoBinDataset(str(tmp_path / "nothing.bin"), batch_size=4)
+        bins.CriteoBinDataset(str(tmp_path / "nothing.bin"), batch_size=4)
     os.mkfifo(tmp_path / "pipe.bin")  # its size reads 0: it would pass for an empty file
     with pytest.raises(DataError, match=r"pipe.bin: is a named pipe \(FIFO\), not a binary data"):
-        cd.CriteoBinDataset(str(tmp_path / "pipe.bin"), batch_size=4)
+        bins.CriteoBinDataset(str(tmp_path / "pipe.bin"), batch_size=4)
 
 
 def test_binary_file_is_mapped_at_open(tmp_path):
     """A binary file removed during training is still read: it was mapped at start-up."""
-    records = np.arange(3 * cd.ROW_COLUMNS, dtype="<i4").reshape(3, cd.ROW_COLUMNS) % 2
+    records = np.arange(3 * NUM_FIELDS, dtype="<i4").reshape(3, NUM_FIELDS) % 2
     (tmp_path / "t.bin").write_bytes(records.tobytes())
-    dataset = cd.CriteoBinDataset(str(tmp_path / "t.bin"), batch_size=2)
+    dataset = bins.CriteoBinDataset(str(tmp_path / "t.bin"), batch_size=2)
     os.remove(tmp_path / "t.bin")
-    assert_same_batches([dataset[1]], [cd.rows_to_batch(records[2:])])
+    assert_same_batches([dataset[1]], [criteo_rows.rows_to_batch(records[2:])])
 
 
 BAD_VALUES = [  # (column of a packed row, value, message after "row N: ")
@@ -581,10 +588,10 @@ def test_binary_file_from_elsewhere_is_checked_at_open(tmp_path, column, value, 
     path = tmp_path / "day_train.bin"
     records.tofile(path)
     with pytest.raises(DataError, match=f"^{path}: row 2345: {message}"):
-        cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS)
+        bins.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS)
     records[2345, column] = records[2344, column]
     records.tofile(path)
-    assert cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS).num_samples == 3000
+    assert bins.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS).num_samples == 3000
 
 
 def test_bin_files_alone_are_used_as_they_are_and_checked(tmp_path, terabyte):
@@ -681,7 +688,7 @@ def test_files_with_a_provenance_record_are_not_read_at_open(tmp_path, monkeypat
     for memory_map in (False, True):
         cfg = config(files, memory_map=memory_map)
         cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
-        monkeypatch.setattr(cd, "check_values", lambda *args: pytest.fail("checked our file"))
+        monkeypatch.setattr(criteo_rows, "check_values", lambda *args: pytest.fail("checked our file"))
         cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
         monkeypatch.undo()
 
@@ -706,14 +713,14 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
     fractional[2, 3] = 1.5
     np.savez(tmp_path / "frac.npz", X_int=x_int, X_cat=fractional, y=y)
     with pytest.raises(DataError, match=r"frac.npz: array 'X_cat' holds 1.5, which is not a 32-bit"):
-        cd.open_rows(str(tmp_path / "frac.npz"), quiet, progress=False)
+        row_cache.open_rows(str(tmp_path / "frac.npz"), quiet, progress=False)
     np.savez(tmp_path / "shape.npz", X_int=x_int[:, :12], X_cat=x_cat, y=y)
     with pytest.raises(DataError, match=r"shape.npz: array 'X_int' has shape \(5, 12\), "
                                         r"expected \(5, 13\)"):
-        cd.open_rows(str(tmp_path / "shape.npz"), quiet, progress=False)
+        row_cache.open_rows(str(tmp_path / "shape.npz"), quiet, progress=False)
     np.savez(tmp_path / "nolabel.npz", X_int=x_int, X_cat=x_cat)
     with pytest.raises(DataError, match=r"nolabel.npz: no array 'y'"):
-        cd.open_rows(str(tmp_path / "nolabel.npz"), quiet, progress=False)
+        row_cache.open_rows(str(tmp_path / "nolabel.npz"), quiet, progress=False)
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".npy") or ".tmp" in name]
 
 
@@ -725,8 +732,10 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
     (dict(mlperf_bin_shuffle=True), "--mlperf-bin-shuffle needs --mlperf-bin-loader"),
 ])
 def test_bad_flags_are_refused(kaggle, overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    """The configs refuse them when made, in the run's words (its flags name the fields)."""
+    with pytest.raises(ConfigError) as refused:
         cd.make_criteo_data_and_loaders(config(kaggle, **overrides), np.random.RandomState(0), quiet)
+    assert describe(refused.value, build_parser()).startswith(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -734,20 +743,10 @@ def test_bad_flags_are_refused(kaggle, overrides, message):
 # --------------------------------------------------------------------------------------------------
 
 def write_raw_kaggle(path, lines, seed=0):
-    """A tiny raw train.txt and its plain reading: (labels, dense, raw hash values)."""
-    gen = np.random.default_rng(seed)
-    labels = gen.integers(0, 2, size=lines)
-    dense = gen.integers(-3, 60, size=(lines, 13))
-    dense_empty = gen.random((lines, 13)) < 0.2
-    hashes = gen.choice(gen.integers(1, 2**31, size=40), size=(lines, 26))
-    hash_empty = gen.random((lines, 26)) < 0.1
-    with open(path, "w") as out:
-        for i in range(lines):
-            ints = ["" if dense_empty[i, k] else str(dense[i, k]) for k in range(13)]
-            cats = ["" if hash_empty[i, k] else f"{hashes[i, k]:08x}" for k in range(26)]
-            out.write("\t".join([str(labels[i])] + ints + cats) + "\n")
-    dense = np.where(dense_empty, 0, np.maximum(dense, 0))           # empty -> 0, clamp at 0
-    return labels, dense, np.where(hash_empty, 0, hashes)             # empty -> hash 0
+    """A small fake raw train.txt and its plain reading: (labels, dense, raw hash values)."""
+    fake_kaggle(path, lines, seed)
+    (labels, dense, hashes), = plain_parse([read_lines(path)], 0.0, -1, None)
+    return np.array(labels), np.maximum(np.array(dense), 0), np.array(hashes)  # dense clamped at 0
 
 
 def first_seen_ids(values):
