@@ -158,7 +158,7 @@ def bins_alone(cfg: PreprocessConfig, day_files: Sequence[str], needed: Sequence
 
 
 def write_stale_bins(day_files: Sequence[str], files: Mapping[str, str], progress: bool,
-                      log: Callable[[str], None]) -> None:
+                     log: Callable[[str], None]) -> None:
     """Write the binary files that are missing or were not made from ``day_files`` as they are."""
     stale = {}
     for split, path in files.items():

@@ -51,7 +51,7 @@ def _same_layout(reader: NpzReader, members: Sequence[Member]) -> bool:
 
 
 def link_processed_name(cfg: PreprocessConfig, paths: CriteoPaths, record: dict,
-                         log: Callable[[str], None]) -> str:
+                        log: Callable[[str], None]) -> str:
     """Make --processed-data-file name the output too: a hard link, or a copy where links are not
     possible; return the file to read. (The reference never writes that name, so its first run
     trains on its own output name and later runs on --processed-data-file: two different files

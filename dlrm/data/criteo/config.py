@@ -136,7 +136,7 @@ def progress_bar(progress: bool, total: Optional[int], desc: str, unit: str = "l
 
 
 def reusable(files: Sequence[str], record: dict, stage: str,
-              log: Callable[[str], None]) -> List[bool]:
+             log: Callable[[str], None]) -> List[bool]:
     """Which of ``files`` exist and were made as ``record`` says; one note (the first reason) when
     an existing one was not, so the stage is redone."""
     usable, told = [], False

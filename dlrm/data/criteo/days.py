@@ -56,8 +56,8 @@ def _parsed_members(raw_dtype: np.dtype) -> List[Member]:
 
 
 PROCESSED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
-                      Member("X_int", np.dtype(np.int32), NUM_DENSE),
-                      Member("y", np.dtype(np.int32))]
+                     Member("X_int", np.dtype(np.int32), NUM_DENSE),
+                     Member("y", np.dtype(np.int32))]
 
 
 def _day_blocks(job: _DayJob, rng: Optional[np.random.RandomState]):
@@ -160,9 +160,9 @@ def plan_days(paths: CriteoPaths, record: dict, log: Callable[[str], None]) -> D
     every day's raw values) are missing."""
     build = not all(reusable(dictionary_files(paths), record, "the dictionaries", log))
     parsed = reusable([paths.parsed_day(i) for i in range(paths.days)], record,
-                       "the parsed days", log)
+                      "the parsed days", log)
     processed = reusable([paths.processed_day(i) for i in range(paths.days)], record,
-                          "the processed days", log)
+                         "the processed days", log)
     from_text = [not p and (build or not q) for p, q in zip(parsed, processed)]
     return DayPlan(from_text, [not p for p in parsed], [not q for q in processed], build, record)
 

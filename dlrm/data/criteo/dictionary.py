@@ -113,7 +113,7 @@ class ColumnDictionary:
 
 
 def save_dictionaries(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
-                       raw_dtype: np.dtype, record: dict) -> np.ndarray:
+                      raw_dtype: np.dtype, record: dict) -> np.ndarray:
     """Write ``_fea_dict_<j>.npz`` (unique) and then ``_fea_count.npz`` (counts); return counts."""
     for j, dictionary in enumerate(dictionaries):
         with provenance.recording(paths.fea_dict_file(j), record):
@@ -138,7 +138,7 @@ def dictionary_files(paths: CriteoPaths) -> List[str]:
 
 
 def check_no_growth(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
-                     sizes: List[int]) -> None:
+                    sizes: List[int]) -> None:
     for j, (dictionary, size) in enumerate(zip(dictionaries, sizes)):
         if len(dictionary) != size:
             raise DataError(f"{paths.fea_dict_file(j)}: the data holds values this dictionary "

@@ -16,7 +16,7 @@ LOCK_NAME = ".dlrm-preprocess.lock"
 
 @contextlib.contextmanager
 def preprocessing_lock(cfg: PreprocessConfig, paths: CriteoPaths,
-                        log: Callable[[str], None]) -> Iterator[None]:
+                       log: Callable[[str], None]) -> Iterator[None]:
     """Hold the lock of every directory preprocessing writes in (the data directory, and the one
     of --processed-data-file), so that a second run waits for the first (one note) and then
     reuses what it made, instead of removing its files in flight as stale."""

@@ -264,7 +264,7 @@ def _int_column(table: pa.Table, k: int) -> np.ndarray:
 
 
 def block_from_table(path: str, first_line: int, table: pa.Table, uniforms: Optional[np.ndarray],
-                      rate: float, modulo: int) -> Block:
+                     rate: float, modulo: int) -> Block:
     """Convert a parsed block: drop sub-sampled negatives, hex -> int, distinct-value codes.
     A label other than 0 or 1 (an empty one reads as 0, as in the reference) raises DataError."""
     labels = _int_column(table, 0)

@@ -114,7 +114,7 @@ def open_npz_rows(npz_path: str, log: Callable[[str], None], progress: bool = Tr
                   ) -> Tuple[object, Optional[str]]:
     """The rows of a processed / reordered npz for the loaders, without copying them.
 
-    Uncompressed files (preprocess.py writes them) are mapped in place (an ``NpzColumns``); a row
+    Uncompressed files (the preprocessing writes them) are mapped in place (an ``NpzColumns``); a row
     cache left there by an earlier version is removed. Others (the reference's compressed files)
     are read through the row cache of ``open_rows``, with a note to ``log`` when it is built.
 
@@ -170,7 +170,7 @@ def _bad_value(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray, counts
 
 
 def check_from_elsewhere(rows: "PackedRows", part: int, path: str, start: int, stop: int,
-                          counts: np.ndarray) -> None:
+                         counts: np.ndarray) -> None:
     """``check_values`` on the rows of split [start, stop) in part ``part`` of ``rows``, read
     from ``path``, unless ``path`` carries a provenance record (then this version made it)."""
     if provenance.read(path) is not None:

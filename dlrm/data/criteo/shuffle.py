@@ -187,7 +187,7 @@ def _day_placer(assigner: BucketAssigner, rng, day: int, count: int, days: int, 
 
 
 def shuffle_pass1(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
-                   replay: bool, record: dict) -> None:
+                  replay: bool, record: dict) -> None:
     """Pass 1: distribute each processed day's rows into per-day intermediate files.
 
     With ``replay`` only the draws are made (the files already exist)."""
@@ -256,7 +256,7 @@ _REORDERED_MEMBERS = [Member("X_cat", np.dtype(np.int32), NUM_SPARSE),
 
 
 def shuffle_pass2(paths: CriteoPaths, day_rows: np.ndarray, cfg: PreprocessConfig, rng,
-                   plan: "ShufflePlan") -> None:
+                  plan: "ShufflePlan") -> None:
     """Pass 2: permute each bucket into ``<npzfile>_<j>_reordered.npz``.
 
     Buckets whose file can be reused only replay their permutation draw (up to the last bucket
@@ -307,11 +307,11 @@ class ShufflePlan:
 
 
 def plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths, record: dict,
-                  log: Callable[[str], None]) -> ShufflePlan:
+                 log: Callable[[str], None]) -> ShufflePlan:
     if not cfg.memory_map:
         return ShufflePlan(False, [True] * paths.days, record)
     reordered = reusable([paths.reordered_day(j) for j in range(paths.days)], record,
-                          "the reordered days", log)
+                         "the reordered days", log)
     intermediates = [paths.intermediate_day(j, part)
                      for j in range(paths.days) for part in ("y", "d", "s")]
     pass1 = not all(reordered) and not all(reusable(intermediates, record, "shuffle pass 1", log))

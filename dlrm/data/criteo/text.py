@@ -173,7 +173,7 @@ def _iter_text_blocks(text: TextRange) -> Iterator[bytes]:
 
 
 def iter_text_day(text: TextRange, rng: Optional[np.random.RandomState], rate: float,
-                   modulo: int) -> Iterator[Tuple[int, Block]]:
+                  modulo: int) -> Iterator[Tuple[int, Block]]:
     """(raw lines read, block) for one day of raw text. Draws one uniform per line when ``rng``.
 
     A second thread reads, parses and converts the next block while the caller maps this one
@@ -216,7 +216,7 @@ def iter_parsed_day(path: str) -> Iterator[Tuple[int, Block]]:
                 encoded = pa.array(np.ascontiguousarray(raw[:, k])).dictionary_encode()
                 codes.append(Codes(encoded.indices.to_numpy(), encoded.dictionary.to_numpy()))
             block = Block(reader.rows("y", start, stop).astype(np.int32),
-                           reader.rows("X_int", start, stop).astype(np.int32), codes)
+                          reader.rows("X_int", start, stop).astype(np.int32), codes)
             yield stop - start, block
 
 
