@@ -126,6 +126,7 @@ def save_dictionaries(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
 
 
 def load_dictionaries(paths: CriteoPaths) -> List[ColumnDictionary]:
+    """The 26 saved dictionaries, from their ``_fea_dict_<j>.npz`` files."""
     dictionaries = []
     for j in range(NUM_SPARSE):
         unique = load_npz_array(paths.fea_dict_file(j), "unique")
@@ -134,11 +135,13 @@ def load_dictionaries(paths: CriteoPaths) -> List[ColumnDictionary]:
 
 
 def dictionary_files(paths: CriteoPaths) -> List[str]:
+    """The files of stage 4: one per column, then the counts."""
     return [paths.fea_dict_file(j) for j in range(NUM_SPARSE)] + [paths.fea_count_file()]
 
 
 def check_no_growth(paths: CriteoPaths, dictionaries: List[ColumnDictionary],
                     sizes: List[int]) -> None:
+    """DataError when the data held values that saved dictionaries lacked (they grew past ``sizes``)."""
     for j, (dictionary, size) in enumerate(zip(dictionaries, sizes)):
         if len(dictionary) != size:
             raise DataError(f"{paths.fea_dict_file(j)}: the data holds values this dictionary "

@@ -308,6 +308,7 @@ class ShufflePlan:
 
 def plan_shuffle(cfg: PreprocessConfig, paths: CriteoPaths, record: dict,
                  log: Callable[[str], None]) -> ShufflePlan:
+    """Which shuffle files must be written (none without --memory-map); one note per stage redone."""
     if not cfg.memory_map:
         return ShufflePlan(False, [True] * paths.days, record)
     reordered = reusable([paths.reordered_day(j) for j in range(paths.days)], record,
