@@ -2,11 +2,16 @@
 
     python data_utils.py --data-set=kaggle --raw-data-file=./input/train.txt
 
-The stages, their files and how they are reused are described in :mod:`dlrm.data.criteo.preprocess`,
-where the code lives; its main names are re-exported here for code that imports this script.
+The stages, their files and how they are reused are described in :mod:`dlrm.data.criteo.preprocess`;
+the command line is :mod:`dlrm.data.criteo.command`. Their main names are re-exported here for code
+that imports this script.
 """
-from dlrm.data.criteo.preprocess import (PreprocessConfig, build_parser, config_from_args, criteo_paths,  # noqa: F401
-                                         main, preprocess_criteo, processed_data_ready)
+from dlrm.data.criteo.command import build_parser, config_from_args, main
+from dlrm.data.criteo.config import PreprocessConfig, criteo_paths
+from dlrm.data.criteo.preprocess import preprocess_criteo, processed_data_ready
+
+__all__ = ["PreprocessConfig", "build_parser", "config_from_args", "criteo_paths", "main", "preprocess_criteo",
+           "processed_data_ready"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dlrm.data.criteo import loaders as criteo_data
-from dlrm.data.criteo.preprocess import PreprocessConfig
+from dlrm.data.criteo.config import PreprocessConfig
 from dlrm.io.atomic import atomic_open
 from dlrm.io.npz import save_npz
 

@@ -1,5 +1,5 @@
 """Benchmark the Kaggle preprocessing (data_utils.preprocess_criteo): raw train.txt to the final
-concatenated npz, on a fake Criteo file (bench/make_fake_criteo.py).
+concatenated npz, on a fake Criteo file (dlrm/data/criteo/fake.py).
 
 Each repeat runs in a fresh Python process on a fresh directory (the raw file hard-linked in),
 and reports the wall time of preprocess_criteo alone (imports excluded), raw lines per second and
@@ -47,7 +47,7 @@ def ensure_raw(workdir: str, lines: int, seed: int) -> str:
     raw_dir = os.path.join(workdir, f"raw_{lines}_{seed}")
     raw = os.path.join(raw_dir, "train.txt")
     if not os.path.exists(raw):
-        from bench.make_fake_criteo import write_fake_kaggle
+        from dlrm.data.criteo.fake import write_fake_kaggle
 
         start = time.perf_counter()
         write_fake_kaggle(raw, lines, seed)

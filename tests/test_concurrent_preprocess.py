@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.make_fake_criteo import write_fake_kaggle
-from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo import command
+from dlrm.data.criteo.lock import LOCK_NAME
+from helpers.criteo import fake_kaggle_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.slow  # every test here starts processes
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 # says so (a file "holding" in the control directory), and goes on when a file "go" appears there.
 HOLDING_RUN = """
 import os, sys, time
-from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo import command
 from dlrm.io import npz as npz_io
 raw, control = sys.argv[1], sys.argv[2]
 real_enter = npz_io.NpzStreamWriter.__enter__
@@ -37,7 +36,7 @@ def enter(self):
             time.sleep(0.02)
     return writer
 npz_io.NpzStreamWriter.__enter__ = enter
-sys.exit(du.main([f"--raw-data-file={raw}", "--no-progress"]))
+sys.exit(command.main([f"--raw-data-file={raw}", "--no-progress"]))
 """
 
 
@@ -56,11 +55,7 @@ def _wait_for(condition, what: str, alive: subprocess.Popen, log: Path, seconds:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def raw_kaggle(tmp_path_factory):
-    path = tmp_path_factory.mktemp("raw") / "train.txt"
-    write_fake_kaggle(str(path), 700, seed=5)
-    return path
+raw_kaggle = fake_kaggle_fixture(700, seed=5)
 
 
 def test_second_run_waits_for_the_first_and_reuses_its_files(tmp_path, raw_kaggle):
@@ -97,13 +92,13 @@ def test_second_run_waits_for_the_first_and_reuses_its_files(tmp_path, raw_kaggl
     assert second.stdout.read() == f"{output}\n" == first.stdout.read()
     again = os.stat(output)
     assert (again.st_ino, again.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
-    assert not list(data.glob("*.tmp*")) and not (data / du.LOCK_NAME).exists()
+    assert not list(data.glob("*.tmp*")) and not (data / LOCK_NAME).exists()
 
 
 def test_a_killed_holder_leaves_no_lock(tmp_path, raw_kaggle):
     """The kernel drops a killed run's lock; the next run takes the file over and removes it."""
     raw = tmp_path / "train.txt"
     shutil.copy(raw_kaggle, raw)
-    (tmp_path / du.LOCK_NAME).write_text("4194305\n")  # left by a run killed with SIGKILL
-    assert du.main([f"--raw-data-file={raw}", "--no-progress"]) == 0
-    assert not (tmp_path / du.LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_text("4194305\n")  # left by a run killed with SIGKILL
+    assert command.main([f"--raw-data-file={raw}", "--no-progress"]) == 0
+    assert not (tmp_path / LOCK_NAME).exists()

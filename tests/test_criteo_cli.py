@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from bench.make_fake_criteo import write_fake_kaggle
+from helpers.criteo import fake_kaggle_fixture
 
 KAGGLE_MODEL = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=13-8-4", "--arch-mlp-top=8-1",
                 "--data-generation=dataset", "--data-set=kaggle", "--loss-function=bce", "--round-targets=True",
@@ -13,11 +13,7 @@ KAGGLE_MODEL = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=13-8-4", "--arch
                 "--test-freq=16"]
 
 
-@pytest.fixture(scope="module")
-def raw_kaggle(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kaggle") / "train.txt"
-    write_fake_kaggle(str(path), 3000, seed=3)
-    return path
+raw_kaggle = fake_kaggle_fixture(3000, seed=3, directory="kaggle")
 
 
 def _train(run_main, raw_kaggle, directory, memory_map, *extra):

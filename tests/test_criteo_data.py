@@ -1,12 +1,11 @@
-"""Tests of criteo_data.py: the Criteo datasets and loaders.
+"""Tests of the Criteo datasets and loaders (dlrm/data/criteo/loaders.py, rows.py, row_cache.py).
 
 Tiny processed datasets are written in tmp_path in the reference's formats. The expected batches come
-from a plain implementation of the reference's semantics written here: per-sample indexing into
-Python lists, a per-row log transform and Python batching.
+from a plain implementation of the reference's semantics (here and in helpers/criteo_loaders.py):
+per-sample indexing into Python lists, a per-row log transform and Python batching.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -17,83 +16,20 @@ import numpy as np
 import pytest
 import torch
 
-from dlrm.common import Batch, ConfigError, DataError
+from dlrm.cli import describe
+from dlrm.common import ConfigError, DataError
+from dlrm.data.criteo import row_cache
 from dlrm.data.criteo import loaders as cd
 from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo import rows as criteo_rows
 from dlrm.io import npz as npz_io
-from dlrm.io import provenance
+from dlrm.run.flags import build_parser
+from helpers.criteo import fake_kaggle
+from helpers.criteo_loaders import (BAD_VALUES, COUNTS, already_processed, assert_same_batches, config, make_rows,
+                                    quiet, reference_batches, without_notes, write_dataset)
+from helpers.plain_criteo import plain_parse, read_lines
 
 KAGGLE_DAY_SIZES = [150, 170, 130, 160, 140, 155, 61]      # odd last day: test takes ceil(61/2)
-COUNTS = np.array([13, 7, 300, 250, 5, 24, 40, 60, 3, 90, 55, 280, 31, 27, 149, 270, 10, 56,
-                   21, 4, 290, 18, 15, 120, 105, 142], dtype=np.int32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing data in the reference's formats, and a stand-in for the preprocessing
-# --------------------------------------------------------------------------------------------------
-
-def make_rows(day_sizes, seed=0):
-    """Random (X_int int32 (n, 13), X_cat int64 (n, 26), y int32 (n,)) with ids below COUNTS."""
-    gen = np.random.default_rng(seed)
-    n = sum(day_sizes)
-    x_int = gen.integers(0, 1000, size=(n, 13), dtype=np.int32)
-    x_int[gen.random((n, 13)) < 0.3] = 0
-    x_int[0, 0] = 23_159_456                     # above 2**24: float32 rounding as the reference
-    x_cat = (gen.random((n, 26)) * COUNTS).astype(np.int64)
-    y = gen.integers(0, 2, size=n, dtype=np.int32)
-    return x_int, x_cat, y
-
-
-def reference_paths(data_set, raw_data_file):
-    """The reference's file names, written out literally for the tests."""
-    d_path = os.path.dirname(raw_data_file) + "/"
-    base = os.path.basename(raw_data_file)
-    d_file = base.split(".")[0] if data_set == "kaggle" else base
-    npzfile = d_path + d_file + ("_day" if data_set == "kaggle" else "")
-    return SimpleNamespace(
-        d_path=d_path, d_file=d_file, npzfile=npzfile, days=7 if data_set == "kaggle" else 24,
-        day_count_file=lambda: d_path + d_file + "_day_count.npz",
-        fea_count_file=lambda: d_path + d_file + "_fea_count.npz",
-        reordered_day=lambda i: f"{npzfile}_{i}_reordered.npz",
-        output_file=lambda: d_path + ("kaggleAdDisplayChallenge_processed.npz"
-                                      if data_set == "kaggle" else "terabyte_processed.npz"))
-
-
-def write_dataset(tmp_path, data_set, day_sizes, rows, compressed=True, x_cat_dtype=np.float64):
-    """Write day counts, feature counts, the all-days processed npz and the reordered day files.
-
-    compressed=True: as the reference writes them (np.savez_compressed); False: uncompressed, as
-    data_utils.py writes them. X_cat is stored as ``x_cat_dtype``, X_int and y of the reordered
-    files as float64.
-    """
-    x_int, x_cat, y = rows
-    raw = str(tmp_path / ("train.txt" if data_set == "kaggle" else "day"))
-    paths = reference_paths(data_set, raw)
-    save = np.savez_compressed if compressed else np.savez
-    np.savez_compressed(paths.day_count_file(), total_per_file=np.array(day_sizes))
-    np.savez_compressed(paths.fea_count_file(), counts=COUNTS)
-    save(paths.output_file(), X_cat=x_cat.astype(x_cat_dtype), X_int=x_int, y=y, counts=COUNTS)
-    bounds = np.cumsum([0] + list(day_sizes))
-    for day in range(len(day_sizes)):
-        part = slice(bounds[day], bounds[day + 1])
-        save(paths.reordered_day(day), X_cat=x_cat[part].astype(x_cat_dtype),
-             X_int=x_int[part].astype(np.float64), y=y[part].astype(np.float64))
-    return raw, paths.output_file()
-
-
-def without_notes(logs):
-    """The log lines the reference prints: ours (about row caches) start with 'note: '."""
-    return [line for line in logs if not line.startswith("note: ")]
-
-
-def quiet(message):
-    """A log that drops every message."""
-
-
-def already_processed(cfg, log, rng=None):
-    """What preprocess_criteo returns when every file is there: the file (or stem) to read."""
-    paths = du.criteo_paths(cfg.data_set, cfg.raw_data_file)
-    return paths.npzfile if cfg.memory_map else cfg.processed_data_file or paths.output_file()
 
 
 @pytest.fixture
@@ -128,41 +64,6 @@ def reference_samples(rows, day_sizes, split, randomize, rng):
         train_indices = rng.permutation(train_indices)
     chosen = {"train": train_indices, "test": test_indices, "val": val_indices}[split]
     return [(x_int[i], x_cat[i].astype(np.float64), y[i]) for i in chosen]
-
-
-def reference_batches(samples, batch_size, max_ind_range=-1):
-    """Python batching plus the reference's collate, one row at a time."""
-    batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        dense = torch.stack([torch.log(torch.tensor(s[0], dtype=torch.float) + 1) for s in chunk])
-        cats = [s[1] % max_ind_range if max_ind_range > 0 else s[1] for s in chunk]
-        sparse = torch.tensor(np.array(cats), dtype=torch.long).t()
-        offsets = torch.stack([torch.tensor(range(len(chunk)))] * sparse.shape[0])
-        labels = torch.tensor([float(s[2]) for s in chunk], dtype=torch.float32).view(-1, 1)
-        batches.append(Batch(dense, offsets, sparse, labels))
-    return batches
-
-
-def assert_same_batches(actual, expected):
-    actual = list(actual)
-    assert len(actual) == len(expected)
-    for got, want in zip(actual, expected):
-        for name in Batch._fields:
-            a, b = getattr(got, name), getattr(want, name)
-            assert a.dtype == b.dtype and a.shape == b.shape, name
-            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-
-
-def config(fixture, **overrides):
-    """A CriteoLoaderConfig; ``overrides`` may name fields of it or of its PreprocessConfig."""
-    fields = dict(data_set="kaggle", raw_data_file=fixture.raw,
-                  processed_data_file=fixture.processed, batch_size=32, test_batch_size=50,
-                  randomize="none", progress=False)
-    fields.update(overrides)
-    loader_fields = {f.name for f in dataclasses.fields(cd.CriteoLoaderConfig)}
-    loader = {name: fields.pop(name) for name in list(fields) if name in loader_fields}
-    return cd.CriteoLoaderConfig(preprocess=du.PreprocessConfig(**fields), **loader)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,17 +139,17 @@ def test_pickled_datasets_carry_no_row_data(kaggle):
 
 
 def test_row_cache_is_written_once_and_rebuilt_when_the_npz_changes(kaggle):
-    rows, cache = cd.open_rows(kaggle.processed, quiet, progress=False)
+    rows, cache = row_cache.open_rows(kaggle.processed, quiet, progress=False)
     assert cache == str(kaggle.tmp / "kaggleAdDisplayChallenge_processed.rows.npy")
     assert isinstance(rows, np.memmap)
     assert not [name for name in os.listdir(kaggle.tmp) if ".tmp" in name]
     stamp = os.stat(cache).st_mtime_ns
-    cd.open_rows(kaggle.processed, quiet, progress=False)
+    row_cache.open_rows(kaggle.processed, quiet, progress=False)
     assert os.stat(cache).st_mtime_ns == stamp                  # reused, not rewritten
     x_int, x_cat, y = make_rows([40], seed=9)
     np.savez(kaggle.processed, X_cat=x_cat, X_int=x_int, y=y, counts=COUNTS)
     os.utime(kaggle.processed, ns=(stamp + 10**9, stamp + 10**9))
-    rows, _ = cd.open_rows(kaggle.processed, quiet, progress=False)
+    rows, _ = row_cache.open_rows(kaggle.processed, quiet, progress=False)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
 
 
@@ -257,7 +158,7 @@ def test_row_cache_falls_back_to_memory_when_the_directory_is_read_only(kaggle, 
         raise PermissionError(13, "Permission denied", path)
     monkeypatch.setattr(npz_io, "atomic_path", refuse)
     notes = []
-    rows, cache = cd.open_rows(kaggle.processed, notes.append, progress=False)
+    rows, cache = row_cache.open_rows(kaggle.processed, notes.append, progress=False)
     x_int, x_cat, y = kaggle.rows
     assert cache is None and "cannot write" in notes[0]
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
@@ -315,7 +216,7 @@ def test_in_place_maps_yield_the_batches_of_the_row_cache(tmp_path, fake_data_ut
 
     assert row_caches(tmp_path / "uncompressed") == []
     assert len(row_caches(tmp_path / "compressed")) == (6 + 1 if memory_map else 1)
-    assert all(isinstance(part, cd.NpzColumns) for part in mapped.train_data.rows._arrays)
+    assert all(isinstance(part, criteo_rows.NpzColumns) for part in mapped.train_data.rows._arrays)
     blob = pickle.dumps(mapped.train_loader.dataset)   # what workers receive: the order, no rows
     assert len(blob) < 4096 + (0 if memory_map else order.nbytes)
     assert_same_batches([pickle.loads(blob)[5]], [mapped.train_loader.dataset[5]])
@@ -370,8 +271,8 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     np.savez(path, y=y.astype(">f8"), X_cat=np.asfortranarray(x_cat.astype(np.int64)),
              X_int=np.asfortranarray(x_int.astype(np.float64)), counts=COUNTS)
     notes = []
-    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
-    assert isinstance(rows, cd.NpzColumns) and cache is None and notes == []
+    rows, cache = criteo_rows.open_npz_rows(path, notes.append, progress=False)
+    assert isinstance(rows, criteo_rows.NpzColumns) and cache is None and notes == []
     assert [m.fortran_order for m in rows.members] == [False, True, True]
     labels, dense, sparse = rows.read(slice(0, 37))
     for got, want in ((labels, y), (dense, x_int), (sparse, x_cat)):
@@ -382,9 +283,9 @@ def test_open_npz_rows_maps_any_layout_of_stored_members(tmp_path):
     assert row_caches(tmp_path) == []
 
     np.savez(str(tmp_path / "empty.npz"), X_int=x_int[:0], X_cat=x_cat[:0], y=y[:0])
-    empty, _ = cd.open_npz_rows(str(tmp_path / "empty.npz"), quiet, progress=False)
+    empty, _ = criteo_rows.open_npz_rows(str(tmp_path / "empty.npz"), quiet, progress=False)
     assert len(empty) == 0
-    assert cd.PackedRows([empty, rows], [None, None]).slice(0, 2).shape == (2, 40)
+    assert criteo_rows.PackedRows([empty, rows], [None, None]).slice(0, 2).shape == (2, 40)
 
 
 def test_compressed_file_is_cached_once_and_a_stale_cache_of_a_mapped_file_removed(tmp_path):
@@ -392,16 +293,16 @@ def test_compressed_file_is_cached_once_and_a_stale_cache_of_a_mapped_file_remov
     path = str(tmp_path / "ref.npz")
     np.savez_compressed(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)
     notes = []
-    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
+    rows, cache = criteo_rows.open_npz_rows(path, notes.append, progress=False)
     assert cache == str(tmp_path / "ref.rows.npy") and isinstance(rows, np.memmap)
     np.testing.assert_array_equal(rows, np.column_stack([y, x_int, x_cat]))
-    cd.open_npz_rows(path, notes.append, progress=False)              # reuses the cache
+    criteo_rows.open_npz_rows(path, notes.append, progress=False)              # reuses the cache
     assert len(notes) == 1 and notes[0].startswith(f"note: {path} is compressed")
 
     np.savez(path, X_int=x_int, X_cat=x_cat.astype(np.float64), y=y)     # now uncompressed
     notes = []
-    rows, cache = cd.open_npz_rows(path, notes.append, progress=False)
-    assert isinstance(rows, cd.NpzColumns) and cache is None
+    rows, cache = criteo_rows.open_npz_rows(path, notes.append, progress=False)
+    assert isinstance(rows, criteo_rows.NpzColumns) and cache is None
     assert row_caches(tmp_path) == [] and notes == [
         f"note: removed {tmp_path / 'ref.rows.npy'}, not needed any more "
         f"({path} is mapped in place)"]
@@ -414,8 +315,8 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     arrays[key][(20, 3) if arrays[key].ndim == 2 else 20] = value
     path = str(tmp_path / "bad.npz")
     np.savez(path, **arrays)
-    rows, _ = cd.open_npz_rows(path, quiet, progress=False)
-    packed = cd.PackedRows([rows], [None])
+    rows, _ = criteo_rows.open_npz_rows(path, quiet, progress=False)
+    packed = criteo_rows.PackedRows([rows], [None])
     packed.columns(0, 20)                                               # rows before it are fine
     message = rf"bad.npz: array '{key}' holds {shown}, which is not a 32-bit integer"
     with pytest.raises(DataError, match=message):
@@ -423,7 +324,7 @@ def test_non_integers_in_a_mapped_file_are_refused_when_read(tmp_path, key, valu
     with pytest.raises(DataError, match=message):
         packed.take_columns(np.array([3, 20]))
     with pytest.raises(DataError, match=message):                      # the row cache, as before
-        cd.open_rows(path, quiet, progress=False)
+        row_cache.open_rows(path, quiet, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +366,7 @@ def test_packed_rows_read_across_parts_like_one_array():
     parts = [np.arange(k * 40, (k + n) * 40, dtype=np.int32).reshape(n, 40)
              for k, n in ((0, 5), (5, 0), (5, 7), (12, 3))]
     whole = np.concatenate(parts)
-    rows = pickle.loads(pickle.dumps(cd.PackedRows(parts, [None] * 4)))
+    rows = pickle.loads(pickle.dumps(criteo_rows.PackedRows(parts, [None] * 4)))
     positions = np.random.RandomState(0).randint(0, 15, size=30)
     np.testing.assert_array_equal(rows.take(positions), whole[positions])
     for start, stop in ((0, 15), (3, 6), (5, 12), (4, 13), (12, 15), (7, 7)):
@@ -481,177 +382,6 @@ def test_day_file_with_the_wrong_number_of_rows_is_refused(kaggle):
                                         r"train_day_count.npz counts 130 for day 2"):
         cd.make_criteo_data_and_loaders(config(kaggle, memory_map=True),
                                         np.random.RandomState(0), lambda _: None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Terabyte: MLPerf binary files and the day-file stream
-# --------------------------------------------------------------------------------------------------
-
-TERABYTE_DAY_SIZES = [20 + 3 * d for d in range(23)] + [37]
-
-
-@pytest.fixture
-def terabyte(tmp_path, fake_data_utils):
-    rows = make_rows(TERABYTE_DAY_SIZES, seed=1)
-    raw, processed = write_dataset(tmp_path, "terabyte", TERABYTE_DAY_SIZES, rows)
-    return SimpleNamespace(raw=raw, processed=processed, rows=rows, tmp=tmp_path)
-
-
-def terabyte_config(fixture, **overrides):
-    return config(fixture, data_set="terabyte", memory_map=True, mlperf_logging=True,
-                  batch_size=64, test_batch_size=10, **overrides)
-
-
-def day_file_samples(fixture, days):
-    """The reference's day-file loader: the selected reordered day files loaded whole, concatenated."""
-    samples = []
-    for day in days:
-        with np.load(reference_paths("terabyte", fixture.raw).reordered_day(day)) as data:
-            samples += list(zip(data["X_int"], data["X_cat"], data["y"]))
-    return samples
-
-
-def test_terabyte_day_stream_concatenates_days(terabyte):
-    data = cd.make_criteo_data_and_loaders(terabyte_config(terabyte), np.random.RandomState(0),
-                                           lambda _: None)
-    assert isinstance(data.train_loader, cd.CriteoDayStream)
-    train = day_file_samples(terabyte, range(23))
-    assert_same_batches(data.train_loader, reference_batches(train, 64))
-    assert_same_batches(data.test_loader,
-                        reference_batches(day_file_samples(terabyte, [23])[:19], 10))
-    assert len(data.train_loader) == math.ceil(sum(TERABYTE_DAY_SIZES[:-1]) / 64)
-
-
-def test_binary_files_round_trip(terabyte):
-    paths = reference_paths("terabyte", terabyte.raw)
-    outputs = {split: str(terabyte.tmp / f"rt_{split}.bin") for split in cd.SPLITS}
-    cd.write_criteo_bins([paths.reordered_day(d) for d in range(24)], outputs, progress=False)
-    x_int, x_cat, y = terabyte.rows
-    source = np.column_stack([y, x_int, x_cat]).astype(np.int32)
-    n_train = sum(TERABYTE_DAY_SIZES[:-1])
-    expected = {"train": source[:n_train], "test": source[n_train:n_train + 19],
-                "val": source[n_train + 19:]}
-    for split, path in outputs.items():
-        stored = np.fromfile(path, dtype="<i4").reshape(-1, 40)
-        np.testing.assert_array_equal(stored, expected[split])
-    reader = cd.CriteoBinDataset(outputs["train"], batch_size=100, max_ind_range=20)
-    samples = [(r[1:14], r[14:].astype(np.float64), r[0]) for r in expected["train"]]
-    assert reader.num_samples == n_train and len(reader) == math.ceil(n_train / 100)
-    assert_same_batches([reader[k] for k in range(len(reader))],
-                        reference_batches(samples, 100, max_ind_range=20))
-    assert not [name for name in os.listdir(terabyte.tmp) if ".tmp" in name]
-
-
-def test_binary_file_of_the_wrong_size_is_refused(tmp_path):
-    bad = tmp_path / "broken_train.bin"
-    bad.write_bytes(b"\0" * 161)
-    with pytest.raises(DataError, match=r"broken_train.bin: size 161 bytes is not a multiple "
-                                        r"of the 160-byte record"):
-        cd.CriteoBinDataset(str(bad), batch_size=4)
-    with pytest.raises(DataError, match="nothing.bin: file not found"):
-        cd.CriteoBinDataset(str(tmp_path / "nothing.bin"), batch_size=4)
-    os.mkfifo(tmp_path / "pipe.bin")  # its size reads 0: it would pass for an empty file
-    with pytest.raises(DataError, match=r"pipe.bin: is a named pipe \(FIFO\), not a binary data"):
-        cd.CriteoBinDataset(str(tmp_path / "pipe.bin"), batch_size=4)
-
-
-def test_binary_file_is_mapped_at_open(tmp_path):
-    """A binary file removed during training is still read: it was mapped at start-up."""
-    records = np.arange(3 * cd.ROW_COLUMNS, dtype="<i4").reshape(3, cd.ROW_COLUMNS) % 2
-    (tmp_path / "t.bin").write_bytes(records.tobytes())
-    dataset = cd.CriteoBinDataset(str(tmp_path / "t.bin"), batch_size=2)
-    os.remove(tmp_path / "t.bin")
-    assert_same_batches([dataset[1]], [cd.rows_to_batch(records[2:])])
-
-
-BAD_VALUES = [  # (column of a packed row, value, message after "row N: ")
-    (0, 2, "label 2, expected 0 or 1"),
-    (0, -1, "label -1, expected 0 or 1"),
-    (1 + 4, -3, r"dense feature I5 is -3, expected >= 0"),
-    (14 + 2, 300, "sparse feature C3 has id 300, outside the 300 of its table"),
-    (14 + 0, -1, "sparse feature C1 has id -1, outside the 13 of its table"),
-]
-
-
-@pytest.mark.parametrize("column, value, message", BAD_VALUES)
-def test_binary_file_from_elsewhere_is_checked_at_open(tmp_path, column, value, message):
-    x_int, x_cat, y = make_rows([3000], seed=4)
-    records = np.column_stack([y, x_int, x_cat]).astype("<i4")
-    records[2345, column] = value
-    path = tmp_path / "day_train.bin"
-    records.tofile(path)
-    with pytest.raises(DataError, match=f"^{path}: row 2345: {message}"):
-        cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS)
-    records[2345, column] = records[2344, column]
-    records.tofile(path)
-    assert cd.CriteoBinDataset(str(path), batch_size=64, counts=COUNTS).num_samples == 3000
-
-
-def test_bin_files_alone_are_used_as_they_are_and_checked(tmp_path, terabyte):
-    cfg = terabyte_config(terabyte, mlperf_bin_loader=True)
-    cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
-    for day in range(24):
-        os.remove(reference_paths("terabyte", terabyte.raw).reordered_day(day))
-    train_bin = str(terabyte.tmp / "terabyte_processed_train.bin")
-    os.remove(provenance.record_path(train_bin))  # as if the reference had written it
-    logs = []
-    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), logs.append)
-    assert logs == [f"note: the raw data and the reordered day files are missing; using "
-                    f"{train_bin} and {terabyte.tmp / 'terabyte_processed_test.bin'} as they are "
-                    "(what they were made from cannot be checked)"]
-    assert len(list(data.train_loader)) == len(data.train_loader)
-    records = np.fromfile(train_bin, dtype="<i4").reshape(-1, 40)
-    records[17, 0] = 5
-    records.tofile(train_bin)
-    with pytest.raises(DataError, match=f"{train_bin}: row 17: label 5, expected 0 or 1"):
-        cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
-
-
-def test_bin_files_made_from_day_files_from_elsewhere_are_checked(terabyte):
-    paths = reference_paths("terabyte", terabyte.raw)
-    x_int, x_cat, y = make_rows([20], seed=9)
-    x_cat[11, 25] = COUNTS[25]  # one past the end of the last table, in day 0
-    np.savez_compressed(paths.reordered_day(0), X_cat=x_cat.astype(np.float64),
-                        X_int=x_int.astype(np.float64), y=y.astype(np.float64))
-    train_bin = terabyte.tmp / "terabyte_processed_train.bin"
-    with pytest.raises(DataError, match=f"^{train_bin}: row 11: sparse feature C26 has id 142"):
-        cd.make_criteo_data_and_loaders(terabyte_config(terabyte, mlperf_bin_loader=True),
-                                        np.random.RandomState(0), quiet)
-
-
-def test_bin_files_are_rewritten_when_the_day_files_change(terabyte):
-    cfg = terabyte_config(terabyte, mlperf_bin_loader=True)
-    cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
-    paths = reference_paths("terabyte", terabyte.raw)
-    x_int, x_cat, y = make_rows([37], seed=9)  # another last day
-    np.savez_compressed(paths.reordered_day(23), X_cat=x_cat.astype(np.float64),
-                        X_int=x_int.astype(np.float64), y=y.astype(np.float64))
-    logs = []
-    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), logs.append)
-    test_bin, val_bin = (terabyte.tmp / f"terabyte_processed_{split}.bin" for split in ("test", "val"))
-    assert [line.split(" was made from day_23_reordered.npz of ")[0] for line in logs] == [
-        f"note: {test_bin}", f"note: {val_bin}", f"Writing binary files {test_bin}, {val_bin}"]
-    # (train.bin, made from the other days, is as it was)
-    samples = list(zip(x_int, x_cat.astype(np.float64), y))[:19]
-    assert_same_batches(data.test_loader, reference_batches(samples, 10))
-
-
-def test_bin_loader_writes_missing_files_and_serves_batches(terabyte):
-    cfg = terabyte_config(terabyte, mlperf_bin_loader=True, mlperf_bin_shuffle=True)
-    data = cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), lambda _: None)
-    assert data.train_data.num_samples == sum(TERABYTE_DAY_SIZES[:-1])  # the reference lacks it
-    assert os.path.exists(str(terabyte.tmp / "terabyte_processed_val.bin"))
-    expected = reference_batches(day_file_samples(terabyte, range(23)), 64)
-    torch.manual_seed(0)                  # the reference's DataLoader over a RandomSampler
-    batch_ids = range(len(expected))
-    order = list(torch.utils.data.DataLoader(batch_ids, batch_size=None,
-                                             sampler=torch.utils.data.RandomSampler(batch_ids)))
-    assert sorted(order) == list(batch_ids) and order != list(batch_ids)
-    torch.manual_seed(0)
-    assert_same_batches(data.train_loader, [expected[k] for k in order])
-    assert_same_batches(data.test_loader,
-                        reference_batches(day_file_samples(terabyte, [23])[:19], 10))
-    assert data.table_sizes == tuple(int(c) for c in COUNTS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -681,7 +411,7 @@ def test_files_with_a_provenance_record_are_not_read_at_open(tmp_path, monkeypat
     for memory_map in (False, True):
         cfg = config(files, memory_map=memory_map)
         cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
-        monkeypatch.setattr(cd, "check_values", lambda *args: pytest.fail("checked our file"))
+        monkeypatch.setattr(criteo_rows, "check_values", lambda *args: pytest.fail("checked our file"))
         cd.make_criteo_data_and_loaders(cfg, np.random.RandomState(0), quiet)
         monkeypatch.undo()
 
@@ -706,14 +436,14 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
     fractional[2, 3] = 1.5
     np.savez(tmp_path / "frac.npz", X_int=x_int, X_cat=fractional, y=y)
     with pytest.raises(DataError, match=r"frac.npz: array 'X_cat' holds 1.5, which is not a 32-bit"):
-        cd.open_rows(str(tmp_path / "frac.npz"), quiet, progress=False)
+        row_cache.open_rows(str(tmp_path / "frac.npz"), quiet, progress=False)
     np.savez(tmp_path / "shape.npz", X_int=x_int[:, :12], X_cat=x_cat, y=y)
     with pytest.raises(DataError, match=r"shape.npz: array 'X_int' has shape \(5, 12\), "
                                         r"expected \(5, 13\)"):
-        cd.open_rows(str(tmp_path / "shape.npz"), quiet, progress=False)
+        row_cache.open_rows(str(tmp_path / "shape.npz"), quiet, progress=False)
     np.savez(tmp_path / "nolabel.npz", X_int=x_int, X_cat=x_cat)
     with pytest.raises(DataError, match=r"nolabel.npz: no array 'y'"):
-        cd.open_rows(str(tmp_path / "nolabel.npz"), quiet, progress=False)
+        row_cache.open_rows(str(tmp_path / "nolabel.npz"), quiet, progress=False)
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".npy") or ".tmp" in name]
 
 
@@ -725,8 +455,10 @@ def test_non_integer_or_misshapen_arrays_are_refused(tmp_path):
     (dict(mlperf_bin_shuffle=True), "--mlperf-bin-shuffle needs --mlperf-bin-loader"),
 ])
 def test_bad_flags_are_refused(kaggle, overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    """The configs refuse them when made, in the run's words (its flags name the fields)."""
+    with pytest.raises(ConfigError) as refused:
         cd.make_criteo_data_and_loaders(config(kaggle, **overrides), np.random.RandomState(0), quiet)
+    assert describe(refused.value, build_parser()).startswith(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -734,20 +466,10 @@ def test_bad_flags_are_refused(kaggle, overrides, message):
 # --------------------------------------------------------------------------------------------------
 
 def write_raw_kaggle(path, lines, seed=0):
-    """A tiny raw train.txt and its plain reading: (labels, dense, raw hash values)."""
-    gen = np.random.default_rng(seed)
-    labels = gen.integers(0, 2, size=lines)
-    dense = gen.integers(-3, 60, size=(lines, 13))
-    dense_empty = gen.random((lines, 13)) < 0.2
-    hashes = gen.choice(gen.integers(1, 2**31, size=40), size=(lines, 26))
-    hash_empty = gen.random((lines, 26)) < 0.1
-    with open(path, "w") as out:
-        for i in range(lines):
-            ints = ["" if dense_empty[i, k] else str(dense[i, k]) for k in range(13)]
-            cats = ["" if hash_empty[i, k] else f"{hashes[i, k]:08x}" for k in range(26)]
-            out.write("\t".join([str(labels[i])] + ints + cats) + "\n")
-    dense = np.where(dense_empty, 0, np.maximum(dense, 0))           # empty -> 0, clamp at 0
-    return labels, dense, np.where(hash_empty, 0, hashes)             # empty -> hash 0
+    """A small fake raw train.txt and its plain reading: (labels, dense, raw hash values)."""
+    fake_kaggle(path, lines, seed)
+    (labels, dense, hashes), = plain_parse([read_lines(path)], 0.0, -1, None)
+    return np.array(labels), np.maximum(np.array(dense), 0), np.array(hashes)  # dense clamped at 0
 
 
 def first_seen_ids(values):

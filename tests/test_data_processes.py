@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.make_fake_criteo import write_fake_kaggle
+from dlrm.data.criteo import command, days
 from dlrm.data.criteo import preprocess as du
+from helpers.criteo import fake_kaggle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,8 @@ def test_pool_workers_die_with_their_parent(tmp_path):
         import os, time
         os.cpu_count = lambda: 2
         import sleeper
-        from dlrm.data.criteo import preprocess
-        pool = preprocess._process_pool(2)
+        from dlrm.data.criteo import pool as workers
+        pool = workers.process_pool(2)
         # the first job blocks its worker, so the second one runs in the other worker
         jobs = [pool.submit(sleeper.announce_and_sleep) for _ in range(2)]
         time.sleep(600)
@@ -76,13 +77,13 @@ def test_pool_workers_die_with_their_parent(tmp_path):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    write_fake_kaggle(str(tmp_path / "train.txt"), 300, seed=2)
+    fake_kaggle(tmp_path / "train.txt", 300, seed=2)
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(du, "run_day", interrupted)
-    assert du.main([f"--raw-data-file={tmp_path / 'train.txt'}", "--no-progress"]) == 130
+    monkeypatch.setattr(days, "run_day", interrupted)
+    assert command.main([f"--raw-data-file={tmp_path / 'train.txt'}", "--no-progress"]) == 130
     assert capsys.readouterr() == ("", "error: interrupted\n")
     assert sorted(os.listdir(tmp_path)) == ["train.txt"]  # no temporary file left
 
@@ -92,10 +93,10 @@ def test_ctrl_c_with_worker_processes(tmp_path):
     """A real SIGINT to the whole process group (as a terminal sends it) while the workers run:
     the workers leave it to the parent, which stops them, removes their temporary files and
     reports one line."""
-    write_fake_kaggle(str(tmp_path / "train.txt"), 700, seed=2)
+    fake_kaggle(tmp_path / "train.txt", 700, seed=2)
     script = textwrap.dedent("""
         import concurrent.futures, os, signal, sys
-        from dlrm.data.criteo import preprocess as data_utils
+        from dlrm.data.criteo import command
         real_as_completed = concurrent.futures.as_completed
 
         def ctrl_c_then_wait(futures):
@@ -103,7 +104,7 @@ def test_ctrl_c_with_worker_processes(tmp_path):
             return real_as_completed(futures)
 
         concurrent.futures.as_completed = ctrl_c_then_wait
-        raise SystemExit(data_utils.main(sys.argv[1:]))
+        raise SystemExit(command.main(sys.argv[1:]))
     """)
     result = subprocess.run([sys.executable, "-c", script, f"--raw-data-file={tmp_path}/train.txt",
                              "--dataset-multiprocessing", "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT)),

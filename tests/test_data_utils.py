@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.make_fake_criteo import write_fake_kaggle, write_fake_terabyte
+from dlrm.cli import describe
 from dlrm.common import ConfigError, DataError
+from dlrm.data.criteo import command, shuffle
 from dlrm.data.criteo import preprocess as du
 from dlrm.io import npz as npz_io
+from helpers.criteo import fake_kaggle_fixture, write_fake_terabyte
 from helpers.plain_criteo import (assert_matches_plain, interrupted_run, kaggle_cfg,
                           plain_pipeline, plain_shuffle, plain_split, read_lines, run)
 
@@ -32,11 +34,7 @@ def npz_files(directory):
             if p.suffix in (".npz", ".npy")}
 
 
-@pytest.fixture(scope="module")
-def kaggle_raw(tmp_path_factory):
-    path = tmp_path_factory.mktemp("raw") / "train.txt"
-    write_fake_kaggle(str(path), KAGGLE_LINES, seed=3)
-    return path
+kaggle_raw = fake_kaggle_fixture(KAGGLE_LINES, seed=3)
 
 
 @pytest.fixture
@@ -70,9 +68,9 @@ def test_paths_follow_the_reference_examples():
                                            ({"data_set": "avazu"}, "--data-set"),
                                            ({"raw_data_file": ""}, "--raw-data-file")])
 def test_bad_config_names_the_flag(changes, flag):
-    cfg = kaggle_cfg("x/train.txt", **changes)
-    with pytest.raises(ConfigError, match=flag):
-        du.preprocess_criteo(cfg, lambda message: None)
+    with pytest.raises(ConfigError) as refused:
+        kaggle_cfg("x/train.txt", **changes)
+    assert describe(refused.value, command.build_parser()).startswith(flag)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,14 +198,14 @@ def test_pass1_buckets_and_stream_match_the_per_row_loop(trial, monkeypatch):
     capacity = gen.integers(0, 60, size=days)
     split_none = bool(trial % 2)
     choices = days if split_none else days - 1
-    monkeypatch.setattr(du, "ROWS_PER_CHUNK", int(gen.integers(1, 40)))  # days span several chunks
+    monkeypatch.setattr(shuffle, "ROWS_PER_CHUNK", int(gen.integers(1, 40)))  # days span several chunks
     rng, plain = np.random.RandomState(trial), np.random.RandomState(trial)
-    assigner = du.BucketAssigner(capacity, choices)
+    assigner = shuffle.BucketAssigner(capacity, choices)
     ours = []
     for day, rows in enumerate(capacity):  # each day holds as many rows as its bucket
-        placer = du._day_placer(assigner, rng, day, int(rows), days, "total", split_none)
-        for start in range(0, int(rows), du.ROWS_PER_CHUNK):
-            bucket, position = placer.place(min(du.ROWS_PER_CHUNK, int(rows) - start))
+        placer = shuffle._day_placer(assigner, rng, day, int(rows), days, "total", split_none)
+        for start in range(0, int(rows), shuffle.ROWS_PER_CHUNK):
+            bucket, position = placer.place(min(shuffle.ROWS_PER_CHUNK, int(rows) - start))
             ours += [(day, int(b), int(p)) for b, p in zip(bucket, position)]
         placer.finish()
     assert ours == _plain_pass1(capacity, capacity, choices, split_none, plain)
@@ -219,8 +217,8 @@ def test_full_buckets_draw_again_after_the_days_draws():
     # [0, 0] at once; the second row's bucket is full, so it draws again from what follows
     seed = next(s for s in range(1000) if list(np.random.RandomState(s).randint(0, 2, size=2)) == [0, 0])
     rng = np.random.RandomState(seed)
-    assigner = du.BucketAssigner(np.array([1, 1, 2]), 2)
-    placer = du._day_placer(assigner, rng, 0, 2, 3, "total", False)
+    assigner = shuffle.BucketAssigner(np.array([1, 1, 2]), 2)
+    placer = shuffle._day_placer(assigner, rng, 0, 2, 3, "total", False)
     bucket, position = placer.place(2)
     placer.finish()
     assert list(bucket) == [0, 1] and list(position) == [0, 0]
@@ -317,19 +315,19 @@ def test_interrupted_shuffle_resumes_to_identical_files(tmp_path, kaggle_raw, mo
     cfg = dict(memory_map=True, sub_sample_rate=0.2)
     run(kaggle_cfg(tmp_path / "once" / "train.txt", **cfg))
 
-    real_write = du._write_reordered
+    real_write = shuffle._write_reordered
 
     def failing_write(paths, j, *args):
         if j == 3:
             raise KeyboardInterrupt("interrupted")
         return real_write(paths, j, *args)
 
-    monkeypatch.setattr(du, "_write_reordered", failing_write)
+    monkeypatch.setattr(shuffle, "_write_reordered", failing_write)
     with pytest.raises(KeyboardInterrupt):
         run(kaggle_cfg(tmp_path / "twice" / "train.txt", **cfg))
     assert (tmp_path / "twice" / "train_day_2_reordered.npz").exists()
     assert not (tmp_path / "twice" / "train_day_3_reordered.npz").exists()
-    monkeypatch.setattr(du, "_write_reordered", real_write)
+    monkeypatch.setattr(shuffle, "_write_reordered", real_write)
     run(kaggle_cfg(tmp_path / "twice" / "train.txt", **cfg))  # replays the draws of done stages
     assert npz_files(tmp_path / "once") == npz_files(tmp_path / "twice")
 
@@ -492,14 +490,14 @@ def test_raw_file_that_shrinks_while_read_is_an_error(kaggle_dir, monkeypatch):
     for the missing bytes forever)."""
     raw = kaggle_dir / "train.txt"
     half = raw.stat().st_size // 2
-    count_lines = du._day_ranges
+    count_lines = du.day_ranges
 
     def count_then_shrink(cfg, paths):
         ranges = count_lines(cfg, paths)
         os.truncate(raw, half)
         return ranges
 
-    monkeypatch.setattr(du, "_day_ranges", count_then_shrink)
+    monkeypatch.setattr(du, "day_ranges", count_then_shrink)
     outcome = []
 
     def attempt():
@@ -539,7 +537,7 @@ def test_read_only_data_directory_fails_before_parsing(kaggle_dir, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system", path)
 
     monkeypatch.setattr(du, "atomic_open", refuse)
-    monkeypatch.setattr(du, "_day_ranges", lambda *args: pytest.fail("the raw data was read"))
+    monkeypatch.setattr(du, "day_ranges", lambda *args: pytest.fail("the raw data was read"))
     with pytest.raises(DataError, match=f"^{kaggle_dir}: cannot write there \\(Read-only file "
                                         r"system\); preprocessing writes its files beside the raw "
                                         "data$"):
@@ -560,7 +558,7 @@ def test_processed_name_that_cannot_be_written_is_an_error_naming_it(kaggle_dir)
 
 def test_cli_runs_and_prints_output(kaggle_dir, capsys):
     raw = kaggle_dir / "train.txt"
-    code = du.main([f"--raw-data-file={raw}", "--data-set=kaggle", "--max-ind-range=100",
+    code = command.main([f"--raw-data-file={raw}", "--data-set=kaggle", "--max-ind-range=100",
                     "--data-randomize=day", "--memory-map", "--numpy-rand-seed=3", "--no-progress"])
     assert code == 0
     assert capsys.readouterr().out.strip() == str(kaggle_dir / "train_day")
@@ -575,6 +573,6 @@ def test_cli_bad_input_is_one_error_line(kaggle_dir, capsys, argv_tail, message)
     raw = kaggle_dir / "train.txt"
     _corrupt(raw, 3, None, drop_from=5)
     argv = [f"--raw-data-file={raw}", "--no-progress"] + [a for a in argv_tail if "BAD" not in a]
-    assert du.main(argv) == 2
+    assert command.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.run.checkpoint import load_checkpoint
+from helpers.criteo import fake_kaggle
 
 SMALL = ["--mini-batch-size=2", "--data-size=20000", "--arch-embedding-size=40-30-20", "--print-freq=1",
          "--round-targets=true"]
@@ -138,7 +138,7 @@ CRITEO = ["--data-generation=dataset", "--arch-sparse-feature-size=4", "--arch-m
 
 @pytest.mark.slow
 def test_a_signal_during_preprocessing(tmp_path):
-    write_fake_kaggle(str(tmp_path / "train.txt"), 700, seed=2)
+    fake_kaggle(tmp_path / "train.txt", 700, seed=2)
     run = Run(CRITEO + ["--raw-data-file=train.txt"], tmp_path, pause="preprocess")
     run.wait_for("PAUSED preprocess")
     assert [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # a day half written
@@ -152,7 +152,7 @@ def test_a_signal_during_preprocessing(tmp_path):
 def test_a_signal_during_multiprocess_preprocessing(tmp_path, signum, group):
     """While worker processes write days: the parent stops them and removes what they were
     writing; no worker or multiprocessing's tracker prints anything."""
-    write_fake_kaggle(str(tmp_path / "train.txt"), 70000, seed=2)
+    fake_kaggle(tmp_path / "train.txt", 70000, seed=2)
     run = Run(CRITEO + ["--raw-data-file=train.txt", "--dataset-multiprocessing"], tmp_path)
     deadline = time.monotonic() + 180
     while not [p for p in tmp_path.iterdir() if ".tmp" in p.name]:  # a worker is writing a day
@@ -216,7 +216,7 @@ def test_a_closed_pipe_ends_the_run_quietly(tmp_path):
 def test_a_captured_log_has_no_progress_redraws(tmp_path):
     """With stderr captured (not a terminal), neither ``--progress`` nor preprocessing draws bars:
     every line of the log is a line, and a whole Criteo run's stderr holds no carriage return."""
-    write_fake_kaggle(str(tmp_path / "train.txt"), 700, seed=2)
+    fake_kaggle(tmp_path / "train.txt", 700, seed=2)
     proc = subprocess.run([sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *CRITEO, "--raw-data-file=train.txt",
                            "--num-batches=2", f"--tensor-board-filename={tmp_path / 'tb'}"], cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

@@ -12,22 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.common import ConfigError, DataError
 from dlrm.data.criteo import loaders as cd
 from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo import row_cache
 from dlrm.io import provenance
+from helpers.criteo import fake_kaggle_fixture
 from helpers.plain_criteo import (interrupted_run, kaggle_cfg, plain_pipeline, plain_shuffle,
                           plain_split, read_lines, run)
 
 LINES = 350
 
 
+raw_kaggle = fake_kaggle_fixture(LINES, seed=11)
+
+
 @pytest.fixture(scope="module")
-def raw_lines(tmp_path_factory):
-    path = tmp_path_factory.mktemp("raw") / "train.txt"
-    write_fake_kaggle(str(path), LINES, seed=11)
-    return read_lines(path)
+def raw_lines(raw_kaggle):
+    return read_lines(raw_kaggle)
 
 
 @pytest.fixture
@@ -245,12 +247,12 @@ def test_row_cache_of_a_replaced_compressed_file_is_rebuilt(tmp_path):
         return np.column_stack([arrays["y"], arrays["X_int"], arrays["X_cat"]])
 
     write(30)
-    cd.open_rows(path, lambda message: None, progress=False)
+    row_cache.open_rows(path, lambda message: None, progress=False)
     stamp = os.stat(path).st_mtime_ns
     newer = write(30)  # same shape, other values, dated before the cache
     os.utime(path, ns=(stamp - 10**9, stamp - 10**9))
     notes = []
-    rows, cache = cd.open_rows(path, notes.append, progress=False)
+    rows, cache = row_cache.open_rows(path, notes.append, progress=False)
     assert len(notes) == 1 and notes[0].startswith(f"note: {cache} was made from ")
     assert "ref.npz" in notes[0] and notes[0].endswith("; rebuilding it")
     np.testing.assert_array_equal(rows, newer)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import dlrm_data_pytorch as dp
-from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.common import ConfigError
 from dlrm.model.dlrm import DLRM
 from dlrm.run import flags as run_flags
 from dlrm_s_pytorch import DLRM_Net
+from helpers.criteo import fake_kaggle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -352,7 +352,7 @@ def plain_criteo_collate(samples):
 
 def test_criteo_loaders_and_a_script_reproduce_our_run(run_main, tmp_path):
     raw = tmp_path / "train.txt"
-    write_fake_kaggle(str(raw), 700, seed=5)
+    fake_kaggle(raw, 700, seed=5)
     files = dict(raw_data_file=str(raw), processed_data_file=str(tmp_path / "kaggle_processed.npz"))
     cli = [f"--{k.replace('_', '-')}={v}" for k, v in {**KAGGLE, **files}.items() if not isinstance(v, bool)]
     cli += ["--round-targets=true", f"--tensor-board-filename={tmp_path / 'tb'}"]

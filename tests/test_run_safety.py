@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import dlrm_s_pytorch
-from bench.make_fake_criteo import write_fake_kaggle
 from dlrm.common import CheckpointError, NonFiniteError
 from dlrm.run import benchmark, flags
 from dlrm.run.checkpoint import MODEL_FLAGS_KEY, load_checkpoint, save_checkpoint
+from helpers.criteo import fake_kaggle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +45,7 @@ def run(run_main, tmp_path):
 def kaggle_dir(tmp_path_factory):
     """A preprocessed fake Kaggle data set (raw file, day files, processed file)."""
     directory = tmp_path_factory.mktemp("kaggle")
-    write_fake_kaggle(str(directory / "train.txt"), 700, seed=3)
+    fake_kaggle(directory / "train.txt", 700, seed=3)
     os.link(directory / "train.txt", directory / "linked.txt")
     code = dlrm_s_pytorch.main([*KAGGLE, f"--raw-data-file={directory}/train.txt",
                                 f"--processed-data-file={directory}/proc.npz",

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from dlrm.data.criteo import days
 from dlrm.data.criteo import preprocess as du
 
 
@@ -112,17 +113,17 @@ def run(cfg, seed=7, log=lambda message: None):
 
 def interrupted_run(cfg, monkeypatch, day=4):
     """Run ours until it starts day ``day``, where a KeyboardInterrupt stops it (as Ctrl-C)."""
-    real_run_day = du.run_day
+    real_run_day = days.run_day
 
     def failing_run_day(job, *args):
         if job.day == day:
             raise KeyboardInterrupt("interrupted")
         return real_run_day(job, *args)
 
-    monkeypatch.setattr(du, "run_day", failing_run_day)
+    monkeypatch.setattr(days, "run_day", failing_run_day)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
-    monkeypatch.setattr(du, "run_day", real_run_day)
+    monkeypatch.setattr(days, "run_day", real_run_day)
 
 
 def assert_matches_plain(paths, parsed, dictionaries, processed):

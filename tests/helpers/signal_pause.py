@@ -14,7 +14,7 @@ import time
 import torch
 
 import dlrm_s_pytorch
-from dlrm.data.criteo import preprocess
+from dlrm.data.criteo import days
 from dlrm.run import train
 
 MOMENT = os.environ["DLRM_TEST_PAUSE"]
@@ -53,7 +53,7 @@ def install() -> None:
 
         torch.save = save_then_pause
     elif MOMENT == "preprocess":
-        real_day = preprocess.run_day
+        real_day = days.run_day
 
         def paused_day(job, dictionaries, rng, on_rows):
             def pause_after_first_block(rows):  # the day's files are open, under temporary names
@@ -62,7 +62,7 @@ def install() -> None:
 
             return real_day(job, dictionaries, rng, pause_after_first_block)
 
-        preprocess.run_day = paused_day
+        days.run_day = paused_day
 
 
 if __name__ == "__main__":
