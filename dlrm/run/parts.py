@@ -155,11 +155,11 @@ class LastSave:
 
 @dataclass
 class Progress:
-    """Where training stands: the checkpoint it resumed from, the step under way (counted from 1,
-    as the log does) and whether an MLPerf threshold stopped it."""
+    """Where training stands: the checkpoint it resumed from, the step under way in its epoch
+    (from 0; the log counts from 1) and whether an MLPerf threshold stopped it."""
 
     resume: Resume = Resume()
-    step: int = 1
+    step: int = 0
     stop: bool = False
 
 

@@ -199,7 +199,8 @@ def train(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
         try:
             train_one_epoch(parts, cfg, state, epoch)
         except Interrupted as exc:
-            raise exc.during("training").at(f"iteration {state.progress.step}/{parts.nbatches} of epoch {epoch}")
+            where = f"iteration {state.progress.step + 1}/{parts.nbatches} of epoch {epoch}"
+            raise exc.during("training").at(where)
         parts.mlperf.end("epoch_stop", epoch_num=epoch + 1)
         parts.mlperf.end("block_stop", first_epoch_num=epoch + 1)
         if state.progress.stop:
@@ -220,7 +221,7 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch:
         for step, batch in enumerate(parts.train_loader):
             if step >= parts.nbatches:
                 break
-            state.progress.step = step + 1
+            state.progress.step = step
             bar.update()
             if state.first_batch is None:
                 state.first_batch = batch
