@@ -235,7 +235,7 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch:
             seconds = _sync(parts.device) - started
             state.count_step(step, loss, local_rows(batch.labels, parts.info).shape[0], seconds, lr,
                              parts.info.world_size)
-            testing = cfg.testing and cfg.test_freq > 0 and _due(cfg.test_freq, step, parts.nbatches)
+            testing = cfg.test_freq > 0 and _due(cfg.test_freq, step, parts.nbatches)
             if _due(cfg.print_freq, step, parts.nbatches) or testing:
                 printed_loss = _print_train_line(parts, cfg, state, step, epoch)
                 if testing:
