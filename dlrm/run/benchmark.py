@@ -109,6 +109,7 @@ def optimizer_and_schedule(cfg: RunConfig, model: DLRM, device: torch.device
 
 
 def _log_lines(log: Logger, lines: Sequence[str]) -> None:
+    """Print each of ``lines``."""
     for line in lines:
         log(line)
 
@@ -223,6 +224,7 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
 
 
 def nbatches_of(cfg: RunConfig, data: Data) -> int:
+    """The batches an epoch trains on: ``--num-batches``, or the whole training loader."""
     return cfg.train.num_batches if cfg.train.num_batches > 0 else len(data.train_loader)
 
 
