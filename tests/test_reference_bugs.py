@@ -79,7 +79,7 @@ def test_evaluation_is_limited_by_num_batches_unless_fixed():
                                      (dlrm_train.TrainConfig(num_batches=0), 5, 5)):
         seen.clear()
         evaluated.clear()
-        dlrm_train.evaluate(parts, cfg_train, dlrm_train.TrainState(), log_iter=0)
+        dlrm_train.evaluate(parts, cfg_train, dlrm_train.TrainState(), global_step=0)
         assert (len(seen), len(evaluated)) == (fetched, used)
 
 

@@ -195,9 +195,9 @@ def test_a_loss_that_turns_nan_stops_the_run_naming_the_iteration(run, tmp_path,
 
 
 def test_past_the_kept_losses_the_stop_names_a_range(run, monkeypatch):
-    from dlrm.run import train as dlrm_train
+    from dlrm.run import parts
 
-    monkeypatch.setattr(dlrm_train, "LOSS_WINDOW", 1)  # only the first step's loss is kept
+    monkeypatch.setattr(parts, "LOSS_WINDOW", 1)  # only the first step's loss is kept
     code, out, err = run("--mini-batch-size=2", "--data-size=12", "--learning-rate=1e30", "--print-freq=4")
     _one_error(code, err.splitlines()[-1] + "\n", "the training loss became nan within its 2-4/6 of epoch 0")
 

@@ -9,27 +9,31 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import List, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from dlrm.common import ConfigError, Interrupted
+from dlrm.common import Batch, ConfigError, Interrupted
 from dlrm.distributed import DistInfo, all_or_none, check_ranks_agree, init_distributed
 from dlrm.io.interrupts import held
 from dlrm.model.dlrm import (DLRM, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
                              table_bytes, with_per_table_layout)
 from dlrm.outputs.metrics import MetricsFile, format_summary
-from dlrm.outputs.mlperf_logger import MISSING_PACKAGE_WARNING, make_mlperf_logger
+from dlrm.optim.lr_schedule import LRPolicyScheduler
+from dlrm.outputs.mlperf_logger import MISSING_PACKAGE_WARNING, MLPerfLogger, make_mlperf_logger
 from dlrm.outputs.side_channels import (check_no_overwrites, check_outputs, draw_compute_graph as draw_graph,
                                         make_writer, profiling, remove_stale_outputs)
-from dlrm.run.checkpoint import Expected, restore
+from dlrm.run.checkpoint import Expected, Resume, restore
 from dlrm.run.config import (RunConfig, SystemConfig, check_distributed, check_memory, embedding_backend,
                              flag_warnings, input_files, rank_settings)
+from dlrm.run.log_lines import Logger, format_arch, format_batch, format_parameters
+from dlrm.run.parts import RunParts, ScalarWriter, TrainState
 from dlrm.run.preflight import human
-from dlrm.run.train import (Logger, RunParts, TrainState, evaluate_once, format_arch, format_batch, format_parameters,
-                            graph_output, kept_checkpoint, make_optimizer, make_scheduler, optimizer_groups, train)
+from dlrm.run.train import (evaluate_once, graph_output, kept_checkpoint, make_optimizer, make_scheduler,
+                            optimizer_groups, train)
 
 
 # =============================================================================================
@@ -39,8 +43,10 @@ from dlrm.run.train import (Logger, RunParts, TrainState, evaluate_once, format_
 
 @dataclass(frozen=True)
 class Data:
-    train_loader: object
-    test_loader: object
+    """The loaders (``len(loader)`` is its number of batches) and the shape of the data they read."""
+
+    train_loader: Iterable[Batch]
+    test_loader: Iterable[Batch]
     table_sizes: Tuple[int, ...]
     dense_dim: int
 
@@ -79,33 +85,31 @@ def debug_batches(train_loader, nbatches: int) -> List[str]:
     the NumPy stream, and the loader's iterator takes one torch draw for its base seed (every loader
     does, as the reference's did), so the model is initialised from the same streams as the reference's."""
     lines: List[str] = []
-    for j, batch in enumerate(train_loader):
-        if j >= nbatches:
+    for step, batch in enumerate(train_loader):
+        if step >= nbatches:
             break
-        lines += format_batch(j, batch)
+        lines += format_batch(step, batch)
     return lines
 
 
-def build_parts(cfg: RunConfig, model: DLRM, data: Data, nbatches: int, device: torch.device, log: Logger,
-                info: DistInfo) -> RunParts:
-    """The loss, the optimizer and schedule (unless inference-only) and everything the loops need."""
-    optimizer = scheduler = None
+def optimizer_and_schedule(cfg: RunConfig, model: DLRM, device: torch.device
+                           ) -> Tuple[Optional[torch.optim.Optimizer], Optional[LRPolicyScheduler]]:
+    """The optimizer and its schedule (none when inference-only)."""
     t = cfg.train
-    if not cfg.inference.inference_only:
-        if device.type == "cuda" and t.optimizer in ("adagrad", "rwsadagrad"):
-            raise ConfigError("GPU version of Adagrad is not supported by PyTorch.")
-        optimizer = make_optimizer(t.optimizer, optimizer_groups(model, t.debug_groups), t.learning_rate,
-                                   t.fix_reference_bugs)
-        scheduler = make_scheduler(optimizer, t)
-        if model.cfg.embedding_backend == "fused":  # the tables' SGD runs in backward, at the step's rate
-            model.emb_l.follow_optimizer_lr(optimizer)
-    return RunParts(model=model, loss_fn=make_loss(t.loss_function, t.loss_weights), optimizer=optimizer,
-                    scheduler=scheduler, train_loader=data.train_loader, test_loader=data.test_loader,
-                    nbatches=nbatches, nbatches_test=len(data.test_loader), device=device, log=log,
-                    save_model=cfg.output.save_model, info=info, num_tables=len(data.table_sizes))
+    if cfg.inference.inference_only:
+        return None, None
+    if device.type == "cuda" and t.optimizer in ("adagrad", "rwsadagrad"):
+        raise ConfigError("GPU version of Adagrad is not supported by PyTorch.")
+    optimizer = make_optimizer(t.optimizer, optimizer_groups(model, t.debug_groups), t.learning_rate,
+                               t.fix_reference_bugs)
+    scheduler = make_scheduler(optimizer, t)
+    if model.cfg.embedding_backend == "fused":  # the tables' SGD runs in backward, at the step's rate
+        model.emb_l.follow_optimizer_lr(optimizer)
+    return optimizer, scheduler
 
 
 def _log_lines(log: Logger, lines: Sequence[str]) -> None:
+    """Print each of ``lines``."""
     for line in lines:
         log(line)
 
@@ -125,31 +129,25 @@ def run(cfg: RunConfig) -> None:
     rng = np.random.RandomState(cfg.system.seed)  # the reference's global NumPy stream, as an object
     torch.manual_seed(cfg.system.seed)
     torch.sparse.check_sparse_tensor_invariants.disable()  # explicit opt-out: torch warns otherwise
-    info, log = start_processes(cfg)
-    mlperf.rank = info.rank  # events from rank 0 only
-    if info.is_main:
-        for name in remove_stale_outputs(cfg.output):
-            log.note(f"removed {name}, a temporary file that an interrupted run left")
-    if mlperf.missing_package:
-        log.warn(MISSING_PACKAGE_WARNING)
+    info, log = start_processes(cfg, mlperf)
     device = setup_device(cfg.system, log, info)
     mlperf.end("init_stop")
     mlperf.start("run_start")
-    try:
-        data = all_or_none(lambda: make_data(cfg, rng, log), info, "read the data")
-    except Interrupted as exc:
-        raise exc.during("loading the data")
-    check_ranks_agree(data_settings(data), info)
+    data = load_data(cfg, rng, log, info)
     if cfg.train.mlperf_logging:
         log("command line args: " + json.dumps(dict(cfg.flags)))
     model = build_model(cfg, data, rng, info, device, log)
-    parts, state = prepare_run(cfg, model, data, device, log, info)
+    parts, state = prepare_run(cfg, model, data, device, log, info, mlperf)
     t = cfg.train
     mlperf.submission_info(t.batch_size, cfg.system.seed, t.learning_rate, t.lr_num_warmup_steps,
                            t.lr_decay_start_step, t.lr_num_decay_steps)
-    parts.mlperf = mlperf
     try:
-        execute(cfg, parts, state)
+        with closing_channels(parts), profiling(cfg.output.enable_profiling, device.type == "cuda", log.note):
+            if cfg.inference.inference_only:
+                log("Testing for inference only")
+                evaluate_once(parts, t, state)
+            else:
+                train(parts, t, state)
         finish(cfg, parts, state, model, data, started)
     except Interrupted as exc:
         raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
@@ -160,7 +158,7 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def start_processes(cfg: RunConfig) -> Tuple[DistInfo, Logger]:
+def start_processes(cfg: RunConfig, mlperf: MLPerfLogger) -> Tuple[DistInfo, Logger]:
     """This process's place in the run (none in debug mode, as in the reference) and its printer,
     once every rank has the same flags and can write its outputs (all ranks start, or none)."""
     info = DistInfo() if cfg.system.debug_mode else init_distributed(
@@ -173,7 +171,23 @@ def start_processes(cfg: RunConfig) -> Tuple[DistInfo, Logger]:
         log(f"world size: {info.world_size}, current rank: {info.rank}, local rank: {info.local_rank}")
     for warning in flag_warnings(cfg, info):
         log.warn(warning)
+    mlperf.rank = info.rank  # events from rank 0 only
+    if info.is_main:
+        for name in remove_stale_outputs(cfg.output):
+            log.note(f"removed {name}, a temporary file that an interrupted run left")
+    if mlperf.missing_package:
+        log.warn(MISSING_PACKAGE_WARNING)
     return info, log
+
+
+def load_data(cfg: RunConfig, rng: np.random.RandomState, log: Logger, info: DistInfo) -> Data:
+    """The data, read on every rank or none, of the same shape on every rank."""
+    try:
+        data = all_or_none(lambda: make_data(cfg, rng, log), info, "read the data")
+    except Interrupted as exc:
+        raise exc.during("loading the data")
+    check_ranks_agree(data_settings(data), info)
+    return data
 
 
 def data_settings(data: Data) -> dict:
@@ -210,38 +224,55 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
 
 
 def nbatches_of(cfg: RunConfig, data: Data) -> int:
+    """The batches an epoch trains on: ``--num-batches``, or the whole training loader."""
     return cfg.train.num_batches if cfg.train.num_batches > 0 else len(data.train_loader)
 
 
-def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, log: Logger,
-                info: DistInfo) -> Tuple[RunParts, TrainState]:
-    """The optimizer, a loaded checkpoint, inference quantization and the side channels."""
-    parts = build_parts(cfg, model, data, nbatches_of(cfg, data), device, log, info)
-    state = TrainState()
+def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, log: Logger, info: DistInfo,
+                mlperf: MLPerfLogger) -> Tuple[RunParts, TrainState]:
+    """The optimizer, a loaded checkpoint, inference quantization and the side channels, as the
+    loops' parts and the state they start from."""
+    optimizer, scheduler = optimizer_and_schedule(cfg, model, device)
+    loss_fn = make_loss(cfg.train.loss_function, cfg.train.loss_weights)
+    nbatches, nbatches_test = nbatches_of(cfg, data), len(data.test_loader)
+    resume = Resume()
     if cfg.output.load_model:
-        expected = Expected(cfg.train.optimizer, cfg.train.nepochs, parts.nbatches, parts.nbatches_test,
+        expected = Expected(cfg.train.optimizer, cfg.train.nepochs, nbatches, nbatches_test,
                             cfg.train.mlperf_logging, cfg.train.fix_reference_bugs)
-        state.resume = all_or_none(lambda: restore(
-            cfg.output.load_model, parts.model, parts.optimizer, parts.scheduler, parts.info, parts.log, expected,
+        resume = all_or_none(lambda: restore(
+            cfg.output.load_model, model, optimizer, scheduler, info, log, expected,
             inference_only=cfg.inference.inference_only), info, "load the checkpoint")
-        check_ranks_agree(resume_settings(state.resume), info)
-        state.best_acc, state.best_auc = state.resume.best_acc, state.resume.best_auc
-    if cfg.inference.inference_only:
-        if cfg.train.fast_numerics and cfg.inference.quantize_mlp_bits != 32:
-            from dlrm.model.fast_numerics import restore_mlps
-
-            restore_mlps(model)  # dynamic quantization replaces plain Linear layers
-        before = table_bytes(model.emb_l)
-        parts.model = quantize_for_inference(model, cfg.inference.quantize_emb_bits, cfg.inference.quantize_mlp_bits)
-        if cfg.inference.quantize_emb_bits != 32:
-            log.note(f"quantized the tables to {cfg.inference.quantize_emb_bits} bits per value: "
-                     f"{human(before)} -> {human(table_bytes(model.emb_l))}")
+        check_ranks_agree(resume_settings(resume), info)
+    run_model = inference_model(cfg, model, log) if cfg.inference.inference_only else model
     log("time/loss/accuracy (if enabled):")
-    if info.is_main:
-        with held():  # a writer cut short while it starts would keep its thread running
-            parts.writer = make_writer(cfg.output.tensor_board_filename, log.note)
-        parts.metrics = MetricsFile(cfg.output.metrics_file) if cfg.output.metrics_file else None
-    return parts, state
+    writer, metrics = open_channels(cfg, info, log)
+    parts = RunParts(run_model, loss_fn, optimizer, scheduler, data.train_loader, data.test_loader, nbatches,
+                     nbatches_test, device, log, writer=writer, mlperf=mlperf, save_model=cfg.output.save_model,
+                     info=info, num_tables=len(data.table_sizes), metrics=metrics)
+    return parts, TrainState.resuming(resume)
+
+
+def open_channels(cfg: RunConfig, info: DistInfo, log: Logger) -> Tuple[Optional[ScalarWriter], Optional[MetricsFile]]:
+    """TensorBoard's writer and the metrics file, on the main rank (each only when asked for)."""
+    if not info.is_main:
+        return None, None
+    with held():  # a writer cut short while it starts would keep its thread running
+        writer = make_writer(cfg.output.tensor_board_filename, log.note)
+    return writer, MetricsFile(cfg.output.metrics_file) if cfg.output.metrics_file else None
+
+
+def inference_model(cfg: RunConfig, model: DLRM, log: Logger) -> torch.nn.Module:
+    """``--inference-only``: the model with its tables and MLPs quantized as asked."""
+    if cfg.train.fast_numerics and cfg.inference.quantize_mlp_bits != 32:
+        from dlrm.model.fast_numerics import restore_mlps
+
+        restore_mlps(model)  # dynamic quantization replaces plain Linear layers
+    before = table_bytes(model.emb_l)
+    quantized = quantize_for_inference(model, cfg.inference.quantize_emb_bits, cfg.inference.quantize_mlp_bits)
+    if cfg.inference.quantize_emb_bits != 32:
+        log.note(f"quantized the tables to {cfg.inference.quantize_emb_bits} bits per value: "
+                 f"{human(before)} -> {human(table_bytes(model.emb_l))}")
+    return quantized
 
 
 def resume_settings(resume) -> dict:
@@ -251,15 +282,11 @@ def resume_settings(resume) -> dict:
                                              f"(accuracy {resume.best_acc * 100:.3f} %)")}
 
 
-def execute(cfg: RunConfig, parts: RunParts, state: TrainState) -> None:
-    """Train (or evaluate once, with ``--inference-only``), under the profiler if asked for."""
+@contextmanager
+def closing_channels(parts: RunParts) -> Iterator[None]:
+    """Close TensorBoard's writer and the metrics file when the block ends, however it ends."""
     try:
-        with profiling(cfg.output.enable_profiling, parts.device.type == "cuda", parts.log.note):
-            if cfg.inference.inference_only:
-                parts.log("Testing for inference only")
-                evaluate_once(parts, cfg.train, state)
-            else:
-                train(parts, cfg.train, state)
+        yield
     finally:
         with held():  # closing must not be cut short: TensorBoard's thread would outlive the run
             for channel in (parts.writer, parts.metrics):
@@ -283,5 +310,5 @@ def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data
 
             restore_mlps(model)  # export the plain layers, which ONNX knows
         export_onnx(with_per_table_layout(model), sample, cfg.output.onnx_file, log)
-    log.note(format_summary(time.time() - started, state.trained_samples, state.trained_time, state.best,
-                            state.saved_to))
+    log.note(format_summary(time.time() - started, state.trained.samples, state.trained.seconds, state.best.result,
+                            state.saved.path))

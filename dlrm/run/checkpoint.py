@@ -222,7 +222,7 @@ class Position:
     nbatches: int
     nbatches_test: int
     epoch: int
-    iter: int
+    step: int  # steps done in ``epoch`` (the checkpoint's "iter")
     train_loss: float
     test_acc: float
     test_auc: Optional[float] = None
@@ -234,7 +234,7 @@ def checkpoint_payload(model: nn.Module, optimizer: torch.optim.Optimizer, optim
     payload = {
         "nepochs": at.nepochs, "nbatches": at.nbatches, "nbatches_test": at.nbatches_test,
         "state_dict": full_state_dict(model, info), "test_acc": float(at.test_acc),
-        "epoch": at.epoch, "iter": at.iter, "train_loss": float(at.train_loss), "total_loss": 0.0,
+        "epoch": at.epoch, "iter": at.step, "train_loss": float(at.train_loss), "total_loss": 0.0,
         "opt_state_dict": full_optimizer_state(optimizer, model, num_tables, info),
         "lr_scheduler_state_dict": scheduler.state_dict(), "optimizer": optimizer_name,
     }

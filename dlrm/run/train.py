@@ -1,9 +1,12 @@
-"""Training and evaluation: the train step, the epoch and evaluation loops, metrics, the logger
-and the reference's log lines.
+"""Training and evaluation: the train step, the epoch and evaluation loops, and the records they keep.
 
-The loops take explicit parts (:class:`RunParts`) and the smallest config they need
-(:class:`TrainConfig`); nothing here reads the command line. Every printed line comes from a pure
-formatter (``format_*``) and goes through one rank-aware :class:`Logger`.
+The loops take explicit parts (:class:`RunParts`, built once and frozen) and the smallest config
+they need (:class:`TrainConfig`); nothing here reads the command line. What the loops carry from
+step to step is a few small records in :class:`TrainState`. Every printed line comes from a
+formatter of :mod:`dlrm.run.log_lines` and goes through its one rank-aware :class:`Logger`.
+
+One batch's path, from :func:`train`: :func:`train_one_epoch` fetches it, moves it to the device,
+hands it to :func:`train_step` (forward, loss, backward, update), then prints and tests when due.
 
 Dimension vocabulary: B batch (B_local: this rank's rows of it), T tables, M dense features.
 """
@@ -11,11 +14,10 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO
+from dataclasses import dataclass
+from typing import ContextManager, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,124 +27,22 @@ from torch.profiler import record_function
 from dlrm.common import Batch, ConfigError, Interrupted, NonFiniteError, check_at_least_one, check_number
 from dlrm.distributed import DistInfo, all_reduce_sum, average_gradients, gather_objects, shard
 from dlrm.io import interrupts
-from dlrm.model.dlrm import ModelConfig, check_loss_weights, table_dims
-from dlrm.optim.lr_schedule import check_schedule
-from dlrm.outputs.metrics import BestResult, MetricsFile, progress_bar
-from dlrm.outputs.mlperf_logger import MLPerfLogger
+from dlrm.model.dlrm import check_loss_weights
+from dlrm.optim.lr_schedule import LRPolicyScheduler, check_schedule
+from dlrm.outputs.metrics import progress_bar
 from dlrm.run.checkpoint import Position, Resume, checkpoint_payload, save_checkpoint
+from dlrm.run.log_lines import (Logger, format_accuracy_line, format_mlperf_metrics_line, format_test_header,
+                                format_train_line)
+from dlrm.run.parts import LastSave, PrintWindow, RunParts, ScalarWriter, TrainState
 
 OPTIMIZERS = ("sgd", "adagrad", "rwsadagrad")
 
-# ---------------------------------------------------------------------------------------------
-# Output: one rank-aware printer and pure formatters of the reference's lines
-# ---------------------------------------------------------------------------------------------
-
-
-class Logger:
-    """Prints on the main rank only, flushing every line.
-
-    Standard output carries the reference's lines only; what this version adds (warnings, notes,
-    the summary) goes to standard error, so a log of stdout compares line for line with the
-    reference's. While a progress bar is shown (:meth:`above`), lines print above it, unchanged.
-
-    Args:
-        info: where this process stands (only rank 0 prints).
-        stream: where lines go (default: ``sys.stdout`` at the time of printing).
-        err_stream: where warnings and notes go (default: ``sys.stderr`` at the time of printing).
-    """
-
-    def __init__(self, info: DistInfo = DistInfo(), stream: Optional[TextIO] = None,
-                 err_stream: Optional[TextIO] = None):
-        self.enabled = info.is_main
-        self.stream = stream
-        self.err_stream = err_stream
-        self._warned: set = set()
-        self._emit: Callable[[str], None] = self._print
-
-    def __call__(self, text: object = "") -> None:
-        if self.enabled:
-            self._emit(str(text))
-
-    def _print(self, text: str) -> None:
-        print(text, file=self.stream or sys.stdout, flush=True)
-
-    def note(self, text: str) -> None:
-        """Print ``text`` on stderr (not one of the reference's lines)."""
-        if self.enabled:
-            print(text, file=self.err_stream or sys.stderr, flush=True)
-
-    def warn(self, text: str) -> None:
-        """Print ``text`` on stderr the first time it is given (repeats are dropped)."""
-        if text not in self._warned:
-            self._warned.add(text)
-            self.note(text)
-
-    @contextmanager
-    def above(self, bar) -> Iterator[None]:
-        """While the block runs, print lines above ``bar`` (a ``run_metrics.ProgressBar``)."""
-        self._emit = bar.wrap(self._print)
-        try:
-            yield
-        finally:
-            self._emit = self._print
-
-
-def format_train_line(step: int, nbatches: int, epoch: int, ms_per_it: float, loss: float,
-                      wall_time: Optional[str] = None, inference: bool = False) -> str:
-    """``Finished training it 1/3 of epoch 0, -1.00 ms/it, loss 0.025266`` (``-1.00`` when the
-    time is not measured, as in the reference)."""
-    mode = "inference" if inference else "training"
-    line = f"Finished {mode} it {step}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, loss {loss:.6f}"
-    return line + (f" ({wall_time})" if wall_time else "")
-
-
-def format_test_header(step: int, nbatches: int, epoch: int) -> str:
-    return f"Testing at - {step}/{nbatches} of epoch {epoch},"
-
-
-def format_accuracy_line(acc: float, best_acc: float) -> str:
-    """`` accuracy 50.000 %, best 50.000 %`` (with the reference's leading space)."""
-    return f" accuracy {acc * 100:3.3f} %, best {best_acc * 100:3.3f} %"
-
-
-def format_mlperf_metrics_line(m: Dict[str, float], best_auc: float, best_acc: float) -> str:
-    """The scikit-learn metrics line of ``--mlperf-logging``."""
-    return (f"recall {m['recall']:.4f}, precision {m['precision']:.4f}, f1 {m['f1']:.4f}, "
-            f"ap {m['ap']:.4f}, auc {m['roc_auc']:.4f}, best auc {best_auc:.4f}, "
-            f"accuracy {m['accuracy'] * 100:3.3f} %, best accuracy {best_acc * 100:3.3f} %")
-
-
-def format_arch(cfg: ModelConfig, dense_dim: int) -> List[str]:
-    """The ``--debug-mode`` architecture block."""
-    top, bot = np.array(cfg.top_mlp), np.array(cfg.bottom_mlp)
-    dims = cfg.embedding_dim if not cfg.md_flag else table_dims(cfg)
-    return [
-        "model arch:",
-        f"mlp top arch {top.size - 1} layers, with input to output dimensions:", str(top),
-        "# of interactions", str(cfg.top_mlp[0]),
-        f"mlp bot arch {bot.size - 1} layers, with input to output dimensions:", str(bot),
-        "# of features (sparse and dense)", str(cfg.num_tables + 1),
-        "dense feature size", str(dense_dim),
-        "sparse feature size", str(dims),
-        f"# of embeddings (= # of sparse features) {cfg.num_tables}, with dimensions {dims}x:",
-        str(np.array(cfg.table_sizes)),
-    ]
-
-
-def format_batch(j: int, batch: Batch) -> List[str]:
-    """The ``--debug-mode`` print of one batch: dense, bag lengths (T, B) int32, the per-table
-    index tensors, and the targets."""
-    counts = [len(batch.indices[t]) for t in range(batch.offsets.shape[0])]
-    ends = torch.cat([batch.offsets[:, 1:], torch.tensor(counts, dtype=torch.long).view(-1, 1)], dim=1)
-    lengths = (ends - batch.offsets).to(torch.int32)
-    indices = [batch.indices[t] for t in range(len(counts))]
-    return [f"mini-batch: {j}", str(batch.dense_x), str(lengths), str(indices), str(batch.labels)]
-
-
-def format_parameters(model: nn.Module, precision: int) -> List[str]:
-    """Every parameter as a NumPy array, in ``parameters()`` order (``--debug-mode``)."""
-    with np.printoptions(precision=precision):
-        return [str(p.detach().cpu().numpy()) for p in model.parameters()]
+__all__ = [  # Logger and the format_* functions are re-exported from dlrm.run.log_lines
+    "OPTIMIZERS", "TrainConfig", "optimizer_groups", "make_optimizer", "make_scheduler", "RunParts", "TrainState",
+    "Logger", "format_accuracy_line", "format_mlperf_metrics_line", "format_test_header", "format_train_line",
+    "to_device", "local_rows", "predict", "graph_output", "train", "train_one_epoch", "train_step", "save_position",
+    "kept_checkpoint", "save_final", "divergence_message", "evaluate", "evaluate_once", "sklearn_metrics",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,66 +119,19 @@ def make_optimizer(name: str, params: list, lr: float, fix_reference_bugs: bool 
     raise ConfigError(f"--optimizer={name} is not supported (use {', '.join(OPTIMIZERS)})")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    from dlrm.optim.lr_schedule import LRPolicyScheduler
-
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LRPolicyScheduler:
+    """The warmup and decay schedule of ``cfg`` over ``optimizer``'s rate."""
     return LRPolicyScheduler(optimizer, cfg.lr_num_warmup_steps, cfg.lr_decay_start_step, cfg.lr_num_decay_steps,
                              reference_plateau=not cfg.fix_reference_bugs)
 
 
 # ---------------------------------------------------------------------------------------------
-# Run parts and state
+# Batches on the device
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainState:
-    """What the loops carry between batches and tests."""
-
-    best_acc: float = 0.0
-    best_auc: float = 0.0
-    resume: Resume = Resume()
-    stop: bool = False
-    total_time: float = 0.0
-    total_iter: int = 0
-    total_samples: int = 0
-    total_loss: Optional[torch.Tensor] = None
-    first_batch: Optional[Batch] = None
-    last_lr: Optional[float] = None
-    trained_samples: int = 0
-    trained_time: float = 0.0
-    best: Optional[BestResult] = None
-    saved_to: Optional[str] = None
-    saved_at: Optional[str] = None
-    iteration: int = 1  # the training iteration under way, counted from 1 as the log does
-    last_loss: float = 0.0
-    step_losses: List[tuple] = field(default_factory=list)  # (j, loss on the device) since the last print
-
-
-@dataclass
-class RunParts:
-    """Everything the loops need, built once by the entry script. ``info`` is the one place that
-    says where this process stands in a multi-process run."""
-
-    model: nn.Module
-    loss_fn: Callable
-    optimizer: Optional[torch.optim.Optimizer]
-    scheduler: object
-    train_loader: object
-    test_loader: object
-    nbatches: int
-    nbatches_test: int
-    device: torch.device
-    log: Logger
-    writer: object = None
-    mlperf: MLPerfLogger = field(default_factory=MLPerfLogger)
-    save_model: str = ""
-    info: DistInfo = DistInfo()
-    num_tables: int = 0
-    metrics: Optional[MetricsFile] = None
-
-
 def to_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` on ``device`` (the same object on the CPU)."""
     if device.type == "cpu":
         return batch
     indices = batch.indices.to(device) if isinstance(batch.indices, torch.Tensor) else [i.to(device) for i in batch.indices]
@@ -295,12 +148,15 @@ def local_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor[start:stop]
 
 
+def _autocast(device: torch.device, mixed_precision: str) -> ContextManager:
+    """bf16 autocast on ``device`` when ``mixed_precision`` is "bf16"; else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else nullcontext()
+
+
 def predict(parts: RunParts, batch: Batch, mixed_precision: str) -> torch.Tensor:
     """The model's (B_local, 1) predictions for this rank's rows, under bf16 autocast if asked."""
     dense_x = local_rows(batch.dense_x, parts.info)
-    autocast = (torch.autocast(dense_x.device.type, dtype=torch.bfloat16) if mixed_precision == "bf16"
-                else nullcontext())
-    with autocast:
+    with _autocast(dense_x.device, mixed_precision):
         return parts.model(dense_x, batch.offsets, batch.indices)
 
 
@@ -329,10 +185,259 @@ def _sync(device: torch.device) -> float:
     return time.time()
 
 
-def _scalar(writer, tag: str, value: float, step: int) -> None:
+def _scalar(writer: Optional[ScalarWriter], tag: str, value: float, global_step: int) -> None:
+    """``value`` to TensorBoard, when there is a writer."""
     if writer is not None:
         with interrupts.held():  # a signal inside TensorBoard's queue would leave its thread unstoppable
-            writer.add_scalar(tag, value, step)
+            writer.add_scalar(tag, value, global_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
+    """Every epoch from the resumed one on, until done or an MLPerf threshold stops the run; then,
+    with ``--save-model`` and no test, the final model."""
+    for epoch in range(state.progress.resume.epoch, cfg.nepochs):
+        parts.mlperf.start("block_start", first_epoch_num=epoch + 1, epoch_count=1)
+        parts.mlperf.start("epoch_start", epoch_num=epoch + 1)
+        try:
+            train_one_epoch(parts, cfg, state, epoch)
+        except Interrupted as exc:
+            where = f"iteration {state.progress.step + 1}/{parts.nbatches} of epoch {epoch}"
+            raise exc.during("training").at(where)
+        parts.mlperf.end("epoch_stop", epoch_num=epoch + 1)
+        parts.mlperf.end("block_stop", first_epoch_num=epoch + 1)
+        if state.progress.stop:
+            break
+    if cfg.mlperf_auc_threshold > 0 and not state.progress.stop:
+        parts.mlperf.end("run_stop", status="aborted")
+    if parts.save_model and state.best.result is None and state.trained.samples:
+        save_final(parts, cfg, state, cfg.nepochs - 1)
+
+
+def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch: int) -> None:
+    """One pass over the training loader: each batch is fetched, moved to the device and trained
+    on; then, when due, the training line prints and the model is tested.
+
+    Losses stay on the device; only the steps that print read them back.
+    """
+    with _bar(parts, cfg, parts.nbatches, f"epoch {epoch}") as bar:
+        for step, batch in enumerate(parts.train_loader):
+            if step >= parts.nbatches:
+                break
+            state.progress.step = step
+            bar.update()
+            if state.first_batch is None:
+                state.first_batch = batch
+            if _left_out(parts, cfg, state, batch, step, epoch):
+                continue
+            batch = to_device(batch, parts.device)
+            lr = parts.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            started = _sync(parts.device)
+            with _predictions_checked(parts, state, step, epoch):
+                loss = train_step(parts, cfg, batch, step)
+            seconds = _sync(parts.device) - started
+            state.count_step(step, loss, local_rows(batch.labels, parts.info).shape[0], seconds, lr,
+                             parts.info.world_size)
+            testing = cfg.test_freq > 0 and _due(cfg.test_freq, step, parts.nbatches)
+            if _due(cfg.print_freq, step, parts.nbatches) or testing:
+                printed_loss = _print_train_line(parts, cfg, state, step, epoch)
+                if testing:
+                    _test_and_save(parts, cfg, state, printed_loss, step, epoch)
+            if state.progress.stop:
+                return
+
+
+def _dense_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The data-parallel parameters (everything but the sharded tables and their learned pooling
+    weights, whose owner computes their whole gradient)."""
+    return [p for name, p in model.named_parameters() if not name.startswith(("emb_l.", "v_W_l."))]
+
+
+def train_step(parts: RunParts, cfg: TrainConfig, batch: Batch, step: int) -> torch.Tensor:
+    """Forward, loss, backward and (every ``grad_accum_iter`` batches under ``--mlperf-logging``) an
+    optimizer update and a schedule step. Returns the loss, still on the device.
+
+    With accumulation the reference zeroes the gradients right before the updating batch's
+    backward, so each update uses that batch's gradients alone; that is the default. With
+    ``fix_reference_bugs`` the gradients of ``grad_accum_iter`` batches really accumulate (each
+    loss scaled by 1/N) and are zeroed after the update.
+    """
+    accum = cfg.grad_accum_iter if cfg.mlperf_logging else 1
+    updating = (step + 1) % accum == 0
+    with record_function("DLRM forward"):
+        dense_x = local_rows(batch.dense_x, parts.info)
+        with _autocast(dense_x.device, cfg.mixed_precision):
+            probs = parts.model(dense_x, batch.offsets, batch.indices)
+    with record_function("DLRM loss compute"):
+        loss = parts.loss_fn(probs, local_rows(batch.labels, parts.info))
+    reference_accum = accum > 1 and not cfg.fix_reference_bugs
+    with record_function("DLRM backward"):
+        if reference_accum and updating:
+            parts.optimizer.zero_grad(set_to_none=True)
+        (loss / accum if accum > 1 and not reference_accum else loss).backward()
+        if parts.info.world_size > 1:
+            average_gradients(_dense_parameters(parts.model), parts.info)
+    if updating:
+        parts.optimizer.step()
+        parts.scheduler.step()
+        if not reference_accum:
+            parts.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _due(freq: int, step: int, nbatches: int) -> bool:
+    """Whether a line (or test) every ``freq`` steps falls at ``step`` (0-based), or it is the last."""
+    return (step + 1) % freq == 0 or step + 1 == nbatches
+
+
+def _left_out(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, step: int, epoch: int) -> bool:
+    """Whether this batch is not trained on: it was before the checkpoint this run resumed from, or
+    (several processes) its rows do not divide among the ranks, which the reference warns of."""
+    if _trained_before_resume(state.progress.resume, cfg, step, epoch):
+        return True
+    rows = batch.labels.shape[0]
+    if parts.info.world_size > 1 and rows % parts.info.world_size:
+        parts.log(f"Warning: Skiping the batch {step} with size {rows}")
+        return True
+    return False
+
+
+def _trained_before_resume(resume: Resume, cfg: TrainConfig, step: int, epoch: int) -> bool:
+    """Batches already trained before the checkpoint this run resumed from. The reference skips
+    the saved batch count in every epoch from the saved one on (it hangs when that epoch is not the
+    first); we do so when resuming from the first epoch, and otherwise, or with
+    ``fix_reference_bugs``, only in the saved epoch."""
+    if step >= resume.batch or epoch < resume.epoch:
+        return False
+    return epoch == resume.epoch or (resume.epoch == 0 and not cfg.fix_reference_bugs)
+
+
+@contextmanager
+def _predictions_checked(parts: RunParts, state: TrainState, step: int, epoch: int) -> Iterator[None]:
+    """Turns BCE's refusal of NaN predictions (a traceback in the reference) into one line naming
+    the step."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "should be between 0 and 1" not in str(exc):
+            raise
+        what = "the predictions became nan"
+        raise NonFiniteError(divergence_message(parts, state, what, step + 1, step + 1, epoch)) from None
+
+
+def _print_train_line(parts: RunParts, cfg: TrainConfig, state: TrainState, step: int, epoch: int) -> float:
+    """Print the training line of the steps since the last one, send it to TensorBoard and the
+    metrics file, and start a new window; returns its mean loss."""
+    window, nbatches = state.window, parts.nbatches
+    global_step = nbatches * epoch + step + 1
+    measured_ms = 1000.0 * window.seconds / max(window.steps, 1)
+    samples_per_s = window.rows * parts.info.world_size / window.seconds if window.seconds else None
+    loss = window.mean_loss(parts.info)  # host synchronisation: this line prints
+    if not math.isfinite(loss):  # NaN stays NaN in the running sum, so checking here misses none
+        first, last = window.first_non_finite(step)
+        raise NonFiniteError(divergence_message(parts, state, f"the training loss became {loss}", first, last, epoch))
+    state.window = PrintWindow()
+    state.trained.last_loss = loss
+    wall = time.strftime("%H:%M") if cfg.print_wall_time else None
+    parts.log(format_train_line(step + 1, nbatches, epoch, measured_ms if cfg.print_time else -1.0, loss, wall))
+    _scalar(parts.writer, "Train/Loss", loss, global_step)
+    _scalar(parts.writer, "Train/LR", window.lr, global_step)
+    if parts.metrics is not None and parts.info.is_main:
+        parts.metrics.write(global_step, epoch, loss=loss, lr=window.lr, ms_per_it=measured_ms,
+                            samples_per_s=samples_per_s)
+    return loss
+
+
+def _test_and_save(parts: RunParts, cfg: TrainConfig, state: TrainState, loss: float, step: int,
+                   epoch: int) -> None:
+    """Test after ``step``; write ``--save-model`` when due; stop once an MLPerf threshold is passed."""
+    nbatches = parts.nbatches
+    global_step = nbatches * epoch + step + 1
+    parts.log(format_test_header(step + 1, nbatches, epoch))
+    parts.mlperf.start("eval_start", epoch_num=(step + 1) / nbatches + epoch + 1)
+    metrics = evaluate(parts, cfg, state, global_step, epoch)
+    parts.mlperf.end("eval_stop", epoch_num=(step + 1) / nbatches + epoch + 1)
+    _write_test_record(parts, metrics, global_step, epoch)
+    if parts.save_model and _saves_at(cfg, state, metrics):
+        parts.log(f"Saving model to {parts.save_model}")
+        save_position(parts, cfg, state, Position(
+            nepochs=cfg.nepochs, nbatches=nbatches, nbatches_test=parts.nbatches_test, epoch=epoch, step=step + 1,
+            train_loss=loss, test_acc=metrics["accuracy"], test_auc=metrics.get("roc_auc")))
+    _check_thresholds(parts, cfg, state)
+
+
+def _saves_at(cfg: TrainConfig, state: TrainState, metrics: Dict[str, float]) -> bool:
+    """Whether this test writes ``--save-model``. The reference compares every test with the best it
+    started from, never with the best so far: the accuracy with 0 (or with a loaded checkpoint's), the
+    AUC under ``--mlperf-logging`` with 0; so it writes at almost every test. That is the default, so
+    a later ``--load-model`` loads the reference's state; ``fix_reference_bugs`` writes only when a
+    test improves on the best so far."""
+    if cfg.fix_reference_bugs:
+        return bool(metrics["is_best"])
+    if cfg.mlperf_logging:
+        return metrics["roc_auc"] > 0.0
+    return metrics["accuracy"] > state.progress.resume.best_acc
+
+
+def save_position(parts: RunParts, cfg: TrainConfig, state: TrainState, at: Position) -> None:
+    """Write ``--save-model`` at ``at`` (every rank takes part: tables are gathered on rank 0)."""
+    try:
+        payload = checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
+                                     parts.num_tables, parts.info, at)
+        if parts.info.is_main:
+            save_checkpoint(parts.save_model, payload)
+    except Interrupted as exc:
+        raise exc.during(f"saving the checkpoint {parts.save_model}")
+    state.saved = LastSave(parts.save_model, f"iteration {at.step}/{at.nbatches} of epoch {at.epoch}")
+
+
+def kept_checkpoint(save_model: str, state: TrainState) -> str:
+    """What a run stopped by a signal leaves of its model: the last checkpoint it wrote, and
+    where training stood then (a checkpoint being written when the signal came is dropped)."""
+    if not save_model:
+        return "no checkpoint (no --save-model)"
+    if state.saved.where is None:
+        return f"no checkpoint written yet ({save_model} untouched)"
+    return f"the checkpoint {save_model} of {state.saved.where}"
+
+
+def save_final(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch: int) -> None:
+    """``--save-model`` without any test: the model at the end of the run (the reference saves only
+    at tests, so such a run wrote nothing)."""
+    parts.log.note(f"Saving the final model to {parts.save_model} (no test ran to choose a best one)")
+    save_position(parts, cfg, state, Position(
+        nepochs=cfg.nepochs, nbatches=parts.nbatches, nbatches_test=parts.nbatches_test, epoch=epoch,
+        step=parts.nbatches, train_loss=state.trained.last_loss, test_acc=0.0))
+
+
+def divergence_message(parts: RunParts, state: TrainState, what: str, first: int, last: int, epoch: int) -> str:
+    """``what`` became NaN or infinite in steps ``first``..``last`` (1-based) of ``epoch``: where,
+    and what is kept."""
+    nb = parts.nbatches
+    where = (f"at it {last}/{nb} of epoch {epoch}" if first >= last
+             else f"within its {first}-{last}/{nb} of epoch {epoch}")
+    saved_to = state.saved.path
+    kept = (f"the checkpoint {saved_to} is kept" if saved_to
+            else f"the checkpoint {parts.save_model} (from before this run) is kept"
+            if parts.save_model and os.path.exists(parts.save_model)
+            else f"nothing was saved to {parts.save_model}" if parts.save_model else "no checkpoint was written")
+    return f"{what} {where}: training stopped; {kept}"
+
+
+def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
+    """Stop the whole run once a test passes an MLPerf threshold (the reference's thresholds never
+    fired, and its early stop would only have ended the epoch)."""
+    if cfg.mlperf_acc_threshold > 0 and state.best.accuracy > cfg.mlperf_acc_threshold:
+        parts.log(f"MLPerf testing accuracy threshold {cfg.mlperf_acc_threshold:f} reached, stop training")
+        state.progress.stop = True
+    if cfg.mlperf_auc_threshold > 0 and state.best.auc > cfg.mlperf_auc_threshold:
+        parts.log(f"MLPerf testing auc threshold {cfg.mlperf_auc_threshold:f} reached, stop training")
+        parts.mlperf.end("run_stop", status="success")
+        state.progress.stop = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +445,7 @@ def _scalar(writer, tag: str, value: float, step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _test_batches(parts: RunParts, cfg: TrainConfig):
+def _test_batches(parts: RunParts, cfg: TrainConfig) -> Iterator[Batch]:
     """The test loader's batches; the first ``nbatches`` only when ``--num-batches`` is set, as the
     reference does (it limits testing by the training batch count, and fetches one batch more before it
     stops), unless fixing that."""
@@ -351,14 +456,15 @@ def _test_batches(parts: RunParts, cfg: TrainConfig):
         yield batch
 
 
-def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, log_iter: int) -> Dict[str, float]:
-    """One pass over the test batches. Updates ``state.best_acc``/``best_auc`` (the best so far, which
-    the reference never kept) and returns the metrics plus ``is_best``."""
+def evaluate(parts: RunParts, cfg: TrainConfig, state: TrainState, global_step: int,
+             epoch: int = 0) -> Dict[str, float]:
+    """One pass over the test batches, after ``global_step`` steps in all; prints its line, updates
+    ``state.best`` and returns the metrics plus ``is_best``."""
     try:
         correct, samples, scores, targets = _test_pass(parts, cfg)
         if cfg.mlperf_logging:
-            return _mlperf_metrics(parts, scores, targets, state, log_iter)
-        return _accuracy_metrics(parts, correct, samples, state, log_iter)
+            return _mlperf_metrics(parts, scores, targets, state, global_step, epoch)
+        return _accuracy_metrics(parts, correct, samples, state, global_step, epoch)
     except Interrupted as exc:
         raise exc.during("testing")
 
@@ -389,35 +495,41 @@ def _test_pass(parts: RunParts, cfg: TrainConfig):
 
 def evaluate_once(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
     """``--inference-only``: one pass over the test batches, recorded like a test."""
-    metrics = evaluate(parts, cfg, state, log_iter=0)
-    _record_test(parts, cfg, state, {**metrics, "is_best": True}, 0, 0)
+    metrics = evaluate(parts, cfg, state, global_step=0)
+    _write_test_record(parts, metrics, 0, 0)
 
 
-def _accuracy_metrics(parts: RunParts, correct: int, samples: int, state: TrainState,
-                      log_iter: int) -> Dict[str, float]:
+def _write_test_record(parts: RunParts, metrics: Dict[str, float], global_step: int, epoch: int) -> None:
+    """The metrics file's record of one test (main rank)."""
+    if parts.metrics is not None and parts.info.is_main:
+        parts.metrics.write(global_step, epoch, accuracy=metrics["accuracy"], auc=metrics.get("roc_auc"))
+
+
+def _accuracy_metrics(parts: RunParts, correct: int, samples: int, state: TrainState, global_step: int,
+                      epoch: int) -> Dict[str, float]:
+    """The accuracy over all ranks' test rows, printed with the best so far."""
     correct, samples = (int(v) for v in all_reduce_sum([correct, samples], parts.info))
     acc = correct / max(samples, 1)
-    is_best = acc > state.best_acc
-    state.best_acc = max(state.best_acc, acc)
-    _scalar(parts.writer, "Test/Acc", acc, log_iter)
-    parts.log(format_accuracy_line(acc, state.best_acc))
+    is_best = state.best.update(acc, None, global_step, epoch)
+    _scalar(parts.writer, "Test/Acc", acc, global_step)
+    parts.log(format_accuracy_line(acc, state.best.accuracy))
     return {"accuracy": acc, "is_best": is_best}
 
 
-def _mlperf_metrics(parts: RunParts, scores: list, targets: list, state: TrainState,
-                    log_iter: int) -> Dict[str, float]:
+def _mlperf_metrics(parts: RunParts, scores: list, targets: list, state: TrainState, global_step: int,
+                    epoch: int) -> Dict[str, float]:
+    """scikit-learn's metrics over all ranks' test rows, printed with the best so far."""
     scores = [x for part in gather_objects(scores, parts.info) for x in part]
     targets = [x for part in gather_objects(targets, parts.info) for x in part]
     if not all(np.isfinite(x).all() for x in scores):  # scikit-learn would fail in a traceback
-        k, j = divmod(max(log_iter - 1, 0), parts.nbatches)
-        raise NonFiniteError(divergence_message(parts, state, "the test predictions became nan", j + 1, j + 1, k))
+        at_epoch, step = divmod(max(global_step - 1, 0), parts.nbatches)
+        what = "the test predictions became nan"
+        raise NonFiniteError(divergence_message(parts, state, what, step + 1, step + 1, at_epoch))
     metrics = sklearn_metrics(np.concatenate(scores).ravel(), np.concatenate(targets).ravel())
-    is_best = metrics["roc_auc"] > state.best_auc
-    state.best_auc = max(state.best_auc, metrics["roc_auc"])
-    state.best_acc = max(state.best_acc, metrics["accuracy"])
-    parts.log(format_mlperf_metrics_line(metrics, state.best_auc, state.best_acc))
+    is_best = state.best.update(metrics["accuracy"], metrics["roc_auc"], global_step, epoch)
+    parts.log(format_mlperf_metrics_line(metrics, state.best.auc, state.best.accuracy))
     for name, value in metrics.items():
-        _scalar(parts.writer, f"mlperf-metrics-test/{name}", value, log_iter)
+        _scalar(parts.writer, f"mlperf-metrics-test/{name}", value, global_step)
     return {**metrics, "is_best": is_best}
 
 
@@ -435,283 +547,3 @@ def sklearn_metrics(scores: np.ndarray, targets: np.ndarray) -> Dict[str, float]
             "roc_auc": skm.roc_auc_score(targets, scores) if len(np.unique(targets)) > 1 else 0.5,
             "accuracy": skm.accuracy_score(targets, rounded),
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def _dense_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The data-parallel parameters (everything but the sharded tables and their learned pooling
-    weights, whose owner computes their whole gradient)."""
-    return [p for name, p in model.named_parameters() if not name.startswith(("emb_l.", "v_W_l."))]
-
-
-def train_step(parts: RunParts, cfg: TrainConfig, batch: Batch, j: int) -> torch.Tensor:
-    """Forward, loss, backward and (every ``grad_accum_iter`` batches under ``--mlperf-logging``) an
-    optimizer step and a schedule step. Returns the loss, still on the device.
-
-    With accumulation the reference zeroes the gradients right before the stepping batch's
-    backward, so each step uses that batch's gradients alone; that is the default. With
-    ``fix_reference_bugs`` the gradients of ``grad_accum_iter`` batches really accumulate (each
-    loss scaled by 1/N) and are zeroed after the step.
-    """
-    accum = cfg.grad_accum_iter if cfg.mlperf_logging else 1
-    stepping = (j + 1) % accum == 0
-    with record_function("DLRM forward"):
-        probs = predict(parts, batch, cfg.mixed_precision)
-    with record_function("DLRM loss compute"):
-        loss = parts.loss_fn(probs, local_rows(batch.labels, parts.info))
-    reference_accum = accum > 1 and not cfg.fix_reference_bugs
-    with record_function("DLRM backward"):
-        if reference_accum and stepping:
-            parts.optimizer.zero_grad(set_to_none=True)
-        (loss / accum if accum > 1 and not reference_accum else loss).backward()
-        if parts.info.world_size > 1:
-            average_gradients(_dense_parameters(parts.model), parts.info)
-    if stepping:
-        parts.optimizer.step()
-        parts.scheduler.step()
-        if not reference_accum:
-            parts.optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def _should_skip(state: TrainState, cfg: TrainConfig, j: int, k: int) -> bool:
-    """Batches already trained before the checkpoint this run resumed from. The reference skips
-    the saved batch count in every epoch from the saved one on (it hangs when that epoch is not the
-    first); we do so when resuming from the first epoch, and otherwise, or with
-    ``fix_reference_bugs``, only in the saved epoch."""
-    resume = state.resume
-    if j >= resume.batch or k < resume.epoch:
-        return False
-    return k == resume.epoch or (resume.epoch == 0 and not cfg.fix_reference_bugs)
-
-
-def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, k: int) -> None:
-    """One pass over the training loader. Losses are accumulated on the device; only the lines
-    that print read them back."""
-    with _bar(parts, cfg, parts.nbatches, f"epoch {k}") as bar:
-        for j, batch in enumerate(parts.train_loader):
-            if j >= parts.nbatches:
-                break
-            state.iteration = j + 1
-            bar.update()
-            if state.first_batch is None:
-                state.first_batch = batch
-            if _should_skip(state, cfg, j, k):
-                continue
-            if parts.info.world_size > 1 and batch.labels.shape[0] % parts.info.world_size:
-                parts.log(f"Warning: Skiping the batch {j} with size {batch.labels.shape[0]}")
-                continue
-            _checked_step(parts, cfg, state, to_device(batch, parts.device), j, k)
-            _report_and_test(parts, cfg, state, j, k)
-            if state.stop:
-                return
-
-
-def _checked_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, j: int, k: int) -> None:
-    """:func:`_timed_step`, with BCE's refusal of NaN predictions (a traceback in the reference) as
-    one line naming the iteration."""
-    try:
-        _timed_step(parts, cfg, state, batch, j)
-    except RuntimeError as exc:
-        if "should be between 0 and 1" not in str(exc):
-            raise
-        what = "the predictions became nan"
-        raise NonFiniteError(divergence_message(parts, state, what, j + 1, j + 1, k)) from None
-
-
-def _timed_step(parts: RunParts, cfg: TrainConfig, state: TrainState, batch: Batch, j: int) -> None:
-    """One training step, its loss and time added to the running totals."""
-    state.last_lr = parts.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    t1 = _sync(parts.device)
-    loss = train_step(parts, cfg, batch, j)
-    t2 = _sync(parts.device)
-    if len(state.step_losses) < LOSS_WINDOW:  # read back only if the printed mean is not finite
-        state.step_losses.append((j, loss))
-    n = local_rows(batch.labels, parts.info).shape[0]
-    state.total_loss = loss * n if state.total_loss is None else state.total_loss + loss * n
-    state.total_time += t2 - t1
-    state.total_iter += 1
-    state.total_samples += n
-    state.trained_time += t2 - t1
-    state.trained_samples += n * parts.info.world_size
-
-
-def _report_and_test(parts: RunParts, cfg: TrainConfig, state: TrainState, j: int, k: int) -> None:
-    """Print the training line and, when due, test, save and check the MLPerf thresholds."""
-    nb = parts.nbatches
-    should_print = (j + 1) % cfg.print_freq == 0 or j + 1 == nb
-    should_test = cfg.test_freq > 0 and ((j + 1) % cfg.test_freq == 0 or j + 1 == nb)
-    if not (should_print or should_test):
-        return
-    log_iter = nb * k + j + 1
-    measured_ms = 1000.0 * state.total_time / max(state.total_iter, 1)
-    samples_per_s = state.total_samples * parts.info.world_size / state.total_time if state.total_time else None
-    loss = _mean_loss(state, parts.info)  # host synchronisation: this line prints
-    if not math.isfinite(loss):  # NaN stays NaN in the running sum, so checking here misses none
-        first, last = _first_non_finite(state, j)
-        raise NonFiniteError(divergence_message(parts, state, f"the training loss became {loss}", first, last, k))
-    state.step_losses.clear()
-    state.last_loss = loss
-    state.total_time, state.total_iter, state.total_samples, state.total_loss = 0.0, 0, 0, None
-    wall = time.strftime("%H:%M") if cfg.print_wall_time else None
-    parts.log(format_train_line(j + 1, nb, k, measured_ms if cfg.print_time else -1.0, loss, wall))
-    _scalar(parts.writer, "Train/Loss", loss, log_iter)
-    _scalar(parts.writer, "Train/LR", state.last_lr, log_iter)
-    if parts.metrics is not None and parts.info.is_main:
-        parts.metrics.write(log_iter, k, loss=loss, lr=state.last_lr, ms_per_it=measured_ms,
-                            samples_per_s=samples_per_s)
-    if should_test:
-        _test_and_save(parts, cfg, state, loss, j, k, log_iter)
-
-
-def _test_and_save(parts: RunParts, cfg: TrainConfig, state: TrainState, loss: float, j: int, k: int,
-                   log_iter: int) -> None:
-    nb = parts.nbatches
-    parts.log(format_test_header(j + 1, nb, k))
-    parts.mlperf.start("eval_start", epoch_num=(j + 1) / nb + k + 1)
-    metrics = evaluate(parts, cfg, state, log_iter)
-    parts.mlperf.end("eval_stop", epoch_num=(j + 1) / nb + k + 1)
-    _record_test(parts, cfg, state, metrics, log_iter, k)
-    if parts.save_model and _saves_at(cfg, state, metrics):
-        parts.log(f"Saving model to {parts.save_model}")
-        save_position(parts, cfg, state, Position(
-            nepochs=cfg.nepochs, nbatches=nb, nbatches_test=parts.nbatches_test, epoch=k, iter=j + 1,
-            train_loss=loss, test_acc=metrics["accuracy"], test_auc=metrics.get("roc_auc")))
-    _check_thresholds(parts, cfg, state)
-
-
-def _saves_at(cfg: TrainConfig, state: TrainState, metrics: Dict[str, float]) -> bool:
-    """Whether this test writes ``--save-model``. The reference compares every test with the best it
-    started from, never with the best so far: the accuracy with 0 (or with a loaded checkpoint's), the
-    AUC under ``--mlperf-logging`` with 0; so it writes at almost every test. That is the default, so
-    a later ``--load-model`` loads the reference's state; ``fix_reference_bugs`` writes only when a
-    test improves on the best so far."""
-    if cfg.fix_reference_bugs:
-        return bool(metrics["is_best"])
-    if cfg.mlperf_logging:
-        return metrics["roc_auc"] > 0.0
-    return metrics["accuracy"] > state.resume.best_acc
-
-
-def _record_test(parts: RunParts, cfg: TrainConfig, state: TrainState, metrics: Dict[str, float], log_iter: int,
-                 k: int) -> None:
-    """The metrics file's test record, and where the best result so far was reached."""
-    auc = metrics.get("roc_auc")
-    if parts.metrics is not None and parts.info.is_main:
-        parts.metrics.write(log_iter, k, accuracy=metrics["accuracy"], auc=auc)
-    if metrics["is_best"] or state.best is None:
-        target, value = ("auc", auc) if cfg.mlperf_logging else ("accuracy", metrics["accuracy"])
-        if state.best is None or value > state.best.value:
-            state.best = BestResult(target, float(value), log_iter, k)
-
-
-def save_position(parts: RunParts, cfg: TrainConfig, state: TrainState, at: Position) -> None:
-    """Write ``--save-model`` at ``at`` (every rank takes part: tables are gathered on rank 0)."""
-    try:
-        payload = checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
-                                     parts.num_tables, parts.info, at)
-        if parts.info.is_main:
-            save_checkpoint(parts.save_model, payload)
-    except Interrupted as exc:
-        raise exc.during(f"saving the checkpoint {parts.save_model}")
-    state.saved_to = parts.save_model
-    state.saved_at = f"iteration {at.iter}/{at.nbatches} of epoch {at.epoch}"
-
-
-def kept_checkpoint(save_model: str, state: TrainState) -> str:
-    """What a run stopped by a signal leaves of its model: the last checkpoint it wrote, and
-    where training stood then (a checkpoint being written when the signal came is dropped)."""
-    if not save_model:
-        return "no checkpoint (no --save-model)"
-    if state.saved_at is None:
-        return f"no checkpoint written yet ({save_model} untouched)"
-    return f"the checkpoint {save_model} of {state.saved_at}"
-
-
-def save_final(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch: int) -> None:
-    """``--save-model`` without any test: the model at the end of the run (the reference saves only
-    at tests, so such a run wrote nothing)."""
-    parts.log.note(f"Saving the final model to {parts.save_model} (no test ran to choose a best one)")
-    save_position(parts, cfg, state, Position(
-        nepochs=cfg.nepochs, nbatches=parts.nbatches, nbatches_test=parts.nbatches_test, epoch=epoch,
-        iter=parts.nbatches, train_loss=state.last_loss, test_acc=0.0))
-
-
-def _mean_loss(state: TrainState, info: DistInfo) -> float:
-    """The mean training loss since the last print; over all ranks' rows in a multi-process run."""
-    if not state.total_samples:
-        return 0.0
-    if info.world_size == 1:  # float32 throughout, as the reference accumulates it
-        return float((state.total_loss / state.total_samples).item())
-    total, samples = all_reduce_sum([float(state.total_loss.item()), state.total_samples], info)
-    return total / samples
-
-
-LOSS_WINDOW = 4096
-"""Steps whose losses are kept (device tensors, never read back unless the printed mean is NaN or
-infinite) to name the first non-finite one exactly; past it the message names a range."""
-
-
-def _first_non_finite(state: TrainState, j: int) -> tuple:
-    """(first, last) 1-based iterations where the loss turned non-finite, among the steps since the
-    last printed line: one step when this process kept it; else a range (past LOSS_WINDOW steps,
-    or another rank's rows)."""
-    steps = state.step_losses
-    for step, loss in steps:
-        if not math.isfinite(float(loss)):
-            return step + 1, step + 1
-    if not steps:
-        return j + 1, j + 1
-    return (steps[-1][0] + 2 if len(steps) >= LOSS_WINDOW else steps[0][0] + 1), j + 1
-
-
-def divergence_message(parts: RunParts, state: TrainState, what: str, first: int, last: int, k: int) -> str:
-    """``what`` became NaN or infinite in iterations ``first``..``last`` (1-based) of epoch ``k``:
-    where, and what is kept."""
-    nb = parts.nbatches
-    where = f"at it {last}/{nb} of epoch {k}" if first >= last else f"within its {first}-{last}/{nb} of epoch {k}"
-    kept = (f"the checkpoint {state.saved_to} is kept" if state.saved_to
-            else f"the checkpoint {parts.save_model} (from before this run) is kept"
-            if parts.save_model and os.path.exists(parts.save_model)
-            else f"nothing was saved to {parts.save_model}" if parts.save_model else "no checkpoint was written")
-    return f"{what} {where}: training stopped; {kept}"
-
-
-def _check_thresholds(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
-    """Stop the whole run once a test passes an MLPerf threshold (the reference's thresholds never
-    fired, and its early stop would only have ended the epoch)."""
-    if cfg.mlperf_acc_threshold > 0 and state.best_acc > cfg.mlperf_acc_threshold:
-        parts.log(f"MLPerf testing accuracy threshold {cfg.mlperf_acc_threshold:f} reached, stop training")
-        state.stop = True
-    if cfg.mlperf_auc_threshold > 0 and state.best_auc > cfg.mlperf_auc_threshold:
-        parts.log(f"MLPerf testing auc threshold {cfg.mlperf_auc_threshold:f} reached, stop training")
-        parts.mlperf.end("run_stop", status="success")
-        state.stop = True
-
-
-def train(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
-    """Every epoch from the resumed one on, until done or an MLPerf threshold stops the run; then,
-    with ``--save-model`` and no test, the final model."""
-    _train_epochs(parts, cfg, state)
-    if parts.save_model and state.best is None and state.trained_samples:
-        save_final(parts, cfg, state, cfg.nepochs - 1)
-
-
-def _train_epochs(parts: RunParts, cfg: TrainConfig, state: TrainState) -> None:
-    for k in range(state.resume.epoch, cfg.nepochs):
-        parts.mlperf.start("block_start", first_epoch_num=k + 1, epoch_count=1)
-        parts.mlperf.start("epoch_start", epoch_num=k + 1)
-        try:
-            train_one_epoch(parts, cfg, state, k)
-        except Interrupted as exc:
-            raise exc.during("training").at(f"iteration {state.iteration}/{parts.nbatches} of epoch {k}")
-        parts.mlperf.end("epoch_stop", epoch_num=k + 1)
-        parts.mlperf.end("block_stop", first_epoch_num=k + 1)
-        if state.stop:
-            return
-    if cfg.mlperf_auc_threshold > 0:
-        parts.mlperf.end("run_stop", status="aborted")

@@ -11,15 +11,15 @@ from dlrm.common import DataError
 from dlrm.run import train as dlrm_train
 
 FAILING = int(os.environ["DLRM_TEST_FAILING_RANK"])
-real_step = dlrm_train._timed_step
+real_step = dlrm_train.train_step
 
 
-def failing_step(parts, cfg, state, batch, j):
-    if parts.info.rank == FAILING and j == 2:
+def failing_step(parts, cfg, batch, step):
+    if parts.info.rank == FAILING and step == 2:
         raise DataError("a rank-local problem (injected by the test)")
-    return real_step(parts, cfg, state, batch, j)
+    return real_step(parts, cfg, batch, step)
 
 
 if __name__ == "__main__":
-    dlrm_train._timed_step = failing_step
+    dlrm_train.train_step = failing_step
     raise SystemExit(dlrm_s_pytorch.main(sys.argv[1:]))
