@@ -68,10 +68,13 @@ def exit_without_teardown(code: int) -> None:
     """End the process with ``code``, skipping the interpreter's teardown of torch's modules (1 to
     2 s on a 2-core machine, a tenth of a short benchmark run). By then ``run`` has closed every
     file, worker and process group it opened; atexit's handlers (logging's flush among them) and
-    the streams' flushes still run. While another non-daemon thread is alive, exits normally."""
-    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+    the streams' flushes still run. While another non-daemon thread is alive (or should Python drop
+    ``atexit._run_exitfuncs``), exits normally."""
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # private: tests/test_private_apis.py
+    if run_exit_handlers is None or any(t is not threading.main_thread() and not t.daemon
+                                        for t in threading.enumerate()):
         raise SystemExit(code)
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -24,19 +24,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 _CHILD = r"""
-import json, sys, time
-sys.path[:0] = [{root!r}]
-from dlrm.data.criteo import preprocess as data_utils
+import json, time
+from dlrm.data.criteo.config import PreprocessConfig
+from dlrm.data.criteo.preprocess import preprocess_criteo
 
 def high_water_kb():  # VmHWM: peak RSS of this process image (ru_maxrss survives exec)
     with open("/proc/self/status") as status:
         return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
 
 base = high_water_kb()
-cfg = data_utils.PreprocessConfig("kaggle", {raw!r}, progress=False, multiprocessing={mp},
-                                  memory_map={mm})
+cfg = PreprocessConfig("kaggle", {raw!r}, progress=False, multiprocessing={mp}, memory_map={mm})
 start = time.perf_counter()
-data_utils.preprocess_criteo(cfg, lambda message: None)
+preprocess_criteo(cfg, lambda message: None)
 seconds = time.perf_counter() - start
 print(json.dumps(dict(seconds=seconds, import_rss_kb=base, peak_rss_kb=high_water_kb())))
 """
@@ -62,8 +61,9 @@ def run_once(raw: str, workdir: str, mp: bool, mm: bool) -> dict:
     target = os.path.join(run_dir, "train.txt")
     os.link(raw, target)
     subprocess.run(["sync"], check=False)  # start each repeat without pending writeback
-    code = _CHILD.format(root=ROOT, raw=target, mp=mp, mm=mm)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    code = _CHILD.format(raw=target, mp=mp, mm=mm)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["disk_bytes"] = sum(os.path.getsize(os.path.join(run_dir, f)) for f in os.listdir(run_dir)
                                if f != "train.txt")

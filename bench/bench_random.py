@@ -53,7 +53,6 @@ def run_once(extra, iters):
 
 
 def _kaggle_config():
-    sys.path.insert(0, ROOT)
     from dlrm.model import dlrm
 
     return dlrm, dlrm.ModelConfig(embedding_dim=16, table_sizes=tuple(KAGGLE_SIZES), bottom_mlp=(13, 512, 256, 64, 16),
@@ -92,8 +91,6 @@ def interleaved(iters):
     import numpy as np
     import torch
 
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from dlrm.model import dlrm
     from bench.bench_datagen import per_sample_batch
     from dlrm.common import Batch

@@ -9,7 +9,7 @@ from dlrm.cli import option_names
 from dlrm.common import FlagError
 from dlrm.data.config import RandomDataConfig
 from dlrm.data.criteo.loaders import CriteoLoaderConfig
-from dlrm.data.criteo.preprocess import PreprocessConfig
+from dlrm.data.criteo.config import PreprocessConfig
 from dlrm.model.dlrm import ModelConfig
 from dlrm.outputs.side_channels import OutputConfig
 from dlrm.run import flags

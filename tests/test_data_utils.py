@@ -16,6 +16,7 @@ from dlrm.cli import describe
 from dlrm.common import ConfigError, DataError
 from dlrm.data.criteo import command, shuffle
 from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo.config import criteo_paths
 from dlrm.io import npz as npz_io
 from helpers.criteo import fake_kaggle_fixture, write_fake_terabyte
 from helpers.plain_criteo import (assert_matches_plain, interrupted_run, kaggle_cfg,
@@ -48,7 +49,7 @@ def kaggle_dir(tmp_path, kaggle_raw):
 # ------------------------------------------------------------------------------------------------
 
 def test_paths_follow_the_reference_examples():
-    kaggle = du.criteo_paths("kaggle", "./input/train.txt")
+    kaggle = criteo_paths("kaggle", "./input/train.txt")
     assert (kaggle.d_path, kaggle.d_file, kaggle.npzfile, kaggle.days) == (
         "./input/", "train", "./input/train_day", 7)
     assert kaggle.processed_day(3) == "./input/train_day_3_processed.npz"
@@ -56,11 +57,11 @@ def test_paths_follow_the_reference_examples():
     assert kaggle.day_count_file() == "./input/train_day_count.npz"
     assert kaggle.fea_count_file() == "./input/train_fea_count.npz"
     assert kaggle.output_file() == "./input/kaggleAdDisplayChallenge_processed.npz"
-    tera = du.criteo_paths("terabyte", "./input/day")
+    tera = criteo_paths("terabyte", "./input/day")
     assert (tera.d_path, tera.d_file, tera.npzfile, tera.days) == ("./input/", "day", "./input/day", 24)
     assert tera.parsed_day(5) == "./input/day_5.npz"
     assert tera.output_file() == "./input/terabyte_processed.npz"
-    assert du.criteo_paths("kaggle", "train.txt").d_path == "./"
+    assert criteo_paths("kaggle", "train.txt").d_path == "./"
 
 
 @pytest.mark.parametrize("changes, flag", [({"randomize": "rows"}, "--data-randomize"),
@@ -80,7 +81,7 @@ def test_bad_config_names_the_flag(changes, flag):
 def test_kaggle_matches_plain_implementation(kaggle_dir):
     raw = kaggle_dir / "train.txt"
     output, _ = run(kaggle_cfg(raw))
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     assert output == paths.output_file()
     parsed, dictionaries, processed, _ = plain_pipeline(plain_split(read_lines(raw), 7))
     assert [len(p[0]) for p in parsed] == [286, 286, 286, 286, 286, 285, 285]
@@ -100,7 +101,7 @@ def test_sub_sampling_and_max_ind_range(kaggle_dir):
     _, rng = run(kaggle_cfg(raw, sub_sample_rate=0.6, max_ind_range=1000))
     parsed, dictionaries, processed, plain_rng = plain_pipeline(
         plain_split(read_lines(raw), 7), rate=0.6, max_ind=1000)
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     assert_matches_plain(paths, parsed, dictionaries, processed)
     with np.load(paths.parsed_day(0)) as day:
         assert day["X_cat_t"].dtype == np.int32  # as the reference when the range fits
@@ -122,7 +123,7 @@ def test_a_day_that_sub_sampling_empties(kaggle_dir, memory_map):
     run(kaggle_cfg(raw, sub_sample_rate=1.0, memory_map=memory_map))
     parsed, dictionaries, processed, _ = plain_pipeline(plain_split(lines, 7), rate=1.0)
     assert len(parsed[3][0]) == 0 and all(len(p[0]) for i, p in enumerate(parsed) if i != 3)
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     assert_matches_plain(paths, parsed, dictionaries, processed)
     if memory_map:
         with np.load(paths.reordered_day(3)) as day:
@@ -143,7 +144,7 @@ def test_hex_case_short_and_empty_fields(tmp_path):
     raw.write_text("".join(variants))
     run(kaggle_cfg(raw))
     parsed, dictionaries, processed, _ = plain_pipeline(plain_split(read_lines(raw), 7))
-    assert_matches_plain(du.criteo_paths("kaggle", str(raw)), parsed, dictionaries, processed)
+    assert_matches_plain(criteo_paths("kaggle", str(raw)), parsed, dictionaries, processed)
     assert list(dictionaries[0]) == [0xABCDEF12, 0x1A, 0]
 
 
@@ -154,7 +155,7 @@ def test_terabyte_layout(tmp_path):
     assert output == str(tmp_path / "terabyte_processed.npz")
     day_lines = [read_lines(tmp_path / f"day_{i}") for i in range(24)]
     parsed, dictionaries, processed, _ = plain_pipeline(day_lines)
-    assert_matches_plain(du.criteo_paths("terabyte", str(tmp_path / "day")), parsed, dictionaries,
+    assert_matches_plain(criteo_paths("terabyte", str(tmp_path / "day")), parsed, dictionaries,
                          processed)
 
 
@@ -235,7 +236,7 @@ def test_memory_map_shuffle_matches_plain(kaggle_dir, randomize, split):
     raw = kaggle_dir / "train.txt"
     cfg = kaggle_cfg(raw, memory_map=True, randomize=randomize, data_split=split)
     output, rng = run(cfg)
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     assert output == paths.npzfile
     assert du.processed_data_ready(cfg)
     _, _, processed, plain_rng = plain_pipeline(plain_split(read_lines(raw), 7))
@@ -264,7 +265,7 @@ def test_shuffle_files_of_the_earlier_draw_order_are_redone(kaggle_dir):
     raw = kaggle_dir / "train.txt"
     cfg = kaggle_cfg(raw, memory_map=True, randomize="total")
     run(cfg)
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     before = npz_files(kaggle_dir)
     for j in range(7):  # as an earlier version recorded them: without the draw order
         for path in [paths.reordered_day(j)] + [paths.intermediate_day(j, part) for part in "yds"]:
@@ -300,7 +301,7 @@ def test_deleted_files_are_rebuilt_identically(kaggle_dir):
     raw = kaggle_dir / "train.txt"
     run(kaggle_cfg(raw))
     before = npz_files(kaggle_dir)
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     for name in (paths.processed_day(2), paths.parsed_day(5), paths.fea_dict_file(7),
                  paths.output_file()):
         os.remove(name)
@@ -360,7 +361,7 @@ def write_reference_days(paths):
 
 def test_intermediate_files_without_provenance_are_never_reused(kaggle_dir, tmp_path):
     raw = kaggle_dir / "train.txt"
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     write_reference_days(paths)
     logs = []
     run(kaggle_cfg(raw), log=logs.append)
@@ -371,7 +372,7 @@ def test_intermediate_files_without_provenance_are_never_reused(kaggle_dir, tmp_
     assert any(line.startswith(f"note: {paths.processed_day(0)} has no provenance") for line in logs)
 
     (tmp_path / "alone").mkdir()  # without the raw file they cannot be trusted, nor redone
-    alone = du.criteo_paths("kaggle", str(tmp_path / "alone" / "train.txt"))
+    alone = criteo_paths("kaggle", str(tmp_path / "alone" / "train.txt"))
     write_reference_days(alone)
     with pytest.raises(DataError, match="train.txt: raw Criteo Kaggle data not found"):
         run(kaggle_cfg(tmp_path / "alone" / "train.txt"))

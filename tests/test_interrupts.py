@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 from dlrm.run.checkpoint import load_checkpoint
 from helpers.criteo import fake_kaggle
+from helpers.ports import free_port
 
 SMALL = ["--mini-batch-size=2", "--data-size=20000", "--arch-embedding-size=40-30-20", "--print-freq=1",
          "--round-targets=true"]
@@ -37,7 +38,7 @@ class Run:
         launcher = [sys.executable]
         if torchrun:
             launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_addr=127.0.0.1",
-                         f"--master_port={_free_port()}"]
+                         f"--master_port={free_port()}"]
         self.proc = subprocess.Popen(launcher + [script, *args, f"--tensor-board-filename={cwd / 'tb'}"], cwd=cwd,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
@@ -75,14 +76,6 @@ class Run:
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_one_line_end(code: int, err: str, signum: int, tmp_path: Path, pattern: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 from dlrm.common import ConfigError, DataError
 from dlrm.data.criteo import loaders as cd
 from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo.config import criteo_paths
 from dlrm.data.criteo import row_cache
 from dlrm.io import provenance
 from helpers.criteo import fake_kaggle_fixture
@@ -94,7 +95,7 @@ def test_raw_size_changed(raw, raw_lines):
 def test_second_raw_file_in_the_directory_gets_its_own_data(raw, raw_lines, tmp_path):
     named = tmp_path / "mine.npz"
     run(kaggle_cfg(raw, processed_data_file=str(named)))
-    output = du.criteo_paths("kaggle", str(raw)).output_file()
+    output = criteo_paths("kaggle", str(raw)).output_file()
     other = tmp_path / "other.txt"
     other.write_text("".join(raw_lines[::-1]))
     read, logs = notes_of(kaggle_cfg(other, processed_data_file=str(named)))
@@ -110,7 +111,7 @@ def test_second_raw_file_in_the_directory_gets_its_own_data(raw, raw_lines, tmp_
 
 def test_interrupted_sub_sampled_run_then_a_full_one(raw, monkeypatch):
     interrupted_run(kaggle_cfg(raw, sub_sample_rate=0.5), monkeypatch)
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     assert os.path.exists(paths.processed_day(3))  # days 0-3 were written sub-sampled
     output, logs = notes_of(kaggle_cfg(raw))
     assert f"note: {paths.parsed_day(0)} was made with --data-sub-sample-rate=0.5 (this run: " \
@@ -157,7 +158,7 @@ def test_a_stream_not_freshly_seeded_is_refused(raw):
 
 def test_randomize_redoes_the_shuffle_only(raw):
     run(kaggle_cfg(raw, memory_map=True, randomize="total"))
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     _, logs = notes_of(kaggle_cfg(raw, memory_map=True, randomize="day"))
     assert logs == [f"note: {paths.reordered_day(0)} was made with --data-randomize=total (this "
                     "run: day); redoing the reordered days",
@@ -196,7 +197,7 @@ def test_a_file_replaced_after_it_was_made_is_redone(raw):
 
 
 def test_stale_temporary_files_are_removed_when_a_run_starts(raw):
-    paths = du.criteo_paths("kaggle", str(raw))
+    paths = criteo_paths("kaggle", str(raw))
     left = [paths.processed_day(2) + ".4194305-0badcafe.tmp",  # a pid no process has
             provenance.record_path(paths.output_file()) + ".4194305-0badcafe.tmp"]
     for _ in range(2):  # before the first run, and again once everything is done

@@ -202,8 +202,10 @@ def _criteo_files(data) -> List[NamedFile]:
     """The raw files (Terabyte's day files), every file preprocessing makes from them, their
     provenance records and row caches, --processed-data-file and the MLPerf binary files."""
     from dlrm.io import provenance
-    from dlrm.data.criteo.loaders import bin_file_paths, row_cache_path
-    from dlrm.data.criteo.preprocess import NUM_SPARSE, criteo_paths
+    from dlrm.data.criteo.bins import bin_file_paths
+    from dlrm.data.criteo.config import criteo_paths
+    from dlrm.data.criteo.row_cache import row_cache_path
+    from dlrm.data.criteo.schema import NUM_SPARSE
 
     pre = data.preprocess
     paths = criteo_paths(pre.data_set, pre.raw_data_file)

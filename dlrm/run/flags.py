@@ -276,7 +276,7 @@ def _data_config(flags: dict):
     if flags["generation"] in ("random", "synthetic"):
         return take(RandomDataConfig, flags, dense_dim=flags["bottom_mlp"][0])
     from dlrm.data.criteo.loaders import CriteoLoaderConfig
-    from dlrm.data.criteo.preprocess import PreprocessConfig
+    from dlrm.data.criteo.config import PreprocessConfig
 
     # A run's preprocessing draws its bars whenever stderr is a terminal; --progress is the loops'.
     preprocess = take(PreprocessConfig, flags, progress=True)

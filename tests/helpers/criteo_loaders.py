@@ -12,6 +12,7 @@ import torch
 from dlrm.common import Batch
 from dlrm.data.criteo import loaders as cd
 from dlrm.data.criteo import preprocess as du
+from dlrm.data.criteo.config import criteo_paths
 
 COUNTS = np.array([13, 7, 300, 250, 5, 24, 40, 60, 3, 90, 55, 280, 31, 27, 149, 270, 10, 56,
                    21, 4, 290, 18, 15, 120, 105, 142], dtype=np.int32)
@@ -85,7 +86,7 @@ def quiet(message):
 
 def already_processed(cfg, log, rng=None):
     """What preprocess_criteo returns when every file is there: the file (or stem) to read."""
-    paths = du.criteo_paths(cfg.data_set, cfg.raw_data_file)
+    paths = criteo_paths(cfg.data_set, cfg.raw_data_file)
     return paths.npzfile if cfg.memory_map else cfg.processed_data_file or paths.output_file()
 
 

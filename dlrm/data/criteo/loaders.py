@@ -24,15 +24,12 @@ from dlrm.data.config import check_batching
 from dlrm.data.criteo import preprocess
 from dlrm.data.criteo.bins import CriteoBinDataset, bin_file_paths, bins_alone, unchecked, write_stale_bins
 from dlrm.data.criteo.config import PreprocessConfig
-from dlrm.data.criteo.row_cache import row_cache_path
 from dlrm.data.criteo.rows import PackedRows, check_from_elsewhere, columns_to_batch, open_npz_rows
 from dlrm.data.criteo.schema import NUM_DENSE, NUM_SPARSE
 from dlrm.io.npz import load_npz_array
 
-# bin_file_paths and row_cache_path are imported from here by dlrm.run.config, columns_to_batch by
-# dlrm.reference_api
-__all__ = ["CriteoData", "CriteoLoaderConfig", "bin_file_paths", "columns_to_batch", "load_criteo_split",
-           "make_criteo_data_and_loaders", "row_cache_path"]
+# columns_to_batch is imported from here by dlrm.reference_api
+__all__ = ["CriteoData", "CriteoLoaderConfig", "columns_to_batch", "load_criteo_split", "make_criteo_data_and_loaders"]
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ import numpy as np
 
 from dlrm.common import ConfigError, DataError, Interrupted
 from dlrm.data.criteo.concat import concatenate, link_processed_name
-from dlrm.data.criteo.config import CriteoPaths, PreprocessConfig, criteo_paths, raw_dtype, reusable
+from dlrm.data.criteo.config import CriteoPaths, PreprocessConfig, raw_dtype, reusable
 from dlrm.data.criteo.days import DayPlan, advance_uniforms, categorify, plan_days, write_day_counts
 from dlrm.data.criteo.dictionary import dictionary_files
 from dlrm.data.criteo.lock import preprocessing_lock
@@ -84,8 +84,7 @@ from dlrm.io import provenance
 from dlrm.io.atomic import atomic_open, remove_stale_temps, writing
 from dlrm.io.npz import npz_rows
 
-# criteo_paths and NUM_SPARSE are imported from here by dlrm.run.config
-__all__ = ["CriteoPaths", "NUM_SPARSE", "PreprocessConfig", "criteo_paths", "preprocess_criteo", "processed_data_ready"]
+__all__ = ["preprocess_criteo", "processed_data_ready"]
 
 
 def _estimate_disk_need(cfg: PreprocessConfig, plan: DayPlan, lines: List[int],
