@@ -66,6 +66,8 @@ def test_paths_follow_the_reference_examples():
 
 @pytest.mark.parametrize("changes, flag", [({"randomize": "rows"}, "--data-randomize"),
                                            ({"sub_sample_rate": 1.5}, "--data-sub-sample-rate"),
+                                           ({"sub_sample_rate": float("nan")}, "--data-sub-sample-rate"),
+                                           ({"sub_sample_rate": -0.5}, "--data-sub-sample-rate"),
                                            ({"data_set": "avazu"}, "--data-set"),
                                            ({"raw_data_file": ""}, "--raw-data-file")])
 def test_bad_config_names_the_flag(changes, flag):

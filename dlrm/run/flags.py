@@ -12,7 +12,7 @@ import argparse
 from typing import Dict, Optional, Tuple
 
 from dlrm.cli import FlagParser, option_names, take
-from dlrm.common import ConfigError, FlagError, check_number, parse_bool
+from dlrm.common import ConfigError, FlagError, parse_bool
 from dlrm.data.config import RandomDataConfig, check_random_flags
 from dlrm.model.dlrm import LOSSES, ModelConfig, top_mlp_input_width
 from dlrm.outputs.side_channels import OutputConfig
@@ -240,9 +240,9 @@ def _check_unread_flags(flags: dict) -> None:
         raise FlagError("{generation}=internal needs Meta-internal loaders, which are not available")
     if flags["generation"] not in ("random", "synthetic"):
         check_random_flags(flags)
-    check_number("sub_sample_rate", flags["sub_sample_rate"], 0.0)
-    if flags["sub_sample_rate"] > 1:
-        raise FlagError(f"{{sub_sample_rate}} must be in [0, 1], got {flags['sub_sample_rate']:g}")
+    from dlrm.data.criteo.config import check_sub_sample_rate  # checked even when no Criteo data is read
+
+    check_sub_sample_rate(flags["sub_sample_rate"])
 
 
 def data_config_from_flags(flags: dict):

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from dlrm.common import FlagError
+from dlrm.common import FlagError, check_number
 from dlrm.io import provenance
 from dlrm.outputs.metrics import stderr_is_terminal
 
@@ -83,6 +83,13 @@ def criteo_paths(data_set: str, raw_data_file: str) -> CriteoPaths:
     return CriteoPaths(d_path, base, d_path + base, 24, "terabyte_processed")
 
 
+def check_sub_sample_rate(rate: float) -> None:
+    """Raise FlagError unless ``rate`` (the share of negative samples dropped) is in [0, 1]."""
+    check_number("sub_sample_rate", rate, 0.0)
+    if rate > 1:
+        raise FlagError(f"{{sub_sample_rate}} must be in [0, 1], got {rate:g}")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """What to preprocess and how (the reference's data flags).
@@ -109,8 +116,7 @@ class PreprocessConfig:
         """Raise FlagError for a value that cannot work, naming its flag (the parser's ``dest``)."""
         if self.randomize not in RANDOMIZE_CHOICES:
             raise FlagError(f"{{randomize}} must be total, day or none, got {self.randomize!r}")
-        if not 0.0 <= self.sub_sample_rate <= 1.0:
-            raise FlagError(f"{{sub_sample_rate}} must be in [0, 1], got {self.sub_sample_rate}")
+        check_sub_sample_rate(self.sub_sample_rate)
         if self.data_split not in SPLIT_CHOICES:
             raise FlagError(f"{{data_split}} must be one of {', '.join(SPLIT_CHOICES)}, got {self.data_split!r}")
         criteo_paths(self.data_set, self.raw_data_file)  # --data-set and --raw-data-file
