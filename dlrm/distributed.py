@@ -1,4 +1,4 @@
-"""torch.distributed set-up and the all-to-all, without module-level state.
+"""torch.distributed set-up and the collectives of a run, without module-level state.
 
 ``init_distributed`` returns a frozen :class:`DistInfo`; a single process is simply
 ``DistInfo(rank=0, world_size=1, local_rank=0, backend=None)``, so single-process code runs the same
@@ -6,8 +6,9 @@ path. Nothing here patches ``print``: callers print through a rank-aware logger.
 
 Multi-process runs follow the reference's hybrid layout: the embedding tables are split into
 contiguous shards, one per rank (model parallel); every rank reads the whole global batch and looks
-up its own tables for all of it; an all-to-all ("butterfly shuffle") then gives each rank every
-table's output for its contiguous slice of the batch, on which it runs the MLPs (data parallel).
+up its own tables for all of it; an all-to-all ("butterfly shuffle", :mod:`dlrm.shard.exchange`)
+then gives each rank every table's output for its contiguous slice of the batch, on which it runs
+the MLPs (data parallel). :mod:`dlrm.shard` also splits tables by rows or columns.
 """
 from __future__ import annotations
 
@@ -366,52 +367,6 @@ def shard(n: int, world_size: int, rank: int) -> Tuple[int, int]:
     (model parallel) and batch rows (data parallel)."""
     k, m = divmod(n, world_size)
     return rank * k + min(rank, m), (rank + 1) * k + min(rank + 1, m)
-
-
-class ButterflyShuffle(torch.autograd.Function):
-    """All-to-all of pooled embeddings: local tables x whole batch -> all tables x local batch rows.
-
-    Forward input: this rank's n_local tables' outputs, each (B, D) for the whole global batch.
-    Forward output: all T tables' outputs (global table order), each (B_local, D), for this rank's
-    batch slice. Backward sends the gradients the other way and divides them by W: each rank's loss
-    is a mean over its B/W rows, so the sum that arrives at a table is W times the gradient of the
-    global mean (the reference did not divide, so its tables learned W times too fast).
-    """
-
-    @staticmethod
-    def forward(ctx, info: DistInfo, table_counts: Sequence[int], *local: torch.Tensor):
-        batch, dim = local[0].shape
-        rows = [shard(batch, info.world_size, r) for r in range(info.world_size)]
-        mine = rows[info.rank][1] - rows[info.rank][0]
-        send = torch.cat(local, dim=1).contiguous()  # (B, n_local*D): row blocks already in rank order
-        in_splits = [(stop - start) * len(local) * dim for start, stop in rows]
-        out_splits = [mine * count * dim for count in table_counts]
-        received = send.new_empty(sum(out_splits))
-        torch_dist.all_to_all_single(received, send.view(-1), out_splits, in_splits)
-        ctx.info, ctx.table_counts, ctx.rows, ctx.dim, ctx.n_local = info, list(table_counts), rows, dim, len(local)
-        outputs = []
-        for chunk, count in zip(received.split(out_splits), table_counts):
-            outputs.extend(chunk.view(mine, count * dim).split(dim, dim=1))
-        return tuple(outputs)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        info, dim, rows = ctx.info, ctx.dim, ctx.rows
-        mine = rows[info.rank][1] - rows[info.rank][0]
-        # Owner o must receive (B_local, n_o * D) row-major for its n_o tables, so the send buffer is
-        # one such block per owner, in rank order (not the (B_local, T * D) rows of all tables).
-        blocks, first = [], 0
-        for count in ctx.table_counts:
-            blocks.append(torch.cat(grads[first:first + count], dim=1).reshape(-1))  # (B_local * n_o * D,)
-            first += count
-        send = torch.cat(blocks)
-        in_splits = [mine * count * dim for count in ctx.table_counts]
-        out_splits = [(stop - start) * ctx.n_local * dim for start, stop in rows]
-        received = send.new_empty(sum(out_splits))
-        torch_dist.all_to_all_single(received, send.view(-1), out_splits, in_splits)
-        batch = rows[-1][1]
-        full = received.view(batch, ctx.n_local * dim) / info.world_size  # row blocks arrive in rank order
-        return (None, None) + tuple(g.contiguous() for g in full.split(dim, dim=1))
 
 
 def average_gradients(params: Sequence[torch.nn.Parameter], info: DistInfo) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,8 +24,10 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from dlrm.common import ConfigError, FlagError, check_at_least_one, check_number
-from dlrm.distributed import ButterflyShuffle, DistInfo, shard
+from dlrm.distributed import DistInfo
 from dlrm.kernels import fast_draw
+from dlrm.shard.plan import Placement, ShardingPlan
+from dlrm.shard.tables import ShardedTables, cut_piece, draw_piece, reference_plan
 
 Indices = Union[torch.Tensor, List[torch.Tensor]]
 
@@ -294,64 +296,40 @@ def with_per_table_layout(model: "DLRM") -> "DLRM":
     return plain
 
 
-class ShardedTables(nn.ModuleDict):
-    """This rank's contiguous shard of the tables, in a multi-process run.
-
-    Keys are the global table numbers, so the state-dict keys stay ``emb_l.K.weight`` (and
-    ``emb_l.K.weight_q``, ``emb_l.K.embs.weight``, ... for QR and mixed-dimension tables).
-    ``forward`` has :class:`PerTableEmbeddings`' signature: it looks up the local tables for the
-    whole global batch and returns, through the all-to-all, all T tables' outputs for this rank's
-    batch rows. ``info`` is the collective's argument: where this rank stands.
-    ``all_parameter_names`` names every table's parameters (all ranks'), in the single-process
-    ``parameters()`` order, relative to this module.
-
-    Shape:
-        - offsets: (T, B); indices: (T, N) or list of T (N_t,), for the whole batch.
-        - pooling_weights: None, or a list of T per-row weight vectors, None where the table is not
-          held here (only this rank's are read).
-        - Output: a list of T tensors (B_local, D).
-    """
-
-    def __init__(self, tables: Dict[int, nn.Module], table_counts: Sequence[int], info: DistInfo,
-                 all_parameter_names: Sequence[str] = ()):
-        super().__init__({str(k): table for k, table in tables.items()})
-        self.table_counts = list(table_counts)
-        self.info = info
-        self.all_parameter_names = tuple(all_parameter_names)
-
-    def local_tables(self) -> List[int]:
-        """The global numbers of the tables held here, ascending."""
-        return [int(k) for k in self.keys()]
-
-    def forward(self, offsets: torch.Tensor, indices: Indices,
-                pooling_weights: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        local = []  # n_local x (B, D)
-        for t in self.local_tables():
-            weights = None if pooling_weights is None else pooling_weights[t][indices[t]]
-            local.append(self[str(t)](indices[t], offsets[t], per_sample_weights=weights))
-        return list(ButterflyShuffle.apply(self.info, self.table_counts, *local))
-
-
-def _sharded_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo) -> ShardedTables:
-    """This rank's tables, drawn exactly as in one process: every table's draws are made, so
-    initialisation does not depend on the number of ranks. Another rank's plain table only moves
-    the NumPy stream past its values; when torch's RNG is read too (QR and mixed-dimension tables),
-    another rank's table is built as in one process, one at a time, and dropped."""
-    shards = [shard(cfg.num_tables, info.world_size, r) for r in range(info.world_size)]
-    start, stop = shards[info.rank]
+def _sharded_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo, plan: Optional[ShardingPlan],
+                    a2a_precision: str) -> ShardedTables:
+    """This rank's pieces of the tables (``plan``; None: the reference's table-wise layout), drawn
+    exactly as in one process: every table's draws are made, so initialisation does not depend on
+    the number of ranks or the plan. Another rank's plain table only moves the NumPy stream past
+    its values; when torch's RNG is read too (QR and mixed-dimension tables), every table is built
+    as in one process, one at a time, and only this rank's piece is kept."""
     dims = table_dims(cfg)
+    plan = plan or reference_plan(cfg.table_sizes, dims, info.world_size)
     torch_init = cfg.qr_flag or cfg.md_flag
-    tables, names = {}, []
-    for k, (rows, dim) in enumerate(zip(cfg.table_sizes, dims)):
-        if start <= k < stop or torch_init:
+    pieces, names = {}, []
+    for k, (rows, dim, placement) in enumerate(zip(cfg.table_sizes, dims, plan.placements)):
+        held = placement.block_on(info.rank) is not None
+        if torch_init:
             table = _table(cfg, rng, rows, dim, max(dims), torch_init)
             names.extend(f"{k}.{name}" for name, _ in table.named_parameters())
-            if start <= k < stop:
-                tables[k] = table
-        else:
-            _skip_draws(rng, rows * dim)
-            names.append(f"{k}.weight")
-    return ShardedTables(tables, [b - a for a, b in shards], info, names)
+            if held:
+                pieces[k] = _piece_of(table, placement, info.rank)
+            continue
+        names.append(f"{k}.weight")
+        weight = draw_piece(rng, placement, rows, dim, info.rank)
+        if weight is not None:
+            pieces[k] = nn.EmbeddingBag.from_pretrained(weight, freeze=False, mode="sum", sparse=True)
+    widths = [cfg.bottom_mlp[-1]] * cfg.num_tables  # every table's output is as wide as the bottom MLP's
+    return ShardedTables(pieces, plan, widths, info, names, a2a_precision)
+
+
+def _piece_of(table: nn.Module, placement: Placement, rank: int) -> nn.Module:
+    """``rank``'s piece of a whole table built as in one process (a QR or mixed-dimension table is
+    only ever placed whole)."""
+    if placement.kind == "table":
+        return table
+    weight = cut_piece(placement, table.weight.detach(), rank)
+    return nn.EmbeddingBag.from_pretrained(weight, freeze=False, mode="sum", sparse=True)
 
 
 def _plain_table(rng: np.random.RandomState, rows: int, dim: int, torch_init: bool) -> nn.EmbeddingBag:
@@ -377,20 +355,22 @@ def _fused_tables(cfg: ModelConfig, rng: np.random.RandomState, log: Optional[Ca
 
 
 def build_tables(cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo(),
-                 log: Optional[Callable[[str], None]] = None) -> nn.Module:
+                 log: Optional[Callable[[str], None]] = None, plan: Optional[ShardingPlan] = None,
+                 a2a_precision: str = "fp32") -> nn.Module:
     """The T tables in table order: plain, quotient-remainder (``--qr-flag``, tables above
     ``--qr-threshold``) or mixed-dimension (``--md-flag``, tables above ``--md-threshold``).
 
     Plain and mixed-dimension tables are drawn from ``rng``. QR tables are drawn as the reference
     draws them, from torch's RNG on U(sqrt(1/n), 1), unless ``cfg.fix_reference_bugs`` (then
-    symmetric, from ``rng``). In a multi-process run only this rank's shard is kept.
+    symmetric, from ``rng``). In a multi-process run only this rank's pieces are kept (``plan``;
+    None: whole tables, the reference's layout), exchanged in ``a2a_precision``.
     """
     large = sum(cfg.table_sizes) * cfg.embedding_dim >= fast_draw.KERNEL_MIN_VALUES
     note = fast_draw.fallback_note() if large and log is not None else None
     if note:
         log(note)
     if info.world_size > 1:
-        return _sharded_tables(cfg, rng, info)
+        return _sharded_tables(cfg, rng, info, plan, a2a_precision)
     if cfg.embedding_backend == "fused":
         return _fused_tables(cfg, rng, log)
     dims = table_dims(cfg)
@@ -561,7 +541,10 @@ class DLRM(nn.Module):
         rng: the NumPy legacy stream (seeded with ``--numpy-rand-seed``).
         info: where this process stands; in a multi-process run the tables, and their learned
             pooling weights (``v_W_l``, then a ParameterDict keyed by table number), are this
-            rank's shard.
+            rank's pieces.
+        plan: where each table's pieces live in a multi-process run (None: whole tables, the
+            reference's layout); see :mod:`dlrm.shard.plan`.
+        a2a_precision: "fp32", "bf16" or "fp16", the type of the all-to-all's values.
         log: receives a one-line note if the fused tables fall back to their pure-torch path.
 
     Shape:
@@ -578,18 +561,20 @@ class DLRM(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo(),
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, plan: Optional[ShardingPlan] = None,
+                 a2a_precision: str = "fp32"):
         super().__init__()
         self.cfg = cfg
-        self.emb_l = build_tables(cfg, rng, info, log)
+        self.emb_l = build_tables(cfg, rng, info, log, plan, a2a_precision)
         sharded = isinstance(self.emb_l, ShardedTables)
         held = self.emb_l.local_tables() if sharded else range(cfg.num_tables)
-        if cfg.weighted_pooling == "learned":  # with its table: keys v_W_l.K in both layouts
-            weights = {str(t): nn.Parameter(torch.ones(cfg.table_sizes[t])) for t in held}
+        rows = {t: (self.emb_l.held_rows(t, cfg.table_sizes[t]) if sharded else (0, cfg.table_sizes[t])) for t in held}
+        if cfg.weighted_pooling == "learned":  # with its table (a row block: its rows): keys v_W_l.K in both layouts
+            weights = {str(t): nn.Parameter(torch.ones(stop - start)) for t, (start, stop) in rows.items()}
             self.v_W_l = nn.ParameterDict(weights) if sharded else nn.ParameterList(weights.values())
         elif cfg.weighted_pooling == "fixed":
-            for t in held:
-                self.register_buffer(f"fixed_pooling_{t}", torch.ones(cfg.table_sizes[t]), persistent=False)
+            for t, (start, stop) in rows.items():
+                self.register_buffer(f"fixed_pooling_{t}", torch.ones(stop - start), persistent=False)
         self.bot_l = make_mlp(cfg.bottom_mlp, rng, cfg.activation, sigmoid_last=False)
         self.top_l = make_mlp(cfg.top_mlp, rng, cfg.activation, sigmoid_last=True)
         features = cfg.num_tables + 1

@@ -48,6 +48,10 @@ class RWSAdagrad(torch.optim.Optimizer):
         reference_reload: after ``load_state_dict``, the first step resets the accumulators of the
             parameters it updates to ``initial_accumulator_value``, as the reference does (the step
             counts are kept). ``False`` keeps the loaded accumulators. Default: ``True``.
+        whole_row_squares: for tables split by columns over several processes,
+            ``whole_row_squares(param, squares)`` turns the squared gradient values of the touched
+            rows of ``param``'s columns, (K, w), into those of the whole rows, (K, D), so that every
+            piece takes the whole row's mean, as one process does. Default: the squares as they are.
 
     State (per parameter, created at its first gradient):
         ``step`` (int): number of updates so far.
@@ -68,6 +72,7 @@ class RWSAdagrad(torch.optim.Optimizer):
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
         reference_reload: bool = True,
+        whole_row_squares: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -82,6 +87,7 @@ class RWSAdagrad(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.reference_reload = reference_reload
         self.reset_pending = False  # a loaded state whose accumulators the next step drops
+        self.whole_row_squares = whole_row_squares
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
@@ -100,7 +106,7 @@ class RWSAdagrad(torch.optim.Optimizer):
                 state["step"] += 1
                 clr = group["lr"] / (1.0 + (state["step"] - 1) * group["lr_decay"])
                 if param.grad.is_sparse:
-                    _row_wise_update(param, param.grad, state["sum"], clr, group)
+                    _row_wise_update(param, param.grad, state["sum"], clr, group, self.whole_row_squares)
                 else:
                     _dense_update(param, param.grad, state["sum"], clr, group)
         self.reset_pending = False
@@ -146,7 +152,8 @@ class RWSAdagrad(torch.optim.Optimizer):
 
 
 def _row_wise_update(
-    param: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor, clr: float, group: dict
+    param: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor, clr: float, group: dict,
+    whole_row_squares: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> None:
     """Row-wise Adagrad step, in place.
 
@@ -156,6 +163,7 @@ def _row_wise_update(
         acc: (R,) per-row accumulator.
         clr: the learning rate of this step.
         group: the parameter group (for ``eps`` and ``weight_decay``).
+        whole_row_squares: see :class:`RWSAdagrad`.
     """
     if group["weight_decay"] != 0:
         raise ValueError("RWSAdagrad: weight_decay is not supported with sparse gradients")
@@ -167,7 +175,10 @@ def _row_wise_update(
     grad = grad.coalesce()
     rows = grad.indices()[0]  # (K,) unique after coalesce
     values = grad.values()  # (K, D...)
-    row_mean_sq = values.pow(2).reshape(rows.numel(), -1).mean(dim=1)  # (K,)
+    squares = values.pow(2).reshape(rows.numel(), -1)  # (K, D)
+    if whole_row_squares is not None:
+        squares = whole_row_squares(param, squares)
+    row_mean_sq = squares.mean(dim=1)  # (K,)
     acc.index_add_(0, rows, row_mean_sq.to(acc.dtype))
     std = acc.index_select(0, rows).sqrt_().add_(group["eps"])  # (K,)
     std = std.view(-1, *([1] * (values.dim() - 1)))  # (K, 1...)

@@ -32,6 +32,7 @@ from dlrm.run.config import (RunConfig, SystemConfig, check_distributed, check_m
 from dlrm.run.log_lines import Logger, format_arch, format_batch, format_parameters
 from dlrm.run.parts import RunParts, ScalarWriter, TrainState
 from dlrm.run.preflight import human
+from dlrm.run.sharding import run_plan
 from dlrm.run.train import (evaluate_once, graph_output, kept_checkpoint, make_optimizer, make_scheduler,
                             optimizer_groups, train)
 
@@ -101,7 +102,7 @@ def optimizer_and_schedule(cfg: RunConfig, model: DLRM, device: torch.device
     if device.type == "cuda" and t.optimizer in ("adagrad", "rwsadagrad"):
         raise ConfigError("GPU version of Adagrad is not supported by PyTorch.")
     optimizer = make_optimizer(t.optimizer, optimizer_groups(model, t.debug_groups), t.learning_rate,
-                               t.fix_reference_bugs)
+                               t.fix_reference_bugs, tables=model.emb_l)
     scheduler = make_scheduler(optimizer, t)
     if model.cfg.embedding_backend == "fused":  # the tables' SGD runs in backward, at the step's rate
         model.emb_l.follow_optimizer_lr(optimizer)
@@ -209,8 +210,9 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
         _log_lines(log, debug_batches(data.train_loader, nbatches_of(cfg, data)))
     check_distributed(cfg, info, len(data.table_sizes))
     model_cfg = replace(model_cfg, embedding_backend=embedding_backend(cfg, model_cfg, info, device))
+    plan = run_plan(cfg, model_cfg, info, device, log)
     check_memory(cfg, model_cfg, info, device)
-    model = DLRM(model_cfg, rng, info, log=log.warn).to(device)
+    model = DLRM(model_cfg, rng, info, log=log.warn, plan=plan, a2a_precision=cfg.sharding.a2a_precision).to(device)
     if cfg.random_data and cfg.data.num_workers >= 2 and not cfg.train.fix_reference_bugs:
         skip_reference_torch_init(model_cfg)  # the workers' base seeds come from torch's generator
     if cfg.train.fast_numerics:

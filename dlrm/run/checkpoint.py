@@ -23,15 +23,16 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from dlrm.common import CheckpointError, NonFiniteError, first_line
-from dlrm.distributed import DistInfo, gather_objects
+from dlrm.distributed import DistInfo
 from dlrm.io.atomic import atomic_path, raw_file, writing
+from dlrm.shard.state import full_optimizer_state, full_state_dict, local_optimizer_state, local_weights
 
 # ---------------------------------------------------------------------------------------------
 # Safe save and load
@@ -151,69 +152,6 @@ def as_float(value: Any, default: float = 0.0) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-_SHARDED = ("emb_l.", "v_W_l.")  # the tables and their learned pooling weights, each held by one rank
-
-
-def _is_sharded(name: str) -> bool:
-    return name.startswith(_SHARDED)
-
-
-def _single_process_position(name: str) -> Tuple[int, int]:
-    """Where a sharded key sits in the single-process order: all tables, then all pooling weights,
-    each in table order."""
-    prefix, table = name.split(".")[:2]
-    return _SHARDED.index(prefix + "."), int(table)
-
-
-def full_state_dict(model: nn.Module, info: DistInfo) -> Dict[str, torch.Tensor]:
-    """The model's state dict with every table, gathered from all ranks in a multi-process run,
-    keys in the single-process order (tables first). Complete on rank 0, the rank that saves."""
-    state = model.state_dict()
-    if info.world_size == 1:
-        return state
-    tables = {}
-    for part in gather_objects({k: v for k, v in state.items() if _is_sharded(k)}, info, main_only=True):
-        tables.update(part)
-    ordered = {k: tables[k] for k in sorted(tables, key=_single_process_position)}  # stable: a table's keys keep their order
-    ordered.update((k, v) for k, v in state.items() if not _is_sharded(k))
-    return ordered
-
-
-def _full_parameter_names(model: nn.Module, num_tables: int) -> List[str]:
-    """Parameter names in a single process's ``parameters()`` order (all tables first, then all
-    learned pooling weights), for a model whose tables are sharded."""
-    tables = [f"emb_l.{name}" for name in model.emb_l.all_parameter_names]
-    pooling = [f"v_W_l.{k}" for k in range(num_tables)] if hasattr(model, "v_W_l") else []
-    return tables + pooling + [n for n, _ in model.named_parameters() if not _is_sharded(n)]
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, num_tables: int,
-                         info: DistInfo) -> dict:
-    """The optimizer's state dict in the single-process layout (every table's state, gathered on
-    rank 0, the rank that saves)."""
-    state = optimizer.state_dict()
-    if info.world_size == 1:
-        return state
-    local = [n for n, _ in model.named_parameters()]
-    index = {n: i for i, n in enumerate(_full_parameter_names(model, num_tables))}
-    merged = {}
-    for part in gather_objects({index[local[i]]: v for i, v in state["state"].items()}, info, main_only=True):
-        merged.update(part)
-    groups = [{**g, "params": list(range(len(index)))} for g in state["param_groups"]]
-    return {"state": dict(sorted(merged.items())), "param_groups": groups}
-
-
-def local_optimizer_state(state: dict, model: nn.Module, num_tables: int, info: DistInfo) -> dict:
-    """A single-process-layout optimizer state dict cut down to this rank's parameters."""
-    if info.world_size == 1:
-        return state
-    local = [n for n, _ in model.named_parameters()]
-    index = {n: i for i, n in enumerate(_full_parameter_names(model, num_tables))}
-    kept = {i: state["state"][index[n]] for i, n in enumerate(local) if index[n] in state["state"]}
-    groups = [{**g, "params": list(range(len(local)))} for g in state["param_groups"]]
-    return {"state": kept, "param_groups": groups}
-
-
 @dataclass(frozen=True)
 class Position:
     """Where a checkpoint is taken, and what the run had measured by then."""
@@ -263,8 +201,10 @@ class Resume:
 def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], path: str, info: DistInfo) -> None:
     """Load ``weights`` into ``model``, naming the first key or shape that does not fit."""
     own = model.state_dict()
-    if info.world_size > 1:  # this rank's tables (and their pooling weights) and the MLPs
-        weights = {k: v for k, v in weights.items() if k in own or not _is_sharded(k)}
+    try:
+        weights = local_weights(weights, model, info)  # this rank's pieces of the tables, and the MLPs
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: does not fit this model: {exc}") from None
     for key, value in own.items():
         if key not in weights:
             raise CheckpointError(f"{path}: does not fit this model: it has no {key} (this model's is "

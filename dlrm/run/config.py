@@ -21,6 +21,7 @@ from dlrm.model.fast_numerics import has_native_bf16
 from dlrm.outputs.side_channels import OutputConfig
 from dlrm.run.preflight import BatchShape, check_memory as check_memory_fits
 from dlrm.run.train import TrainConfig
+from dlrm.shard.config import ShardingConfig
 
 if TYPE_CHECKING:
     from dlrm.data.criteo.loaders import CriteoLoaderConfig
@@ -72,6 +73,7 @@ class RunConfig:
     system: SystemConfig
     output: OutputConfig
     inference: InferenceConfig
+    sharding: ShardingConfig = ShardingConfig()
     flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value by its reference name, for the args line
 
     def __post_init__(self):
@@ -122,9 +124,9 @@ def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
     """Raise ConfigError for what a multi-process run does not support."""
     if info.world_size == 1:
         return
-    if num_tables < info.world_size:
+    if num_tables < info.world_size and cfg.sharding.sharding == "table":
         raise ConfigError(f"only ({num_tables}) sparse features for ({info.world_size}) devices, "
-                          "table partitions will fail")
+                          "table partitions will fail (split the tables: --sharding=row, column or auto)")
     i = cfg.inference
     for flag, used in (("--save-onnx", cfg.output.save_onnx), ("--quantize-emb-with-bit", i.quantize_emb_bits != 32),
                        ("--quantize-mlp-with-bit", i.quantize_mlp_bits != 32)):

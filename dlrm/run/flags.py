@@ -18,6 +18,7 @@ from dlrm.model.dlrm import LOSSES, ModelConfig, top_mlp_input_width
 from dlrm.outputs.side_channels import OutputConfig
 from dlrm.run.config import InferenceConfig, RunConfig, SystemConfig
 from dlrm.run.train import OPTIMIZERS, TrainConfig
+from dlrm.shard.config import A2A_PRECISION_NAMES, SHARDINGS, ShardingConfig
 
 
 # =============================================================================================
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(p.add_argument_group("training"))
     _evaluation_flags(p.add_argument_group("evaluation"))
     _output_flags(p.add_argument_group("output"))
+    _sharding_flags(p.add_argument_group("sharding (not in the reference: tables split over several processes)"))
     for action in p._actions:  # name values after the flag users type, not the attribute inside
         if action.option_strings and action.metavar is None and action.choices is None and action.nargs != 0:
             action.metavar = action.option_strings[0].lstrip("-").upper().replace("-", "_")
@@ -156,6 +158,23 @@ def _training_flags(t) -> None:
                         "schedule and the row-wise Adagrad accumulators")
 
 
+def _sharding_flags(s) -> None:
+    s.add_argument("--sharding", dest="sharding", choices=list(SHARDINGS), default="table",
+                   help="how a multi-process run splits the tables: table (each rank holds whole tables, the "
+                        "reference's layout), row (row blocks over the ranks), column (column blocks), auto (a "
+                        "planner balances bytes and lookups per step, splitting the largest tables)")
+    s.add_argument("--rank-memory-gib", dest="rank_memory_gib", type=float, default=None,
+                   help="the tables' budget per rank (weights and optimizer state), GiB; a plan that does not fit "
+                        "is refused before anything is allocated (default: the memory available on each host "
+                        "divided by its processes)")
+    s.add_argument("--print-sharding-plan", dest="print_sharding_plan", action="store_true",
+                   help="print where every table lives (type, ranks, bytes, expected lookups per step) and the "
+                        "per-rank totals before training")
+    s.add_argument("--a2a-precision", dest="a2a_precision", choices=list(A2A_PRECISION_NAMES), default="fp32",
+                   help="the type of the pooled embeddings and their gradients in the all-to-all: fp32 (exact), "
+                        "bf16 or fp16 (half the bytes, rounded)")
+
+
 def _evaluation_flags(e) -> None:
     e.add_argument("--inference-only", dest="inference_only", action="store_true", help="evaluate a loaded model, no training")
     e.add_argument("--quantize-mlp-with-bit", dest="quantize_mlp_bits", type=int, default=32, help="inference: 8 or 16 bit MLPs")
@@ -216,7 +235,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         model=take(ModelConfig, flags, top_mlp=(width,) + flags["top_mlp"]), data=data,
         train=take(TrainConfig, flags, debug_groups=flags["debug_mode"] and not flags["fix_reference_bugs"]),
         system=take(SystemConfig, flags), output=take(OutputConfig, flags), inference=take(InferenceConfig, flags),
-        flags=tuple(reference_flag_values(flags).items()))
+        sharding=take(ShardingConfig, flags), flags=tuple(reference_flag_values(flags).items()))
     if cfg.output.save_onnx:
         from dlrm.outputs.onnx_export import require_onnx
 

@@ -105,9 +105,11 @@ def optimizer_groups(model: nn.Module, debug_groups: bool) -> list:
     return [{"params": list(part.parameters())} for part in (model.emb_l, model.bot_l, model.top_l)]
 
 
-def make_optimizer(name: str, params: list, lr: float, fix_reference_bugs: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list, lr: float, fix_reference_bugs: bool = False,
+                   tables: Optional[nn.Module] = None) -> torch.optim.Optimizer:
     """sgd, adagrad or the row-wise sparse adagrad (which, unless ``fix_reference_bugs``, drops the
-    accumulators of a loaded checkpoint at its first step, as the reference's does)."""
+    accumulators of a loaded checkpoint at its first step, as the reference's does). ``tables``:
+    the model's tables, which give the row-wise Adagrad the whole rows of column-split tables."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "adagrad":
@@ -115,7 +117,8 @@ def make_optimizer(name: str, params: list, lr: float, fix_reference_bugs: bool 
     if name == "rwsadagrad":
         from dlrm.optim.rwsadagrad import RWSAdagrad
 
-        return RWSAdagrad(params, lr=lr, reference_reload=not fix_reference_bugs)
+        return RWSAdagrad(params, lr=lr, reference_reload=not fix_reference_bugs,
+                          whole_row_squares=getattr(tables, "whole_row_squares", None))
     raise ConfigError(f"--optimizer={name} is not supported (use {', '.join(OPTIMIZERS)})")
 
 
@@ -257,6 +260,13 @@ def _dense_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for name, p in model.named_parameters() if not name.startswith(("emb_l.", "v_W_l."))]
 
 
+def _sum_split_pooling_gradients(model: nn.Module) -> None:
+    """Complete the gradients of learned pooling weights whose table is split by columns (each
+    owner has its columns' part)."""
+    if hasattr(model, "v_W_l") and hasattr(model.emb_l, "sum_pooling_gradients"):
+        model.emb_l.sum_pooling_gradients({int(k): v for k, v in model.v_W_l.items()})
+
+
 def train_step(parts: RunParts, cfg: TrainConfig, batch: Batch, step: int) -> torch.Tensor:
     """Forward, loss, backward and (every ``grad_accum_iter`` batches under ``--mlperf-logging``) an
     optimizer update and a schedule step. Returns the loss, still on the device.
@@ -281,6 +291,7 @@ def train_step(parts: RunParts, cfg: TrainConfig, batch: Batch, step: int) -> to
         (loss / accum if accum > 1 and not reference_accum else loss).backward()
         if parts.info.world_size > 1:
             average_gradients(_dense_parameters(parts.model), parts.info)
+            _sum_split_pooling_gradients(parts.model)
     if updating:
         parts.optimizer.step()
         parts.scheduler.step()

@@ -3,8 +3,9 @@
 ``train_configs(info, dtype)`` trains every configuration of ``CONFIGS`` with the product's own
 parts (``dlrm_model.DLRM``, ``dlrm_train.train_step``, ``checkpoint.full_state_dict``) and returns, per
 configuration, every parameter in the single-process layout after every step. The test calls it in
-one process; run under torchrun (``python -m torch.distributed.run ... tests/helpers/dist_steps.py OUT DTYPE``),
-every rank trains its shard and rank 0 writes the same lists to OUT.
+one process; run under torchrun (``python -m torch.distributed.run ... tests/helpers/dist_steps.py OUT DTYPE [SHARDING]``),
+every rank trains its pieces of the tables (``SHARDING``: table, row, column or auto; default
+table) and rank 0 writes the same lists to OUT.
 
 ``dtype`` is ``float32`` (what a run computes) or ``float64``: the same code paths with the model,
 the dense features and the labels converted to float64 after the usual float32 draws, so the initial
@@ -20,7 +21,9 @@ import torch
 
 from dlrm.data.random import RandomDataConfig, RandomDataset
 from dlrm.distributed import DistInfo, init_distributed, shutdown_distributed
-from dlrm.model.dlrm import DLRM, ModelConfig, make_loss, top_mlp_input_width
+from dlrm.model.dlrm import DLRM, ModelConfig, make_loss, table_dims, top_mlp_input_width
+from dlrm.shard.plan import plan_sharding
+from dlrm.shard.tables import table_specs
 from dlrm.run.checkpoint import full_state_dict
 from dlrm.run.train import Logger, RunParts, TrainConfig, make_optimizer, make_scheduler, train_step
 
@@ -82,12 +85,22 @@ def longest_sum(c: dict) -> int:
     return max(c["batch"], c["bag"] * c["batch"], *widths)
 
 
-def train_config(c: dict, info: DistInfo, seed: int = 7,
-                 dtype: torch.dtype = torch.float32) -> List[Dict[str, torch.Tensor]]:
+def sharding_plan(c: dict, info: DistInfo, mode: str):
+    """The plan of ``mode`` for configuration ``c`` on ``info``'s ranks (None in one process)."""
+    if info.world_size == 1:
+        return None
+    cfg = _model_config(c)
+    specs = table_specs(cfg.table_sizes, table_dims(cfg), [c["bag"] * c["batch"]] * cfg.num_tables,
+                        whole_only=cfg.qr_flag or cfg.md_flag)
+    return plan_sharding(specs, info.world_size, mode, None, c["optimizer"], c.get("pooling") == "learned")
+
+
+def train_config(c: dict, info: DistInfo, seed: int = 7, dtype: torch.dtype = torch.float32,
+                 sharding: str = "table") -> List[Dict[str, torch.Tensor]]:
     """Every parameter (single-process layout, complete on rank 0) after each of STEPS steps."""
     torch.manual_seed(seed)  # QR and MD tables draw from torch too: the same draws in every process
-    model = DLRM(_model_config(c), np.random.RandomState(seed), info).to(dtype)
-    optimizer = make_optimizer(c["optimizer"], list(model.parameters()), c["lr"])
+    model = DLRM(_model_config(c), np.random.RandomState(seed), info, plan=sharding_plan(c, info, sharding)).to(dtype)
+    optimizer = make_optimizer(c["optimizer"], list(model.parameters()), c["lr"], tables=model.emb_l)
     tcfg = TrainConfig(learning_rate=c["lr"], optimizer=c["optimizer"], loss_function=c["loss"])
     parts = RunParts(model=model, loss_fn=make_loss(c["loss"]), optimizer=optimizer,
                      scheduler=make_scheduler(optimizer, tcfg), train_loader=None, test_loader=None, nbatches=STEPS,
@@ -106,16 +119,17 @@ def train_config(c: dict, info: DistInfo, seed: int = 7,
     return states
 
 
-def train_configs(info: DistInfo, dtype: torch.dtype = torch.float32) -> List[List[Dict[str, torch.Tensor]]]:
+def train_configs(info: DistInfo, dtype: torch.dtype = torch.float32,
+                  sharding: str = "table") -> List[List[Dict[str, torch.Tensor]]]:
     torch.sparse.check_sparse_tensor_invariants.disable()  # the explicit opt-out a run makes (torch warns otherwise)
-    return [train_config(c, info, dtype=dtype) for c in CONFIGS]
+    return [train_config(c, info, dtype=dtype, sharding=sharding) for c in CONFIGS]
 
 
-def main(out: str, dtype: str = "float32") -> int:
+def main(out: str, dtype: str = "float32", sharding: str = "table") -> int:
     torch.manual_seed(0)
     info = init_distributed()
     try:
-        results = train_configs(info, getattr(torch, dtype))
+        results = train_configs(info, getattr(torch, dtype), sharding)
         if info.is_main:
             torch.save(results, out)
     finally:
