@@ -1,0 +1,1 @@
+"""Sharding of the embedding tables over ranks: the plan (:mod:`dlrm.shard.plan`)."""
