@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from bench import sharding_balance
 from bench.harness import MLPERF_TABLE_SIZES
 from dlrm.common import ConfigError
 from dlrm.distributed import shard
@@ -175,14 +176,16 @@ def test_auto_keeps_tables_whole_when_they_already_balance():
 
 def test_piece_bytes_and_lookups_follow_the_written_rule():
     spec = TableSpec(rows=10, dim=6, lookups_per_step=30.0)
-    placements = {"table": Placement(0, "table", (0,), ((0, 10),)), "row": Placement(0, "row", (0, 1), ((0, 4), (4, 10))),
+    placements = {"table": Placement(0, "table", (0,), ((0, 10),)),
+                  "row": Placement(0, "row", (0, 1), ((0, 4), (4, 10))),
                   "column": Placement(0, "column", (1, 0), ((0, 2), (2, 6)))}
     held = {"table": (10, 6), "row": (6, 6), "column": (10, 4)}  # the second block of each
     for kind, p in placements.items():
         start, stop = p.blocks[-1]
         for optimizer in OPTIMIZERS:
             for pooling in (False, True):
-                assert piece_bytes(spec, p, start, stop, optimizer, pooling) == plain_bytes(*held[kind], optimizer, pooling)
+                expected = plain_bytes(*held[kind], optimizer, pooling)
+                assert piece_bytes(spec, p, start, stop, optimizer, pooling) == expected
     assert piece_bytes(spec, placements["column"], 2, 6, "rwsadagrad", True) == 4 * (40 + 10 + 20)
     assert [piece_lookups(spec, placements[k], *placements[k].blocks[-1]) for k in held] == [30.0, 18.0, 20.0]
 
@@ -200,12 +203,18 @@ def test_rank_totals_equal_a_plain_loop_and_keep_the_sums(mode):
         assert sum(lk for _, lk in totals) == pytest.approx(sum(s.lookups_per_step for s in specs))
 
 
-def test_table_wise_budget_refusal_names_the_table_and_the_budget():
-    specs = [TableSpec(1000, 8, 1.0)] * 3 + [TableSpec(40_000_000, 128, 1.0)]
+def refusal(specs, world_size, mode, budget_bytes, optimizer="sgd"):
+    """The one-line message of the ConfigError that plan_sharding raises."""
     with pytest.raises(ConfigError) as caught:
-        plan_sharding(specs, 4, "table", 5 * GIB, "adagrad")
+        plan_sharding(specs, world_size, mode, budget_bytes, optimizer)
     message = str(caught.value)
     assert "\n" not in message
+    return message
+
+
+def test_table_wise_budget_refusal_names_the_table_and_the_budget():
+    specs = [TableSpec(1000, 8, 1.0)] * 3 + [TableSpec(40_000_000, 128, 1.0)]
+    message = refusal(specs, 4, "table", 5 * GIB, "adagrad")
     assert message.startswith("table 3 (40000000 rows x 128, 38.1 GiB with its adagrad state) does not fit "
                               "--rank-memory-gib=5.00")
     assert message.endswith("use --sharding=row, column or auto")
@@ -215,21 +224,16 @@ def test_auto_fits_a_budget_that_table_wise_does_not_and_refuses_an_impossible_o
     specs = [TableSpec(1000, 8, 1.0)] * 3 + [TableSpec(40_000_000, 128, 1.0)]
     plan = plan_sharding(specs, 4, "auto", 12 * GIB, "adagrad")
     assert max(b for b, _ in rank_totals(plan, specs, "adagrad", False)) <= 12 * GIB
-    with pytest.raises(ConfigError) as caught:
-        plan_sharding(specs, 4, "auto", 9 * GIB, "adagrad")
-    message = str(caught.value)
-    assert "\n" not in message
-    assert message.startswith("rank 0 would hold 9.54 GiB, over --rank-memory-gib=9.00; its largest table is "
-                              "table 3 (40000000 rows x 128, 9.54 GiB with its adagrad state on this rank)")
+    assert refusal(specs, 4, "auto", 9 * GIB, "adagrad").startswith(
+        "rank 0 would hold 9.54 GiB, over --rank-memory-gib=9.00; its largest table is "
+        "table 3 (40000000 rows x 128, 9.54 GiB with its adagrad state on this rank)")
 
 
 def test_whole_only_table_over_budget_says_it_cannot_be_cut():
     specs = [TableSpec(10, 4, 1.0), TableSpec(2_000_000, 64, 1.0, whole_only=True)]
-    with pytest.raises(ConfigError) as caught:
-        plan_sharding(specs, 2, "row", 100 * 2 ** 20)
-    assert str(caught.value) == ("table 1 (2000000 rows x 64, 0.477 GiB) does not fit --rank-memory-gib=0.0977; it can "
-                                 "only be placed whole (a quotient-remainder or mixed-dimension table): use a larger "
-                                 "--rank-memory-gib")
+    assert refusal(specs, 2, "row", 100 * 2 ** 20) == (
+        "table 1 (2000000 rows x 64, 0.477 GiB) does not fit --rank-memory-gib=0.0977; it can only be placed "
+        "whole (a quotient-remainder or mixed-dimension table): use a larger --rank-memory-gib")
 
 
 def test_plan_within_the_budget_passes():
@@ -301,3 +305,13 @@ def test_human_bytes_and_rank_list():
     assert [human_bytes(n) for n in (512, 3 * 1024, 12 * 2 ** 20, 1.49 * GIB, 1000 * 2 ** 20, 38.1 * GIB)] == \
         ["512 B", "3.00 KiB", "12.0 MiB", "1.49 GiB", "0.977 GiB", "38.1 GiB"]
     assert [rank_list(r) for r in ((0, 1, 2, 3), (1, 2), (3, 0, 1), (2,))] == ["0-3", "1,2", "3,0,1", "2"]
+
+
+def test_the_benchmark_prints_both_layouts_and_the_plan(capsys):
+    assert sharding_balance.main(["--ranks", "4", "--optimizers", "sgd", "--show", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "MLPerf tables, rows capped at 4000000: 24063992 rows x 128, batch 2048"
+    table_row, auto_row = (line.split(" | ") for line in out[3:5])
+    assert table_row[:3] == ["| 4", "sgd", "table"] and auto_row[:3] == ["| 4", "sgd", "auto"]
+    assert float(auto_row[3]) < float(table_row[3]) and float(auto_row[3]) <= 1.15
+    assert out[5] == "sharding plan: auto, 4 ranks, budget none"
