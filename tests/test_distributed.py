@@ -18,6 +18,7 @@ import torch
 from dlrm.distributed import DistInfo, first_disagreement, shard
 from dlrm.run.checkpoint import load_checkpoint
 from helpers import dist_steps
+from helpers.bounds import fp32_reorder_bound
 from helpers.ports import free_port
 from helpers.runs import ROOT
 
@@ -92,22 +93,6 @@ def test_every_parameter_after_every_step_equals_one_process_in_float64(tmp_path
                                    msg=lambda m: f"config {c}, step {step}, {key}: {m}")
 
     _compare_steps(single, _multi_process_steps(tmp_path, nproc, "float64"), check)
-
-
-def fp32_reorder_bound(n: int, step: int, magnitude: float) -> float:
-    """How far two float32 evaluations of the same training steps may drift apart when only the
-    order of their sums differs: 2 * N * s * u * M.
-
-    One float sum of N terms, evaluated in any order, is within gamma_N = N*u/(1 - N*u) of the exact
-    sum, relative to the sum of the terms' magnitudes (u = 2**-24, the float32 unit roundoff). Two
-    orders are then within 2*gamma_N of each other. A step's sums are at most N =
-    ``dist_steps.longest_sum(config)`` long, and each step's error adds to the earlier ones (first
-    order: the small learning rates keep the amplification of earlier differences well below 2). M
-    is the largest magnitude of the parameter tensor, which bounds the terms' scale after the
-    updates are applied.
-    """
-    u = 2.0 ** -24
-    return 2 * (n * u / (1 - n * u)) * step * magnitude
 
 
 @pytest.mark.parametrize("nproc", [2, 4])

@@ -19,6 +19,20 @@ def gamma(n: int, u: float = FLOAT32_UNIT_ROUNDOFF) -> float:
     return n * u / (1 - n * u)
 
 
+def fp32_reorder_bound(n: int, step: int, magnitude: float) -> float:
+    """How far two float32 evaluations of the same training steps may drift apart when only the
+    order of their sums differs: 2 * gamma_N * s * M.
+
+    Two orders of one sum of N terms are within 2*gamma_N of each other, relative to the sum of the
+    terms' magnitudes. A step's sums are at most N long (``dist_steps.longest_sum(config)``, or the
+    rows a batch's bags look up), and each of the s steps' errors adds to the earlier ones (first
+    order: the small learning rates keep the amplification of earlier differences well below 2). M
+    is the largest magnitude of the parameter tensor, which bounds the terms' scale after the
+    updates are applied.
+    """
+    return 2 * gamma(n) * step * magnitude
+
+
 def matmul_bound(a: torch.Tensor, b: torch.Tensor, extra_terms: int = 0) -> torch.Tensor:
     """(M, N) float64 bound on the rounding error of the float32 product of a (M, K) and b (K, N),
     in any summation order; ``extra_terms`` counts further terms added to each sum (a bias)."""
