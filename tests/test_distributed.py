@@ -19,6 +19,7 @@ from dlrm.distributed import DistInfo, first_disagreement, shard
 from dlrm.run.checkpoint import load_checkpoint
 from helpers import dist_steps
 from helpers.bounds import fp32_reorder_bound
+from helpers.dist_runs import assert_checkpoints_close, numbers as _numbers, run as _run
 from helpers.ports import free_port
 from helpers.runs import ROOT
 
@@ -28,25 +29,6 @@ ARGS = ["--mini-batch-size=6", "--data-size=60", "--arch-embedding-size=40-30-20
         "--test-freq=5", "--loss-function=bce", "--round-targets=1", "--learning-rate=0.3", "--print-freq=5"]
 
 
-def _run(args, nproc=1, script="dlrm_s_pytorch.py"):
-    """Run ``script`` (relative to the checkout) in the test's own directory; (code, stdout, stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    script = os.path.join(ROOT, script)
-    if nproc == 1:
-        cmd = [sys.executable, script, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _numbers(out):
-    """(losses, accuracy lines) of a run's output."""
-    losses = [float(x) for x in re.findall(r"^Finished training it .* loss (\d+\.\d+)", out, re.M)]
-    return losses, re.findall(r"^ accuracy .*$", out, re.M)
-
-
 @pytest.fixture(scope="module")
 def single_process_steps():
     """Per dtype, every configuration's parameters after every step of the single-process run."""
@@ -54,9 +36,9 @@ def single_process_steps():
     return {dtype: dist_steps.train_configs(DistInfo(), getattr(torch, dtype)) for dtype in ("float32", "float64")}
 
 
-def _multi_process_steps(tmp_path, nproc: int, dtype: str):
+def _multi_process_steps(tmp_path, nproc: int, dtype: str, sharding: str = "table"):
     out = tmp_path / f"multi-{dtype}.pt"
-    code, _, err = _run([str(out), dtype], nproc, script="tests/helpers/dist_steps.py")
+    code, _, err = _run([str(out), dtype, sharding], nproc, script="tests/helpers/dist_steps.py")
     assert code == 0, err
     return torch.load(out)
 
@@ -73,10 +55,15 @@ def _compare_steps(single, multi, check):
                 check(c, step + 1, key, a[key], b[key])
 
 
-@pytest.mark.parametrize("nproc", [2, 3, 4])
-def test_every_parameter_after_every_step_equals_one_process_in_float64(tmp_path, nproc, single_process_steps):
+@pytest.mark.parametrize("nproc,sharding", [(2, "table"), (3, "table"), (4, "table"), (2, "row"), (3, "row"),
+                                             (4, "row"), (2, "column"), (3, "column"), (4, "column"), (2, "auto"),
+                                             (3, "auto"), (4, "auto")])
+def test_every_parameter_after_every_step_equals_one_process_in_float64(tmp_path, nproc, sharding,
+                                                                      single_process_steps):
     """Several ranks compute the same function as one process, with only the order of float sums
-    differing: proven in float64, where the same code paths run on float64 tensors.
+    differing, whatever the tables' sharding: proven in float64, where the same code paths run on
+    float64 tensors. (Row-wise tables add a bag's partial sums from each row block; column-wise
+    tables pool exactly as one process does, and only the dense part's sums are split.)
 
     The bound: each step's float sums have at most ``dist_steps.longest_sum`` terms (240 here), so
     over 5 steps reordering them moves a value by at most about 2 * 240 * 5 * 2**-53 = 2.7e-13 of
@@ -92,11 +79,12 @@ def test_every_parameter_after_every_step_equals_one_process_in_float64(tmp_path
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12 * scale,
                                    msg=lambda m: f"config {c}, step {step}, {key}: {m}")
 
-    _compare_steps(single, _multi_process_steps(tmp_path, nproc, "float64"), check)
+    _compare_steps(single, _multi_process_steps(tmp_path, nproc, "float64", sharding), check)
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_every_parameter_after_every_step_stays_within_float32_rounding(tmp_path, nproc, single_process_steps):
+@pytest.mark.parametrize("nproc,sharding", [(2, "table"), (4, "table"), (4, "row"), (3, "column"), (4, "auto")])
+def test_every_parameter_after_every_step_stays_within_float32_rounding(tmp_path, nproc, sharding,
+                                                                        single_process_steps):
     """The float32 runs several ranks make differ from one process's by no more than float32
     rounding of reordered sums (``fp32_reorder_bound``): on AVX-512 CPUs MKL's GEMM kernels block
     their sums differently for the different row counts each rank gets, so equality is not the claim.
@@ -117,7 +105,7 @@ def test_every_parameter_after_every_step_stays_within_float32_rounding(tmp_path
         bound = fp32_reorder_bound(dist_steps.longest_sum(config), step, float(a.abs().max()))
         torch.testing.assert_close(b, a, rtol=0, atol=bound, msg=lambda m: f"config {c}, step {step}, {key}: {m}")
 
-    _compare_steps(single, _multi_process_steps(tmp_path, nproc, "float32"), check)
+    _compare_steps(single, _multi_process_steps(tmp_path, nproc, "float32", sharding), check)
 
 
 def test_shard_matches_the_reference_partition():
@@ -171,24 +159,8 @@ def test_pooling_weights_qr_and_md_tables_give_the_single_process_result(tmp_pat
     losses2, acc2 = _numbers(out2)
     assert len(losses1) == len(losses2) == 4 and acc1 == acc2
     assert losses2 == pytest.approx(losses1, abs=2e-6)  # only float summation order differs
-    a, b = load_checkpoint(str(single)), load_checkpoint(str(multi))
-    assert list(a["state_dict"]) == list(b["state_dict"])
-    assert own_key in a["state_dict"]
-    steps, bags = 2 * 10, 10 * 6  # two epochs of 10 batches; bags of up to 10 rows, batches of 6
-
-    def close(x, y):  # float32 rounding of reordered sums only (see fp32_reorder_bound)
-        torch.testing.assert_close(x, y, rtol=0, atol=fp32_reorder_bound(bags, steps, float(y.abs().max())))
-
-    for key in a["state_dict"]:
-        close(b["state_dict"][key], a["state_dict"][key])
-    state1, state2 = a["opt_state_dict"]["state"], b["opt_state_dict"]["state"]
-    assert sorted(state1) == sorted(state2)
-    for i in state1:
-        for name in state1[i]:
-            if state1[i][name].is_floating_point():
-                close(state2[i][name], state1[i][name])
-            else:
-                assert torch.equal(state2[i][name], state1[i][name])
+    assert own_key in load_checkpoint(str(single))["state_dict"]
+    assert_checkpoints_close(single, multi, terms=10 * 6, steps=2 * 10)  # bags of up to 10 rows, batches of 6
 
 
 @pytest.mark.parametrize("flags", [["--weighted-pooling=learned"], ["--qr-flag", "--qr-threshold=25"]])
@@ -331,6 +303,8 @@ def _waiting(rank, address):
     ("--learning-rate=0.2", "error: ranks disagree on --learning-rate: rank 0 has 0.1, rank 1 has 0.2"),
     ("--data-size=20", "error: ranks disagree on --data-size: rank 0 has 16, rank 1 has 20"),
     ("--numpy-rand-seed=7", "error: ranks disagree on --numpy-rand-seed: rank 0 has 123, rank 1 has 7"),
+    ("--sharding=row", "error: ranks disagree on --sharding: rank 0 has table, rank 1 has row"),
+    ("--rank-memory-gib=2", "error: ranks disagree on --rank-memory-gib: rank 0 has none, rank 1 has 2.0"),
 ])
 def test_ranks_started_with_different_flags_stop_naming_the_flag(tmp_path, rank1_args, line):
     code, out, err = _torchrun(tmp_path, [], DLRM_TEST_RANK1_ARGS=rank1_args)

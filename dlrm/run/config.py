@@ -172,7 +172,7 @@ def rank_settings(cfg: RunConfig) -> Dict[str, Tuple[object, str]]:
     for name, value in cfg.flags:
         if name in PER_RANK_FLAGS:
             continue
-        shown = str(value) if value != "" else "none"
+        shown = "none" if value is None or value == "" else str(value)
         out["--" + name.replace("_", "-")] = (bool(value) if name in PATH_FLAGS else repr(value), shown)
     return out
 

@@ -7,8 +7,7 @@ slice of the batch (``torch.distributed.all_to_all_single``, one call each way),
 
 ``--a2a-precision=bf16|fp16`` sends the float32 values (forward pieces, backward gradients) in that
 type and turns them back into float32 on arrival; ``fp32`` (the default) sends them as they are.
-The reduced types go over the wire as their raw 16-bit patterns (an ``int16`` view), which every
-backend moves.
+The reduced types go over the wire as their bytes (a ``uint8`` view), which every backend moves.
 """
 from __future__ import annotations
 
@@ -53,14 +52,18 @@ class ExchangeLayout:
 def _all_to_all(send: torch.Tensor, out_splits: List[int], in_splits: List[int],
                 wire: Optional[torch.dtype]) -> torch.Tensor:
     """``all_to_all_single`` of the flat ``send``, in ``wire``'s type when given; returns the received
-    values (flat) in ``send``'s type."""
+    values (flat) in ``send``'s type.
+
+    The reduced type travels as its bytes (a ``uint8`` view, twice the elements): gloo's all-to-all
+    takes no 16-bit integer and, in some versions, no bfloat16; every backend moves bytes."""
     if wire is None or send.dtype == wire:
         received = send.new_empty(sum(out_splits))
         torch_dist.all_to_all_single(received, send, out_splits, in_splits)
         return received
-    packed = send.to(wire).view(torch.int16)
-    received = packed.new_empty(sum(out_splits))
-    torch_dist.all_to_all_single(received, packed, out_splits, in_splits)
+    size = torch.finfo(wire).bits // 8
+    packed = send.to(wire).view(torch.uint8)
+    received = packed.new_empty(sum(out_splits) * size)
+    torch_dist.all_to_all_single(received, packed, [n * size for n in out_splits], [n * size for n in in_splits])
     return received.view(wire).to(send.dtype)
 
 
@@ -68,7 +71,8 @@ class PooledExchange(torch.autograd.Function):
     """All-to-all of pooled pieces: this rank's pieces x the whole batch -> every rank's pieces x this
     rank's batch rows.
 
-    Forward input: the global batch size B, an empty anchor (see :func:`exchange`) and this rank's pieces, each (B, w_p) for the whole global batch, in its piece order.
+    Forward input: the global batch size B, an empty anchor (see :func:`exchange`) and this rank's
+    pieces, each (B, w_p) for the whole global batch, in its piece order.
     Forward output: every rank's pieces, in rank order and then piece order, each (B_local, w_p).
     Backward sends the gradients the other way and divides them by W: each rank's loss is a mean
     over its B/W rows, so the sum of their gradients is W times the gradient of the global mean.

@@ -59,6 +59,10 @@ CONFIGS = [
          optimizer="sgd", md=dict(threshold=30, temperature=0.3)),
     dict(tables=(300, 50, 2000, 80), dim=4, bottom=(3, 4), top=(3, 1), bag=6, batch=12, loss="mse", lr=0.05,
          optimizer="adagrad", md=dict(threshold=60, temperature=0.5)),
+    # Row-wise Adagrad with learned pooling weights on tables with fewer rows than ranks, at a dim no
+    # rank count divides: a column piece's rows are scaled by the whole row's mean square.
+    dict(tables=(2, 90, 1, 45, 13), dim=5, bottom=(4, 5), top=(4, 1), bag=6, batch=24, loss="bce", lr=0.05,
+         optimizer="rwsadagrad", pooling="learned"),
 ]
 
 
