@@ -103,11 +103,13 @@ def _assert_no_traceback(err):
         assert frame not in err, err
 
 
-def test_two_nodes_give_the_single_process_result(tmp_path):
+@pytest.mark.parametrize("sharding", ["table", "row"])
+def test_two_nodes_give_the_single_process_result(tmp_path, sharding):
+    """Whole tables (the reference's layout) or tables cut into row blocks over both nodes' ranks."""
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
     code, out1, err = _one_process(ARGS + [f"--save-model={single}"])
     assert code == 0, err
-    nodes = _two_nodes(tmp_path, [ARGS + [f"--save-model={multi}"]] * NODES)
+    nodes = _two_nodes(tmp_path, [ARGS + [f"--sharding={sharding}", f"--save-model={multi}"]] * NODES)
     for code, _, err in nodes:
         assert code == 0, err
     out2 = "".join(out for _, out, _ in nodes)  # only rank 0 prints; it is on either node
