@@ -1,6 +1,5 @@
 """bench/sharding_runs.py and bench/sharding_accuracy.py on tiny sizes: the bytes they count are the
-arithmetic's, the memory run is refused table-wise and trains row-wise, and the planted labels are
-a fixed function of the line. No timing is asserted."""
+arithmetic's, and the planted labels are a fixed function of the line. No timing is asserted."""
 import os
 import re
 
@@ -9,9 +8,8 @@ import pytest
 from bench import sharding_accuracy, sharding_runs
 from dlrm.data.criteo.fake import write_fake_kaggle
 
-pytestmark = pytest.mark.slow  # starts torchrun
 
-
+@pytest.mark.slow  # starts torchrun
 def test_the_traffic_bench_counts_the_all_to_all_bytes_of_the_arithmetic(capsys):
     batch, ranks, tables, dim = 64, 2, 26, 16
     assert sharding_runs.main(["traffic", "--ranks", str(ranks), "--rounds", "1", "--batches", "8", "--batch",
@@ -22,15 +20,6 @@ def test_the_traffic_bench_counts_the_all_to_all_bytes_of_the_arithmetic(capsys)
     fp32 = 2 * batch * (ranks - 1) // ranks * tables * dim * 4
     assert float(rows["fp32"]) == pytest.approx(fp32 / 2**20, abs=1e-3)
     assert float(rows["bf16"]) == pytest.approx(fp32 / 2 / 2**20, abs=1e-3)
-
-
-def test_the_memory_bench_is_refused_table_wise_and_trains_row_wise(capsys):
-    assert sharding_runs.main(["memory", "--ranks", "4", "--budget-gib", "0.01"]) == 0
-    out = capsys.readouterr().out
-    rows = int(3 * 0.01 * 2**30 / (64 * 4))  # three budgets of float32 rows at dim 64
-    assert f"table-wise: error: table 0 ({rows} rows x 64, " in out and "does not fit --rank-memory-gib=" in out
-    assert "sharding plan: row, 4 ranks, budget 0.0100 GiB per rank" in out
-    assert len(re.findall(r"^\| [0-3] \| ", out, re.M)) == 4
 
 
 def test_planted_labels_are_a_fixed_function_of_the_line(tmp_path):

@@ -55,9 +55,9 @@ def _compare_steps(single, multi, check):
                 check(c, step + 1, key, a[key], b[key])
 
 
-@pytest.mark.parametrize("nproc,sharding", [(2, "table"), (3, "table"), (4, "table"), (2, "row"), (3, "row"),
-                                             (4, "row"), (2, "column"), (3, "column"), (4, "column"), (2, "auto"),
-                                             (3, "auto"), (4, "auto")])
+# With the float32 test's cases, every sharding on 2, 3 and 4 ranks.
+@pytest.mark.parametrize("nproc,sharding", [(3, "table"), (4, "table"), (2, "row"), (3, "row"), (2, "column"),
+                                             (4, "column"), (2, "auto"), (3, "auto")])
 def test_every_parameter_after_every_step_equals_one_process_in_float64(tmp_path, nproc, sharding,
                                                                       single_process_steps):
     """Several ranks compute the same function as one process, with only the order of float sums
@@ -82,7 +82,7 @@ def test_every_parameter_after_every_step_equals_one_process_in_float64(tmp_path
     _compare_steps(single, _multi_process_steps(tmp_path, nproc, "float64", sharding), check)
 
 
-@pytest.mark.parametrize("nproc,sharding", [(2, "table"), (4, "table"), (4, "row"), (3, "column"), (4, "auto")])
+@pytest.mark.parametrize("nproc,sharding", [(2, "table"), (4, "row"), (3, "column"), (4, "auto")])
 def test_every_parameter_after_every_step_stays_within_float32_rounding(tmp_path, nproc, sharding,
                                                                         single_process_steps):
     """The float32 runs several ranks make differ from one process's by no more than float32

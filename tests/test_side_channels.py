@@ -163,6 +163,8 @@ def test_wrong_flag_values_are_one_line_errors(run_main, argv, message):
     (["--quantize-emb-with-bit=8"], "apply with --inference-only only"),
     (["--use-gpu"], "--use-gpu, but CUDA is not available: running on the CPU"),
     (["--dist-backend=gloo"], "--dist-backend=gloo has no effect in a single process"),
+    (["--sharding=row"], "--sharding=row has no effect in a single process"),
+    (["--a2a-precision=bf16"], "--a2a-precision=bf16 has no effect in a single process"),
 ])
 def test_ignored_flags_are_said_once(run_main, argv, message):
     import torch

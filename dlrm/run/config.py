@@ -150,8 +150,12 @@ def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
         out.append("warning: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): under "
                    "--mixed-precision=bf16 its GEMMs are emulated and many times slower than float32 "
                    "(add --fast-numerics to keep them in float32)")
-    if cfg.system.dist_backend and info.world_size == 1:
-        out.append(f"warning: --dist-backend={cfg.system.dist_backend} has no effect in a single process")
+    if info.world_size == 1:
+        s = cfg.sharding
+        for flag, value, default in (("--dist-backend", cfg.system.dist_backend, ""),
+                                     ("--sharding", s.sharding, "table"), ("--a2a-precision", s.a2a_precision, "fp32")):
+            if value != default:
+                out.append(f"warning: {flag}={value} has no effect in a single process")
     return out
 
 
