@@ -157,12 +157,12 @@ def test_stale_save_model_temporaries_are_removed_at_start(run, tmp_path):
 
 
 NON_NEGATIVE_FLOATS = {"--learning-rate", "--md-temperature", "--rand-data-sigma", "--data-sub-sample-rate",
-                       "--mlperf-acc-threshold", "--mlperf-auc-threshold"}
+                       "--mlperf-acc-threshold", "--mlperf-auc-threshold", "--embedding-cache-gib"}
 
 
 def _float_cases():
     float_flags = [a.option_strings[0] for a in flags.build_parser()._actions if a.type is float]
-    assert NON_NEGATIVE_FLOATS < set(float_flags) and len(float_flags) == 12
+    assert NON_NEGATIVE_FLOATS < set(float_flags) and len(float_flags) == 13
     for flag in float_flags:
         yield flag, "nan", "must be a finite number"
         yield flag, "inf", "must be a finite number"

@@ -165,6 +165,7 @@ def test_wrong_flag_values_are_one_line_errors(run_main, argv, message):
     (["--dist-backend=gloo"], "--dist-backend=gloo has no effect in a single process"),
     (["--sharding=row"], "--sharding=row has no effect in a single process"),
     (["--a2a-precision=bf16"], "--a2a-precision=bf16 has no effect in a single process"),
+    (["--embedding-cache-gib=2"], "apply with --embedding-store=disk only; the tables are in memory"),
 ])
 def test_ignored_flags_are_said_once(run_main, argv, message):
     import torch

@@ -545,6 +545,8 @@ class DLRM(nn.Module):
         plan: where each table's pieces live in a multi-process run (None: whole tables, the
             reference's layout); see :mod:`dlrm.shard.plan`.
         a2a_precision: "fp32", "bf16" or "fp16", the type of the all-to-all's values.
+        make_tables: builds the tables instead of :func:`build_tables` (drawing them from ``rng``
+            first, in table order), such as :class:`dlrm.store.tables.StoredTables`.
         log: receives a one-line note if the fused tables fall back to their pure-torch path.
 
     Shape:
@@ -562,10 +564,11 @@ class DLRM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rng: np.random.RandomState, info: DistInfo = DistInfo(),
                  log: Optional[Callable[[str], None]] = None, plan: Optional[ShardingPlan] = None,
-                 a2a_precision: str = "fp32"):
+                 a2a_precision: str = "fp32",
+                 make_tables: Optional[Callable[[ModelConfig, np.random.RandomState], nn.Module]] = None):
         super().__init__()
         self.cfg = cfg
-        self.emb_l = build_tables(cfg, rng, info, log, plan, a2a_precision)
+        self.emb_l = make_tables(cfg, rng) if make_tables else build_tables(cfg, rng, info, log, plan, a2a_precision)
         sharded = isinstance(self.emb_l, ShardedTables)
         held = self.emb_l.local_tables() if sharded else range(cfg.num_tables)
         rows = {t: (self.emb_l.held_rows(t, cfg.table_sizes[t]) if sharded else (0, cfg.table_sizes[t])) for t in held}

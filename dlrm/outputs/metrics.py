@@ -138,7 +138,8 @@ class BestResult:
 
 
 def format_summary(wall_time_s: float, train_samples: int, train_time_s: float,
-                   best: Optional[BestResult] = None, checkpoint: Optional[str] = None) -> str:
+                   best: Optional[BestResult] = None, checkpoint: Optional[str] = None,
+                   store: Optional[str] = None) -> str:
     """The end-of-run line: one line starting with ``summary:``, four fields separated by ``, ``
     (wall time, training speed, best test result, checkpoint), e.g. (one line each)::
 
@@ -154,6 +155,8 @@ def format_summary(wall_time_s: float, train_samples: int, train_time_s: float,
         best (BestResult, optional): the best test result; ``no test`` when None. Default: ``None``
         checkpoint (str, optional): where the model was saved; ``no checkpoint`` when None.
             Default: ``None``
+        store (str, optional): with tables in files, a fifth field: the cache's hit rate and the
+            bytes read and written (``table store: 93.1 % hits, read 1.2 GiB, wrote 0.4 GiB``).
     """
     wall = f"wall time {wall_time_s:.1f} s"
     if wall_time_s >= 60:
@@ -162,7 +165,7 @@ def format_summary(wall_time_s: float, train_samples: int, train_time_s: float,
     speed = (f"training {train_samples / train_time_s:.1f} samples/s" if train_time_s > 0
              else "training n/a samples/s")
     saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
-    return ", ".join(["summary: " + wall, speed, _format_best(best), saved])
+    return ", ".join(["summary: " + wall, speed, _format_best(best), saved] + ([store] if store else []))
 
 
 def _format_best(best: Optional[BestResult]) -> str:

@@ -19,8 +19,8 @@ import torch
 from dlrm.common import Batch, ConfigError, Interrupted
 from dlrm.distributed import DistInfo, all_or_none, check_ranks_agree, init_distributed
 from dlrm.io.interrupts import held
-from dlrm.model.dlrm import (DLRM, fit_to_data, make_loss, quantize_for_inference, skip_reference_torch_init,
-                             table_bytes, with_per_table_layout)
+from dlrm.model.dlrm import (DLRM, ModelConfig, fit_to_data, make_loss, quantize_for_inference,
+                             skip_reference_torch_init, table_bytes, with_per_table_layout)
 from dlrm.outputs.metrics import MetricsFile, format_summary
 from dlrm.optim.lr_schedule import LRPolicyScheduler
 from dlrm.outputs.mlperf_logger import MISSING_PACKAGE_WARNING, MLPerfLogger, make_mlperf_logger
@@ -33,6 +33,7 @@ from dlrm.run.log_lines import Logger, format_arch, format_batch, format_paramet
 from dlrm.run.parts import RunParts, ScalarWriter, TrainState
 from dlrm.run.preflight import human
 from dlrm.run.sharding import run_plan
+from dlrm.store.tables import StoredTables
 from dlrm.run.train import (evaluate_once, graph_output, kept_checkpoint, make_optimizer, make_scheduler,
                             optimizer_groups, train)
 
@@ -138,20 +139,24 @@ def run(cfg: RunConfig) -> None:
     if cfg.train.mlperf_logging:
         log("command line args: " + json.dumps(dict(cfg.flags)))
     model = build_model(cfg, data, rng, info, device, log)
-    parts, state = prepare_run(cfg, model, data, device, log, info, mlperf)
-    t = cfg.train
-    mlperf.submission_info(t.batch_size, cfg.system.seed, t.learning_rate, t.lr_num_warmup_steps,
-                           t.lr_decay_start_step, t.lr_num_decay_steps)
     try:
-        with closing_channels(parts), profiling(cfg.output.enable_profiling, device.type == "cuda", log.note):
-            if cfg.inference.inference_only:
-                log("Testing for inference only")
-                evaluate_once(parts, t, state)
-            else:
-                train(parts, t, state)
-        finish(cfg, parts, state, model, data, started)
-    except Interrupted as exc:
-        raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
+        parts, state = prepare_run(cfg, model, data, device, log, info, mlperf)
+        t = cfg.train
+        mlperf.submission_info(t.batch_size, cfg.system.seed, t.learning_rate, t.lr_num_warmup_steps,
+                               t.lr_decay_start_step, t.lr_num_decay_steps)
+        try:
+            with closing_channels(parts), profiling(cfg.output.enable_profiling, device.type == "cuda", log.note):
+                if cfg.inference.inference_only:
+                    log("Testing for inference only")
+                    evaluate_once(parts, t, state)
+                else:
+                    train(parts, t, state)
+            finish(cfg, parts, state, model, data, started)
+        except Interrupted as exc:
+            raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
+    finally:
+        if isinstance(model.emb_l, StoredTables):
+            model.emb_l.close()  # the table files are a working copy
 
 
 def _say(text: str) -> None:
@@ -212,7 +217,8 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
     model_cfg = replace(model_cfg, embedding_backend=embedding_backend(cfg, model_cfg, info, device))
     plan = run_plan(cfg, model_cfg, info, device, log)
     check_memory(cfg, model_cfg, info, device)
-    model = DLRM(model_cfg, rng, info, log=log.warn, plan=plan, a2a_precision=cfg.sharding.a2a_precision).to(device)
+    model = DLRM(model_cfg, rng, info, log=log.warn, plan=plan, a2a_precision=cfg.sharding.a2a_precision,
+                 make_tables=_stored_tables(cfg, log) if cfg.store.on_disk else None).to(device)
     if cfg.random_data and cfg.data.num_workers >= 2 and not cfg.train.fix_reference_bugs:
         skip_reference_torch_init(model_cfg)  # the workers' base seeds come from torch's generator
     if cfg.train.fast_numerics:
@@ -223,6 +229,17 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
     if cfg.system.debug_mode:
         _log_lines(log, ["initial parameters (weights and bias):"] + format_parameters(model, cfg.system.print_precision))
     return model
+
+
+def _stored_tables(cfg: RunConfig, log: Logger):
+    """What builds the tables in files under ``--embedding-store-dir`` (``--embedding-store=disk``)."""
+    optimizer = "sgd" if cfg.inference.inference_only else cfg.train.optimizer
+
+    def make(model_cfg: ModelConfig, rng: np.random.RandomState) -> StoredTables:
+        s = cfg.store
+        return StoredTables(model_cfg.table_sizes, model_cfg.embedding_dim, rng, s.embedding_store_dir, s.cache_bytes,
+                            optimizer, s.keep_embedding_store, log.warn)
+    return make
 
 
 def nbatches_of(cfg: RunConfig, data: Data) -> int:
@@ -312,5 +329,6 @@ def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data
 
             restore_mlps(model)  # export the plain layers, which ONNX knows
         export_onnx(with_per_table_layout(model), sample, cfg.output.onnx_file, log)
+    store = model.emb_l.stats().describe() if isinstance(model.emb_l, StoredTables) else None
     log.note(format_summary(time.time() - started, state.trained.samples, state.trained.seconds, state.best.result,
-                            state.saved.path))
+                            state.saved.path, store))

@@ -33,6 +33,7 @@ from dlrm.common import CheckpointError, NonFiniteError, first_line
 from dlrm.distributed import DistInfo
 from dlrm.io.atomic import atomic_path, raw_file, writing
 from dlrm.shard.state import full_optimizer_state, full_state_dict, local_optimizer_state, local_weights
+from dlrm.store.tables import StoredTables
 
 # ---------------------------------------------------------------------------------------------
 # Safe save and load
@@ -173,7 +174,8 @@ def checkpoint_payload(model: nn.Module, optimizer: torch.optim.Optimizer, optim
         "nepochs": at.nepochs, "nbatches": at.nbatches, "nbatches_test": at.nbatches_test,
         "state_dict": full_state_dict(model, info), "test_acc": float(at.test_acc),
         "epoch": at.epoch, "iter": at.step, "train_loss": float(at.train_loss), "total_loss": 0.0,
-        "opt_state_dict": full_optimizer_state(optimizer, model, num_tables, info),
+        "opt_state_dict": _whole_tables_state(full_optimizer_state(optimizer, model, num_tables, info), optimizer,
+                                              model),
         "lr_scheduler_state_dict": scheduler.state_dict(), "optimizer": optimizer_name,
     }
     if hasattr(model, "cfg"):
@@ -219,14 +221,21 @@ def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], path: str, 
     model.load_state_dict(weights)
 
 
-def _optimizer_of(state: dict, params: List[torch.Tensor]) -> Optional[str]:
+def _whole_tables_state(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """``state`` with the accumulators of tables kept in files read whole from them."""
+    stored = getattr(model, "emb_l", None)
+    return stored.whole_optimizer_state(optimizer, state) if isinstance(stored, StoredTables) else state
+
+
+def _optimizer_of(state: dict, shapes: List[tuple]) -> Optional[str]:
     """Which optimizer made ``state`` (the reference saves no name): "rwsadagrad" when some entry (a
     table's) has a row-wise accumulator, which the reference keeps under ``momentum`` (an older file
     of ours under ``sum``, one value per row); "adagrad" when every accumulator is a ``sum`` of its
-    parameter's shape; "sgd" when there is none. None when the state does not match ``params``."""
+    parameter's shape; "sgd" when there is none. None when the state does not match the parameters'
+    ``shapes``."""
     sums = {}
     for i, entry in state.get("state", {}).items():
-        if not isinstance(entry, dict) or not isinstance(i, int) or not 0 <= i < len(params):
+        if not isinstance(entry, dict) or not isinstance(i, int) or not 0 <= i < len(shapes):
             return None
         if "momentum" in entry:
             return "rwsadagrad"
@@ -234,7 +243,7 @@ def _optimizer_of(state: dict, params: List[torch.Tensor]) -> Optional[str]:
             sums[i] = entry["sum"]
     if not sums:
         return "sgd"
-    if all(tuple(s.shape) == tuple(params[i].shape) for i, s in sums.items()):
+    if all(tuple(s.shape) == tuple(shapes[i]) for i, s in sums.items()):
         return "adagrad"
     return "rwsadagrad"
 
@@ -249,12 +258,19 @@ def restore_optimizer(payload: Dict[str, Any], optimizer: torch.optim.Optimizer,
         return
     local = local_optimizer_state(saved, model, num_tables, info)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_name = payload.get("optimizer") or _optimizer_of(local, params)
+    shapes = [tuple(p.shape) for p in params]
+    stored = getattr(model, "emb_l", None)
+    if isinstance(stored, StoredTables):  # its parameters are a batch's working rows: the tables are whole
+        for i, shape in stored.whole_shapes(optimizer).items():
+            shapes[i] = shape
+    saved_name = payload.get("optimizer") or _optimizer_of(local, shapes)
     if saved_name != optimizer_name:
         warn(f"warning: {path} holds {saved_name or 'unrecognised'} optimizer state and this run uses "
              f"--optimizer={optimizer_name}: the weights are loaded, the optimizer starts fresh")
         return
     try:
+        if isinstance(stored, StoredTables):
+            local = stored.take_optimizer_state(optimizer, local)  # the tables' accumulators go to their files
         optimizer.load_state_dict(local)
     except (ValueError, KeyError, IndexError, RuntimeError, TypeError):
         warn(f"warning: {path}: its optimizer state does not fit this run's optimizer (another parameter "

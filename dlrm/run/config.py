@@ -22,6 +22,7 @@ from dlrm.outputs.side_channels import OutputConfig
 from dlrm.run.preflight import BatchShape, check_memory as check_memory_fits
 from dlrm.run.train import TrainConfig
 from dlrm.shard.config import ShardingConfig
+from dlrm.store.config import StoreConfig
 
 if TYPE_CHECKING:
     from dlrm.data.criteo.loaders import CriteoLoaderConfig
@@ -74,6 +75,7 @@ class RunConfig:
     output: OutputConfig
     inference: InferenceConfig
     sharding: ShardingConfig = ShardingConfig()
+    store: StoreConfig = StoreConfig()
     flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value by its reference name, for the args line
 
     def __post_init__(self):
@@ -92,10 +94,25 @@ def check_combinations(cfg: RunConfig) -> None:
     if inference.quantize_emb_bits != 32 and (model.qr_flag or model.md_flag or gpu):
         raise FlagError("{quantize_emb_bits} works on CPU with plain tables only "
                         "(not with {qr_flag}, {md_flag} or {use_gpu})")
+    if cfg.store.on_disk:
+        _check_disk_store(cfg)
     if (cfg.train.mlperf_logging and cfg.random_data and not cfg.data.round_targets
             and (cfg.train.test_freq > 0 or inference.inference_only)):
         raise FlagError("{mlperf_logging} computes classification metrics, which need 0/1 targets: "
                         "add {round_targets}=true for random or synthetic data")
+
+
+def _check_disk_store(cfg: RunConfig) -> None:
+    """Raise FlagError for what --embedding-store=disk does not work with (yet)."""
+    model, train = cfg.model, cfg.train
+    blockers = [flag for flag, present in (
+        ("{qr_flag}", model.qr_flag), ("{md_flag}", model.md_flag), ("{use_gpu}", cfg.system.use_gpu),
+        ("{embedding_backend}=fused", model.embedding_backend == "fused"),
+        ("{quantize_emb_bits}", cfg.inference.quantize_emb_bits != 32), ("{save_onnx}", cfg.output.save_onnx),
+        ("{grad_accum_iter} above 1", train.mlperf_logging and train.grad_accum_iter > 1),
+    ) if present]
+    if blockers:
+        raise FlagError(f"{{embedding_store}}=disk does not work with {', '.join(blockers)}")
 
 
 FUSED_MIN_VALUES = 1 << 20
@@ -112,6 +129,8 @@ def embedding_backend(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, de
         ("gradient accumulation", t.mlperf_logging and t.grad_accum_iter > 1), ("a GPU", device.type != "cpu"),
     ) if present]
     requested = model_cfg.embedding_backend
+    if cfg.store.on_disk:
+        return "plain"  # the store's working rows take the plain path's arithmetic (equal to fused)
     if requested == "fused" and blockers:
         raise ConfigError(f"--embedding-backend=fused does not apply with {', '.join(blockers)} (use plain or auto)")
     if requested != "auto":
@@ -124,6 +143,8 @@ def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
     """Raise ConfigError for what a multi-process run does not support."""
     if info.world_size == 1:
         return
+    if cfg.store.on_disk:
+        raise ConfigError(f"--embedding-store=disk runs in one process only so far (world size {info.world_size})")
     if num_tables < info.world_size and cfg.sharding.sharding == "table":
         raise ConfigError(f"only ({num_tables}) sparse features for ({info.world_size}) devices, "
                           "table partitions will fail (split the tables: --sharding=row, column or auto)")
@@ -150,6 +171,11 @@ def flag_warnings(cfg: RunConfig, info: DistInfo) -> List[str]:
         out.append("warning: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): under "
                    "--mixed-precision=bf16 its GEMMs are emulated and many times slower than float32 "
                    "(add --fast-numerics to keep them in float32)")
+    store = cfg.store
+    if not store.on_disk and (store.embedding_store_dir or store.keep_embedding_store
+                              or store.embedding_cache_gib != StoreConfig.embedding_cache_gib):
+        out.append("warning: --embedding-store-dir, --embedding-cache-gib and --keep-embedding-store apply with "
+                   "--embedding-store=disk only; the tables are in memory")
     if info.world_size == 1:
         s = cfg.sharding
         for flag, value, default in (("--dist-backend", cfg.system.dist_backend, ""),
@@ -187,7 +213,8 @@ def check_memory(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device:
     shape = BatchShape(cfg.train.batch_size, bag, cfg.data.test_batch_size if not cfg.random_data else 0)
     optimizer = None if cfg.inference.inference_only else cfg.train.optimizer
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if info.world_size > 1 else 1
-    check_memory_fits(model_cfg, optimizer, shape, device, processes_here=local, world_size=info.world_size)
+    check_memory_fits(model_cfg, optimizer, shape, device, processes_here=local, world_size=info.world_size,
+                      cache_bytes=cfg.store.cache_bytes if cfg.store.on_disk else None)
 
 
 def input_files(cfg: RunConfig) -> List[NamedFile]:

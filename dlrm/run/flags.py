@@ -19,6 +19,7 @@ from dlrm.outputs.side_channels import OutputConfig
 from dlrm.run.config import InferenceConfig, RunConfig, SystemConfig
 from dlrm.run.train import OPTIMIZERS, TrainConfig
 from dlrm.shard.config import A2A_PRECISION_NAMES, SHARDINGS, ShardingConfig
+from dlrm.store.config import STORES, StoreConfig
 
 
 # =============================================================================================
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_flags(p.add_argument_group("evaluation"))
     _output_flags(p.add_argument_group("output"))
     _sharding_flags(p.add_argument_group("sharding (not in the reference: tables split over several processes)"))
+    _store_flags(p.add_argument_group("table store (not in the reference: tables in files behind a row cache)"))
     for action in p._actions:  # name values after the flag users type, not the attribute inside
         if action.option_strings and action.metavar is None and action.choices is None and action.nargs != 0:
             action.metavar = action.option_strings[0].lstrip("-").upper().replace("-", "_")
@@ -175,6 +177,19 @@ def _sharding_flags(s) -> None:
                         "bf16 or fp16 (half the bytes, rounded)")
 
 
+def _store_flags(s) -> None:
+    s.add_argument("--embedding-store", dest="embedding_store", choices=list(STORES), default="memory",
+                   help="where the embedding tables live: memory (the reference) or disk (one file per table under "
+                        "--embedding-store-dir, rows cached in RAM; the same numbers, bit for bit)")
+    s.add_argument("--embedding-store-dir", dest="embedding_store_dir", default="",
+                   help="with --embedding-store=disk: the directory (on a disk) the run makes its table files in; "
+                        "they are a working copy, removed at exit")
+    s.add_argument("--embedding-cache-gib", dest="embedding_cache_gib", type=float, default=1.0,
+                   help="with --embedding-store=disk: RAM for cached rows (weights and optimizer state), GiB")
+    s.add_argument("--keep-embedding-store", dest="keep_embedding_store", action="store_true",
+                   help="with --embedding-store=disk: leave the table files when the run ends")
+
+
 def _evaluation_flags(e) -> None:
     e.add_argument("--inference-only", dest="inference_only", action="store_true", help="evaluate a loaded model, no training")
     e.add_argument("--quantize-mlp-with-bit", dest="quantize_mlp_bits", type=int, default=32, help="inference: 8 or 16 bit MLPs")
@@ -235,7 +250,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         model=take(ModelConfig, flags, top_mlp=(width,) + flags["top_mlp"]), data=data,
         train=take(TrainConfig, flags, debug_groups=flags["debug_mode"] and not flags["fix_reference_bugs"]),
         system=take(SystemConfig, flags), output=take(OutputConfig, flags), inference=take(InferenceConfig, flags),
-        sharding=take(ShardingConfig, flags), flags=tuple(reference_flag_values(flags).items()))
+        sharding=take(ShardingConfig, flags), store=take(StoreConfig, flags), flags=tuple(reference_flag_values(flags).items()))
     if cfg.output.save_onnx:
         from dlrm.outputs.onnx_export import require_onnx
 

@@ -47,16 +47,21 @@ def _mlp_values(widths: Sequence[int]) -> int:
 
 
 def estimate_bytes(cfg: ModelConfig, optimizer: Optional[str], shape: BatchShape,
-                   world_size: int = 1) -> Dict[str, int]:
+                   world_size: int = 1, cache_bytes: Optional[int] = None) -> Dict[str, int]:
     """Bytes per process by part: tables (this rank's shard), optimizer state, MLPs, one batch.
 
     Optimizer state: none for SGD, one value per parameter for Adagrad, one per table row (and one
     per MLP value) for the row-wise Adagrad; ``optimizer`` None means inference (no state).
+    ``cache_bytes``: the tables are in files, and the cache of their rows (weights and state) takes
+    this much, plus a slot number per row (8 bytes).
     """
     tables = _table_values(cfg) * FLOAT // max(world_size, 1)
     mlps = (_mlp_values(cfg.bottom_mlp) + _mlp_values(cfg.top_mlp)) * FLOAT
     state = {None: 0, "sgd": 0, "adagrad": tables + mlps,
              "rwsadagrad": sum(cfg.table_sizes) * FLOAT // max(world_size, 1) + mlps}[optimizer]
+    if cache_bytes is not None:
+        state = mlps if optimizer in ("adagrad", "rwsadagrad") else 0
+        tables = cache_bytes + sum(cfg.table_sizes) * INDEX
     b = max(shape.batch_size, shape.test_batch_size)
     lookups = b * cfg.num_tables * max(1, shape.bag)
     widths = sum(cfg.bottom_mlp) + sum(cfg.top_mlp) + (cfg.num_tables + 1) ** 2
@@ -114,10 +119,11 @@ def human(n: float) -> str:
 
 
 def check_memory(cfg: ModelConfig, optimizer: Optional[str], shape: BatchShape, device: torch.device,
-                 processes_here: int = 1, world_size: int = 1) -> Dict[str, int]:
+                 processes_here: int = 1, world_size: int = 1, cache_bytes: Optional[int] = None) -> Dict[str, int]:
     """Raise ConfigError, giving both figures, when the estimate exceeds what is available to each
-    of the ``processes_here`` processes sharing this machine; returns the estimate."""
-    parts = estimate_bytes(cfg, optimizer, shape, world_size)
+    of the ``processes_here`` processes sharing this machine; returns the estimate. ``cache_bytes``:
+    the tables are in files behind a cache of that size (``--embedding-cache-gib``)."""
+    parts = estimate_bytes(cfg, optimizer, shape, world_size, cache_bytes)
     need = sum(parts.values())
     have = available_bytes(device)
     if have is None:
@@ -129,6 +135,8 @@ def check_memory(cfg: ModelConfig, optimizer: Optional[str], shape: BatchShape, 
         per = f" per process ({processes_here} here)" if processes_here > 1 and device.type != "cuda" else ""
         raise ConfigError(f"this run needs about {human(need)} ({detail}) but only {human(share)} of "
                           f"{where}{per}: use smaller --arch-embedding-size, --max-ind-range, "
-                          "--mini-batch-size or --num-indices-per-lookup, or more processes")
+                          "--mini-batch-size or --num-indices-per-lookup, or more processes"
+                          + (", or a smaller --embedding-cache-gib" if cache_bytes is not None else
+                             ", or --embedding-store=disk" if world_size == 1 else ""))
     return parts
 

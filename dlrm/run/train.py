@@ -109,17 +109,22 @@ def make_optimizer(name: str, params: list, lr: float, fix_reference_bugs: bool 
                    tables: Optional[nn.Module] = None) -> torch.optim.Optimizer:
     """sgd, adagrad or the row-wise sparse adagrad (which, unless ``fix_reference_bugs``, drops the
     accumulators of a loaded checkpoint at its first step, as the reference's does). ``tables``:
-    the model's tables, which give the row-wise Adagrad the whole rows of column-split tables."""
+    the model's tables, which give the row-wise Adagrad the whole rows of column-split tables, or
+    (tables in files) take the optimizer to set their working rows' state."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr)
-    if name == "rwsadagrad":
+        optimizer = torch.optim.SGD(params, lr=lr)
+    elif name == "adagrad":
+        optimizer = torch.optim.Adagrad(params, lr=lr)
+    elif name == "rwsadagrad":
         from dlrm.optim.rwsadagrad import RWSAdagrad
 
-        return RWSAdagrad(params, lr=lr, reference_reload=not fix_reference_bugs,
-                          whole_row_squares=getattr(tables, "whole_row_squares", None))
-    raise ConfigError(f"--optimizer={name} is not supported (use {', '.join(OPTIMIZERS)})")
+        optimizer = RWSAdagrad(params, lr=lr, reference_reload=not fix_reference_bugs,
+                               whole_row_squares=getattr(tables, "whole_row_squares", None))
+    else:
+        raise ConfigError(f"--optimizer={name} is not supported (use {', '.join(OPTIMIZERS)})")
+    if hasattr(tables, "attach_optimizer"):  # tables in files: their working rows' state around each step
+        tables.attach_optimizer(optimizer)
+    return optimizer
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LRPolicyScheduler:

@@ -1,0 +1,1 @@
+"""Embedding tables kept in files behind a row cache in RAM (``--embedding-store=disk``)."""
