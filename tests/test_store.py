@@ -77,6 +77,34 @@ def test_every_parameter_after_every_step_equals_memory_tables(tmp_path, optimiz
     stored.emb_l.close()
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rwsadagrad"])
+def test_rows_read_ahead_while_a_step_trains_give_the_same_bits(tmp_path, optimizer):
+    """As the training loop does: batch k+1's rows are read in the background before step k runs,
+    so rows step k writes meanwhile must be read again."""
+    (memory, mem_opt), (stored, stored_opt) = _pair(tmp_path, optimizer, 12)
+    batches = _batches()
+    for k, batch in enumerate(batches):
+        if k + 1 < len(batches):
+            stored.emb_l.prefetch(batches[k + 1].indices)
+        _step(memory, mem_opt, batch)
+        _step(stored, stored_opt, batch)
+        _assert_same(memory, stored, mem_opt, stored_opt)
+    assert sum(cache.read_ahead_used for cache in stored.emb_l.caches) > 0
+    stored.emb_l.close()
+
+
+def test_a_row_written_after_it_was_read_ahead_is_read_again(tmp_path):
+    files = _Files(tmp_path)
+    cache = RowCache(files.weights, files.state, 0)  # no slots: every update goes to the files
+    since = cache.start_read_ahead()
+    ahead = cache.read_ahead(np.array([5, 6]), since)
+    cache.scatter(np.array([5]), torch.full((1, 5), 9.0))  # the step updates row 5 meanwhile
+    got = cache.gather(np.array([5, 6]), ahead)
+    assert torch.equal(got[0], torch.full((5,), 9.0)) and torch.equal(got[1], files.expected[6])
+    assert cache.read_ahead_used == 1  # row 6 came from the read-ahead, row 5 from the file again
+    files.dir.close()
+
+
 @pytest.mark.parametrize("pooling", ["fixed", "learned"])
 def test_weighted_pooling_from_files_equals_memory_tables(tmp_path, pooling):
     (memory, mem_opt), (stored, stored_opt) = _pair(tmp_path, "adagrad", 20, pooling)

@@ -17,7 +17,7 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -233,7 +233,12 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch:
     Losses stay on the device; only the steps that print read them back.
     """
     with _bar(parts, cfg, parts.nbatches, f"epoch {epoch}") as bar:
-        for step, batch in enumerate(parts.train_loader):
+        prefetch = getattr(parts.model.emb_l, "prefetch", None)  # tables in files read the next batch's rows
+
+        def may_read_ahead(step: int) -> bool:  # not past a test: random test data may draw from the same stream
+            return not (cfg.test_freq > 0 and _due(cfg.test_freq, step, parts.nbatches))
+
+        for step, batch in enumerate(_reading_ahead(parts.train_loader, prefetch, may_read_ahead)):
             if step >= parts.nbatches:
                 break
             state.progress.step = step
@@ -257,6 +262,28 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch:
                     _test_and_save(parts, cfg, state, printed_loss, step, epoch)
             if state.progress.stop:
                 return
+
+
+def _reading_ahead(loader: Iterable[Batch], prefetch: Optional[Callable[[object], None]],
+                   may_read_ahead: Callable[[int], bool]) -> Iterator[Batch]:
+    """The loader's batches; with ``prefetch`` (tables in files), the successor of batch ``step`` is
+    fetched before that batch is yielded and its indices handed to ``prefetch``, so its rows are
+    read while the batch trains, unless ``may_read_ahead(step)`` says no (a test follows the step,
+    and must draw its data first, as it does without reading ahead). The loader is asked for the
+    same batches in the same order: the loop fetches one past its last batch either way."""
+    if prefetch is None:
+        yield from loader
+        return
+    batches = iter(loader)
+    current, step = next(batches, None), 0
+    while current is not None:
+        ahead = may_read_ahead(step)
+        following = next(batches, None) if ahead else None
+        if following is not None:
+            prefetch(following.indices)
+        yield current
+        current = following if ahead else next(batches, None)
+        step += 1
 
 
 def _dense_parameters(model: nn.Module) -> List[nn.Parameter]:

@@ -17,7 +17,7 @@ Dimension vocabulary: R rows of the table, C cached slots, W values per row (wei
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,15 @@ from dlrm.store.files import RowFile
 
 SAMPLE = 8
 """Eviction candidates sampled per slot needed."""
+
+
+class ReadAhead(NamedTuple):
+    """Rows read from the files before their batch: ``rows`` (sorted), their ``values`` (n, W), and
+    where the log of written rows stood when the reading began."""
+
+    rows: np.ndarray
+    values: torch.Tensor
+    since: int
 
 
 class RowCache:
@@ -52,11 +61,15 @@ class RowCache:
         self.filled = 0  # slots [0, filled) have held a row
         self.sampler = np.random.default_rng(0)  # eviction candidates (no effect on the numbers)
         self.hits = self.misses = 0
+        self.read_ahead_used = 0  # rows served from a read-ahead
+        self.written: List[np.ndarray] = []  # rows written to the files, from entry number written_base on
+        self.written_base = 0
 
     # --- a batch's rows ---------------------------------------------------------------------------
 
-    def gather(self, rows: np.ndarray) -> torch.Tensor:
-        """The weights and state of ``rows`` (sorted, unique row numbers), (n, W), a new tensor."""
+    def gather(self, rows: np.ndarray, ahead: Optional["ReadAhead"] = None) -> torch.Tensor:
+        """The weights and state of ``rows`` (sorted, unique row numbers), (n, W), a new tensor.
+        ``ahead``: rows read from the files in advance (:meth:`read_ahead`), used where still current."""
         out = torch.empty(len(rows), self.dim + self.state_width)
         slots = self.slot_of[rows]
         hit = slots >= 0
@@ -67,10 +80,44 @@ class RowCache:
         self.hits += int(hit.sum())
         self.misses += len(missing)
         if len(missing):
-            loaded = self._read(missing)
+            loaded = self._read_missing(missing, ahead)
             out[torch.from_numpy(~hit)] = loaded
             self._admit(missing, loaded)
         return out
+
+    def start_read_ahead(self) -> int:
+        """Where the log of rows written to the files stands: call before :meth:`read_ahead`."""
+        return self.written_base + len(self.written)
+
+    def trim_written(self, keep_from: Optional[int] = None) -> None:
+        """Forget the log of written rows before position ``keep_from`` (the earliest outstanding
+        read-ahead's; None: all of it)."""
+        end = self.written_base + len(self.written)
+        keep_from = end if keep_from is None else max(min(keep_from, end), self.written_base)
+        del self.written[:keep_from - self.written_base]
+        self.written_base = keep_from
+
+    def read_ahead(self, rows: np.ndarray, since: int) -> "ReadAhead":
+        """Read from the files the rows of ``rows`` not cached now (safe in another thread: a row the
+        step writes meanwhile is read again when used)."""
+        missing = rows[self.slot_of[rows] < 0]
+        return ReadAhead(missing, self._read(missing), since)
+
+    def _read_missing(self, missing: np.ndarray, ahead: Optional["ReadAhead"]) -> torch.Tensor:
+        """``missing`` rows from the files: those read ahead and not written since, the rest now."""
+        if ahead is None or not len(ahead.rows):
+            return self._read(missing)
+        later = self.written[ahead.since - self.written_base:]
+        written = np.concatenate(later) if later else np.empty(0, np.int64)
+        at = np.minimum(np.searchsorted(ahead.rows, missing), len(ahead.rows) - 1)
+        found = (ahead.rows[at] == missing) & ~np.isin(missing, written)
+        loaded = torch.empty(len(missing), self.dim + self.state_width)
+        if found.any():
+            loaded[torch.from_numpy(found)] = ahead.values[torch.from_numpy(at[found])]
+            self.read_ahead_used += int(found.sum())
+        if not found.all():
+            loaded[torch.from_numpy(~found)] = self._read(missing[~found])
+        return loaded
 
     def scatter(self, rows: np.ndarray, values: torch.Tensor) -> None:
         """Store the updated ``values`` (n, W) of ``rows``: into their slots, marked dirty, or into
@@ -117,6 +164,7 @@ class RowCache:
         return torch.cat([weights, self.state.read(rows)], dim=1)
 
     def _write(self, rows: np.ndarray, values: torch.Tensor) -> None:
+        self.written.append(rows)
         self.weights.write(rows, values[:, :self.dim].contiguous())
         if self.state is not None:
             self.state.write(rows, values[:, self.dim:].contiguous())

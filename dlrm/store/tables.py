@@ -10,14 +10,19 @@ order, the sparse gradient's per-row sums (SGD's lookup-by-lookup ``index_add_``
 row-wise Adagrad's coalesced sums) add the same values in the same order: every parameter after
 every step is the in-memory tables' bit for bit.
 
+While a step computes, the rows the next batch needs from the files are read in a background
+thread (:meth:`StoredTables.prefetch`); a row the step writes to its file meanwhile is read again.
+
 The state dict holds each whole table under ``K.weight`` (read through the files after a flush),
 so checkpoints keep the reference's keys.
 """
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +38,8 @@ STATE_WIDTH = {"sgd": lambda dim: 0, "adagrad": lambda dim: dim, "rwsadagrad": l
 one accumulator per row."""
 
 _DRAW_CHUNK_BYTES = 64 << 20
+AHEAD = 2
+"""Batches whose rows may be read ahead at once (the next one, and the one after while it trains)."""
 
 
 @dataclass
@@ -103,6 +110,9 @@ class StoredTables(nn.Module):
             self.register_parameter(f"rows_{t}", nn.Parameter(torch.empty(0, self.dim)))
         self._batch_rows: Dict[int, np.ndarray] = {}
         self._batch_state: Dict[int, torch.Tensor] = {}
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="dlrm-store-read-ahead")
+        # the next batches' reads: id of their indices -> (the indices, the written-log positions, the read)
+        self._ahead: "OrderedDict[int, Tuple[object, List[int], Future]]" = OrderedDict()
 
     def _check_space(self) -> None:
         width = self.dim + self.state_width
@@ -134,14 +144,46 @@ class StoredTables(nn.Module):
 
     # --- the step -----------------------------------------------------------------------------------
 
+    def prefetch(self, indices) -> None:
+        """Start reading from the files, in a background thread, the rows that ``indices`` (a coming
+        batch's, (T, N) or T tensors) need and the cache does not hold. That batch's forward, given
+        the same ``indices`` object, uses them (re-reading any row written meanwhile). At most
+        AHEAD batches are read ahead; an older read not used by then is dropped."""
+        while len(self._ahead) >= AHEAD:
+            self._ahead.popitem(last=False)[1][2].result()
+        since = [cache.start_read_ahead() for cache in self.caches]
+        self._ahead[id(indices)] = (indices, since, self._reader.submit(self._read_ahead, indices, since))
+
+    def _read_ahead(self, indices, since: List[int]):
+        return [cache.read_ahead(torch.unique(indices[t]).numpy(), since[t]) for t, cache in enumerate(self.caches)]
+
+    def _take_ahead(self, indices):
+        """The rows read ahead for ``indices``, if they were."""
+        entry = self._ahead.get(id(indices))
+        if entry is None or entry[0] is not indices:
+            return None
+        del self._ahead[id(indices)]
+        return entry[2].result()
+
+    def _trim_written(self) -> None:
+        """Drop the written-rows log before the earliest outstanding read-ahead."""
+        for t, cache in enumerate(self.caches):
+            cache.trim_written(min((entry[1][t] for entry in self._ahead.values()), default=None))
+
+    def _drop_ahead(self) -> None:
+        for entry in self._ahead.values():
+            entry[2].result()
+        self._ahead.clear()
+
     def forward(self, offsets: torch.Tensor, indices, pooling_weights: Optional[List[torch.Tensor]] = None
                 ) -> List[torch.Tensor]:
         pooled = []
+        ahead = self._take_ahead(indices)
         for t, cache in enumerate(self.caches):
             table_indices = indices[t]
             rows, renumbered = torch.unique(table_indices, sorted=True, return_inverse=True)
             rows_np = rows.numpy()
-            gathered = cache.gather(rows_np)
+            gathered = cache.gather(rows_np, ahead[t] if ahead is not None else None)
             work = getattr(self, f"rows_{t}")
             work.data = gathered[:, :self.dim].contiguous()
             self._batch_rows[t] = rows_np
@@ -149,6 +191,7 @@ class StoredTables(nn.Module):
             weights = None if pooling_weights is None else pooling_weights[t][table_indices]
             pooled.append(F.embedding_bag(renumbered, work, offsets[t], mode="sum", sparse=True,
                                           per_sample_weights=weights))
+        self._trim_written()
         return pooled
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -254,6 +297,8 @@ class StoredTables(nn.Module):
 
     def close(self) -> None:
         """Remove the files (unless kept; then flushed first)."""
+        self._drop_ahead()
+        self._reader.shutdown()
         if self.dir.keep:
             self.flush()
             for cache in self.caches:
