@@ -105,7 +105,8 @@ def _alive(pid: int) -> bool:
 class RowFile:
     """A (rows, width) float32 file, preallocated, read and written by row numbers.
 
-    The file is mapped; after each read or write the mapped pages are let go (``MADV_DONTNEED``), so
+    The file is mapped for random access (``MADV_RANDOM``: a row read does not read the blocks around
+    it from the disk); after each read or write the mapped pages are let go (``MADV_DONTNEED``), so
     the rows read stay in the page cache, not in this process's resident memory.
     """
 
@@ -124,6 +125,9 @@ class RowFile:
             raise StoreError(f"{path}: cannot make a {size / 2**30:.3g} GiB table file: {_describe(exc)}") from None
         self.array = np.memmap(path, dtype=np.float32, mode="r+", shape=(rows, width)) if size else \
             np.zeros((rows, width), dtype=np.float32)
+        handle = getattr(self.array, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+            handle.madvise(mmap.MADV_RANDOM)  # rows are read at random: no read-ahead of whole blocks
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
         """The rows ``rows`` (sorted row numbers), (len(rows), width), as a new tensor."""
