@@ -156,7 +156,8 @@ def format_summary(wall_time_s: float, train_samples: int, train_time_s: float,
         checkpoint (str, optional): where the model was saved; ``no checkpoint`` when None.
             Default: ``None``
         store (str, optional): with tables in files, a fifth field: the cache's hit rate and the
-            bytes read and written (``table store: 93.1 % hits, read 1.2 GiB, wrote 0.4 GiB``).
+            bytes read and written (``table store: 93.1 % of rows from the cache, read 1.2 GiB, wrote
+            409.6 MiB``).
     """
     wall = f"wall time {wall_time_s:.1f} s"
     if wall_time_s >= 60:

@@ -33,9 +33,9 @@ from dlrm.run.log_lines import Logger, format_arch, format_batch, format_paramet
 from dlrm.run.parts import RunParts, ScalarWriter, TrainState
 from dlrm.run.preflight import human
 from dlrm.run.sharding import run_plan
-from dlrm.store.tables import StoredTables
 from dlrm.run.train import (evaluate_once, graph_output, kept_checkpoint, make_optimizer, make_scheduler,
                             optimizer_groups, train)
+from dlrm.store.tables import StoredTables
 
 
 # =============================================================================================
