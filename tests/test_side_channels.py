@@ -257,6 +257,13 @@ def test_tensorboard_scalars(run_main, monkeypatch):
     assert [w[2] for w in written if w[0] == "Train/LR"] == [0.005, 0.01, 0.01]  # the rate of each step
 
 
+def test_an_empty_tensorboard_name_writes_nothing(run_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(*SMALL, "--tensor-board-filename=")
+    assert code == 0, err
+    assert "TensorBoard" not in err and os.listdir(tmp_path) == []
+
+
 def test_tensorboard_runs_get_their_own_directories(tmp_path, monkeypatch):
     pytest.importorskip("torch.utils.tensorboard")
     from dlrm.outputs import side_channels as run_outputs

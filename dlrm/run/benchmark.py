@@ -276,7 +276,8 @@ def open_channels(cfg: RunConfig, info: DistInfo, log: Logger) -> Tuple[Optional
     if not info.is_main:
         return None, None
     with held():  # a writer cut short while it starts would keep its thread running
-        writer = make_writer(cfg.output.tensor_board_filename, log.note)
+        directory = cfg.output.tensor_board_filename  # "" (--tensor-board-filename=): no TensorBoard
+        writer = make_writer(directory, log.note) if directory else None
     return writer, MetricsFile(cfg.output.metrics_file) if cfg.output.metrics_file else None
 
 
