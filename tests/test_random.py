@@ -240,3 +240,47 @@ def test_a_narrow_gaussian_with_a_wide_clip_range_trains(run_main, tmp_path):
                               f"--tensor-board-filename={tmp_path / 'tb'}")
     assert code == 0, err
     assert out.count("Finished training") == 3
+
+
+# --- zipf ids (not in the reference) -------------------------------------------------------------
+
+
+def _zipf_probabilities(rows: int, s: float, first: int) -> np.ndarray:
+    """P(row = j) for j < first under the power law of exponent s over ranks 1..rows + 1 (the
+    continuous inverse CDF floored): (F(j + 2) - F(j + 1)) with F(x) = (x^(1-s) - 1) / ((rows + 1)^(1-s) - 1)."""
+    j = np.arange(first, dtype=np.float64)
+    if s == 1.0:  # F(x) = log(x) / log(rows + 1)
+        return (np.log(j + 2) - np.log(j + 1)) / np.log(rows + 1.0)
+    top = (rows + 1.0) ** (1 - s) - 1
+    return ((j + 2) ** (1 - s) - (j + 1) ** (1 - s)) / top
+
+
+@pytest.mark.parametrize("s", [0.8, 1.0, 1.05, 1.5])
+def test_zipf_ids_follow_the_power_law(s):
+    rows, n = 1000, 200_000
+    cfg = RandomDataConfig(dense_dim=1, table_sizes=(rows,), num_indices_per_lookup=1, fixed=True,
+                           distribution="zipf", zipf_exponent=s)
+    ids = generate_random_batch(np.random.RandomState(3), n, cfg).indices[0].numpy()
+    assert ids.min() >= 0 and ids.max() < rows
+    counts = np.bincount(ids, minlength=rows)[:5]
+    p = _zipf_probabilities(rows, s, 5)
+    sigma = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) < 5 * sigma), (counts, n * p)  # binomial: 5 sigma, fixed seed
+    assert counts[0] > counts[1] > counts[4]
+
+
+def test_zipf_ids_come_from_the_uniform_draws():
+    """The dense features and labels are the same numbers as uniform's: the same draws, only the
+    rows they map to differ."""
+    args = dict(dense_dim=3, table_sizes=(50, 7, 2000), num_indices_per_lookup=4)
+    uniform = generate_random_batch(np.random.RandomState(5), 64, RandomDataConfig(**args))
+    zipf = generate_random_batch(np.random.RandomState(5), 64, RandomDataConfig(**args, distribution="zipf"))
+    assert torch.equal(uniform.dense_x, zipf.dense_x) and torch.equal(uniform.labels, zipf.labels)
+    assert not all(torch.equal(a, b) for a, b in zip(uniform.indices, zipf.indices))
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_zipf_exponent_that_is_not_positive_is_refused(run_main, value):
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=4", "--rand-data-dist=zipf",
+                              f"--rand-data-zipf-exponent={value}")
+    assert code == 2 and err.strip().splitlines() == [f"error: --rand-data-zipf-exponent must be positive, got {value}"]

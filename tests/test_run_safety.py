@@ -162,7 +162,7 @@ NON_NEGATIVE_FLOATS = {"--learning-rate", "--md-temperature", "--rand-data-sigma
 
 def _float_cases():
     float_flags = [a.option_strings[0] for a in flags.build_parser()._actions if a.type is float]
-    assert NON_NEGATIVE_FLOATS < set(float_flags) and len(float_flags) == 13
+    assert NON_NEGATIVE_FLOATS < set(float_flags) and len(float_flags) == 14
     for flag in float_flags:
         yield flag, "nan", "must be a finite number"
         yield flag, "inf", "must be a finite number"

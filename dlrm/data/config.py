@@ -26,7 +26,10 @@ class RandomDataConfig:
         num_batches: if > 0, the data set is exactly this many full batches (``--num-batches``).
         num_indices_per_lookup: the largest (or, with ``fixed``, the exact) bag size.
         fixed: every bag draws exactly ``num_indices_per_lookup`` indices.
-        distribution: "uniform" or "gaussian" index distribution (``--rand-data-dist``).
+        distribution: "uniform" or "gaussian" index distribution (``--rand-data-dist``), or (not in
+            the reference) "zipf": the uniform draws mapped through a power law's inverse CDF, so
+            row r is looked up with probability about proportional to (r + 1) ** -zipf_exponent.
+        zipf_exponent: the power law's exponent s > 0 (``--rand-data-zipf-exponent``).
         rand_min, rand_max, rand_mu, rand_sigma: the gaussian's clip range, mean (-1: the midpoint)
             and standard deviation.
         round_targets: targets rounded to 0/1.
@@ -55,6 +58,7 @@ class RandomDataConfig:
     rand_max: float = 1.0
     rand_mu: float = -1.0
     rand_sigma: float = 1.0
+    zipf_exponent: float = 1.05
     round_targets: bool = False
     seed: int = 123
     generation: str = "random"
@@ -113,8 +117,11 @@ def check_random_config(cfg: RandomDataConfig) -> None:
     for t, rows in enumerate(cfg.table_sizes):
         if rows < 1:
             raise FlagError(f"{{table_sizes}}: table {t} has {rows} rows (must be at least 1)")
-    if cfg.distribution not in ("uniform", "gaussian"):
-        raise FlagError(f"{{distribution}}={cfg.distribution} is not supported (use uniform or gaussian)")
+    if cfg.distribution not in ("uniform", "gaussian", "zipf"):
+        raise FlagError(f"{{distribution}}={cfg.distribution} is not supported (use uniform, gaussian or zipf)")
+    check_number("zipf_exponent", cfg.zipf_exponent)
+    if cfg.zipf_exponent <= 0:
+        raise FlagError(f"{{zipf_exponent}} must be positive, got {cfg.zipf_exponent:g}")
     if cfg.num_indices_per_lookup < 1:
         raise FlagError(f"{{num_indices_per_lookup}} must be at least 1, got {cfg.num_indices_per_lookup}")
     if cfg.total_samples < 1:

@@ -150,7 +150,7 @@ def _uniform_tables(
         starts = _bag_starts(u, pos, n, cap)
         lengths = np.round(np.maximum(1.0, u[starts] * cap)).astype(np.int64)
         first = starts + 1
-        located.append((u, first, lengths, size))
+        located.append((u, first, lengths, size, cfg))
         pos = int(first[-1] + lengths[-1])
     if len(located) > 1 and sum(int(a[2].sum()) for a in located) >= _POOL_MIN_DRAWS:
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -168,8 +168,8 @@ def _fixed_uniform_tables(
     k, num_tables = cfg.num_indices_per_lookup, len(cfg.table_sizes)
     stop = pos + num_tables * n * k
     draws = stream.ensure(stop)[pos:stop].reshape(num_tables * n, k)
-    scale = np.repeat(np.asarray(cfg.table_sizes, dtype=np.float64) - 1, n)[:, None]  # size - 1, per bag
-    values = np.round(draws * scale).astype(np.int64)
+    sizes = np.repeat(np.asarray(cfg.table_sizes, dtype=np.float64), n)[:, None]  # per bag
+    values = _to_rows(draws, sizes, cfg)
     bag_indices, counts = _unique_rows(values, np.full(num_tables * n, k, dtype=np.int64))
     counts = counts.reshape(num_tables, n)
     ends = np.cumsum(counts.sum(axis=1))
@@ -177,13 +177,29 @@ def _fixed_uniform_tables(
     return [_offsets_from_counts(c) for c in counts], indices, stop
 
 
-def _table_bags(u: np.ndarray, first: np.ndarray, lengths: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray]:
+def _to_rows(draws: np.ndarray, sizes, cfg: RandomDataConfig) -> np.ndarray:
+    """Row numbers of uniform draws in [0, 1) for tables of ``sizes`` rows: the reference's
+    round(draw * (size - 1)); under zipf, the inverse CDF of a power law of exponent s over the
+    ranks 1..size + 1, rank floor(r) - 1 with r = (1 + u ((size + 1)^(1-s) - 1))^(1/(1-s)) (r =
+    (size + 1)^u for s = 1), so row 0 is the most frequent."""
+    if cfg.distribution != "zipf":
+        return np.round(draws * (sizes - 1)).astype(np.int64)
+    s, top = cfg.zipf_exponent, np.asarray(sizes, dtype=np.float64) + 1
+    if abs(s - 1.0) < 1e-12:
+        ranks = np.power(top, draws)
+    else:
+        ranks = np.power(1.0 + draws * (np.power(top, 1.0 - s) - 1.0), 1.0 / (1.0 - s))
+    return np.clip(np.floor(ranks).astype(np.int64) - 1, 0, np.asarray(sizes, dtype=np.int64) - 1)
+
+
+def _table_bags(u: np.ndarray, first: np.ndarray, lengths: np.ndarray, size: int,
+                cfg: RandomDataConfig) -> Tuple[np.ndarray, np.ndarray]:
     """One table's (offsets, indices): bag i's draws are u[first[i] : first[i] + lengths[i]], each
-    mapped to round(draw * (size - 1)), then sorted and deduplicated within the bag."""
+    mapped to a row (:func:`_to_rows`), then sorted and deduplicated within the bag."""
     width = max(int(lengths.max()), 1)
     cols = first[:, None] + np.arange(width)[None, :]
     draws = u[np.minimum(cols, u.size - 1)]
-    values = np.round(draws * (size - 1)).astype(np.int64)
+    values = _to_rows(draws, size, cfg)
     bag_indices, counts = _unique_rows(values, lengths)
     return _offsets_from_counts(counts), bag_indices
 
@@ -237,7 +253,7 @@ def generate_random_batch(rng: np.random.RandomState, n: int, cfg: RandomDataCon
         Batch with dense_x (n, M), offsets (T, n), indices a list of T tensors (N_t,), labels (n, 1).
     """
     m = cfg.dense_dim
-    if cfg.distribution == "uniform":
+    if cfg.distribution in ("uniform", "zipf"):  # zipf maps the same draws to other rows
         k = cfg.num_indices_per_lookup
         upper = n * (m + 1) + sum(n * (1 + min(size, k)) for size in cfg.table_sizes)
         stream = _DoubleStream(rng, capacity=upper if not cfg.fixed else n * (m + 1 + k * len(cfg.table_sizes)))

@@ -109,7 +109,11 @@ def _data_flags(d) -> None:
     d.add_argument("--data-size", dest="data_size", type=int, default=1, help="random samples")
     d.add_argument("--num-batches", dest="num_batches", type=int, default=0, help="if > 0, train this many batches per epoch (and test as many, as the reference does)")
     d.add_argument("--data-generation", dest="generation", choices=["random", "synthetic", "dataset", "internal"], default="random", help="where batches come from")
-    d.add_argument("--rand-data-dist", dest="distribution", choices=["uniform", "gaussian"], default="uniform", help="distribution of random indices")
+    d.add_argument("--rand-data-dist", dest="distribution", choices=["uniform", "gaussian", "zipf"], default="uniform",
+                   help="distribution of random indices (zipf, not in the reference: skewed ids, row r looked up "
+                        "about in proportion to (r + 1) ** -exponent, from the same draws as uniform)")
+    d.add_argument("--rand-data-zipf-exponent", dest="zipf_exponent", type=float, default=1.05,
+                   help="not in the reference: the exponent of --rand-data-dist=zipf (> 0; larger: more skewed)")
     d.add_argument("--rand-data-min", dest="rand_min", type=float, default=0, help="gaussian: lowest index")
     d.add_argument("--rand-data-max", dest="rand_max", type=float, default=1, help="gaussian: highest index")
     d.add_argument("--rand-data-mu", dest="rand_mu", type=float, default=-1, help="gaussian mean; -1: midpoint of min and max")
