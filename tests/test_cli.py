@@ -57,7 +57,7 @@ BAD = [
     (["--mini-batch-size=two"], "--mini-batch-size"),
     (["--lr-num-warmup-steps=5", "--lr-decay-start-step=2", "--lr-num-decay-steps=3"],
      "Learning rate warmup must finish before the decay starts"),
-    (["--rand-data-dist=poisson"], "--rand-data-dist=poisson is not supported (choose from uniform, gaussian)"),
+    (["--rand-data-dist=poisson"], "--rand-data-dist=poisson is not supported (choose from uniform, gaussian, zipf)"),
     (["--weighted-pooling=fixed", "--qr-flag"], "--weighted-pooling cannot be combined"),
     (["--quantize-mlp-with-bit=7"], "--quantize-mlp-with-bit must be 8, 16 or 32"),
     (["--nepochs=0"], "--nepochs must be at least 1"),
