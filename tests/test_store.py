@@ -60,11 +60,11 @@ def _assert_same(memory, stored, mem_opt, stored_opt):
     for name, param in memory.named_parameters():
         if not name.startswith("emb_l."):
             assert torch.equal(named[name], param), name
-    for t, cache in enumerate(stored.emb_l.caches):
-        if cache.state is not None:
-            cache.flush()
-            expected = mem_opt.state[memory.emb_l[t].weight]["sum"]
-            assert torch.equal(cache.state.whole().reshape(expected.shape), expected), f"state of table {t}"
+    cache = stored.emb_l.cache
+    cache.flush()
+    for t, state in enumerate(cache.states or []):
+        expected = mem_opt.state[memory.emb_l[t].weight]["sum"]
+        assert torch.equal(state.whole().reshape(expected.shape), expected), f"state of table {t}"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rwsadagrad"])
@@ -89,19 +89,19 @@ def test_rows_read_ahead_while_a_step_trains_give_the_same_bits(tmp_path, optimi
         _step(memory, mem_opt, batch)
         _step(stored, stored_opt, batch)
         _assert_same(memory, stored, mem_opt, stored_opt)
-    assert sum(cache.read_ahead_used for cache in stored.emb_l.caches) > 0
+    assert stored.emb_l.cache.read_ahead_used > 0
     stored.emb_l.close()
 
 
 def test_a_row_written_after_it_was_read_ahead_is_read_again(tmp_path):
     files = _Files(tmp_path)
-    cache = RowCache(files.weights, files.state, 0)  # no slots: every update goes to the files
+    cache = RowCache(files.weights, files.states, 0)  # no slots: every update goes to the files
     since = cache.start_read_ahead()
-    ahead = cache.read_ahead(np.array([5, 6]), since)
-    cache.scatter(np.array([5]), torch.full((1, 5), 9.0))  # the step updates row 5 meanwhile
-    got = cache.gather(np.array([5, 6]), ahead)
-    assert torch.equal(got[0], torch.full((5,), 9.0)) and torch.equal(got[1], files.expected[6])
-    assert cache.read_ahead_used == 1  # row 6 came from the read-ahead, row 5 from the file again
+    ahead = cache.read_ahead(np.array([5, 56]), since)
+    cache.scatter(np.array([5]), torch.full((1, 3), 9.0), torch.full((1, 2), 8.0))  # the step updates row 5
+    got = _joined(cache.gather(np.array([5, 56]), ahead))
+    assert torch.equal(got[0], torch.tensor([9.0, 9, 9, 8, 8])) and torch.equal(got[1], files.expected[56])
+    assert cache.read_ahead_used == 1  # row 56 came from the read-ahead, row 5 from the file again
     files.dir.close()
 
 
@@ -136,53 +136,68 @@ def test_the_state_dict_holds_whole_tables_under_the_reference_keys_and_loads_ba
 
 
 class _Files:
-    """Two RowFiles of a small table and a dictionary of what each row should hold."""
+    """RowFiles of two small tables (rows 0-49 and 50-79 in the cache's numbering), weights (R_t, 3)
+    and state (R_t, 2), and a dictionary of what each row should hold (weights then state)."""
 
-    def __init__(self, tmp_path, rows=50, dim=3, state=2):
+    def __init__(self, tmp_path, sizes=(50, 30), dim=3, state=2):
         self.dir = StoreDir(str(tmp_path / "cache"))
-        self.weights = self.dir.file("w", rows, dim)
-        self.state = self.dir.file("s", rows, state)
-        values = torch.arange(rows * (dim + state), dtype=torch.float32).reshape(rows, dim + state)
-        self.weights.fill(lambda a, b: values[a:b, :dim].contiguous(), 7)
-        self.state.fill(lambda a, b: values[a:b, dim:].contiguous(), 7)
-        self.expected = {r: values[r].clone() for r in range(rows)}
+        self.weights = [self.dir.file(f"w{t}", rows, dim) for t, rows in enumerate(sizes)]
+        self.states = [self.dir.file(f"s{t}", rows, state) for t, rows in enumerate(sizes)]
+        values = torch.arange(sum(sizes) * (dim + state), dtype=torch.float32).reshape(sum(sizes), dim + state)
+        start = 0
+        for weights, states, rows in zip(self.weights, self.states, sizes):
+            mine = values[start:start + rows]
+            weights.fill(lambda a, b, mine=mine: mine[a:b, :dim].contiguous(), 7)
+            states.fill(lambda a, b, mine=mine: mine[a:b, dim:].contiguous(), 7)
+            start += rows
+        self.expected = {r: values[r].clone() for r in range(sum(sizes))}
+
+    def on_disk(self, row: int) -> torch.Tensor:
+        t, local = (0, row) if row < 50 else (1, row - 50)
+        return torch.cat([self.weights[t].whole()[local], self.states[t].whole()[local]])
 
 
-@pytest.mark.parametrize("capacity", [0, 1, 4, 50])
+def _joined(rows):
+    weights, state = rows
+    return torch.cat([weights, state], dim=1)
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 4, 80])
 def test_the_cache_serves_and_writes_back_what_a_dictionary_holds(tmp_path, capacity):
     files = _Files(tmp_path)
-    cache = RowCache(files.weights, files.state, capacity)
+    cache = RowCache(files.weights, files.states, capacity)
     rng = np.random.default_rng(0)
     looked_up = 0
     for step in range(40):
-        rows = np.unique(rng.zipf(1.5, size=8) % 50)
+        rows = np.unique(np.concatenate([rng.zipf(1.5, size=8) % 50, 50 + rng.zipf(1.5, size=5) % 30]))
         looked_up += len(rows)
-        got = cache.gather(rows)
+        got = _joined(cache.gather(rows))
         for i, r in enumerate(rows):
             assert torch.equal(got[i], files.expected[int(r)]), (step, r)
         new = got + step + 1
-        cache.scatter(rows, new)
+        cache.scatter(rows, new[:, :3].contiguous(), new[:, 3:].contiguous())
         for i, r in enumerate(rows):
             files.expected[int(r)] = new[i].clone()
         assert (cache.row_of >= 0).sum() <= capacity
     cache.flush()
     for r, value in files.expected.items():  # everything reached the files
-        assert torch.equal(torch.cat([files.weights.whole()[r], files.state.whole()[r]]), value), r
+        assert torch.equal(files.on_disk(r), value), r
     assert cache.hits + cache.misses == looked_up and (cache.hits > 0) == (capacity > 0)
     files.dir.close()
 
 
 def test_a_dirty_row_is_written_to_the_files_only_when_evicted(tmp_path):
     files = _Files(tmp_path)
-    cache = RowCache(files.weights, files.state, 2)
-    cache.gather(np.array([3, 4]))
-    cache.scatter(np.array([3, 4]), torch.full((2, 5), -1.0))
-    assert files.weights.bytes_written == 0 and torch.equal(files.weights.whole()[3], files.expected[3][:3])
-    cache.gather(np.array([3]))  # row 3 used twice: row 4 goes first
+    cache = RowCache(files.weights, files.states, 2)
+    cache.gather(np.array([3, 54]))
+    cache.scatter(np.array([3, 54]), torch.full((2, 3), -1.0), torch.full((2, 2), -2.0))
+    assert files.weights[0].bytes_written == files.weights[1].bytes_written == 0
+    assert torch.equal(files.on_disk(54), files.expected[54])
+    cache.gather(np.array([3]))  # row 3 used twice: row 54 goes first
     cache.gather(np.array([10]))
-    assert cache.slot_of[4] == -1 and cache.slot_of[3] >= 0
-    assert torch.equal(files.weights.whole()[4], torch.full((3,), -1.0))  # written back on eviction
-    assert torch.equal(files.weights.whole()[3], files.expected[3][:3])  # still only in the cache
+    assert cache.slot_of[54] == -1 and cache.slot_of[3] >= 0
+    assert torch.equal(files.on_disk(54), torch.tensor([-1.0, -1, -1, -2, -2]))  # written back on eviction
+    assert torch.equal(files.on_disk(3), files.expected[3])  # still only in the cache
     files.dir.close()
 
 

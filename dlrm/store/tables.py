@@ -1,14 +1,15 @@
 """Embedding tables whose rows live in files, trained through a batch's working rows.
 
-For every table a batch looks up, :class:`StoredTables` gathers the batch's unique rows (sorted)
-from the cache or the files into a small working parameter, (n, D), and looks them up with the
-indices renumbered into it: the same ``embedding_bag`` on the same rows in the same order, so the
-pooled values are the in-memory tables' bit for bit. The optimizer updates the working rows (and
-the working copy of their optimizer state, set into the optimizer's state before its step), and
-the updated rows go back to the cache after the step. Because the renumbering keeps the rows'
-order, the sparse gradient's per-row sums (SGD's lookup-by-lookup ``index_add_``, Adagrad's and
-row-wise Adagrad's coalesced sums) add the same values in the same order: every parameter after
-every step is the in-memory tables' bit for bit.
+:class:`StoredTables` numbers the rows of all the tables in one space, gathers a batch's unique
+rows (sorted) in one pass from the cache or the files into one buffer, and gives each table its
+contiguous piece of that buffer as a small working parameter, (n_t, D). Each table is looked up
+with its indices renumbered into its piece: the same ``embedding_bag`` on the same rows in the same
+order, so the pooled values are the in-memory tables' bit for bit. The optimizer updates the
+working rows in place (and the working copy of their optimizer state, set into the optimizer's
+state before its step), and the buffer goes back to the cache after the step. Because the
+renumbering keeps the rows' order, the sparse gradient's per-row sums (SGD's lookup-by-lookup
+``index_add_``, Adagrad's and row-wise Adagrad's coalesced sums) add the same values in the same
+order: every parameter after every step is the in-memory tables' bit for bit.
 
 While a step computes, the rows the next batch needs from the files are read in a background
 thread (:meth:`StoredTables.prefetch`); a row the step writes to its file meanwhile is read again.
@@ -22,7 +23,7 @@ import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +41,16 @@ one accumulator per row."""
 _DRAW_CHUNK_BYTES = 64 << 20
 AHEAD = 2
 """Batches whose rows may be read ahead at once (the next one, and the one after while it trains)."""
+
+
+class _Batch(NamedTuple):
+    """The rows of the batch in training: ``rows`` (n,) sorted over all tables, their ``weights``
+    (n, D) and ``state`` (n, S) or None, and ``cuts`` (T+1,): table t's rows are [cuts[t], cuts[t+1])."""
+
+    rows: np.ndarray
+    weights: torch.Tensor
+    state: Optional[torch.Tensor]
+    cuts: List[int]
 
 
 @dataclass
@@ -71,8 +82,8 @@ def _human(n: float) -> str:
 
 
 class StoredTables(nn.Module):
-    """The tables of one process, kept in files under ``directory`` behind a cache of
-    ``cache_bytes`` (split over the tables by their row bytes).
+    """The tables of one process, kept in files under ``directory`` behind one cache of
+    ``cache_bytes`` over all of them.
 
     ``forward`` has :class:`dlrm.model.dlrm.PerTableEmbeddings`' signature. Call
     :meth:`attach_optimizer` once with the optimizer over :meth:`parameters`; it sets the working
@@ -102,17 +113,17 @@ class StoredTables(nn.Module):
         self.dir = StoreDir(directory, keep, warn)
         try:
             self._check_space()
-            self.caches = self._make_caches(rng, cache_bytes)
+            self.cache = self._make_cache(rng, cache_bytes)
         except BaseException:
             self.dir.close()
             raise
+        self.bases = torch.from_numpy(self.cache.bases[:-1].copy())  # (T,) each table's first global row
         for t in range(len(self.table_sizes)):
             self.register_parameter(f"rows_{t}", nn.Parameter(torch.empty(0, self.dim)))
-        self._batch_rows: Dict[int, np.ndarray] = {}
-        self._batch_state: Dict[int, torch.Tensor] = {}
+        self._batch: Optional[_Batch] = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="dlrm-store-read-ahead")
-        # the next batches' reads: id of their indices -> (the indices, the written-log positions, the read)
-        self._ahead: "OrderedDict[int, Tuple[object, List[int], Future]]" = OrderedDict()
+        # the next batches' reads: id of their indices -> (the indices, the written-log position, the read)
+        self._ahead: "OrderedDict[int, Tuple[object, int, Future]]" = OrderedDict()
 
     def _check_space(self) -> None:
         width = self.dim + self.state_width
@@ -122,12 +133,10 @@ class StoredTables(nn.Module):
             raise StoreError(f"--embedding-store-dir={os.path.dirname(self.dir.path)}: the tables need "
                              f"{need / 2**30:.3g} GiB on disk, {have / 2**30:.3g} GiB are free there")
 
-    def _make_caches(self, rng: np.random.RandomState, cache_bytes: int) -> List[RowCache]:
-        row_bytes = (self.dim + self.state_width) * 4
-        total_rows = sum(self.table_sizes)
-        caches = []
+    def _make_cache(self, rng: np.random.RandomState, cache_bytes: int) -> RowCache:
+        weights, states = [], []
         for t, rows in enumerate(self.table_sizes):
-            weights = self.dir.file(f"table_{t}.f32", rows, self.dim)
+            file = self.dir.file(f"table_{t}.f32", rows, self.dim)
             bound = float(np.sqrt(1 / rows))
             chunk = max(_DRAW_CHUNK_BYTES // (self.dim * 4), 1)
 
@@ -136,13 +145,26 @@ class StoredTables(nn.Module):
                 fast_draw.uniform_into(rng, values, -bound, bound)
                 return values
 
-            weights.fill(draw, chunk)  # the in-memory draws, chunk by chunk: the same stream
-            state = self.dir.file(f"state_{t}.f32", rows, self.state_width) if self.state_width else None
-            share = cache_bytes * rows // max(total_rows, 1)
-            caches.append(RowCache(weights, state, share // row_bytes))
-        return caches
+            file.fill(draw, chunk)  # the in-memory draws, chunk by chunk: the same stream
+            weights.append(file)
+            if self.state_width:
+                states.append(self.dir.file(f"state_{t}.f32", rows, self.state_width))
+        row_bytes = (self.dim + self.state_width) * 4
+        return RowCache(weights, states if self.state_width else None, cache_bytes // row_bytes)
 
     # --- the step -----------------------------------------------------------------------------------
+
+    def _unique_rows(self, indices) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """The batch's rows over all tables, sorted and unique, (n,); each lookup's place among
+        them, (sum of N_t,); and the lookups per table, [N_t]."""
+        if isinstance(indices, torch.Tensor):  # (T, N)
+            counts = [indices.shape[1]] * indices.shape[0]
+            global_rows = (indices + self.bases[:indices.shape[0], None]).reshape(-1)
+        else:
+            counts = [len(table_indices) for table_indices in indices]
+            global_rows = torch.cat([table_indices + self.bases[t] for t, table_indices in enumerate(indices)])
+        rows, inverse = torch.unique(global_rows, sorted=True, return_inverse=True)
+        return rows, inverse, counts
 
     def prefetch(self, indices) -> None:
         """Start reading from the files, in a background thread, the rows that ``indices`` (a coming
@@ -151,24 +173,20 @@ class StoredTables(nn.Module):
         AHEAD batches are read ahead; an older read not used by then is dropped."""
         while len(self._ahead) >= AHEAD:
             self._ahead.popitem(last=False)[1][2].result()
-        since = [cache.start_read_ahead() for cache in self.caches]
+        since = self.cache.start_read_ahead()
         self._ahead[id(indices)] = (indices, since, self._reader.submit(self._read_ahead, indices, since))
 
-    def _read_ahead(self, indices, since: List[int]):
-        return [cache.read_ahead(torch.unique(indices[t]).numpy(), since[t]) for t, cache in enumerate(self.caches)]
+    def _read_ahead(self, indices, since: int):
+        unique = self._unique_rows(indices)
+        return unique, self.cache.read_ahead(unique[0].numpy(), since)
 
     def _take_ahead(self, indices):
-        """The rows read ahead for ``indices``, if they were."""
+        """The unique rows and the rows read ahead for ``indices``, if they were."""
         entry = self._ahead.get(id(indices))
         if entry is None or entry[0] is not indices:
             return None
         del self._ahead[id(indices)]
         return entry[2].result()
-
-    def _trim_written(self) -> None:
-        """Drop the written-rows log before the earliest outstanding read-ahead."""
-        for t, cache in enumerate(self.caches):
-            cache.trim_written(min((entry[1][t] for entry in self._ahead.values()), default=None))
 
     def _drop_ahead(self) -> None:
         for entry in self._ahead.values():
@@ -177,21 +195,22 @@ class StoredTables(nn.Module):
 
     def forward(self, offsets: torch.Tensor, indices, pooling_weights: Optional[List[torch.Tensor]] = None
                 ) -> List[torch.Tensor]:
-        pooled = []
-        ahead = self._take_ahead(indices)
-        for t, cache in enumerate(self.caches):
-            table_indices = indices[t]
-            rows, renumbered = torch.unique(table_indices, sorted=True, return_inverse=True)
-            rows_np = rows.numpy()
-            gathered = cache.gather(rows_np, ahead[t] if ahead is not None else None)
+        taken = self._take_ahead(indices)
+        (rows, inverse, counts), ahead = taken if taken is not None else (self._unique_rows(indices), None)
+        rows_np = rows.numpy()
+        weights, state = self.cache.gather(rows_np, ahead)
+        self.cache.trim_written(min((entry[1] for entry in self._ahead.values()), default=None))
+        cuts = np.searchsorted(rows_np, self.cache.bases).tolist()  # (T+1,) each table's piece of ``rows``
+        self._batch = _Batch(rows_np, weights, state, cuts)
+        pooled, start = [], 0
+        for t, count in enumerate(counts):
             work = getattr(self, f"rows_{t}")
-            work.data = gathered[:, :self.dim].contiguous()
-            self._batch_rows[t] = rows_np
-            self._batch_state[t] = gathered[:, self.dim:].contiguous()
-            weights = None if pooling_weights is None else pooling_weights[t][table_indices]
+            work.data = weights[cuts[t]:cuts[t + 1]]  # a view: the optimizer updates the batch's rows in place
+            renumbered = inverse[start:start + count] - cuts[t]
+            start += count
+            table_weights = None if pooling_weights is None else pooling_weights[t][indices[t]]
             pooled.append(F.embedding_bag(renumbered, work, offsets[t], mode="sum", sparse=True,
-                                          per_sample_weights=weights))
-        self._trim_written()
+                                          per_sample_weights=table_weights))
         return pooled
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -200,36 +219,39 @@ class StoredTables(nn.Module):
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.state_width:
+        batch = self._batch
+        if not self.state_width or batch is None:
             return
         if getattr(optimizer, "reset_pending", False):  # row-wise Adagrad after a load: every accumulator restarts
-            start = optimizer.param_groups[0]["initial_accumulator_value"]
-            for cache in self.caches:
-                cache.reset_state(start)
-        for t, rows in self._batch_rows.items():
-            work = getattr(self, f"rows_{t}")
-            state = optimizer.state[work]
+            self.cache.reset_state(optimizer.param_groups[0]["initial_accumulator_value"])
+        for t in range(len(self.table_sizes)):
+            state = optimizer.state[getattr(self, f"rows_{t}")]
             if "step" not in state:  # row-wise Adagrad makes its state at a parameter's first gradient
                 state["step"] = 0
-            saved = self._batch_state[t]
-            state["sum"] = saved.reshape(len(rows)) if self.row_wise_state else saved
+            piece = batch.state[batch.cuts[t]:batch.cuts[t + 1]]  # a view, updated in place
+            state["sum"] = piece.reshape(len(piece)) if self.row_wise_state else piece
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for t, rows in self._batch_rows.items():
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        for t in range(len(self.table_sizes)):  # an optimizer that replaced a tensor: copy it back
+            piece = slice(batch.cuts[t], batch.cuts[t + 1])
             work = getattr(self, f"rows_{t}")
-            values = work.data
-            if self.state_width:
-                values = torch.cat([values, optimizer.state[work]["sum"].reshape(len(rows), self.state_width)], dim=1)
-            self.caches[t].scatter(rows, values)
-        self._batch_rows.clear()
-        self._batch_state.clear()
+            if work.data.data_ptr() != batch.weights[piece].data_ptr() and piece.stop > piece.start:
+                batch.weights[piece] = work.data
+            if self.state_width and piece.stop > piece.start:
+                saved = optimizer.state[work]["sum"]
+                if saved.data_ptr() != batch.state[piece].data_ptr():
+                    batch.state[piece] = saved.reshape(-1, self.state_width)
+        self.cache.scatter(batch.rows, batch.weights, batch.state)
 
     # --- optimizer state in checkpoints -------------------------------------------------------------
 
     def _table_indices(self, optimizer: torch.optim.Optimizer) -> Dict[int, int]:
         """Table number -> the optimizer's index of its working-rows parameter."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        works = {id(getattr(self, f"rows_{t}")): t for t in range(len(self.caches))}
+        works = {id(getattr(self, f"rows_{t}")): t for t in range(len(self.table_sizes))}
         return {works[id(p)]: i for i, p in enumerate(params) if id(p) in works}
 
     def whole_shapes(self, optimizer: torch.optim.Optimizer) -> Dict[int, tuple]:
@@ -241,14 +263,13 @@ class StoredTables(nn.Module):
         by the whole table's, read from its file: Adagrad's (R, D), row-wise Adagrad's (R,)."""
         if not self.state_width:
             return state
+        self.cache.flush()
         entries = dict(state["state"])
         for t, i in self._table_indices(optimizer).items():
             entry = entries.get(i)
             if not isinstance(entry, dict):
                 continue
-            cache = self.caches[t]
-            cache.flush()
-            whole = cache.state.whole()
+            whole = self.cache.states[t].whole()
             key = "momentum" if "momentum" in entry else "sum"
             entries[i] = {**entry, key: whole.reshape(-1) if self.row_wise_state else whole}
         return {**state, "state": entries}
@@ -268,31 +289,35 @@ class StoredTables(nn.Module):
             key = "momentum" if "momentum" in entry else "sum" if "sum" in entry else None
             if key is None or not self.state_width:
                 continue
-            cache, value = self.caches[t], entry[key]
-            if value.numel() != cache.state.rows * cache.state.width:
+            file, value = self.cache.states[t], entry[key]
+            if value.numel() != file.rows * file.width:
                 raise ValueError(f"the accumulator of table {t} has shape {tuple(value.shape)}")
-            cache.flush()
-            cache.drop()
-            flat = value.detach().float().reshape(cache.state.rows, cache.state.width)
-            cache.state.fill(lambda start, stop: flat[start:stop].contiguous(), _DRAW_CHUNK_BYTES // 4)
+            self._forget_cached()
+            flat = value.detach().float().reshape(file.rows, file.width)
+            file.fill(lambda start, stop: flat[start:stop].contiguous(), _DRAW_CHUNK_BYTES // 4)
             entries[i] = {k: v for k, v in entry.items() if k != key}
         return {**state, "state": entries}
+
+    def _forget_cached(self) -> None:
+        """Write the cached rows back and empty the cache (before the files are overwritten)."""
+        self._drop_ahead()
+        self.cache.flush()
+        self.cache.drop()
 
     # --- whole tables -------------------------------------------------------------------------------
 
     def flush(self) -> None:
         """Write every dirty cached row to the files."""
-        for cache in self.caches:
-            cache.flush()
+        self.cache.flush()
 
     def table(self, t: int) -> torch.Tensor:
         """Table ``t`` whole, (R, D), over the file (flushed first; no copy)."""
-        self.caches[t].flush()
-        return self.caches[t].weights.whole()
+        self.cache.flush()
+        return self.cache.weights[t].whole()
 
     def stats(self) -> StoreStats:
-        files = [f for c in self.caches for f in (c.weights, c.state) if f is not None]
-        return StoreStats(sum(c.hits for c in self.caches), sum(c.misses for c in self.caches),
+        files = self.cache.weights + (self.cache.states or [])
+        return StoreStats(self.cache.hits, self.cache.misses,
                           sum(f.bytes_read for f in files), sum(f.bytes_written for f in files))
 
     def close(self) -> None:
@@ -301,28 +326,28 @@ class StoredTables(nn.Module):
         self._reader.shutdown()
         if self.dir.keep:
             self.flush()
-            for cache in self.caches:
-                cache.weights.flush()
+            for file in self.cache.weights + (self.cache.states or []):
+                file.flush()
         self.dir.close()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for t in range(len(self.caches)):
+        for t in range(len(self.table_sizes)):
             destination[f"{prefix}{t}.weight"] = self.table(t)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for t, cache in enumerate(self.caches):
+        for t, file in enumerate(self.cache.weights):
             key = f"{prefix}{t}.weight"
             if key not in state_dict:
                 missing_keys.append(key)
                 continue
             value = state_dict[key]
-            if tuple(value.shape) != (cache.weights.rows, self.dim):
+            if tuple(value.shape) != (file.rows, self.dim):
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                                  f"the table has {(cache.weights.rows, self.dim)}")
+                                  f"the table has {(file.rows, self.dim)}")
                 continue
-            cache.drop()
+            self._forget_cached()
             chunk = max(_DRAW_CHUNK_BYTES // (self.dim * 4), 1)
-            cache.weights.fill(lambda start, stop, v=value: v[start:stop].detach().float().contiguous(), chunk)
-        known = {f"{prefix}{t}.weight" for t in range(len(self.caches))}
+            file.fill(lambda start, stop, v=value: v[start:stop].detach().float().contiguous(), chunk)
+        known = {f"{prefix}{t}.weight" for t in range(len(self.table_sizes))}
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
