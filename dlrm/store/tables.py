@@ -170,14 +170,18 @@ class StoredTables(nn.Module):
         """Start reading from the files, in a background thread, the rows that ``indices`` (a coming
         batch's, (T, N) or T tensors) need and the cache does not hold. That batch's forward, given
         the same ``indices`` object, uses them (re-reading any row written meanwhile). At most
-        AHEAD batches are read ahead; an older read not used by then is dropped."""
+        AHEAD batches are read ahead; an older read not used by then is dropped.
+
+        The batch's unique rows are found here, in the calling thread (its forward needs them
+        anyway): only the file reads, which wait on the disk, go to the background, so they do not
+        take a core from the step's own parallel kernels."""
         while len(self._ahead) >= AHEAD:
             self._ahead.popitem(last=False)[1][2].result()
-        since = self.cache.start_read_ahead()
-        self._ahead[id(indices)] = (indices, since, self._reader.submit(self._read_ahead, indices, since))
-
-    def _read_ahead(self, indices, since: int):
         unique = self._unique_rows(indices)
+        since = self.cache.start_read_ahead()
+        self._ahead[id(indices)] = (indices, since, self._reader.submit(self._read_ahead, unique, since))
+
+    def _read_ahead(self, unique, since: int):
         return unique, self.cache.read_ahead(unique[0].numpy(), since)
 
     def _take_ahead(self, indices):
