@@ -11,7 +11,7 @@ every batch size and variant reports:
 - p50 / p99 latency of one batch's forward (p99 of few iterations is close to their maximum; the
   table gives the count);
 - model memory: bytes of every tensor in the state dict (parameters, buffers, packed tables, int8
-  weights and their scales);
+  weights and their scales); for tables in files, the MLPs and the row cache instead;
 - the change against fp32 on the same inputs: max and mean |p - p_fp32| of the predicted
   probabilities, and the fraction of samples whose rounded predictions agree.
 
@@ -21,10 +21,20 @@ emb-8bit and emb-4bit (``quantize_emb_bits``: row-wise quantized tables), all th
 is timed with CUDA events; the quantized variants use CPU-only kernels and are skipped there.
 ``--embedding-backend=auto`` means plain tables here (auto's choice is about the training update).
 
+From files: ``--stores=memory,disk:1,disk:10,disk:100`` adds, to the fp32 model in memory, the same
+model with its tables in files under ``--embedding-store-dir`` behind a row cache of 1, 10 and 100
+% of the tables' bytes (``dlrm.store``), as variants ``disk 1%`` and so on; their predictions are
+compared with fp32's as the quantized ones are (they are equal: the same rows, the same sums). Each
+batch size's pool then holds enough batches for the 1 % cache not to hold them all (``--pool``), and
+every variant first looks the whole pool up once, untimed, so the caches start warm, as a serving
+process's would.
+
     python -m bench.bench_inference --batch-sizes 1,128,2048,16384 --json /tmp/inf.json --markdown /tmp/inf.md
     python -m bench.bench_inference --arch-sparse-feature-size=64 --arch-embedding-size=1000000-1000000 \\
         --arch-mlp-bot=512-512-64 --arch-mlp-top=1024-1024-1024-1 --num-indices-per-lookup=100
     python -m bench.bench_inference --quick --batch-sizes 1,4   # the tiny default model, for tests
+    python -m bench.bench_inference --batch-sizes 1,64,2048 --variants fp32 --stores memory,disk:1,disk:10,disk:100 \
+        --embedding-store-dir=/scratch --rand-data-dist=zipf --pool 64
 """
 from __future__ import annotations
 
@@ -45,6 +55,7 @@ from dlrm.common import DLRMError
 from dlrm.data.random import RandomDataConfig, generate_random_batch
 from dlrm.model.dlrm import DLRM, quantize_for_inference
 from dlrm.run.flags import build_parser as build_cli_parser, config_from_args
+from dlrm.store.tables import StoredTables
 
 
 VARIANTS = {"fp32": (32, 32), "int8-mlp": (32, 8), "emb-8bit": (8, 32), "emb-4bit": (4, 32)}
@@ -66,6 +77,11 @@ def model_bytes(model: nn.Module) -> int:
             return sum(nbytes(v) for v in value)
         return 0
 
+    tables = getattr(model, "emb_l", None)
+    if isinstance(tables, StoredTables):  # in RAM: the MLPs and the cache, not the tables in the files
+        cache = tables.cache
+        held = cache.held_weights.numel() * 4 + (cache.held_state.numel() * 4 if cache.held_state is not None else 0)
+        return held + sum(nbytes(v) for k, v in model.state_dict().items() if not k.startswith("emb_l."))
     return sum(nbytes(v) for v in model.state_dict().values())
 
 
@@ -85,6 +101,45 @@ def make_variant(model: DLRM, name: str) -> nn.Module:
     quantized = quantize_for_inference(shallow, emb_bits, mlp_bits)
     quantized._modules["emb_l"] = model.emb_l
     return quantized
+
+
+def parse_stores(text: str) -> List[Optional[float]]:
+    """``memory,disk:1,disk:10`` -> [None, 0.01, 0.1]: None for the tables in memory, else the
+    cache's share of the tables' bytes.
+
+    Raises:
+        DLRMError: an entry that is neither ``memory`` nor ``disk:P`` with 0 <= P <= 100.
+    """
+    stores: List[Optional[float]] = []
+    for entry in filter(None, text.split(",")):
+        kind, _, percent = entry.partition(":")
+        if kind == "memory" and not percent:
+            stores.append(None)
+            continue
+        try:
+            share = float(percent) / 100
+        except ValueError:
+            share = -1.0
+        if kind != "disk" or not 0 <= share <= 1:
+            raise DLRMError(f"--stores: {entry!r} is neither memory nor disk:P with P a percentage of the "
+                            "tables (0 to 100)")
+        stores.append(share)
+    return stores
+
+
+def disk_model(model_cfg, seed: int, share: float, store_cfg) -> DLRM:
+    """The model of ``model_cfg`` drawn from ``seed`` as in memory, its tables in files under
+    ``--embedding-store-dir`` behind a cache of ``share`` of their bytes."""
+    table_bytes = sum(model_cfg.table_sizes) * model_cfg.embedding_dim * 4
+
+    def make(cfg, rng):
+        return StoredTables(cfg.table_sizes, cfg.embedding_dim, rng, store_cfg.embedding_store_dir,
+                            int(share * table_bytes), "sgd")
+    return DLRM(model_cfg, np.random.RandomState(seed), make_tables=make)
+
+
+def store_label(share: float) -> str:
+    return f"disk {share * 100:g}%"
 
 
 def make_batches(data_cfg: RandomDataConfig, n: int, count: int, seed: int, device: torch.device) -> List[tuple]:
@@ -148,6 +203,8 @@ def sweep(models: Dict[str, nn.Module], pools: Dict[int, List[tuple]], args, cud
                                min_iters=-(-args.min_iters // args.rounds), time_budget=args.time_budget / args.rounds)
     for n, batches in pools.items():
         times: Dict[str, List[float]] = {name: [] for name in names}
+        for name in names:  # untimed, once: a disk store's cache starts warm, as a serving process's would
+            predict(models[name], batches)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name] += time_point(models[name], batches, share, cuda)
@@ -181,7 +238,8 @@ def to_markdown(report: Dict[str, object]) -> str:
              f"{report['args']['pool']} per batch size; variants interleaved in {report['args']['rounds']} rounds "
              "per batch size; p99 over the 'iters' timed forwards.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in sorted(report["rows"], key=lambda r: (r["batch"], list(VARIANTS).index(r["variant"]))):
+    order = list(dict.fromkeys(r["variant"] for r in report["rows"]))
+    for r in sorted(report["rows"], key=lambda r: (r["batch"], order.index(r["variant"]))):
         lines.append("| " + " | ".join([
             r["variant"], str(r["batch"]), f"{r['samples_per_s']:,.0f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
             str(r["iters"]), _num(r["model_bytes"] / 2**20), *_change_cells(r)]) + " |")
@@ -203,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "taking 1/rounds of the budget and iterations (default: 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--pool", type=int, default=4, help="distinct batches per batch size (default: 4)")
+    p.add_argument("--stores", default="memory", help="comma-separated: memory (the fp32 model as built) and "
+                   "disk:P (its tables in files behind a cache of P %% of their bytes; needs --variants=fp32 "
+                   "and --embedding-store-dir) (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="the CLI's tiny default model and short points (tests)")
     p.add_argument("--json", default=None, help="write rows and per-iteration times as JSON")
     p.add_argument("--markdown", default=None, help="write the Markdown table (also printed)")
@@ -221,8 +282,12 @@ def run(args, flags: Sequence[str]) -> Dict[str, object]:
     cuda = cfg.system.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     backend = "plain" if cfg.model.embedding_backend == "auto" else cfg.model.embedding_backend
-    model = DLRM(replace(cfg.model, embedding_backend=backend), np.random.RandomState(cfg.system.seed)).to(device)
+    model_cfg = replace(cfg.model, embedding_backend=backend)
+    model = DLRM(model_cfg, np.random.RandomState(cfg.system.seed)).to(device)
     model.eval()
+    stores = [share for share in parse_stores(args.stores) if share is not None]
+    if stores and (cuda or args.variants.split(",") != ["fp32"] or not cfg.store.embedding_store_dir):
+        raise DLRMError("--stores with disk entries needs --variants=fp32, the CPU and --embedding-store-dir")
     pools = {n: make_batches(cfg.data, n, args.pool, cfg.system.seed + 1, device)
              for n in (int(x) for x in args.batch_sizes.split(","))}
     report = {"machine": cpu_description(), "device": str(device), "model_flags": list(flags), "args": vars(args),
@@ -235,7 +300,16 @@ def run(args, flags: Sequence[str]) -> Dict[str, object]:
             report["skipped"].append(f"{name}: quantized inference is CPU-only (FBGEMM kernels), not run on CUDA")
             continue
         models[name] = make_variant(model, name)
-    report["rows"] = sweep(models, pools, args, cuda)
+    disks = []
+    try:
+        for share in stores:
+            disks.append(disk_model(model_cfg, cfg.system.seed, share, cfg.store))
+            disks[-1].eval()
+            models[store_label(share)] = disks[-1]
+        report["rows"] = sweep(models, pools, args, cuda)
+    finally:
+        for disk in disks:
+            disk.emb_l.close()
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     return report
 

@@ -2,6 +2,8 @@
 model sizes (counted by hand) and fp32 against itself. No timing is asserted."""
 import json
 
+import pytest
+
 from bench import bench_inference
 
 # tables 4-3-2 with D=2 (9 rows); bottom 4-3-2 and top 8-4-2-1 hold 23 + 49 = 72 float32 values
@@ -50,3 +52,31 @@ def test_kaggle_model_is_the_default():
     assert flags[:-1] == list(bench_inference.KAGGLE_MODEL_FLAGS) and flags[-1] == "--numpy-rand-seed=3"
     own = ["--arch-sparse-feature-size=4"]
     assert bench_inference.model_flags(own, quick=False) == own
+
+
+def test_tables_served_from_files_predict_what_memory_predicts(tmp_path):
+    """--stores: the model with its tables in files behind caches of 0, 50 and 100 % of their rows
+    predicts fp32's probabilities exactly, and leaves its store directory empty."""
+    json_path, store = tmp_path / "inf.json", tmp_path / "store"
+    store.mkdir()
+    code = bench_inference.main(["--quick", "--batch-sizes", "1,4", "--variants", "fp32", "--stores",
+                                 "memory,disk:0,disk:50,disk:100", f"--embedding-store-dir={store}",
+                                 "--json", str(json_path)])
+    assert code == 0
+    rows = {(r["variant"], r["batch"]): r for r in json.loads(json_path.read_text())["rows"]}
+    assert set(rows) == {(v, n) for v in ("fp32", "disk 0%", "disk 50%", "disk 100%") for n in (1, 4)}
+    for r in rows.values():
+        assert r["max_abs_diff"] == 0.0 and r["agreement"] == 1.0
+    # in RAM: the MLPs, and a cache of 0, 4 and 9 of the 9 rows (D=2, float32, no optimizer state)
+    assert [rows[(f"disk {p}%", 1)]["model_bytes"] for p in (0, 50, 100)] == [MLP_BYTES + r * 8 for r in (0, 4, 9)]
+    assert list(store.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stores", "disk:150"], "--stores: 'disk:150' is neither memory nor disk:P"),
+    (["--stores", "ssd"], "--stores: 'ssd' is neither memory nor disk:P"),
+    (["--stores", "memory,disk:10"], "--stores with disk entries needs --variants=fp32"),
+])
+def test_bad_stores_are_an_error(capsys, argv, message):
+    assert bench_inference.main(["--quick", "--batch-sizes", "2", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -3,6 +3,7 @@ parameter and optimizer state bit for bit after every step, with caches from non
 rows; the cache's eviction and write-back against a plain dictionary model; the store's
 directory, its refusals and its clean-up."""
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from dlrm.data.random import RandomDataConfig, RandomDataset
 from dlrm.model.dlrm import DLRM, ModelConfig, make_loss, top_mlp_input_width
+from dlrm.model.fused_embedding import parameters_excluding_fused
 from dlrm.run.train import make_optimizer
 from dlrm.store.cache import RowCache
 from dlrm.store.files import NOTE_NAME, PREFIX, StoreDir, StoreError
@@ -74,6 +76,25 @@ def test_every_parameter_after_every_step_equals_memory_tables(tmp_path, optimiz
     for batch in _batches():
         assert torch.equal(_step(stored, stored_opt, batch), _step(memory, mem_opt, batch))
         _assert_same(memory, stored, mem_opt, stored_opt)
+    stored.emb_l.close()
+
+
+def test_tables_from_files_equal_the_fused_tables_in_memory(tmp_path):
+    """Under SGD large tables default to --embedding-backend=fused (the update inside backward);
+    the store's plain arithmetic on its working rows gives the same bits after every step."""
+    cfg = replace(_model_config(), embedding_backend="fused")
+    fused = DLRM(cfg, np.random.RandomState(3))
+    fused_opt = make_optimizer("sgd", parameters_excluding_fused(fused), 0.1)
+    fused.emb_l.follow_optimizer_lr(fused_opt)
+    _, (stored, stored_opt) = _pair(tmp_path, "sgd", 12)
+    for batch in _batches():
+        assert torch.equal(_step(stored, stored_opt, batch), _step(fused, fused_opt, batch))
+        for t in range(len(SIZES)):
+            assert torch.equal(stored.emb_l.table(t), fused.emb_l.table_weight(t).detach()), f"table {t}"
+        named = dict(stored.named_parameters())
+        for name, param in fused.named_parameters():
+            if not name.startswith("emb_l."):
+                assert torch.equal(named[name], param), name
     stored.emb_l.close()
 
 

@@ -53,7 +53,7 @@ def estimate_bytes(cfg: ModelConfig, optimizer: Optional[str], shape: BatchShape
     Optimizer state: none for SGD, one value per parameter for Adagrad, one per table row (and one
     per MLP value) for the row-wise Adagrad; ``optimizer`` None means inference (no state).
     ``cache_bytes``: the tables are in files, and the cache of their rows (weights and state) takes
-    this much, plus a slot number per row (8 bytes).
+    this much, plus a slot number per row (counted as 8 bytes; 4 below 2**31 slots).
     """
     tables = _table_values(cfg) * FLOAT // max(world_size, 1)
     mlps = (_mlp_values(cfg.bottom_mlp) + _mlp_values(cfg.top_mlp)) * FLOAT
