@@ -24,17 +24,19 @@ is timed with CUDA events; the quantized variants use CPU-only kernels and are s
 From files: ``--stores=memory,disk:1,disk:10,disk:100`` adds, to the fp32 model in memory, the same
 model with its tables in files under ``--embedding-store-dir`` behind a row cache of 1, 10 and 100
 % of the tables' bytes (``dlrm.store``), as variants ``disk 1%`` and so on; their predictions are
-compared with fp32's as the quantized ones are (they are equal: the same rows, the same sums). Each
-batch size's pool then holds enough batches for the 1 % cache not to hold them all (``--pool``), and
-every variant first looks the whole pool up once, untimed, so the caches start warm, as a serving
-process's would.
+compared with fp32's as the quantized ones are (they are equal: the same rows, the same sums).
+``--warm-batches K`` first runs every variant, untimed, on K batches of 2048 drawn apart from the
+timed ones, so that the caches hold what a serving process's would; the timed forwards then go
+through the pool in order, each round going on where the last stopped, so that no batch repeats
+while the pool lasts (``--pool`` at least ``--iters``): a repeated batch would find all its rows
+cached.
 
     python -m bench.bench_inference --batch-sizes 1,128,2048,16384 --json /tmp/inf.json --markdown /tmp/inf.md
     python -m bench.bench_inference --arch-sparse-feature-size=64 --arch-embedding-size=1000000-1000000 \\
         --arch-mlp-bot=512-512-64 --arch-mlp-top=1024-1024-1024-1 --num-indices-per-lookup=100
     python -m bench.bench_inference --quick --batch-sizes 1,4   # the tiny default model, for tests
     python -m bench.bench_inference --batch-sizes 1,64,2048 --variants fp32 --stores memory,disk:1,disk:10,disk:100 \
-        --embedding-store-dir=/scratch --rand-data-dist=zipf --pool 64
+        --embedding-store-dir=/scratch --rand-data-dist=zipf --pool 300 --iters 300 --warm-batches 64
 """
 from __future__ import annotations
 
@@ -158,9 +160,10 @@ def predict(model: nn.Module, batches: Sequence[tuple]) -> torch.Tensor:
         return torch.cat([model(*b).float().flatten().cpu() for b in batches])
 
 
-def time_point(model: nn.Module, batches: Sequence[tuple], args, cuda: bool) -> List[float]:
+def time_point(model: nn.Module, batches: Sequence[tuple], args, cuda: bool, first: int = 0) -> List[float]:
     """Milliseconds per forward: ``args.warmup`` untimed, then at least ``args.min_iters`` and at
-    most ``args.iters`` timed, stopping once ``args.time_budget`` seconds have passed."""
+    most ``args.iters`` timed, stopping once ``args.time_budget`` seconds have passed; the timed ones
+    take the batches from number ``first`` on."""
     times: List[float] = []
     events = []
     with torch.inference_mode():
@@ -169,7 +172,7 @@ def time_point(model: nn.Module, batches: Sequence[tuple], args, cuda: bool) -> 
         start = time.perf_counter()
         while len(times) + len(events) < args.iters and (
                 len(times) + len(events) < args.min_iters or time.perf_counter() - start < args.time_budget):
-            b = batches[(len(times) + len(events)) % len(batches)]
+            b = batches[(first + len(times) + len(events)) % len(batches)]
             if cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
@@ -203,11 +206,9 @@ def sweep(models: Dict[str, nn.Module], pools: Dict[int, List[tuple]], args, cud
                                min_iters=-(-args.min_iters // args.rounds), time_budget=args.time_budget / args.rounds)
     for n, batches in pools.items():
         times: Dict[str, List[float]] = {name: [] for name in names}
-        for name in names:  # untimed, once: a disk store's cache starts warm, as a serving process's would
-            predict(models[name], batches)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                times[name] += time_point(models[name], batches, share, cuda)
+                times[name] += time_point(models[name], batches, share, cuda, first=len(times[name]))
         reference = predict(models["fp32"], batches) if "fp32" in models else None
         for name in names:
             t = times[name]
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stores", default="memory", help="comma-separated: memory (the fp32 model as built) and "
                    "disk:P (its tables in files behind a cache of P %% of their bytes; needs --variants=fp32 "
                    "and --embedding-store-dir) (default: %(default)s)")
+    p.add_argument("--warm-batches", type=int, default=0, help="batches of 2048, drawn apart from the timed "
+                   "ones, that every variant runs untimed first (warms a disk store's cache) (default: 0)")
     p.add_argument("--quick", action="store_true", help="the CLI's tiny default model and short points (tests)")
     p.add_argument("--json", default=None, help="write rows and per-iteration times as JSON")
     p.add_argument("--markdown", default=None, help="write the Markdown table (also printed)")
@@ -306,6 +309,10 @@ def run(args, flags: Sequence[str]) -> Dict[str, object]:
             disks.append(disk_model(model_cfg, cfg.system.seed, share, cfg.store))
             disks[-1].eval()
             models[store_label(share)] = disks[-1]
+        if args.warm_batches:
+            warm = make_batches(cfg.data, 2048, args.warm_batches, cfg.system.seed + 2, device)
+            for name in models:  # untimed: the caches start as a serving process's would be
+                predict(models[name], warm)
         report["rows"] = sweep(models, pools, args, cuda)
     finally:
         for disk in disks:

@@ -60,7 +60,7 @@ def test_tables_served_from_files_predict_what_memory_predicts(tmp_path):
     json_path, store = tmp_path / "inf.json", tmp_path / "store"
     store.mkdir()
     code = bench_inference.main(["--quick", "--batch-sizes", "1,4", "--variants", "fp32", "--stores",
-                                 "memory,disk:0,disk:50,disk:100", f"--embedding-store-dir={store}",
+                                 "memory,disk:0,disk:50,disk:100", f"--embedding-store-dir={store}", "--warm-batches", "2",
                                  "--json", str(json_path)])
     assert code == 0
     rows = {(r["variant"], r["batch"]): r for r in json.loads(json_path.read_text())["rows"]}

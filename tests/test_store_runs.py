@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dlrm.run.checkpoint import load_checkpoint
+from helpers import dist_runs
 from helpers.runs import ROOT
 
 pytestmark = pytest.mark.slow  # every test here starts a run as a subprocess
@@ -81,6 +82,34 @@ def test_a_checkpoint_resumes_the_same_from_files_and_from_memory(tmp_path, firs
         assert code == 0, err
         outs.append(out)
     assert outs[0] == outs[1] and "Finished training it" in outs[0]
+
+
+SHARDED = ["--mini-batch-size=16", "--data-size=160", "--arch-embedding-size=300-20-1000-7-50",
+           "--arch-sparse-feature-size=4", "--arch-mlp-bot=5-4", "--arch-mlp-top=10-1", "--test-freq=5",
+           "--print-freq=1", "--loss-function=bce", "--round-targets=1", "--learning-rate=0.1",
+           "--num-indices-per-lookup=6"]
+
+
+@pytest.mark.parametrize("sharding,optimizer,pooling", [("row", "rwsadagrad", "learned"), ("table", "adagrad", "fixed")])
+def test_a_rank_s_pieces_in_files_train_as_its_pieces_in_memory(tmp_path, sharding, optimizer, pooling):
+    """Two ranks, each keeping its tables (or row blocks) in files behind a cache of a few hundred
+    rows: every printed line and the gathered checkpoint equal the same run with the pieces in
+    memory, bit for bit; a run resumed from it with pieces in files goes on as one in memory."""
+    common = SHARDED + [f"--sharding={sharding}", f"--optimizer={optimizer}", f"--weighted-pooling={pooling}"]
+    outs = {}
+    for where, store in (("memory", []), ("disk", _disk(tmp_path))):
+        code, outs[where], err = dist_runs.run([*common, "--nepochs=1", *store, f"--save-model={tmp_path / where}.pt",
+                                                f"--tensor-board-filename={tmp_path / 'tb'}"], nproc=2)
+        assert code == 0, err
+    assert outs["disk"].replace("disk.pt", "memory.pt") == outs["memory"] and "Finished training it" in outs["memory"]
+    _assert_same_checkpoint(tmp_path / "memory.pt", tmp_path / "disk.pt")
+    for where, store in (("memory", []), ("disk", _disk(tmp_path))):
+        code, outs[where], err = dist_runs.run([*common, "--nepochs=2", "--fix-reference-bugs", *store,
+                                                f"--load-model={tmp_path / 'disk.pt'}",
+                                                f"--tensor-board-filename={tmp_path / 'tb'}"], nproc=2)
+        assert code == 0, err
+    assert outs["disk"] == outs["memory"] and "Finished training it" in outs["memory"]
+    assert os.listdir(tmp_path / "store") == []
 
 
 @pytest.mark.parametrize("args,message", [

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from dlrm.common import Batch, ConfigError, Interrupted
 from dlrm.distributed import DistInfo, all_or_none, check_ranks_agree, init_distributed
@@ -35,7 +36,9 @@ from dlrm.run.preflight import human
 from dlrm.run.sharding import run_plan
 from dlrm.run.train import (evaluate_once, graph_output, kept_checkpoint, make_optimizer, make_scheduler,
                             optimizer_groups, train)
-from dlrm.store.tables import StoredTables
+from dlrm.shard.plan import ShardingPlan
+from dlrm.shard.stored import stored_sharded_tables
+from dlrm.store.tables import StoredTables, store_of
 
 
 # =============================================================================================
@@ -155,8 +158,9 @@ def run(cfg: RunConfig) -> None:
         except Interrupted as exc:
             raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
     finally:
-        if isinstance(model.emb_l, StoredTables):
-            model.emb_l.close()  # the table files are a working copy
+        store = store_of(model.emb_l)
+        if store is not None:
+            store.close()  # the table files are a working copy
 
 
 def _say(text: str) -> None:
@@ -218,7 +222,7 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
     plan = run_plan(cfg, model_cfg, info, device, log)
     check_memory(cfg, model_cfg, info, device)
     model = DLRM(model_cfg, rng, info, log=log.warn, plan=plan, a2a_precision=cfg.sharding.a2a_precision,
-                 make_tables=_stored_tables(cfg, log) if cfg.store.on_disk else None).to(device)
+                 make_tables=_stored_tables(cfg, log, info, plan) if cfg.store.on_disk else None).to(device)
     if cfg.random_data and cfg.data.num_workers >= 2 and not cfg.train.fix_reference_bugs:
         skip_reference_torch_init(model_cfg)  # the workers' base seeds come from torch's generator
     if cfg.train.fast_numerics:
@@ -231,14 +235,21 @@ def build_model(cfg: RunConfig, data: Data, rng: np.random.RandomState, info: Di
     return model
 
 
-def _stored_tables(cfg: RunConfig, log: Logger):
-    """What builds the tables in files under ``--embedding-store-dir`` (``--embedding-store=disk``)."""
+def _stored_tables(cfg: RunConfig, log: Logger, info: DistInfo, plan: Optional[ShardingPlan]):
+    """What builds the tables in files under ``--embedding-store-dir`` (``--embedding-store=disk``):
+    all of them in one process, this rank's pieces of them (``plan``) in several."""
     optimizer = "sgd" if cfg.inference.inference_only else cfg.train.optimizer
+    s = cfg.store
 
-    def make(model_cfg: ModelConfig, rng: np.random.RandomState) -> StoredTables:
-        s = cfg.store
-        return StoredTables(model_cfg.table_sizes, model_cfg.embedding_dim, rng, s.embedding_store_dir, s.cache_bytes,
-                            optimizer, s.keep_embedding_store, log.warn)
+    def make(model_cfg: ModelConfig, rng: np.random.RandomState) -> nn.Module:
+        def store(sizes, draw=None) -> StoredTables:
+            return StoredTables(sizes, model_cfg.embedding_dim, rng, s.embedding_store_dir, s.cache_bytes, optimizer,
+                                s.keep_embedding_store, log.warn, draw)
+
+        if plan is None:
+            return store(model_cfg.table_sizes)
+        return stored_sharded_tables(model_cfg.table_sizes, model_cfg.embedding_dim, model_cfg.bottom_mlp[-1], rng,
+                                     plan, info, cfg.sharding.a2a_precision, store)
     return make
 
 
@@ -330,6 +341,7 @@ def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data
 
             restore_mlps(model)  # export the plain layers, which ONNX knows
         export_onnx(with_per_table_layout(model), sample, cfg.output.onnx_file, log)
-    store = model.emb_l.stats().describe() if isinstance(model.emb_l, StoredTables) else None
+    stored = store_of(model.emb_l)
+    store = stored.stats().describe() if stored is not None else None
     log.note(format_summary(time.time() - started, state.trained.samples, state.trained.seconds, state.best.result,
                             state.saved.path, store))

@@ -55,7 +55,7 @@ def run_plan(cfg: RunConfig, model_cfg: ModelConfig, info: DistInfo, device: tor
                         whole_only=model_cfg.qr_flag or model_cfg.md_flag)
     optimizer = "sgd" if cfg.inference.inference_only else cfg.train.optimizer
     learned = model_cfg.weighted_pooling == "learned"
-    budget = rank_budget(cfg, info, device)
+    budget = None if cfg.store.on_disk else rank_budget(cfg, info, device)  # tables in files take no RAM
     plan = plan_sharding(specs, info.world_size, s.sharding, budget, optimizer, learned)
     if s.print_sharding_plan:
         for line in format_plan(plan, specs, optimizer, learned, budget):

@@ -7,7 +7,7 @@ file written by any number of ranks and any sharding loads into any other.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -75,10 +75,11 @@ def full_parameter_names(model: nn.Module, num_tables: int) -> List[str]:
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, num_tables: int,
-                         info: DistInfo) -> dict:
+                         info: DistInfo, state: Optional[dict] = None) -> dict:
     """The optimizer's state dict in the single-process layout (every table's state whole, gathered
-    on rank 0, the rank that saves)."""
-    state = optimizer.state_dict()
+    on rank 0, the rank that saves). ``state``: this rank's state dict, if not the optimizer's own
+    (pieces in files put their whole state in it)."""
+    state = optimizer.state_dict() if state is None else state
     if info.world_size == 1:
         return state
     local = [n for n, _ in model.named_parameters()]

@@ -63,6 +63,8 @@ class ShardedTables(nn.ModuleDict):
         info: where this rank stands.
         all_parameter_names: see above.
         a2a_precision: "fp32", "bf16" or "fp16", the type the all-to-all sends.
+        store: the :class:`dlrm.store.tables.StoredTables` holding the pieces in files
+            (:mod:`dlrm.shard.stored`), else None (pieces in memory).
 
     Shape:
         - offsets: (T, B); indices: (T, N) or list of T (N_t,), for the whole batch.
@@ -72,13 +74,24 @@ class ShardedTables(nn.ModuleDict):
     """
 
     def __init__(self, pieces: Dict[int, nn.Module], plan: ShardingPlan, dims: Sequence[int], info: DistInfo,
-                 all_parameter_names: Sequence[str] = (), a2a_precision: str = "fp32"):
+                 all_parameter_names: Sequence[str] = (), a2a_precision: str = "fp32", store=None):
         super().__init__({str(k): piece for k, piece in sorted(pieces.items())})
+        self._stores = [store] if store is not None else []  # a list: the store is no submodule (its pieces are)
         self.plan, self.info, self.dims = plan, info, list(dims)
         self.all_parameter_names = tuple(all_parameter_names)
         widths = tuple(tuple(_width(p, self.dims[p.table], r) for p in plan.pieces_on(r)) for r in range(info.world_size))
         self.layout = ExchangeLayout(info, widths, A2A_PRECISIONS[a2a_precision])
         self.column_groups = _column_groups(plan, info)
+
+    @property
+    def store(self):
+        """The store holding this rank's pieces in files, or None."""
+        return self._stores[0] if self._stores else None
+
+    def attach_optimizer(self, optimizer) -> None:
+        """Pieces in files: let the store set and keep the working rows' optimizer state."""
+        if self.store is not None:
+            self.store.attach_optimizer(optimizer)
 
     def local_tables(self) -> List[int]:
         """The global numbers of the tables of which a piece is held here, ascending."""
@@ -95,10 +108,17 @@ class ShardedTables(nn.ModuleDict):
     def forward(self, offsets: torch.Tensor, indices, pooling_weights: Optional[List[Optional[torch.Tensor]]] = None
                 ) -> List[torch.Tensor]:
         local = []  # one (B, w) per piece held here, in plan order
+        lookups = []  # pieces in files: their (offsets, indices, per-row weights), looked up at once
         for placement in self.plan.pieces_on(self.info.rank):
             t = placement.table
             weights = None if pooling_weights is None else pooling_weights[t]
-            local.append(self._lookup(placement, offsets[t], indices[t], weights))
+            if self.store is not None:
+                lookups.append(self._piece_lookups(placement, offsets[t], indices[t], weights))
+            else:
+                local.append(self._lookup(placement, offsets[t], indices[t], weights))
+        if lookups:
+            local = self.store([o for o, _, _ in lookups], [i for _, i, _ in lookups],
+                               None if pooling_weights is None else [w for _, _, w in lookups])
         batch = offsets.shape[1] if isinstance(offsets, torch.Tensor) else len(offsets[0])
         weight = next(iter(self.parameters()), None)
         dtype = weight.dtype if weight is not None else torch.get_default_dtype()
@@ -114,6 +134,15 @@ class ShardedTables(nn.ModuleDict):
         start, stop = placement.block_on(self.info.rank)
         local, local_offsets = rows_in_block(offsets, indices, start, stop)
         return table(local, local_offsets, per_sample_weights=None if weights is None else weights[local])
+
+    def _piece_lookups(self, placement: Placement, offsets: torch.Tensor, indices: torch.Tensor,
+                       weights: Optional[torch.Tensor]):
+        """(offsets, indices, per-row weights) of this rank's piece of one table over the whole batch."""
+        if placement.kind != "row":
+            return offsets, indices, weights
+        start, stop = placement.block_on(self.info.rank)
+        local, local_offsets = rows_in_block(offsets, indices, start, stop)
+        return local_offsets, local, weights
 
     def _join(self, received: List[torch.Tensor]) -> List[torch.Tensor]:
         """The T tables' outputs (B_local, D_t) from every rank's pieces (in rank, then piece order)."""

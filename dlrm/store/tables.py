@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from dlrm.kernels import fast_draw
 from dlrm.store.cache import RowCache
-from dlrm.store.files import StoreDir, StoreError, free_bytes
+from dlrm.store.files import RowFile, StoreDir, StoreError, free_bytes
 
 STATE_WIDTH = {"sgd": lambda dim: 0, "adagrad": lambda dim: dim, "rwsadagrad": lambda dim: 1}
 """Optimizer state values per row, by ``--optimizer``: Adagrad's sum per value, row-wise Adagrad's
@@ -98,6 +98,8 @@ class StoredTables(nn.Module):
         optimizer: ``--optimizer`` (sets the state kept per row).
         keep: keep the files when the run ends.
         warn: receives one-line warnings (a stale store removed).
+        draw: fills the tables' files from ``rng`` (default :func:`draw_whole_tables`; a rank's pieces
+            of sharded tables draw their blocks of the whole tables' stream).
 
     Raises:
         StoreError: the directory cannot be made, or the files do not fit its disk.
@@ -105,7 +107,8 @@ class StoredTables(nn.Module):
 
     def __init__(self, table_sizes: Sequence[int], dim: int, rng: np.random.RandomState, directory: str,
                  cache_bytes: int, optimizer: str = "sgd", keep: bool = False,
-                 warn: Callable[[str], None] = lambda line: None):
+                 warn: Callable[[str], None] = lambda line: None,
+                 draw: Optional[Callable[[np.random.RandomState, List[RowFile]], None]] = None):
         super().__init__()
         self.table_sizes, self.dim = [int(r) for r in table_sizes], int(dim)
         self.state_width = STATE_WIDTH[optimizer](self.dim)
@@ -113,7 +116,7 @@ class StoredTables(nn.Module):
         self.dir = StoreDir(directory, keep, warn)
         try:
             self._check_space()
-            self.cache = self._make_cache(rng, cache_bytes)
+            self.cache = self._make_cache(rng, cache_bytes, draw)
         except BaseException:
             self.dir.close()
             raise
@@ -133,24 +136,14 @@ class StoredTables(nn.Module):
             raise StoreError(f"--embedding-store-dir={os.path.dirname(self.dir.path)}: the tables need "
                              f"{need / 2**30:.3g} GiB on disk, {have / 2**30:.3g} GiB are free there")
 
-    def _make_cache(self, rng: np.random.RandomState, cache_bytes: int) -> RowCache:
-        weights, states = [], []
-        for t, rows in enumerate(self.table_sizes):
-            file = self.dir.file(f"table_{t}.f32", rows, self.dim)
-            bound = float(np.sqrt(1 / rows))
-            chunk = max(_DRAW_CHUNK_BYTES // (self.dim * 4), 1)
-
-            def draw(start, stop, dim=self.dim, bound=bound):
-                values = torch.empty(stop - start, dim)
-                fast_draw.uniform_into(rng, values, -bound, bound)
-                return values
-
-            file.fill(draw, chunk)  # the in-memory draws, chunk by chunk: the same stream
-            weights.append(file)
-            if self.state_width:
-                states.append(self.dir.file(f"state_{t}.f32", rows, self.state_width))
+    def _make_cache(self, rng: np.random.RandomState, cache_bytes: int,
+                    draw: Optional[Callable[[np.random.RandomState, List[RowFile]], None]]) -> RowCache:
+        weights = [self.dir.file(f"table_{t}.f32", rows, self.dim) for t, rows in enumerate(self.table_sizes)]
+        (draw or draw_whole_tables)(rng, weights)
+        states = [self.dir.file(f"state_{t}.f32", rows, self.state_width) for t, rows in enumerate(self.table_sizes)
+                  ] if self.state_width else None
         row_bytes = (self.dim + self.state_width) * 4
-        return RowCache(weights, states if self.state_width else None, cache_bytes // row_bytes)
+        return RowCache(weights, states, cache_bytes // row_bytes)
 
     # --- the step -----------------------------------------------------------------------------------
 
@@ -338,6 +331,13 @@ class StoredTables(nn.Module):
         for t in range(len(self.table_sizes)):
             destination[f"{prefix}{t}.weight"] = self.table(t)
 
+    def load_table(self, t: int, value: torch.Tensor) -> None:
+        """Write ``value`` (R_t, D) into table ``t``'s file (the cache written back and emptied first)."""
+        self._forget_cached()
+        file = self.cache.weights[t]
+        chunk = max(_DRAW_CHUNK_BYTES // (self.dim * 4), 1)
+        file.fill(lambda start, stop: value[start:stop].detach().float().contiguous(), chunk)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         for t, file in enumerate(self.cache.weights):
@@ -350,8 +350,35 @@ class StoredTables(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
                                   f"the table has {(file.rows, self.dim)}")
                 continue
-            self._forget_cached()
-            chunk = max(_DRAW_CHUNK_BYTES // (self.dim * 4), 1)
-            file.fill(lambda start, stop, v=value: v[start:stop].detach().float().contiguous(), chunk)
+            self.load_table(t, value)
         known = {f"{prefix}{t}.weight" for t in range(len(self.table_sizes))}
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+
+
+def store_of(tables: nn.Module) -> Optional["StoredTables"]:
+    """The store holding ``tables`` (a model's ``emb_l``) in files: itself, the store of a rank's
+    sharded pieces, or None for tables in memory."""
+    if isinstance(tables, StoredTables):
+        return tables
+    store = getattr(tables, "store", None)
+    return store if isinstance(store, StoredTables) else None
+
+
+def draw_whole_tables(rng: np.random.RandomState, files: List[RowFile]) -> None:
+    """Fill each (R, D) file with U(-sqrt(1/R), sqrt(1/R)) draws from ``rng``, in table order, chunk by
+    chunk: the stream the tables in memory draw."""
+    for file in files:
+        fill_draws(rng, file, float(np.sqrt(1 / file.rows)) if file.rows else 0.0)
+
+
+def fill_draws(rng: np.random.RandomState, file: RowFile, bound: float) -> None:
+    """Fill ``file`` in order with U(-bound, bound) draws from ``rng``, a few million values at a time
+    (the same values as one draw of the whole)."""
+    chunk = max(_DRAW_CHUNK_BYTES // (file.width * 4), 1)
+
+    def draw(start, stop):
+        values = torch.empty(stop - start, file.width)
+        fast_draw.uniform_into(rng, values, -bound, bound)
+        return values
+
+    file.fill(draw, chunk)
