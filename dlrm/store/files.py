@@ -102,17 +102,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+LET_GO_PAGES = 4096
+"""Pages of one file (16 MiB) that reads and writes may leave mapped before they are let go."""
+
+
 class RowFile:
     """A (rows, width) float32 file, preallocated, read and written by row numbers.
 
     The file is mapped for random access (``MADV_RANDOM``: a row read does not read the blocks around
-    it from the disk); after each read or write the mapped pages are let go (``MADV_DONTNEED``), so
-    the rows read stay in the page cache, not in this process's resident memory.
+    it from the disk); once reads and writes have touched about LET_GO_PAGES pages, the mapped
+    pages are let go (``MADV_DONTNEED``), so the rows read stay in the page cache, not in this
+    process's resident memory (at most LET_GO_PAGES pages of each file are mapped at a time; a
+    ``madvise`` over the whole mapping after every read cost more than the read).
     """
 
     def __init__(self, path: str, rows: int, width: int):
         self.path, self.rows, self.width = path, rows, width
         self.bytes_read = self.bytes_written = 0
+        self.touched = 0  # pages (at most) mapped since the last let-go
         size = rows * width * 4
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -133,7 +140,7 @@ class RowFile:
         """The rows ``rows`` (sorted row numbers), (len(rows), width), as a new tensor."""
         values = torch.from_numpy(self.array[rows])
         self.bytes_read += values.numel() * 4
-        self._let_go()
+        self._touch(len(rows))
         return values
 
     def write(self, rows: np.ndarray, values: torch.Tensor) -> None:
@@ -141,7 +148,7 @@ class RowFile:
         if len(rows):
             self.array[rows] = values.numpy()
             self.bytes_written += values.numel() * 4
-            self._let_go()
+            self._touch(len(rows))
 
     def fill(self, make_chunk: Callable[[int, int], torch.Tensor], chunk_rows: int) -> None:
         """Write the whole file in order, chunk by chunk: ``make_chunk(start, stop)`` gives the
@@ -159,10 +166,17 @@ class RowFile:
         if isinstance(self.array, np.memmap):
             self.array.flush()
 
+    def _touch(self, rows: int) -> None:
+        """Count the pages ``rows`` row accesses may have mapped; let them go past LET_GO_PAGES."""
+        self.touched += rows * (1 + self.width * 4 // 4096)
+        if self.touched >= LET_GO_PAGES:
+            self._let_go()
+
     def _let_go(self) -> None:
         handle: Optional[mmap.mmap] = getattr(self.array, "_mmap", None)
         if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
             handle.madvise(mmap.MADV_DONTNEED)
+        self.touched = 0
 
 
 def free_bytes(path: str) -> int:
