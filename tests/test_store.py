@@ -12,10 +12,6 @@ import torch
 from dlrm.data.random import RandomDataConfig, RandomDataset
 from dlrm.model.dlrm import DLRM, ModelConfig, make_loss, top_mlp_input_width
 from dlrm.model.fused_embedding import parameters_excluding_fused
-from dlrm.common import ConfigError
-from dlrm.distributed import DistInfo
-from dlrm.run.config import check_distributed
-from dlrm.run.flags import build_parser, config_from_args
 from dlrm.run.train import make_optimizer
 from dlrm.store.cache import RowCache
 from dlrm.store.files import NOTE_NAME, PREFIX, StoreDir, StoreError
@@ -285,13 +281,3 @@ def test_tables_larger_than_the_free_disk_are_refused_before_writing(tmp_path, m
         StoredTables(SIZES, DIM, np.random.RandomState(0), str(tmp_path), 0)
     assert [p for p in os.listdir(tmp_path)] == []  # its directory is gone again
 
-
-@pytest.mark.parametrize("sharding", ["column", "auto"])
-def test_pieces_in_files_take_table_or_row_sharding(sharding):
-    """Several processes keep whole tables or row blocks in files; column blocks (which "auto" may
-    choose) are refused before anything is built, on every rank alike (the flags agree)."""
-    cfg = config_from_args(build_parser().parse_args(
-        ["--embedding-store=disk", "--embedding-store-dir=X", f"--sharding={sharding}"]))
-    with pytest.raises(ConfigError, match=f"use --sharding=table or row, not {sharding}"):
-        check_distributed(cfg, DistInfo(rank=1, world_size=2), num_tables=3)
-    check_distributed(replace(cfg, sharding=replace(cfg.sharding, sharding="row")), DistInfo(rank=1, world_size=2), 3)

@@ -90,11 +90,14 @@ SHARDED = ["--mini-batch-size=16", "--data-size=160", "--arch-embedding-size=300
            "--num-indices-per-lookup=6"]
 
 
-@pytest.mark.parametrize("sharding,optimizer,pooling", [("row", "rwsadagrad", "learned"), ("table", "adagrad", "fixed")])
+@pytest.mark.parametrize("sharding,optimizer,pooling", [("row", "rwsadagrad", "learned"), ("column", "rwsadagrad", "learned"),
+                                                      ("table", "adagrad", "fixed")])
 def test_a_rank_s_pieces_in_files_train_as_its_pieces_in_memory(tmp_path, sharding, optimizer, pooling):
-    """Two ranks, each keeping its tables (or row blocks) in files behind a cache of a few hundred
-    rows: every printed line and the gathered checkpoint equal the same run with the pieces in
-    memory, bit for bit; a run resumed from it with pieces in files goes on as one in memory."""
+    """Two ranks, each keeping its tables (or row or column blocks) in files behind a cache of a few
+    hundred rows: every printed line and the gathered checkpoint equal the same run with the pieces
+    in memory, bit for bit (column blocks: the row-wise Adagrad's whole-row means and the learned
+    pooling weights' summed gradients too); a run resumed from it with pieces in files goes on as
+    one in memory."""
     common = SHARDED + [f"--sharding={sharding}", f"--optimizer={optimizer}", f"--weighted-pooling={pooling}"]
     outs = {}
     for where, store in (("memory", []), ("disk", _disk(tmp_path))):

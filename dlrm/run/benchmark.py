@@ -6,7 +6,9 @@ compute graph, ONNX export and the summary line.
 """
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import sys
 import time
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ from dlrm.run.train import (evaluate_once, graph_output, kept_checkpoint, make_o
                             optimizer_groups, train)
 from dlrm.shard.plan import ShardingPlan
 from dlrm.shard.stored import stored_sharded_tables
-from dlrm.store.tables import StoredTables, store_of
+from dlrm.store.tables import StoredTables, stores_of
 
 
 # =============================================================================================
@@ -158,8 +160,7 @@ def run(cfg: RunConfig) -> None:
         except Interrupted as exc:
             raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
     finally:
-        store = store_of(model.emb_l)
-        if store is not None:
+        for store in stores_of(model.emb_l):
             store.close()  # the table files are a working copy
 
 
@@ -242,12 +243,12 @@ def _stored_tables(cfg: RunConfig, log: Logger, info: DistInfo, plan: Optional[S
     s = cfg.store
 
     def make(model_cfg: ModelConfig, rng: np.random.RandomState) -> nn.Module:
-        def store(sizes, draw=None) -> StoredTables:
-            return StoredTables(sizes, model_cfg.embedding_dim, rng, s.embedding_store_dir, s.cache_bytes, optimizer,
+        def store(sizes, dim, draw=None) -> StoredTables:
+            return StoredTables(sizes, dim, rng, s.embedding_store_dir, s.cache_bytes, optimizer,
                                 s.keep_embedding_store, log.warn, draw)
 
         if plan is None:
-            return store(model_cfg.table_sizes)
+            return store(model_cfg.table_sizes, model_cfg.embedding_dim)
         return stored_sharded_tables(model_cfg.table_sizes, model_cfg.embedding_dim, model_cfg.bottom_mlp[-1], rng,
                                      plan, info, cfg.sharding.a2a_precision, store)
     return make
@@ -341,7 +342,7 @@ def finish(cfg: RunConfig, parts: RunParts, state: TrainState, model: DLRM, data
 
             restore_mlps(model)  # export the plain layers, which ONNX knows
         export_onnx(with_per_table_layout(model), sample, cfg.output.onnx_file, log)
-    stored = store_of(model.emb_l)
-    store = stored.stats().describe() if stored is not None else None
+    stores = stores_of(model.emb_l)
+    store = functools.reduce(operator.add, (s.stats() for s in stores)).describe() if stores else None
     log.note(format_summary(time.time() - started, state.trained.samples, state.trained.seconds, state.best.result,
                             state.saved.path, store))

@@ -33,7 +33,7 @@ from dlrm.common import CheckpointError, NonFiniteError, first_line
 from dlrm.distributed import DistInfo
 from dlrm.io.atomic import atomic_path, raw_file, writing
 from dlrm.shard.state import full_optimizer_state, full_state_dict, local_optimizer_state, local_weights
-from dlrm.store.tables import store_of
+from dlrm.store.tables import stores_of
 
 # ---------------------------------------------------------------------------------------------
 # Safe save and load
@@ -223,8 +223,9 @@ def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], path: str, 
 
 def _whole_tables_state(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
     """``state`` with the accumulators of tables (or a rank's pieces) kept in files read whole from them."""
-    stored = store_of(model.emb_l) if hasattr(model, "emb_l") else None
-    return stored.whole_optimizer_state(optimizer, state) if stored is not None else state
+    for stored in stores_of(model.emb_l) if hasattr(model, "emb_l") else []:
+        state = stored.whole_optimizer_state(optimizer, state)
+    return state
 
 
 def _optimizer_of(state: dict, shapes: List[tuple]) -> Optional[str]:
@@ -259,8 +260,8 @@ def restore_optimizer(payload: Dict[str, Any], optimizer: torch.optim.Optimizer,
     local = local_optimizer_state(saved, model, num_tables, info)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     shapes = [tuple(p.shape) for p in params]
-    stored = store_of(model.emb_l) if hasattr(model, "emb_l") else None
-    if stored is not None:  # its parameters are a batch's working rows: the tables (or pieces) are whole
+    stores = stores_of(model.emb_l) if hasattr(model, "emb_l") else []
+    for stored in stores:  # its parameters are a batch's working rows: the tables (or pieces) are whole
         for i, shape in stored.whole_shapes(optimizer).items():
             shapes[i] = shape
     saved_name = payload.get("optimizer") or _optimizer_of(local, shapes)
@@ -269,7 +270,7 @@ def restore_optimizer(payload: Dict[str, Any], optimizer: torch.optim.Optimizer,
              f"--optimizer={optimizer_name}: the weights are loaded, the optimizer starts fresh")
         return
     try:
-        if stored is not None:
+        for stored in stores:
             local = stored.take_optimizer_state(optimizer, local)  # the tables' accumulators go to their files
         optimizer.load_state_dict(local)
     except (ValueError, KeyError, IndexError, RuntimeError, TypeError):

@@ -143,9 +143,6 @@ def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
     """Raise ConfigError for what a multi-process run does not support."""
     if info.world_size == 1:
         return
-    if cfg.store.on_disk and cfg.sharding.sharding not in ("table", "row"):
-        raise ConfigError(f"--embedding-store=disk with several processes keeps whole tables or row blocks in files: "
-                          f"use --sharding=table or row, not {cfg.sharding.sharding}")
     if num_tables < info.world_size and cfg.sharding.sharding == "table":
         raise ConfigError(f"only ({num_tables}) sparse features for ({info.world_size}) devices, "
                           "table partitions will fail (split the tables: --sharding=row, column or auto)")

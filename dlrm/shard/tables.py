@@ -63,8 +63,8 @@ class ShardedTables(nn.ModuleDict):
         info: where this rank stands.
         all_parameter_names: see above.
         a2a_precision: "fp32", "bf16" or "fp16", the type the all-to-all sends.
-        store: the :class:`dlrm.store.tables.StoredTables` holding the pieces in files
-            (:mod:`dlrm.shard.stored`), else None (pieces in memory).
+        stores: the :class:`dlrm.store.tables.StoredTables` holding the pieces in files, one per
+            piece width (:mod:`dlrm.shard.stored`); none for pieces in memory.
 
     Shape:
         - offsets: (T, B); indices: (T, N) or list of T (N_t,), for the whole batch.
@@ -74,9 +74,9 @@ class ShardedTables(nn.ModuleDict):
     """
 
     def __init__(self, pieces: Dict[int, nn.Module], plan: ShardingPlan, dims: Sequence[int], info: DistInfo,
-                 all_parameter_names: Sequence[str] = (), a2a_precision: str = "fp32", store=None):
+                 all_parameter_names: Sequence[str] = (), a2a_precision: str = "fp32", stores: Sequence = ()):
         super().__init__({str(k): piece for k, piece in sorted(pieces.items())})
-        self._stores = [store] if store is not None else []  # a list: the store is no submodule (its pieces are)
+        self._stores = list(stores)  # a plain list: the stores are no submodules (their pieces are)
         self.plan, self.info, self.dims = plan, info, list(dims)
         self.all_parameter_names = tuple(all_parameter_names)
         widths = tuple(tuple(_width(p, self.dims[p.table], r) for p in plan.pieces_on(r)) for r in range(info.world_size))
@@ -84,14 +84,14 @@ class ShardedTables(nn.ModuleDict):
         self.column_groups = _column_groups(plan, info)
 
     @property
-    def store(self):
-        """The store holding this rank's pieces in files, or None."""
-        return self._stores[0] if self._stores else None
+    def stores(self) -> list:
+        """The stores holding this rank's pieces in files (empty for pieces in memory)."""
+        return list(self._stores)
 
     def attach_optimizer(self, optimizer) -> None:
-        """Pieces in files: let the store set and keep the working rows' optimizer state."""
-        if self.store is not None:
-            self.store.attach_optimizer(optimizer)
+        """Pieces in files: let their stores set and keep the working rows' optimizer state."""
+        for store in self._stores:
+            store.attach_optimizer(optimizer)
 
     def local_tables(self) -> List[int]:
         """The global numbers of the tables of which a piece is held here, ascending."""
@@ -107,18 +107,15 @@ class ShardedTables(nn.ModuleDict):
 
     def forward(self, offsets: torch.Tensor, indices, pooling_weights: Optional[List[Optional[torch.Tensor]]] = None
                 ) -> List[torch.Tensor]:
-        local = []  # one (B, w) per piece held here, in plan order
-        lookups = []  # pieces in files: their (offsets, indices, per-row weights), looked up at once
-        for placement in self.plan.pieces_on(self.info.rank):
-            t = placement.table
-            weights = None if pooling_weights is None else pooling_weights[t]
-            if self.store is not None:
-                lookups.append(self._piece_lookups(placement, offsets[t], indices[t], weights))
-            else:
+        placements = self.plan.pieces_on(self.info.rank)
+        if self._stores:
+            local = self._lookup_stored(placements, offsets, indices, pooling_weights)
+        else:
+            local = []  # one (B, w) per piece held here, in plan order
+            for placement in placements:
+                t = placement.table
+                weights = None if pooling_weights is None else pooling_weights[t]
                 local.append(self._lookup(placement, offsets[t], indices[t], weights))
-        if lookups:
-            local = self.store([o for o, _, _ in lookups], [i for _, i, _ in lookups],
-                               None if pooling_weights is None else [w for _, _, w in lookups])
         batch = offsets.shape[1] if isinstance(offsets, torch.Tensor) else len(offsets[0])
         weight = next(iter(self.parameters()), None)
         dtype = weight.dtype if weight is not None else torch.get_default_dtype()
@@ -134,6 +131,26 @@ class ShardedTables(nn.ModuleDict):
         start, stop = placement.block_on(self.info.rank)
         local, local_offsets = rows_in_block(offsets, indices, start, stop)
         return table(local, local_offsets, per_sample_weights=None if weights is None else weights[local])
+
+    def _lookup_stored(self, placements: Sequence[Placement], offsets, indices, pooling_weights) -> List[torch.Tensor]:
+        """This rank's pieces in files pooled over the whole batch, one call per store: (B, w) per
+        piece, in plan order."""
+        by_store: Dict[int, list] = {}  # id of a store -> [(position, (offsets, indices, weights))]
+        for position, placement in enumerate(placements):
+            t = placement.table
+            weights = None if pooling_weights is None else pooling_weights[t]
+            by_store.setdefault(id(self[str(t)].store), []).append(
+                (position, self._piece_lookups(placement, offsets[t], indices[t], weights)))
+        local: List[Optional[torch.Tensor]] = [None] * len(placements)
+        for store in self._stores:
+            lookups = [lookup for _, lookup in by_store.get(id(store), [])]
+            if not lookups:
+                continue
+            pooled = store([o for o, _, _ in lookups], [i for _, i, _ in lookups],
+                           None if pooling_weights is None else [w for _, _, w in lookups])
+            for (position, _), value in zip(by_store[id(store)], pooled):
+                local[position] = value
+        return local
 
     def _piece_lookups(self, placement: Placement, offsets: torch.Tensor, indices: torch.Tensor,
                        weights: Optional[torch.Tensor]):

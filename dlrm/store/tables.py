@@ -62,6 +62,10 @@ class StoreStats:
     bytes_read: int
     bytes_written: int
 
+    def __add__(self, other: "StoreStats") -> "StoreStats":
+        return StoreStats(self.hits + other.hits, self.misses + other.misses, self.bytes_read + other.bytes_read,
+                          self.bytes_written + other.bytes_written)
+
     @property
     def hit_rate(self) -> float:
         total = self.hits + self.misses
@@ -355,13 +359,12 @@ class StoredTables(nn.Module):
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
 
-def store_of(tables: nn.Module) -> Optional["StoredTables"]:
-    """The store holding ``tables`` (a model's ``emb_l``) in files: itself, the store of a rank's
-    sharded pieces, or None for tables in memory."""
+def stores_of(tables: nn.Module) -> List["StoredTables"]:
+    """The stores holding ``tables`` (a model's ``emb_l``) in files: itself, the stores of a rank's
+    sharded pieces, or none for tables in memory."""
     if isinstance(tables, StoredTables):
-        return tables
-    store = getattr(tables, "store", None)
-    return store if isinstance(store, StoredTables) else None
+        return [tables]
+    return list(getattr(tables, "stores", []))
 
 
 def draw_whole_tables(rng: np.random.RandomState, files: List[RowFile]) -> None:
