@@ -25,6 +25,10 @@ ARGS = ["--mini-batch-size=8", "--data-size=96", "--arch-embedding-size=300-20-1
 TINY_CACHE = "--embedding-cache-gib=0.00002"  # about 20 KiB: a few hundred rows of 1,327, so rows are evicted
 
 
+STORE_SUMMARY = re.compile(r", table store: ([\d.]+) % of rows from the cache, ([\d.]+) % of the rest read ahead, "
+                           r"read ([\d.]+ \w+), wrote ([\d.]+ \w+)$", re.M)
+
+
 def _run(tmp_path, *args, preexec=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *args,
@@ -63,9 +67,8 @@ def test_a_run_from_files_prints_and_saves_the_memory_run_bit_for_bit(tmp_path, 
     assert "Finished training it" in out1
     _assert_same_checkpoint(memory, disk)
     summary = [line for line in err2.splitlines() if line.startswith("summary:")]
-    match = re.search(r", table store: ([\d.]+) % of rows from the cache, read ([\d.]+ \w+), wrote ([\d.]+ \w+)$",
-                      summary[0])
-    assert match and 0 < float(match.group(1)) < 100, summary
+    match = STORE_SUMMARY.search(summary[0])
+    assert match and 0 < float(match.group(1)) < 100 and 0 < float(match.group(2)) <= 100, summary
     assert os.listdir(tmp_path / "store") == []  # the working copy is gone
 
 
@@ -105,6 +108,8 @@ def test_a_rank_s_pieces_in_files_train_as_its_pieces_in_memory(tmp_path, shardi
                                                 f"--tensor-board-filename={tmp_path / 'tb'}"], nproc=2)
         assert code == 0, err
     assert outs["disk"].replace("disk.pt", "memory.pt") == outs["memory"] and "Finished training it" in outs["memory"]
+    read_ahead = STORE_SUMMARY.search(err)
+    assert read_ahead and float(read_ahead.group(2)) > 0, err  # the next batch's rows were read ahead
     _assert_same_checkpoint(tmp_path / "memory.pt", tmp_path / "disk.pt")
     for where, store in (("memory", []), ("disk", _disk(tmp_path))):
         code, outs[where], err = dist_runs.run([*common, "--nepochs=2", "--fix-reference-bugs", *store,

@@ -155,9 +155,9 @@ def format_summary(wall_time_s: float, train_samples: int, train_time_s: float,
         best (BestResult, optional): the best test result; ``no test`` when None. Default: ``None``
         checkpoint (str, optional): where the model was saved; ``no checkpoint`` when None.
             Default: ``None``
-        store (str, optional): with tables in files, a fifth field: the cache's hit rate and the
-            bytes read and written (``table store: 93.1 % of rows from the cache, read 1.2 GiB, wrote
-            409.6 MiB``).
+        store (str, optional): with tables in files, a fifth field: the cache's hit rate, the share
+            of the other rows read ahead, and the bytes read and written (``table store: 93.1 % of
+            rows from the cache, 97.0 % of the rest read ahead, read 1.2 GiB, wrote 409.6 MiB``).
     """
     wall = f"wall time {wall_time_s:.1f} s"
     if wall_time_s >= 60:

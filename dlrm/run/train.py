@@ -34,6 +34,7 @@ from dlrm.run.checkpoint import Position, Resume, checkpoint_payload, save_check
 from dlrm.run.log_lines import (Logger, format_accuracy_line, format_mlperf_metrics_line, format_test_header,
                                 format_train_line)
 from dlrm.run.parts import LastSave, PrintWindow, RunParts, ScalarWriter, TrainState
+from dlrm.store.tables import stores_of
 
 OPTIMIZERS = ("sgd", "adagrad", "rwsadagrad")
 
@@ -233,7 +234,8 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch:
     Losses stay on the device; only the steps that print read them back.
     """
     with _bar(parts, cfg, parts.nbatches, f"epoch {epoch}") as bar:
-        prefetch = getattr(parts.model.emb_l, "prefetch", None)  # tables in files read the next batch's rows
+        # tables (or a rank's pieces) in files read the next batch's rows while this one trains
+        prefetch = parts.model.emb_l.prefetch if stores_of(parts.model.emb_l) else None
 
         def may_read_ahead(step: int) -> bool:  # not past a test: random test data may draw from the same stream
             return not (cfg.test_freq > 0 and _due(cfg.test_freq, step, parts.nbatches))
@@ -264,10 +266,10 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch:
                 return
 
 
-def _reading_ahead(loader: Iterable[Batch], prefetch: Optional[Callable[[object], None]],
+def _reading_ahead(loader: Iterable[Batch], prefetch: Optional[Callable[[object, object], None]],
                    may_read_ahead: Callable[[int], bool]) -> Iterator[Batch]:
     """The loader's batches; with ``prefetch`` (tables in files), the successor of batch ``step`` is
-    fetched before that batch is yielded and its indices handed to ``prefetch``, so its rows are
+    fetched before that batch is yielded and its indices and offsets handed to ``prefetch``, so its rows are
     read while the batch trains, unless ``may_read_ahead(step)`` says no (a test follows the step,
     and must draw its data first, as it does without reading ahead). The loader is asked for the
     same batches in the same order: the loop fetches one past its last batch either way."""
@@ -280,7 +282,7 @@ def _reading_ahead(loader: Iterable[Batch], prefetch: Optional[Callable[[object]
         ahead = may_read_ahead(step)
         following = next(batches, None) if ahead else None
         if following is not None:
-            prefetch(following.indices)
+            prefetch(following.indices, following.offsets)
         yield current
         current = following if ahead else next(batches, None)
         step += 1

@@ -77,6 +77,8 @@ class ShardedTables(nn.ModuleDict):
                  all_parameter_names: Sequence[str] = (), a2a_precision: str = "fp32", stores: Sequence = ()):
         super().__init__({str(k): piece for k, piece in sorted(pieces.items())})
         self._stores = list(stores)  # a plain list: the stores are no submodules (their pieces are)
+        # pieces in files: coming batches read ahead, id of their indices -> (the indices, lookups per store)
+        self._coming: Dict[int, tuple] = {}
         self.plan, self.info, self.dims = plan, info, list(dims)
         self.all_parameter_names = tuple(all_parameter_names)
         widths = tuple(tuple(_width(p, self.dims[p.table], r) for p in plan.pieces_on(r)) for r in range(info.world_size))
@@ -132,23 +134,50 @@ class ShardedTables(nn.ModuleDict):
         local, local_offsets = rows_in_block(offsets, indices, start, stop)
         return table(local, local_offsets, per_sample_weights=None if weights is None else weights[local])
 
+    def prefetch(self, indices, offsets) -> None:
+        """Pieces in files: start reading the rows that a coming batch (its whole-batch ``indices``
+        and ``offsets``) needs, as :meth:`dlrm.store.tables.StoredTables.prefetch` does; that
+        batch's forward, given the same ``indices`` object, uses them."""
+        if not self._stores:
+            return
+        groups = self._store_lookups(self.plan.pieces_on(self.info.rank), offsets, indices)
+        while len(self._coming) >= 2:  # as many as the stores read ahead (an unused one is dropped)
+            del self._coming[next(iter(self._coming))]
+        self._coming[id(indices)] = (indices, groups)  # its forward passes the stores these same lists
+        for store in self._stores:
+            if id(store) in groups:
+                store.prefetch(groups[id(store)][1])
+
+    def _store_lookups(self, placements: Sequence[Placement], offsets, indices) -> Dict[int, tuple]:
+        """Per store (by id): the positions of its pieces among ``placements``, and their indices,
+        offsets and table numbers for the whole batch, as lists."""
+        groups: Dict[int, tuple] = {}
+        for position, placement in enumerate(placements):
+            t = placement.table
+            piece_offsets, piece_indices, _ = self._piece_lookups(placement, offsets[t], indices[t], None)
+            positions, piece_index_list, offsets_list, tables = groups.setdefault(
+                id(self[str(t)].store), ([], [], [], []))
+            positions.append(position)
+            piece_index_list.append(piece_indices)
+            offsets_list.append(piece_offsets)
+            tables.append(t)
+        return groups
+
     def _lookup_stored(self, placements: Sequence[Placement], offsets, indices, pooling_weights) -> List[torch.Tensor]:
         """This rank's pieces in files pooled over the whole batch, one call per store: (B, w) per
         piece, in plan order."""
-        by_store: Dict[int, list] = {}  # id of a store -> [(position, (offsets, indices, weights))]
-        for position, placement in enumerate(placements):
-            t = placement.table
-            weights = None if pooling_weights is None else pooling_weights[t]
-            by_store.setdefault(id(self[str(t)].store), []).append(
-                (position, self._piece_lookups(placement, offsets[t], indices[t], weights)))
+        coming = self._coming.pop(id(indices), None)
+        if coming is not None and coming[0] is indices:
+            groups = coming[1]  # read ahead: the same lists, which the stores recognise
+        else:
+            groups = self._store_lookups(placements, offsets, indices)
         local: List[Optional[torch.Tensor]] = [None] * len(placements)
         for store in self._stores:
-            lookups = [lookup for _, lookup in by_store.get(id(store), [])]
-            if not lookups:
+            if id(store) not in groups:
                 continue
-            pooled = store([o for o, _, _ in lookups], [i for _, i, _ in lookups],
-                           None if pooling_weights is None else [w for _, _, w in lookups])
-            for (position, _), value in zip(by_store[id(store)], pooled):
+            positions, piece_indices, piece_offsets, tables = groups[id(store)]
+            weights = None if pooling_weights is None else [pooling_weights[t] for t in tables]  # the piece's rows'
+            for position, value in zip(positions, store(piece_offsets, piece_indices, weights)):
                 local[position] = value
         return local
 

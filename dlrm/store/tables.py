@@ -55,16 +55,18 @@ class _Batch(NamedTuple):
 
 @dataclass
 class StoreStats:
-    """What the store did: lookups served from the cache and from the files, bytes moved."""
+    """What the store did: a batch's rows served from the cache and from the files (of those, how
+    many were read ahead), bytes moved."""
 
     hits: int
     misses: int
+    read_ahead: int
     bytes_read: int
     bytes_written: int
 
     def __add__(self, other: "StoreStats") -> "StoreStats":
-        return StoreStats(self.hits + other.hits, self.misses + other.misses, self.bytes_read + other.bytes_read,
-                          self.bytes_written + other.bytes_written)
+        return StoreStats(self.hits + other.hits, self.misses + other.misses, self.read_ahead + other.read_ahead,
+                          self.bytes_read + other.bytes_read, self.bytes_written + other.bytes_written)
 
     @property
     def hit_rate(self) -> float:
@@ -72,9 +74,11 @@ class StoreStats:
         return self.hits / total if total else 0.0
 
     def describe(self) -> str:
-        """``table store: 93.1 % of rows from the cache, read 1.2 GiB, wrote 409.6 MiB``."""
-        return (f"table store: {self.hit_rate * 100:.1f} % of rows from the cache, read {_human(self.bytes_read)}, "
-                f"wrote {_human(self.bytes_written)}")
+        """``table store: 93.1 % of rows from the cache, 97.0 % of the rest read ahead, read 1.2 GiB,
+        wrote 409.6 MiB``."""
+        ahead = self.read_ahead / self.misses if self.misses else 0.0
+        return (f"table store: {self.hit_rate * 100:.1f} % of rows from the cache, {ahead * 100:.1f} % of the rest "
+                f"read ahead, read {_human(self.bytes_read)}, wrote {_human(self.bytes_written)}")
 
 
 def _human(n: float) -> str:
@@ -163,11 +167,12 @@ class StoredTables(nn.Module):
         rows, inverse = torch.unique(global_rows, sorted=True, return_inverse=True)
         return rows, inverse, counts
 
-    def prefetch(self, indices) -> None:
+    def prefetch(self, indices, offsets=None) -> None:
         """Start reading from the files, in a background thread, the rows that ``indices`` (a coming
         batch's, (T, N) or T tensors) need and the cache does not hold. That batch's forward, given
         the same ``indices`` object, uses them (re-reading any row written meanwhile). At most
-        AHEAD batches are read ahead; an older read not used by then is dropped.
+        AHEAD batches are read ahead; an older read not used by then is dropped. (``offsets`` is not
+        needed here; sharded pieces in files take it.)
 
         The batch's unique rows are found here, in the calling thread (its forward needs them
         anyway): only the file reads, which wait on the disk, go to the background, so they do not
@@ -318,7 +323,7 @@ class StoredTables(nn.Module):
 
     def stats(self) -> StoreStats:
         files = self.cache.weights + (self.cache.states or [])
-        return StoreStats(self.cache.hits, self.cache.misses,
+        return StoreStats(self.cache.hits, self.cache.misses, self.cache.read_ahead_used,
                           sum(f.bytes_read for f in files), sum(f.bytes_written for f in files))
 
     def close(self) -> None:
