@@ -1,0 +1,160 @@
+"""A checkpoint directory: a manifest, a base (a full checkpoint) and a chain of increments.
+
+``manifest.json`` names the format version, the configuration the checkpoints belong to (the
+model's flags and the optimizer), and the chain in order: each link's file, kind (``base`` or
+``increment``), position (epoch and iteration, as the checkpoint's ``epoch`` and ``iter``) and
+bytes. Every file is written under a temporary name and renamed, and the manifest is rewritten
+(the same way) only after the file it adds is complete: a process killed at any moment leaves the
+last complete chain restorable. Files no manifest names (a write cut short) are removed when the
+directory is next opened for writing.
+
+A new base replaces the chain every ``rebase_every`` increments, or once the increments since the
+base hold more than ``rebase_fraction`` of its bytes (restoring would read more than a base).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from dlrm.checkpoints.increments import apply_increment, increment_bytes, make_increment
+from dlrm.common import CheckpointError
+from dlrm.io.atomic import atomic_path, writing
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Link:
+    """One file of the chain."""
+
+    file: str
+    kind: str  # "base" or "increment"
+    epoch: int
+    iter: int
+    bytes: int
+
+    def position(self) -> str:
+        return f"epoch {self.epoch}, iteration {self.iter}"
+
+
+class CheckpointChain:
+    """The checkpoints of a run in ``directory``.
+
+    Args:
+        directory: ``--checkpoint-dir``; made if missing.
+        config: what the checkpoints belong to (the model's flags and the optimizer): a directory
+            holding another configuration's chain is refused.
+        rebase_every, rebase_fraction: when a new base replaces the chain (see the module).
+
+    Raises:
+        CheckpointError: the directory holds another configuration's chain, or an unreadable manifest.
+    """
+
+    def __init__(self, directory: str, config: Dict[str, Any], rebase_every: int = 8, rebase_fraction: float = 0.5):
+        self.directory, self.config = directory, dict(config)
+        self.rebase_every, self.rebase_fraction = rebase_every, rebase_fraction
+        with writing(directory, what="the checkpoint directory"):
+            os.makedirs(directory, exist_ok=True)
+        self.links = read_manifest(directory, self.config) if os.path.exists(self._manifest) else []
+        self._remove_unnamed()
+
+    @property
+    def _manifest(self) -> str:
+        return os.path.join(self.directory, MANIFEST)
+
+    def save(self, payload: Dict[str, Any], touched: Optional[Dict[int, np.ndarray]],
+             parameter_names: Sequence[str]) -> Link:
+        """Add the checkpoint ``payload`` (the single-process layout) to the chain: as an increment
+        of the ``touched`` rows, or as a new base (also when ``touched`` is None: the rows changed
+        since the last checkpoint are not known)."""
+        from dlrm.run.checkpoint import save_checkpoint
+
+        since_base = self.links[next((i for i in range(len(self.links) - 1, -1, -1)
+                                      if self.links[i].kind == "base"), 0):]
+        increment = None
+        if touched is not None and since_base:
+            increment = make_increment(payload, touched, parameter_names)
+            grown = sum(link.bytes for link in since_base[1:]) + increment_bytes(increment)
+            if len(since_base) - 1 >= self.rebase_every or grown > self.rebase_fraction * since_base[0].bytes:
+                increment = None
+        kind = "increment" if increment is not None else "base"
+        epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
+        name = f"{kind}-e{epoch}-i{it}-{len(self.links)}.pt"
+        save_checkpoint(os.path.join(self.directory, name), increment if increment is not None else payload)
+        link = Link(name, kind, epoch, it, increment_bytes(increment if increment is not None else payload))
+        self.links = [link] if kind == "base" else self.links + [link]
+        self._write_manifest()
+        self._remove_unnamed()
+        return link
+
+    def _write_manifest(self) -> None:
+        document = {"format": FORMAT, "config": self.config, "chain": [asdict(link) for link in self.links]}
+        with writing(self._manifest, what="the checkpoint manifest"):
+            with atomic_path(self._manifest) as tmp:
+                with open(tmp, "w") as out:
+                    json.dump(document, out, indent=1)
+                    out.flush()
+                    os.fsync(out.fileno())
+
+    def _remove_unnamed(self) -> None:
+        """Remove the checkpoint files the manifest does not name (an older chain, a cut write)."""
+        named = {link.file for link in self.links}
+        for entry in os.listdir(self.directory):
+            if entry.endswith(".pt") and entry not in named and entry.startswith(("base-", "increment-")):
+                os.remove(os.path.join(self.directory, entry))
+
+
+def read_manifest(directory: str, config: Optional[Dict[str, Any]] = None) -> List[Link]:
+    """The chain of ``directory``'s manifest, checked against ``config`` when given.
+
+    Raises:
+        CheckpointError: no manifest, an unreadable one, another format, or another configuration
+            (naming the first field that differs).
+    """
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as source:
+            document = json.load(source)
+        links = [Link(**entry) for entry in document["chain"]]
+        version, saved = document["format"], document["config"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no checkpoint manifest ({MANIFEST}) there") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint manifest ({type(exc).__name__})") from None
+    if version != FORMAT:
+        raise CheckpointError(f"{path}: format {version}, this version reads format {FORMAT}")
+    if config is not None:
+        for field in sorted(set(saved) | set(config)):
+            if saved.get(field) != config.get(field):
+                raise CheckpointError(f"{directory}: holds checkpoints of another configuration: {field} is "
+                                      f"{saved.get(field)!r} there and {config.get(field)!r} in this run")
+    if not links or links[0].kind != "base":
+        raise CheckpointError(f"{path}: the chain does not start with a base")
+    return links
+
+
+def load_chain(directory: str) -> Dict[str, Any]:
+    """The full checkpoint (the single-process layout) that ``directory``'s chain restores: its base
+    with every increment applied in order.
+
+    Raises:
+        CheckpointError: a missing or damaged manifest or file (naming it and the last good position).
+    """
+    from dlrm.run.checkpoint import load_checkpoint
+
+    links = read_manifest(directory)
+    payload: Optional[Dict[str, Any]] = None
+    for i, link in enumerate(links):
+        path = os.path.join(directory, link.file)
+        try:
+            part = load_checkpoint(path)
+            payload = part if payload is None else apply_increment(payload, part, path)
+        except (CheckpointError, ValueError) as exc:
+            good = f"the last good checkpoint is at {links[i - 1].position()}" if i else "no checkpoint is complete"
+            raise CheckpointError(f"{exc} ({good})") from None
+    return payload
