@@ -18,6 +18,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
+from dlrm.checkpoints.chain import MANIFEST
 from dlrm.common import ConfigError
 from dlrm.io.atomic import atomic_open, atomic_path, remove_stale_temps, temp_name, writing
 from dlrm.io.path_collisions import NamedFile, check_collisions
@@ -58,9 +59,14 @@ def _written_paths(cfg: OutputConfig) -> List[Tuple[str, str]]:
 
 def check_outputs(cfg: OutputConfig) -> None:
     """Raise ConfigError, naming the flag and the path, for any output the run could not write, and
-    for a ``--load-model`` file that does not exist."""
+    for a ``--load-model`` file (or checkpoint directory) that does not exist."""
     if cfg.load_model and not os.path.isfile(cfg.load_model):
-        raise ConfigError(f"--load-model={cfg.load_model}: checkpoint file not found")
+        if os.path.isdir(cfg.load_model):  # a --checkpoint-dir, restored from its manifest's chain
+            if not os.path.isfile(os.path.join(cfg.load_model, MANIFEST)):
+                raise ConfigError(f"--load-model={cfg.load_model}: a directory without a checkpoint manifest "
+                                  f"({MANIFEST})")
+        else:
+            raise ConfigError(f"--load-model={cfg.load_model}: checkpoint file not found")
     for flag, path in _written_paths(cfg):
         check_writable_file(flag, path)
     if tensorboard_directory(cfg):

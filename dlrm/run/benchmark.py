@@ -279,8 +279,21 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
     writer, metrics = open_channels(cfg, info, log)
     parts = RunParts(run_model, loss_fn, optimizer, scheduler, data.train_loader, data.test_loader, nbatches,
                      nbatches_test, device, log, writer=writer, mlperf=mlperf, save_model=cfg.output.save_model,
-                     info=info, num_tables=len(data.table_sizes), metrics=metrics)
+                     info=info, num_tables=len(data.table_sizes), metrics=metrics,
+                     checkpoints=_periodic_checkpoints(cfg, model, optimizer, len(data.table_sizes)))
     return parts, TrainState.resuming(resume)
+
+
+def _periodic_checkpoints(cfg: RunConfig, model: DLRM, optimizer, num_tables: int):
+    """``--checkpoint-every``'s writer (None without it, or when the run only evaluates)."""
+    if not cfg.checkpoints.on or optimizer is None:
+        return None
+    from dlrm.checkpoints.periodic import PeriodicCheckpoints
+    from dlrm.run.checkpoint import model_flags
+
+    config = {"model": model_flags(model.cfg), "table_sizes": list(model.cfg.table_sizes),
+              "embedding_dim": model.cfg.embedding_dim, "optimizer": cfg.train.optimizer}
+    return PeriodicCheckpoints(cfg.checkpoints, model, optimizer, config, num_tables)
 
 
 def open_channels(cfg: RunConfig, info: DistInfo, log: Logger) -> Tuple[Optional[ScalarWriter], Optional[MetricsFile]]:

@@ -316,7 +316,12 @@ def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimiz
     from (and with ``run.fix_reference_bugs`` the schedule's state; by default the schedule restarts,
     as in the reference). Prints the reference's lines about the file; returns where to resume."""
     device = next(model.parameters()).device
-    payload = load_checkpoint(path, map_location=device)
+    if os.path.isdir(path):  # a --checkpoint-dir: its base with the increments applied
+        from dlrm.checkpoints.chain import load_chain
+
+        payload = load_chain(path)
+    else:
+        payload = load_checkpoint(path, map_location=device)
     check_model_flags(payload, model.cfg, path)
     log(f"Loading saved model {path}")
     load_weights(model, payload["state_dict"], path, info)

@@ -22,6 +22,7 @@ from dlrm.outputs.side_channels import OutputConfig
 from dlrm.run.preflight import BatchShape, check_memory as check_memory_fits
 from dlrm.run.train import TrainConfig
 from dlrm.shard.config import ShardingConfig
+from dlrm.checkpoints.config import CheckpointConfig
 from dlrm.store.config import StoreConfig
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class RunConfig:
     inference: InferenceConfig
     sharding: ShardingConfig = ShardingConfig()
     store: StoreConfig = StoreConfig()
+    checkpoints: CheckpointConfig = CheckpointConfig()
     flags: Tuple[Tuple[str, object], ...] = ()  # every flag's value by its reference name, for the args line
 
     def __post_init__(self):
@@ -143,6 +145,8 @@ def check_distributed(cfg: RunConfig, info: DistInfo, num_tables: int) -> None:
     """Raise ConfigError for what a multi-process run does not support."""
     if info.world_size == 1:
         return
+    if cfg.checkpoints.on:
+        raise ConfigError(f"--checkpoint-every runs in one process only so far (world size {info.world_size})")
     if num_tables < info.world_size and cfg.sharding.sharding == "table":
         raise ConfigError(f"only ({num_tables}) sparse features for ({info.world_size}) devices, "
                           "table partitions will fail (split the tables: --sharding=row, column or auto)")

@@ -20,6 +20,7 @@ from dlrm.run.config import InferenceConfig, RunConfig, SystemConfig
 from dlrm.run.train import OPTIMIZERS, TrainConfig
 from dlrm.shard.config import A2A_PRECISION_NAMES, SHARDINGS, ShardingConfig
 from dlrm.store.config import STORES, StoreConfig
+from dlrm.checkpoints.config import CheckpointConfig
 
 
 # =============================================================================================
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(p.add_argument_group("output"))
     _sharding_flags(p.add_argument_group("sharding (not in the reference: tables split over several processes)"))
     _store_flags(p.add_argument_group("table store (not in the reference: tables in files behind a row cache)"))
+    _checkpoint_flags(p.add_argument_group("periodic checkpoints (not in the reference: a base and increments)"))
     for action in p._actions:  # name values after the flag users type, not the attribute inside
         if action.option_strings and action.metavar is None and action.choices is None and action.nargs != 0:
             action.metavar = action.option_strings[0].lstrip("-").upper().replace("-", "_")
@@ -181,6 +183,17 @@ def _sharding_flags(s) -> None:
                         "bf16 or fp16 (half the bytes, rounded)")
 
 
+def _checkpoint_flags(c) -> None:
+    c.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
+                   help="write a checkpoint every N training batches into --checkpoint-dir: a base, then increments "
+                        "holding only the table rows changed since (resume with --load-model=DIR)")
+    c.add_argument("--checkpoint-dir", dest="checkpoint_dir", default="",
+                   help="with --checkpoint-every: the directory of the checkpoints (a manifest, a base, increments)")
+    c.add_argument("--checkpoint-rebase-every", dest="checkpoint_rebase_every", type=int, default=8,
+                   help="with --checkpoint-every: a new base after this many increments (default 8; also once the "
+                        "increments hold half the base's bytes)")
+
+
 def _store_flags(s) -> None:
     s.add_argument("--embedding-store", dest="embedding_store", choices=list(STORES), default="memory",
                    help="where the embedding tables live: memory (the reference) or disk (one file per table under "
@@ -254,7 +267,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         model=take(ModelConfig, flags, top_mlp=(width,) + flags["top_mlp"]), data=data,
         train=take(TrainConfig, flags, debug_groups=flags["debug_mode"] and not flags["fix_reference_bugs"]),
         system=take(SystemConfig, flags), output=take(OutputConfig, flags), inference=take(InferenceConfig, flags),
-        sharding=take(ShardingConfig, flags), store=take(StoreConfig, flags), flags=tuple(reference_flag_values(flags).items()))
+        sharding=take(ShardingConfig, flags), store=take(StoreConfig, flags),
+        checkpoints=take(CheckpointConfig, flags), flags=tuple(reference_flag_values(flags).items()))
     if cfg.output.save_onnx:
         from dlrm.outputs.onnx_export import require_onnx
 

@@ -39,6 +39,7 @@ class RunParts:
         save_model: the ``--save-model`` path ("" for none).
         num_tables: T, for gathering the tables' optimizer state into a checkpoint.
         metrics: the ``--metrics-file`` on the main rank; else None.
+        checkpoints: ``--checkpoint-every``'s writer; else None.
     """
 
     model: nn.Module
@@ -57,6 +58,7 @@ class RunParts:
     info: DistInfo = DistInfo()
     num_tables: int = 0
     metrics: Optional[MetricsFile] = None
+    checkpoints: Optional[object] = None  # --checkpoint-every: a dlrm.checkpoints.periodic.PeriodicCheckpoints
 
 
 LOSS_WINDOW = 4096

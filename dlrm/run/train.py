@@ -262,6 +262,8 @@ def train_one_epoch(parts: RunParts, cfg: TrainConfig, state: TrainState, epoch:
                 printed_loss = _print_train_line(parts, cfg, state, step, epoch)
                 if testing:
                     _test_and_save(parts, cfg, state, printed_loss, step, epoch)
+            if parts.checkpoints is not None and parts.checkpoints.after_step(batch.indices):
+                _write_periodic(parts, cfg, state, step, epoch)
             if state.progress.stop:
                 return
 
@@ -438,6 +440,18 @@ def save_position(parts: RunParts, cfg: TrainConfig, state: TrainState, at: Posi
     except Interrupted as exc:
         raise exc.during(f"saving the checkpoint {parts.save_model}")
     state.saved = LastSave(parts.save_model, f"iteration {at.step}/{at.nbatches} of epoch {at.epoch}")
+
+
+def _write_periodic(parts: RunParts, cfg: TrainConfig, state: TrainState, step: int, epoch: int) -> None:
+    """``--checkpoint-every``: this step's checkpoint into the chain (a base or an increment)."""
+    at = Position(nepochs=cfg.nepochs, nbatches=parts.nbatches, nbatches_test=parts.nbatches_test, epoch=epoch,
+                  step=step + 1, train_loss=state.trained.last_loss, test_acc=state.best.accuracy,
+                  test_auc=state.best.auc if cfg.mlperf_logging else None)
+    try:
+        parts.checkpoints.save(lambda: checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
+                                                          parts.num_tables, parts.info, at))
+    except Interrupted as exc:
+        raise exc.during("writing a periodic checkpoint")
 
 
 def kept_checkpoint(save_model: str, state: TrainState) -> str:
