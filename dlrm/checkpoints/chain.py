@@ -55,7 +55,7 @@ class CheckpointChain:
         CheckpointError: the directory holds another configuration's chain, or an unreadable manifest.
     """
 
-    def __init__(self, directory: str, config: Dict[str, Any], rebase_every: int = 8, rebase_fraction: float = 0.5):
+    def __init__(self, directory: str, config: Dict[str, Any], rebase_every: int = 16, rebase_fraction: float = 0.5):
         self.directory, self.config = directory, dict(config)
         self.rebase_every, self.rebase_fraction = rebase_every, rebase_fraction
         with writing(directory, what="the checkpoint directory"):

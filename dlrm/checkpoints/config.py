@@ -19,7 +19,7 @@ class CheckpointConfig:
 
     checkpoint_every: int = 0
     checkpoint_dir: str = ""
-    checkpoint_rebase_every: int = 8
+    checkpoint_rebase_every: int = 16
 
     def __post_init__(self):
         if self.checkpoint_every < 0:

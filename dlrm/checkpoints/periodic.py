@@ -49,6 +49,11 @@ class PeriodicCheckpoints:
         return link
 
 
+    def chain_bytes(self) -> int:
+        """The bytes of the chain's files now (what the directory holds)."""
+        return sum(link.bytes for link in self.chain.links)
+
+
 def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[str]:
     """The state-dict names of the optimizer's parameters, in its order (a table in files is named
     ``emb_l.K.weight``, the whole table its state entry holds in a checkpoint)."""

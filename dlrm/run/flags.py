@@ -189,8 +189,8 @@ def _checkpoint_flags(c) -> None:
                         "holding only the table rows changed since (resume with --load-model=DIR)")
     c.add_argument("--checkpoint-dir", dest="checkpoint_dir", default="",
                    help="with --checkpoint-every: the directory of the checkpoints (a manifest, a base, increments)")
-    c.add_argument("--checkpoint-rebase-every", dest="checkpoint_rebase_every", type=int, default=8,
-                   help="with --checkpoint-every: a new base after this many increments (default 8; also once the "
+    c.add_argument("--checkpoint-rebase-every", dest="checkpoint_rebase_every", type=int, default=16,
+                   help="with --checkpoint-every: a new base after this many increments (default 16; also once the "
                         "increments hold half the base's bytes)")
 
 
