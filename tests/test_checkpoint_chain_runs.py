@@ -1,6 +1,7 @@
 """``--checkpoint-every`` runs: the chain of a base and an increment restores the ``--save-model``
-file of the same step bit for bit, and a run resumed from the directory prints what one resumed
-from that file prints; refusals are one line."""
+file of the same step bit for bit (row-wise Adagrad, fused SGD, Adagrad with tables in files), and
+a run resumed from the directory prints what one resumed from that file prints; refusals are one
+line."""
 import json
 import os
 import subprocess
@@ -56,6 +57,8 @@ def test_the_chain_restores_the_saved_file_and_resumes_as_it_does(tmp_path, opti
     kinds = [link["kind"] for link in json.loads((chain / "manifest.json").read_text())["chain"]]
     assert kinds == ["base", "increment"]  # steps 4 and 8; --save-model wrote step 8 at its test
     _assert_equal(load_chain(str(chain)), load_checkpoint(str(full)))
+    if optimizer != "rwsadagrad":
+        return  # resuming from a directory: once is enough (each run takes seconds)
     outs = []
     for source in (chain, full):
         code, out, err = _run(tmp_path, *common, "--nepochs=2", f"--load-model={source}")

@@ -299,8 +299,6 @@ def _waiting(rank, address):
 @pytest.mark.parametrize("rank1_args, line", [
     ("--arch-embedding-size=4-3-2-6", "error: ranks disagree on --arch-embedding-size: rank 0 has 4-3-2-5, rank 1 has "
                                       "4-3-2-6"),
-    ("--learning-rate=0.2", "error: ranks disagree on --learning-rate: rank 0 has 0.1, rank 1 has 0.2"),
-    ("--data-size=20", "error: ranks disagree on --data-size: rank 0 has 16, rank 1 has 20"),
     ("--numpy-rand-seed=7", "error: ranks disagree on --numpy-rand-seed: rank 0 has 123, rank 1 has 7"),
     ("--sharding=row", "error: ranks disagree on --sharding: rank 0 has table, rank 1 has row"),
     ("--rank-memory-gib=2", "error: ranks disagree on --rank-memory-gib: rank 0 has none, rank 1 has 2.0"),

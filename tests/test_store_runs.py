@@ -99,8 +99,8 @@ def test_a_rank_s_pieces_in_files_train_as_its_pieces_in_memory(tmp_path, shardi
     """Two ranks, each keeping its tables (or row or column blocks) in files behind a cache of a few
     hundred rows: every printed line and the gathered checkpoint equal the same run with the pieces
     in memory, bit for bit (column blocks: the row-wise Adagrad's whole-row means and the learned
-    pooling weights' summed gradients too); a run resumed from it with pieces in files goes on as
-    one in memory."""
+    pooling weights' summed gradients too); with row blocks, a run resumed from it with pieces in
+    files goes on as one in memory."""
     common = SHARDED + [f"--sharding={sharding}", f"--optimizer={optimizer}", f"--weighted-pooling={pooling}"]
     outs = {}
     for where, store in (("memory", []), ("disk", _disk(tmp_path))):
@@ -111,6 +111,8 @@ def test_a_rank_s_pieces_in_files_train_as_its_pieces_in_memory(tmp_path, shardi
     read_ahead = STORE_SUMMARY.search(err)
     assert read_ahead and float(read_ahead.group(2)) > 0, err  # the next batch's rows were read ahead
     _assert_same_checkpoint(tmp_path / "memory.pt", tmp_path / "disk.pt")
+    if sharding != "row":
+        return  # resuming into pieces in files: once is enough (each run takes seconds)
     for where, store in (("memory", []), ("disk", _disk(tmp_path))):
         code, outs[where], err = dist_runs.run([*common, "--nepochs=2", "--fix-reference-bugs", *store,
                                                 f"--load-model={tmp_path / 'disk.pt'}",
