@@ -79,7 +79,7 @@ def test_a_base_and_its_increments_restore_the_full_checkpoint(tmp_path, optimiz
     model, opt, schedule, batches = _run(tmp_path, optimizer, backend, store)
     names = [n for n, _ in model.named_parameters()] if backend == "plain" else []
     chain = CheckpointChain(str(tmp_path / "ckpt"), CONFIG, rebase_fraction=10.0)  # increments only
-    touched = TouchedRows(len(SIZES))
+    touched = TouchedRows(SIZES)
     kinds = []
     for step, batch in enumerate(batches, start=1):
         _step(model, opt, schedule, batch)
@@ -103,7 +103,7 @@ def test_increments_are_smaller_than_a_base_and_a_new_base_replaces_the_chain(tm
     model, opt, schedule, batches = _run(tmp_path, "adagrad")
     names = [n for n, _ in model.named_parameters()]
     chain = CheckpointChain(str(tmp_path / "ckpt"), CONFIG, rebase_every=2, rebase_fraction=10.0)
-    touched = TouchedRows(len(SIZES))
+    touched = TouchedRows(SIZES)
     links = []
     for step, batch in enumerate(batches[:4], start=1):
         _step(model, opt, schedule, batch)
@@ -121,7 +121,7 @@ def test_increments_are_smaller_than_a_base_and_a_new_base_replaces_the_chain(tm
 def _chain_of_three(tmp_path):
     model, opt, schedule, batches = _run(tmp_path, "sgd")
     chain = CheckpointChain(str(tmp_path / "ckpt"), CONFIG, rebase_fraction=10.0)
-    touched = TouchedRows(len(SIZES))
+    touched = TouchedRows(SIZES)
     for step, batch in enumerate(batches[:3], start=1):
         _step(model, opt, schedule, batch)
         touched.add(batch.indices)
@@ -167,7 +167,7 @@ def test_a_write_cut_short_leaves_the_last_chain_and_its_file_is_removed(tmp_pat
 
 
 def test_touched_rows_are_the_union_of_the_batches_and_start_afresh():
-    touched = TouchedRows(2)
+    touched = TouchedRows((8, 6))
     touched.add(torch.tensor([[3, 1, 3], [0, 0, 5]]))
     touched.add([torch.tensor([7]), torch.tensor([5, 2])])
     rows = touched.take()

@@ -77,10 +77,10 @@ class CheckpointChain:
         since_base = self.links[next((i for i in range(len(self.links) - 1, -1, -1)
                                       if self.links[i].kind == "base"), 0):]
         increment = None
-        if touched is not None and since_base:
+        if touched is not None and since_base and len(since_base) - 1 < self.rebase_every:
             increment = make_increment(payload, touched, parameter_names)
             grown = sum(link.bytes for link in since_base[1:]) + increment_bytes(increment)
-            if len(since_base) - 1 >= self.rebase_every or grown > self.rebase_fraction * since_base[0].bytes:
+            if grown > self.rebase_fraction * since_base[0].bytes:
                 increment = None
         kind = "increment" if increment is not None else "base"
         epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
@@ -138,7 +138,7 @@ def read_manifest(directory: str, config: Optional[Dict[str, Any]] = None) -> Li
     return links
 
 
-def load_chain(directory: str) -> Dict[str, Any]:
+def load_chain(directory: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """The full checkpoint (the single-process layout) that ``directory``'s chain restores: its base
     with every increment applied in order.
 
@@ -152,7 +152,7 @@ def load_chain(directory: str) -> Dict[str, Any]:
     for i, link in enumerate(links):
         path = os.path.join(directory, link.file)
         try:
-            part = load_checkpoint(path)
+            part = load_checkpoint(path, map_location=map_location)
             payload = part if payload is None else apply_increment(payload, part, path)
         except (CheckpointError, ValueError) as exc:
             good = f"the last good checkpoint is at {links[i - 1].position()}" if i else "no checkpoint is complete"

@@ -20,7 +20,7 @@ Dimension vocabulary: R rows of a table, D its dimension, n rows touched.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import torch
@@ -30,28 +30,26 @@ TABLE_KEY = re.compile(r"^emb_l\.(\d+)\.weight$")
 
 
 class TouchedRows:
-    """The rows of each table that batches looked up since the last :meth:`take`.
+    """The rows of each table that batches looked up since the last :meth:`take`: a bitmap per
+    table, so noting a batch costs one scattered write per lookup (no sort on the step's path).
 
     Args:
-        num_tables: T.
+        table_sizes: R of each table.
     """
 
-    def __init__(self, num_tables: int):
-        self.num_tables = num_tables
-        self._seen: List[List[np.ndarray]] = [[] for _ in range(num_tables)]
+    def __init__(self, table_sizes: Sequence[int]):
+        self._seen = [np.zeros(int(rows), dtype=bool) for rows in table_sizes]
 
     def add(self, indices) -> None:
         """Note a batch's ``indices``: (T, N) or a list of T (N_t,) tensors."""
-        for t in range(self.num_tables):
-            self._seen[t].append(np.unique(np.asarray(indices[t].detach().cpu().numpy(), dtype=np.int64)))
-            if len(self._seen[t]) >= 64:  # keep the pieces few
-                self._seen[t] = [np.unique(np.concatenate(self._seen[t]))]
+        for t, seen in enumerate(self._seen):
+            seen[indices[t].detach().cpu().numpy()] = True
 
     def take(self) -> Dict[int, np.ndarray]:
-        """Each table's touched rows, sorted and unique, (n_t,); then start afresh."""
-        rows = {t: np.unique(np.concatenate(seen)) if seen else np.empty(0, np.int64)
-                for t, seen in enumerate(self._seen)}
-        self._seen = [[] for _ in range(self.num_tables)]
+        """Each table's touched rows, sorted, (n_t,); then start afresh."""
+        rows = {t: np.flatnonzero(seen) for t, seen in enumerate(self._seen)}
+        for seen in self._seen:
+            seen.fill(False)
         return rows
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,14 +23,14 @@ class PeriodicCheckpoints:
         cfg: the flags.
         model, optimizer: the run's (the optimizer's parameter order names its state entries).
         config: what the checkpoints belong to (a chain of another configuration is refused).
-        num_tables: T.
+        table_sizes: R of each table.
     """
 
     def __init__(self, cfg: CheckpointConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 config: Dict[str, Any], num_tables: int):
+                 config: Dict[str, Any], table_sizes: Sequence[int]):
         self.every = cfg.checkpoint_every
         self.chain = CheckpointChain(cfg.checkpoint_dir, config, cfg.checkpoint_rebase_every)
-        self.touched = TouchedRows(num_tables)
+        self.touched = TouchedRows(table_sizes)
         self.names = optimizer_parameter_names(model, optimizer)
         self.steps = 0
         self.written = 0

@@ -280,11 +280,11 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
     parts = RunParts(run_model, loss_fn, optimizer, scheduler, data.train_loader, data.test_loader, nbatches,
                      nbatches_test, device, log, writer=writer, mlperf=mlperf, save_model=cfg.output.save_model,
                      info=info, num_tables=len(data.table_sizes), metrics=metrics,
-                     checkpoints=_periodic_checkpoints(cfg, model, optimizer, len(data.table_sizes)))
+                     checkpoints=_periodic_checkpoints(cfg, model, optimizer))
     return parts, TrainState.resuming(resume)
 
 
-def _periodic_checkpoints(cfg: RunConfig, model: DLRM, optimizer, num_tables: int):
+def _periodic_checkpoints(cfg: RunConfig, model: DLRM, optimizer):
     """``--checkpoint-every``'s writer (None without it, or when the run only evaluates)."""
     if not cfg.checkpoints.on or optimizer is None:
         return None
@@ -293,7 +293,7 @@ def _periodic_checkpoints(cfg: RunConfig, model: DLRM, optimizer, num_tables: in
 
     config = {"model": model_flags(model.cfg), "table_sizes": list(model.cfg.table_sizes),
               "embedding_dim": model.cfg.embedding_dim, "optimizer": cfg.train.optimizer}
-    return PeriodicCheckpoints(cfg.checkpoints, model, optimizer, config, num_tables)
+    return PeriodicCheckpoints(cfg.checkpoints, model, optimizer, config, model.cfg.table_sizes)
 
 
 def open_channels(cfg: RunConfig, info: DistInfo, log: Logger) -> Tuple[Optional[ScalarWriter], Optional[MetricsFile]]:

@@ -319,7 +319,7 @@ def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimiz
     if os.path.isdir(path):  # a --checkpoint-dir: its base with the increments applied
         from dlrm.checkpoints.chain import load_chain
 
-        payload = load_chain(path)
+        payload = load_chain(path, map_location=device)
     else:
         payload = load_checkpoint(path, map_location=device)
     check_model_flags(payload, model.cfg, path)

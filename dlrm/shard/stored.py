@@ -45,24 +45,14 @@ class StoredPiece(nn.Module):
 
     def file(self) -> RowFile:
         """The piece's weights file."""
-        return self._store[0].cache.weights[self.t]
+        return self.store.cache.weights[self.t]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[f"{prefix}weight"] = self._store[0].table(self.t)
+        destination[f"{prefix}weight"] = self.store.table(self.t)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        key = f"{prefix}weight"
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        store, value = self._store[0], state_dict[key]
-        shape = (store.table_sizes[self.t], store.dim)
-        if tuple(value.shape) != shape:
-            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                              f"the piece has {shape}")
-            return
-        store.load_table(self.t, value)
+        self.store.load_entry(self.t, f"{prefix}weight", state_dict, missing_keys, error_msgs)
 
 
 def stored_pieces(table_sizes: Sequence[int], dim: int, rng: np.random.RandomState, plan: ShardingPlan,

@@ -127,12 +127,9 @@ class ShardedTables(nn.ModuleDict):
     def _lookup(self, placement: Placement, offsets: torch.Tensor, indices: torch.Tensor,
                 weights: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's piece of one table pooled over the whole batch: (B, w)."""
-        table = self[str(placement.table)]
-        if placement.kind != "row":
-            return table(indices, offsets, per_sample_weights=None if weights is None else weights[indices])
-        start, stop = placement.block_on(self.info.rank)
-        local, local_offsets = rows_in_block(offsets, indices, start, stop)
-        return table(local, local_offsets, per_sample_weights=None if weights is None else weights[local])
+        offsets, indices = self._piece_lookups(placement, offsets, indices)
+        return self[str(placement.table)](indices, offsets,
+                                          per_sample_weights=None if weights is None else weights[indices])
 
     def prefetch(self, indices, offsets) -> None:
         """Pieces in files: start reading the rows that a coming batch (its whole-batch ``indices``
@@ -154,7 +151,7 @@ class ShardedTables(nn.ModuleDict):
         groups: Dict[int, tuple] = {}
         for position, placement in enumerate(placements):
             t = placement.table
-            piece_offsets, piece_indices, _ = self._piece_lookups(placement, offsets[t], indices[t], None)
+            piece_offsets, piece_indices = self._piece_lookups(placement, offsets[t], indices[t])
             positions, piece_index_list, offsets_list, tables = groups.setdefault(
                 id(self[str(t)].store), ([], [], [], []))
             positions.append(position)
@@ -181,14 +178,14 @@ class ShardedTables(nn.ModuleDict):
                 local[position] = value
         return local
 
-    def _piece_lookups(self, placement: Placement, offsets: torch.Tensor, indices: torch.Tensor,
-                       weights: Optional[torch.Tensor]):
-        """(offsets, indices, per-row weights) of this rank's piece of one table over the whole batch."""
+    def _piece_lookups(self, placement: Placement, offsets: torch.Tensor, indices: torch.Tensor):
+        """(offsets, indices) of this rank's piece of one table over the whole batch (a row block's
+        indices renumbered into it)."""
         if placement.kind != "row":
-            return offsets, indices, weights
+            return offsets, indices
         start, stop = placement.block_on(self.info.rank)
         local, local_offsets = rows_in_block(offsets, indices, start, stop)
-        return local_offsets, local, weights
+        return local_offsets, local
 
     def _join(self, received: List[torch.Tensor]) -> List[torch.Tensor]:
         """The T tables' outputs (B_local, D_t) from every rank's pieces (in rank, then piece order)."""

@@ -239,18 +239,8 @@ class StoredTables(nn.Module):
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         batch, self._batch = self._batch, None
-        if batch is None:
-            return
-        for t in range(len(self.table_sizes)):  # an optimizer that replaced a tensor: copy it back
-            piece = slice(batch.cuts[t], batch.cuts[t + 1])
-            work = getattr(self, f"rows_{t}")
-            if work.data.data_ptr() != batch.weights[piece].data_ptr() and piece.stop > piece.start:
-                batch.weights[piece] = work.data
-            if self.state_width and piece.stop > piece.start:
-                saved = optimizer.state[work]["sum"]
-                if saved.data_ptr() != batch.state[piece].data_ptr():
-                    batch.state[piece] = saved.reshape(-1, self.state_width)
-        self.cache.scatter(batch.rows, batch.weights, batch.state)
+        if batch is not None:  # the optimizers update the working rows (views of the batch's buffer) in place
+            self.cache.scatter(batch.rows, batch.weights, batch.state)
 
     # --- optimizer state in checkpoints -------------------------------------------------------------
 
@@ -347,19 +337,23 @@ class StoredTables(nn.Module):
         chunk = max(_DRAW_CHUNK_BYTES // (self.dim * 4), 1)
         file.fill(lambda start, stop: value[start:stop].detach().float().contiguous(), chunk)
 
+    def load_entry(self, t: int, key: str, state_dict, missing_keys: List[str], error_msgs: List[str]) -> None:
+        """Load table ``t`` from ``state_dict[key]`` into its file, as ``load_state_dict`` does: a
+        missing key or another shape is reported in ``missing_keys`` or ``error_msgs``."""
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        value, shape = state_dict[key], (self.table_sizes[t], self.dim)
+        if tuple(value.shape) != shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                              f"the table has {shape}")
+            return
+        self.load_table(t, value)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for t, file in enumerate(self.cache.weights):
-            key = f"{prefix}{t}.weight"
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if tuple(value.shape) != (file.rows, self.dim):
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                                  f"the table has {(file.rows, self.dim)}")
-                continue
-            self.load_table(t, value)
+        for t in range(len(self.table_sizes)):
+            self.load_entry(t, f"{prefix}{t}.weight", state_dict, missing_keys, error_msgs)
         known = {f"{prefix}{t}.weight" for t in range(len(self.table_sizes))}
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
