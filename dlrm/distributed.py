@@ -200,10 +200,23 @@ class _Meeting:
         store.set_timeout(datetime.timedelta(seconds=max(self.deadline - time.monotonic(), 0.1)))
         for other in (range(1, self.size) if self.rank == 0 else [0]):
             theirs = int(store.get(f"{_WORLD_SIZE_KEY}/{other}").decode())
+            if self.rank != 0:
+                store.set(f"{_WORLD_SIZE_KEY}/read/{self.rank}", "1")
             if theirs != self.size:
+                if self.rank == 0:
+                    self._let_read(store, range(1, other + 1))
                 raise ConfigError(f"ranks disagree on WORLD_SIZE: rank {self.rank} has {self.size}, "
                                   f"rank {other} has {theirs}")
         store.set_timeout(datetime.timedelta(seconds=self.timeout_s))
+
+    def _let_read(self, store: torch_dist.Store, ranks) -> None:
+        """On rank 0, before it stops (taking the store with it): wait a little for ``ranks`` to have
+        read its world size, so that each of them names the disagreement too, not a lost connection."""
+        try:
+            store.set_timeout(datetime.timedelta(seconds=min(5.0, max(self.deadline - time.monotonic(), 0.1))))
+            store.wait([f"{_WORLD_SIZE_KEY}/read/{r}" for r in ranks])
+        except (torch_dist.DistError, RuntimeError):
+            pass  # a rank that does not read in time stops on the lost connection instead
 
     def wait_for_listener(self) -> None:
         """Return once something accepts connections at the master address; DistributedError, with
