@@ -5,131 +5,72 @@ manifest of another configuration, are one-line errors naming what is wrong."""
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from dlrm.checkpoints.chain import CheckpointChain, load_chain, read_manifest
 from dlrm.checkpoints.increments import TouchedRows
 from dlrm.common import CheckpointError
-from dlrm.data.random import RandomDataConfig, RandomDataset
-from dlrm.distributed import DistInfo
-from dlrm.model.dlrm import DLRM, ModelConfig, make_loss, top_mlp_input_width
-from dlrm.model.fused_embedding import parameters_excluding_fused
-from dlrm.run.checkpoint import Position, checkpoint_payload
-from dlrm.run.train import make_optimizer, make_scheduler
-from dlrm.run.config import TrainConfig
-from dlrm.store.tables import StoredTables
-
-SIZES, DIM, BATCH, STEPS = (40, 7, 300, 90), 4, 16, 9
-CONFIG = {"model": "tiny", "optimizer": "adagrad"}
-
-
-def _run(tmp_path, optimizer, backend="plain", store=False):
-    """A model, its optimizer and schedule, and its batches."""
-    width = top_mlp_input_width("dot", False, len(SIZES), DIM)
-    cfg = ModelConfig(embedding_dim=DIM, table_sizes=SIZES, bottom_mlp=(5, DIM), top_mlp=(width, 3, 1),
-                      embedding_backend=backend)
-    model = DLRM(cfg, np.random.RandomState(3))
-    if store:
-        model.emb_l = StoredTables(SIZES, DIM, np.random.RandomState(3), str(tmp_path / "store"), 12 * 64, optimizer)
-    params = parameters_excluding_fused(model) if backend == "fused" else list(model.parameters())
-    opt = make_optimizer(optimizer, params, 0.1, tables=model.emb_l)
-    if backend == "fused":
-        model.emb_l.follow_optimizer_lr(opt)
-    schedule = make_scheduler(opt, TrainConfig(lr_num_warmup_steps=2, lr_decay_start_step=3, lr_num_decay_steps=4))
-    data = RandomDataset(RandomDataConfig(dense_dim=5, table_sizes=SIZES, batch_size=BATCH, num_batches=STEPS,
-                                          num_indices_per_lookup=3, round_targets=True, seed=5),
-                         np.random.RandomState(5), print)
-    return model, opt, schedule, [data[j] for j in range(STEPS)]
-
-
-def _step(model, opt, schedule, batch):
-    loss = make_loss("bce")(model(batch.dense_x, batch.offsets, batch.indices), batch.labels)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    schedule.step()
-
-
-def _payload(model, opt, name, schedule, step):
-    at = Position(nepochs=1, nbatches=STEPS, nbatches_test=0, epoch=0, step=step, train_loss=0.5, test_acc=0.0)
-    return checkpoint_payload(model, opt, name, schedule, len(SIZES), DistInfo(), at)
-
-
-def _assert_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert sorted(a, key=str) == sorted(b, key=str), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
+from helpers.chain_models import CONFIG, SIZES, assert_same, payload_at, small_run, train_step
 
 @pytest.mark.parametrize("optimizer,backend,store", [
     ("sgd", "plain", False), ("sgd", "fused", False), ("adagrad", "plain", False),
     ("rwsadagrad", "plain", False), ("adagrad", "plain", True), ("rwsadagrad", "plain", True)])
 def test_a_base_and_its_increments_restore_the_full_checkpoint(tmp_path, optimizer, backend, store):
-    model, opt, schedule, batches = _run(tmp_path, optimizer, backend, store)
+    model, opt, schedule, batches = small_run(tmp_path, optimizer, backend, store)
     names = [n for n, _ in model.named_parameters()] if backend == "plain" else []
     chain = CheckpointChain(str(tmp_path / "ckpt"), CONFIG, rebase_fraction=10.0)  # increments only
     touched = TouchedRows(SIZES)
     kinds = []
     for step, batch in enumerate(batches, start=1):
-        _step(model, opt, schedule, batch)
+        train_step(model, opt, schedule, batch)
         touched.add(batch.indices)
         if step % 2 == 0:
-            kinds.append(chain.save(_payload(model, opt, optimizer, schedule, step), touched.take(), names).kind)
+            kinds.append(chain.save(payload_at(model, opt, optimizer, schedule, step), touched.take(), names).kind)
     assert kinds == ["base", "increment", "increment", "increment"]
     restored = load_chain(str(tmp_path / "ckpt"))
     assert restored["iter"] == 8
     # the chain restores step 8; the model has trained step 9 since: compare with a replay of 8 steps
-    model2, opt2, schedule2, _ = _run(tmp_path / "again", optimizer, backend, store)
+    model2, opt2, schedule2, _ = small_run(tmp_path / "again", optimizer, backend, store)
     for batch in batches[:8]:
-        _step(model2, opt2, schedule2, batch)
-    _assert_equal(restored, _payload(model2, opt2, optimizer, schedule2, 8), "payload")
+        train_step(model2, opt2, schedule2, batch)
+    assert_same(restored, payload_at(model2, opt2, optimizer, schedule2, 8), "payload")
     for m in (model, model2):
         if store:
             m.emb_l.close()
 
 
 def test_increments_are_smaller_than_a_base_and_a_new_base_replaces_the_chain(tmp_path):
-    model, opt, schedule, batches = _run(tmp_path, "adagrad")
+    model, opt, schedule, batches = small_run(tmp_path, "adagrad")
     names = [n for n, _ in model.named_parameters()]
     chain = CheckpointChain(str(tmp_path / "ckpt"), CONFIG, rebase_every=2, rebase_fraction=10.0)
     touched = TouchedRows(SIZES)
     links = []
     for step, batch in enumerate(batches[:4], start=1):
-        _step(model, opt, schedule, batch)
+        train_step(model, opt, schedule, batch)
         touched.add(batch.indices)
-        links.append(chain.save(_payload(model, opt, "adagrad", schedule, step), touched.take(), names))
+        links.append(chain.save(payload_at(model, opt, "adagrad", schedule, step), touched.take(), names))
     assert [link.kind for link in links] == ["base", "increment", "increment", "base"]
     assert all(link.bytes < links[0].bytes for link in links[1:3])
     assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(["manifest.json", links[3].file])  # the old chain is gone
     assert [link.file for link in read_manifest(str(tmp_path / "ckpt"), CONFIG)] == [links[3].file]
     by_size = CheckpointChain(str(tmp_path / "small"), CONFIG, rebase_fraction=0.0)  # any increment is too big
-    kinds = [by_size.save(_payload(model, opt, "adagrad", schedule, 4), touched.take(), names).kind for _ in range(2)]
+    kinds = [by_size.save(payload_at(model, opt, "adagrad", schedule, 4), touched.take(), names).kind for _ in range(2)]
     assert kinds == ["base", "base"]
 
 
 def _chain_of_three(tmp_path):
-    model, opt, schedule, batches = _run(tmp_path, "sgd")
+    model, opt, schedule, batches = small_run(tmp_path, "sgd")
     chain = CheckpointChain(str(tmp_path / "ckpt"), CONFIG, rebase_fraction=10.0)
     touched = TouchedRows(SIZES)
     for step, batch in enumerate(batches[:3], start=1):
-        _step(model, opt, schedule, batch)
+        train_step(model, opt, schedule, batch)
         touched.add(batch.indices)
-        chain.save(_payload(model, opt, "sgd", schedule, step), touched.take(), [])
+        chain.save(payload_at(model, opt, "sgd", schedule, step), touched.take(), [])
     return chain
 
 
-def test_a_missing_or_damaged_increment_names_the_file_and_the_last_good_step(tmp_path):
+def test_a_missing_or_damaged_increment_names_the_file_and_the_last_goodtrain_step(tmp_path):
     chain = _chain_of_three(tmp_path)
     second, third = (os.path.join(chain.directory, link.file) for link in chain.links[1:])
     with open(third, "r+b") as damaged:

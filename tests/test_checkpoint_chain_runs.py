@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -77,3 +78,84 @@ def test_bad_checkpoint_flags_are_one_line(tmp_path, args, message):
     code, out, err = _run(tmp_path, "--mini-batch-size=2", "--data-size=4", *args)
     assert code == 2 and "Finished" not in out
     assert err.strip().splitlines() == [message.replace("{tmp}", str(tmp_path))], err
+
+
+KILL_ARGS = ["--arch-embedding-size=250000-250000", "--arch-sparse-feature-size=16", "--arch-mlp-bot=4-16",
+             "--arch-mlp-top=8-1", "--mini-batch-size=256", "--num-indices-per-lookup=8", "--num-batches=400",
+             "--print-freq=100", "--checkpoint-every=5", "--checkpoint-rebase-every=2"]
+
+
+def _moment_reached(directory, moment):
+    """Whether ``directory`` shows the moment to kill at: a file being written (its temporary name)
+    of a base or an increment, while a complete chain is there."""
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return False
+    return "manifest.json" in entries and any(e.startswith(f"{moment}-") and ".tmp" in e for e in entries)
+
+
+@pytest.mark.parametrize("moment", ["base", "increment"])
+def test_kill_9_while_writing_leaves_the_last_chain_and_the_next_run_resumes_from_it(tmp_path, moment):
+    chain = tmp_path / "chain"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *KILL_ARGS, f"--checkpoint-dir={chain}",
+               "--tensor-board-filename="]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not _moment_reached(chain, moment) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        assert proc.poll() is None, f"the run ended before a {moment} was being written"
+        proc.kill()  # SIGKILL: no handler, no cleanup
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(".tmp" in e for e in os.listdir(chain))  # the cut write's file is there
+    links = json.loads((chain / "manifest.json").read_text())["chain"]
+    restored = load_chain(str(chain))
+    assert restored["iter"] == links[-1]["iter"] and restored["iter"] % 5 == 0
+    code, _, err = _run(tmp_path, *KILL_ARGS, f"--load-model={chain}", f"--checkpoint-dir={chain}")
+    assert code == 0, err
+    assert f"{chain}: resuming from epoch 0, iteration {links[-1]['iter']} (a base at epoch 0, iteration " \
+           f"{links[0]['iter']}" in err
+    assert not any(".tmp" in e for e in os.listdir(chain))  # the next run removed it
+    assert load_chain(str(chain))["iter"] == 400
+
+
+def _tool(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "tools.checkpoint", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_a_quantized_chain_consolidates_into_a_file_that_evaluates_as_the_chain(tmp_path):
+    common = ARGS + ["--optimizer=adagrad"]
+    chain, model = tmp_path / "chain", tmp_path / "model.pt"
+    code, _, err = _run(tmp_path, *common, "--checkpoint-every=4", f"--checkpoint-dir={chain}",
+                        "--checkpoint-quantize=4")
+    assert code == 0, err
+    code, out, err = _tool("inspect", str(chain))
+    assert code == 0, err
+    rows = out.splitlines()
+    assert rows[1].split()[:5] == ["0", "base", "0", "4", "4"] and rows[2].split()[:5] == ["1", "increment", "0", "8", "4"]
+    assert rows[-1].endswith("the chain restores epoch 0, iteration 8 (a base at epoch 0, iteration 4 and 1 increment; "
+                             "tables in 4 bits)")
+    code, out, err = _tool("consolidate", str(chain), "-o", str(model))
+    assert code == 0 and out.strip() == f"wrote {model}: epoch 0, iteration 8", err
+    outs = []
+    for source in (chain, model):
+        code, out, err = _run(tmp_path, *common, f"--load-model={source}", "--inference-only")
+        assert code == 0, err
+        outs.append(out.replace(str(source), "SOURCE"))
+    assert outs[0] == outs[1] and "accuracy" in outs[0]
+    # a run restored from 4-bit tables writes its own chain in 8 bits, and counts the restore
+    again = tmp_path / "again"
+    code, _, err = _run(tmp_path, *common, "--nepochs=2", f"--load-model={chain}", "--checkpoint-every=4",
+                        f"--checkpoint-dir={again}", "--checkpoint-quantize=4")
+    assert code == 0, err
+    manifest = json.loads((again / "manifest.json").read_text())
+    assert manifest["quantized_restores"] == 1 and {link["bits"] for link in manifest["chain"]} == {8}
+    assert _tool("inspect", str(tmp_path / "none"))[1:] == ("", f"error: {tmp_path / 'none'}: no checkpoint manifest "
+                                                                "(manifest.json) there\n")

@@ -19,13 +19,27 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 
-from dlrm.checkpoints.increments import apply_increment, increment_bytes, make_increment
+from dlrm.checkpoints.increments import apply_increment, make_increment
+from dlrm.checkpoints.quantize import dequantize_tables, quantize_tables, written_bytes
 from dlrm.common import CheckpointError
-from dlrm.io.atomic import atomic_path, writing
+from dlrm.io.atomic import TEMP_SUFFIX, atomic_path, writing
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+
+
+@dataclass
+class Pending:
+    """A link's content, taken at a step and not yet written."""
+
+    kind: str  # "base" or "increment"
+    content: Dict[str, Any]  # the checkpoint or increment, tables exact
+    epoch: int
+    iter: int
+    bytes: int  # as it will be written
+    bits: Optional[int]
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,8 @@ class Link:
     kind: str  # "base" or "increment"
     epoch: int
     iter: int
-    bytes: int
+    bytes: int  # the tensors' bytes, as written
+    bits: int = 32  # the tables' rows: 32 exact, else quantized to 8, 4 or 2 bits
 
     def position(self) -> str:
         return f"epoch {self.epoch}, iteration {self.iter}"
@@ -50,14 +65,19 @@ class CheckpointChain:
         config: what the checkpoints belong to (the model's flags and the optimizer): a directory
             holding another configuration's chain is refused.
         rebase_every, rebase_fraction: when a new base replaces the chain (see the module).
+        bits: the tables' rows in 8, 4 or 2 bits (None: exact).
+        quantized_restores: restores from quantized checkpoints in the run's past (the manifest
+            keeps the count for the runs restored from this chain).
 
     Raises:
         CheckpointError: the directory holds another configuration's chain, or an unreadable manifest.
     """
 
-    def __init__(self, directory: str, config: Dict[str, Any], rebase_every: int = 16, rebase_fraction: float = 0.5):
+    def __init__(self, directory: str, config: Dict[str, Any], rebase_every: int = 16, rebase_fraction: float = 0.5,
+                 bits: Optional[int] = None, quantized_restores: int = 0):
         self.directory, self.config = directory, dict(config)
         self.rebase_every, self.rebase_fraction = rebase_every, rebase_fraction
+        self.bits, self.quantized_restores = bits, quantized_restores
         with writing(directory, what="the checkpoint directory"):
             os.makedirs(directory, exist_ok=True)
         self.links = read_manifest(directory, self.config) if os.path.exists(self._manifest) else []
@@ -69,31 +89,50 @@ class CheckpointChain:
 
     def save(self, payload: Dict[str, Any], touched: Optional[Dict[int, np.ndarray]],
              parameter_names: Sequence[str]) -> Link:
-        """Add the checkpoint ``payload`` (the single-process layout) to the chain: as an increment
-        of the ``touched`` rows, or as a new base (also when ``touched`` is None: the rows changed
-        since the last checkpoint are not known)."""
-        from dlrm.run.checkpoint import save_checkpoint
+        """Add the checkpoint ``payload`` (the single-process layout) to the chain now: see
+        :meth:`snapshot` and :meth:`write`."""
+        return self.write(self.snapshot(payload, touched, parameter_names, copy=False))
 
+    def snapshot(self, payload: Dict[str, Any], touched: Optional[Dict[int, np.ndarray]],
+                 parameter_names: Sequence[str], copy: bool = True) -> "Pending":
+        """What the next link will hold, taken from ``payload`` (the single-process layout): an
+        increment of the ``touched`` rows, or a new base (also when ``touched`` is None: the rows
+        changed since the last checkpoint are not known). With ``copy``, every tensor is copied, so
+        training may go on while :meth:`write` writes it. The link before must be written."""
         since_base = self.links[next((i for i in range(len(self.links) - 1, -1, -1)
                                       if self.links[i].kind == "base"), 0):]
-        increment = None
+        content = None
         if touched is not None and since_base and len(since_base) - 1 < self.rebase_every:
-            increment = make_increment(payload, touched, parameter_names)
-            grown = sum(link.bytes for link in since_base[1:]) + increment_bytes(increment)
+            content = make_increment(payload, touched, parameter_names)
+            grown = sum(link.bytes for link in since_base[1:]) + written_bytes(content, self.bits)
             if grown > self.rebase_fraction * since_base[0].bytes:
-                increment = None
-        kind = "increment" if increment is not None else "base"
-        epoch, it = int(payload.get("epoch", 0)), int(payload.get("iter", 0))
-        name = f"{kind}-e{epoch}-i{it}-{len(self.links)}.pt"
-        save_checkpoint(os.path.join(self.directory, name), increment if increment is not None else payload)
-        link = Link(name, kind, epoch, it, increment_bytes(increment if increment is not None else payload))
-        self.links = [link] if kind == "base" else self.links + [link]
+                content = None
+        kind = "increment" if content is not None else "base"
+        content = content if content is not None else payload
+        return Pending(kind, owned(content) if copy else content, int(payload.get("epoch", 0)),
+                       int(payload.get("iter", 0)), written_bytes(content, self.bits), self.bits)
+
+    def write(self, pending: "Pending") -> Link:
+        """Write ``pending``'s file, then the manifest that adds it to the chain (a new base replaces
+        the chain). Safe to run beside training when the snapshot was copied."""
+        from dlrm.run.checkpoint import refuse_to_save_non_finite, save_checkpoint
+
+        name = f"{pending.kind}-e{pending.epoch}-i{pending.iter}-{len(self.links)}.pt"
+        path = os.path.join(self.directory, name)
+        content = pending.content
+        if pending.bits is not None:
+            refuse_to_save_non_finite(content, path)
+            content = quantize_tables(content, pending.bits)
+        save_checkpoint(path, content)
+        link = Link(name, pending.kind, pending.epoch, pending.iter, pending.bytes, pending.bits or 32)
+        self.links = [link] if pending.kind == "base" else self.links + [link]
         self._write_manifest()
         self._remove_unnamed()
         return link
 
     def _write_manifest(self) -> None:
-        document = {"format": FORMAT, "config": self.config, "chain": [asdict(link) for link in self.links]}
+        document = {"format": FORMAT, "config": self.config, "quantized_restores": self.quantized_restores,
+                    "chain": [asdict(link) for link in self.links]}
         with writing(self._manifest, what="the checkpoint manifest"):
             with atomic_path(self._manifest) as tmp:
                 with open(tmp, "w") as out:
@@ -105,7 +144,9 @@ class CheckpointChain:
         """Remove the checkpoint files the manifest does not name (an older chain, a cut write)."""
         named = {link.file for link in self.links}
         for entry in os.listdir(self.directory):
-            if entry.endswith(".pt") and entry not in named and entry.startswith(("base-", "increment-")):
+            cut_short = TEMP_SUFFIX in entry  # a write that a kill stopped
+            ours = entry.startswith(("base-", "increment-", MANIFEST + "."))
+            if ours and (cut_short or (entry.endswith(".pt") and entry not in named)):
                 os.remove(os.path.join(self.directory, entry))
 
 
@@ -152,9 +193,38 @@ def load_chain(directory: str, map_location: Any = "cpu") -> Dict[str, Any]:
     for i, link in enumerate(links):
         path = os.path.join(directory, link.file)
         try:
-            part = load_checkpoint(path, map_location=map_location)
+            part = dequantize_tables(load_checkpoint(path, map_location=map_location))
             payload = part if payload is None else apply_increment(payload, part, path)
         except (CheckpointError, ValueError) as exc:
             good = f"the last good checkpoint is at {links[i - 1].position()}" if i else "no checkpoint is complete"
             raise CheckpointError(f"{exc} ({good})") from None
     return payload
+
+
+def owned(value: Any) -> Any:
+    """``value`` with every tensor in it copied (dicts, lists and tuples rebuilt around them)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(owned(v) for v in value)
+    return value
+
+
+def quantized_restores(directory: str) -> int:
+    """The restores from quantized checkpoints in the past of a run restored from ``directory``'s
+    chain: the manifest's count, and this one when the chain holds quantized rows."""
+    with open(os.path.join(directory, MANIFEST)) as source:
+        document = json.load(source)
+    quantized = any(entry.get("bits", 32) < 32 for entry in document["chain"])
+    return int(document.get("quantized_restores", 0)) + int(quantized)
+
+
+def describe_chain(directory: str) -> str:
+    """What ``directory``'s chain restores, in words: its last position, from a base and increments."""
+    links = read_manifest(directory)
+    bits = sorted({link.bits for link in links if link.bits < 32})
+    rounded = f"; tables in {'/'.join(map(str, bits))} bits" if bits else ""
+    return (f"{links[-1].position()} (a base at {links[0].position()} and {len(links) - 1} "
+            f"increment{'' if len(links) == 2 else 's'}{rounded})")

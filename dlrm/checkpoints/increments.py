@@ -111,7 +111,7 @@ def apply_increment(base: Dict[str, Any], increment: Dict[str, Any], where: str 
         table = state.get(key)
         if table is None or (len(rows) and (int(rows.max()) >= table.shape[0] or values.shape[1:] != table.shape[1:])):
             raise ValueError(f"{where}: the rows of {key} do not fit the base")
-        table.index_copy_(0, rows, values)
+        table.index_copy_(0, rows, values.to(table.dtype))
     opt = increment.get("opt_state_dict")
     if opt is not None:
         base_opt = base.setdefault("opt_state_dict", {"state": {}, "param_groups": opt["param_groups"]})

@@ -156,6 +156,8 @@ def run(cfg: RunConfig) -> None:
                     evaluate_once(parts, t, state)
                 else:
                     train(parts, t, state)
+                    if parts.checkpoints is not None:
+                        parts.checkpoints.close()  # the last write completes before the run reports
             finish(cfg, parts, state, model, data, started)
         except Interrupted as exc:
             raise exc.keeping(kept_checkpoint(cfg.output.save_model, state))
@@ -280,11 +282,11 @@ def prepare_run(cfg: RunConfig, model: DLRM, data: Data, device: torch.device, l
     parts = RunParts(run_model, loss_fn, optimizer, scheduler, data.train_loader, data.test_loader, nbatches,
                      nbatches_test, device, log, writer=writer, mlperf=mlperf, save_model=cfg.output.save_model,
                      info=info, num_tables=len(data.table_sizes), metrics=metrics,
-                     checkpoints=_periodic_checkpoints(cfg, model, optimizer))
+                     checkpoints=_periodic_checkpoints(cfg, model, optimizer, log, resume))
     return parts, TrainState.resuming(resume)
 
 
-def _periodic_checkpoints(cfg: RunConfig, model: DLRM, optimizer):
+def _periodic_checkpoints(cfg: RunConfig, model: DLRM, optimizer, log: Logger, resume: Resume):
     """``--checkpoint-every``'s writer (None without it, or when the run only evaluates)."""
     if not cfg.checkpoints.on or optimizer is None:
         return None
@@ -293,7 +295,8 @@ def _periodic_checkpoints(cfg: RunConfig, model: DLRM, optimizer):
 
     config = {"model": model_flags(model.cfg), "table_sizes": list(model.cfg.table_sizes),
               "embedding_dim": model.cfg.embedding_dim, "optimizer": cfg.train.optimizer}
-    return PeriodicCheckpoints(cfg.checkpoints, model, optimizer, config, model.cfg.table_sizes)
+    return PeriodicCheckpoints(cfg.checkpoints, model, optimizer, config, model.cfg.table_sizes, note=log.note,
+                               quantized_restores=resume.quantized_restores)
 
 
 def open_channels(cfg: RunConfig, info: DistInfo, log: Logger) -> Tuple[Optional[ScalarWriter], Optional[MetricsFile]]:

@@ -198,6 +198,7 @@ class Resume:
     batch: int = 0
     best_acc: float = 0.0
     best_auc: float = 0.0
+    quantized_restores: int = 0  # of the run's past (a restored --checkpoint-dir whose tables were quantized)
 
 
 def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], path: str, info: DistInfo) -> None:
@@ -316,10 +317,13 @@ def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimiz
     from (and with ``run.fix_reference_bugs`` the schedule's state; by default the schedule restarts,
     as in the reference). Prints the reference's lines about the file; returns where to resume."""
     device = next(model.parameters()).device
+    restores = 0
     if os.path.isdir(path):  # a --checkpoint-dir: its base with the increments applied
-        from dlrm.checkpoints.chain import load_chain
+        from dlrm.checkpoints.chain import describe_chain, load_chain, quantized_restores
 
         payload = load_chain(path, map_location=device)
+        restores = quantized_restores(path)
+        log.note(f"{path}: resuming from {describe_chain(path)}")
     else:
         payload = load_checkpoint(path, map_location=device)
     check_model_flags(payload, model.cfg, path)
@@ -339,7 +343,7 @@ def restore(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimiz
     restore_optimizer(payload, optimizer, run.optimizer, model, model.cfg.num_tables, info, path, log.warn)
     if run.fix_reference_bugs and "lr_scheduler_state_dict" in payload:
         scheduler.load_state_dict(payload["lr_scheduler_state_dict"])
-    return Resume(epoch=epoch, batch=it, best_acc=acc, best_auc=as_float(auc))
+    return Resume(epoch=epoch, batch=it, best_acc=acc, best_auc=as_float(auc), quantized_restores=restores)
 
 
 # ---------------------------------------------------------------------------------------------

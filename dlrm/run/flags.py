@@ -192,6 +192,13 @@ def _checkpoint_flags(c) -> None:
     c.add_argument("--checkpoint-rebase-every", dest="checkpoint_rebase_every", type=int, default=16,
                    help="with --checkpoint-every: a new base after this many increments (default 16; also once the "
                         "increments hold half the base's bytes)")
+    c.add_argument("--checkpoint-quantize", dest="checkpoint_quantize", type=int, default=0,
+                   help="with --checkpoint-every: write the tables' rows in 8, 4 or 2 bits a value (a scale and an "
+                        "offset a row; optimizer state and MLPs stay exact), twice the bits after each restore from "
+                        "quantized checkpoints (default: exact)")
+    c.add_argument("--checkpoint-writer", dest="checkpoint_writer", default="async",
+                   help="with --checkpoint-every: async (the step copies what changed, a background thread writes "
+                        "it; the default) or sync (the step writes)")
 
 
 def _store_flags(s) -> None:

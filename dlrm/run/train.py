@@ -34,7 +34,6 @@ from dlrm.run.checkpoint import Position, Resume, checkpoint_payload, save_check
 from dlrm.run.log_lines import (Logger, format_accuracy_line, format_mlperf_metrics_line, format_test_header,
                                 format_train_line)
 from dlrm.run.parts import LastSave, PrintWindow, RunParts, ScalarWriter, TrainState
-from dlrm.run.preflight import human
 from dlrm.store.tables import stores_of
 
 OPTIMIZERS = ("sgd", "adagrad", "rwsadagrad")
@@ -448,14 +447,12 @@ def _write_periodic(parts: RunParts, cfg: TrainConfig, state: TrainState, step: 
     at = Position(nepochs=cfg.nepochs, nbatches=parts.nbatches, nbatches_test=parts.nbatches_test, epoch=epoch,
                   step=step + 1, train_loss=state.trained.last_loss, test_acc=state.best.accuracy,
                   test_auc=state.best.auc if cfg.mlperf_logging else None)
-    started = time.perf_counter()
     try:
-        link = parts.checkpoints.save(lambda: checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer,
-                                                                 parts.scheduler, parts.num_tables, parts.info, at))
+        parts.checkpoints.save(lambda: checkpoint_payload(parts.model, parts.optimizer, cfg.optimizer, parts.scheduler,
+                                                          parts.num_tables, parts.info, at),
+                               f"iteration {at.step}/{at.nbatches} of epoch {epoch}")
     except Interrupted as exc:
         raise exc.during("writing a periodic checkpoint")
-    parts.log.note(f"checkpoint: {link.kind} of iteration {at.step}/{at.nbatches} of epoch {epoch}, {human(link.bytes)} "
-                   f"in {time.perf_counter() - started:.2f} s, the chain {human(parts.checkpoints.chain_bytes())}")
 
 
 def kept_checkpoint(save_model: str, state: TrainState) -> str:
